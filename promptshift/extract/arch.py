@@ -1,0 +1,85 @@
+"""Where each architecture keeps its decoder layers and what each sub-layer adds to the
+residual stream.
+
+``attn_out`` and ``mlp_out`` must be exactly the tensors added to the residual stream,
+so that ``resid_post = resid_pre + attn_out + mlp_out`` holds. For most families these
+are the attention and MLP module outputs; Gemma 2/3 normalise both before adding, so
+there the hooks sit on the post-norms instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from promptshift.errors import ExtractError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    layers: str  # dotted path from the CausalLM to the ModuleList of decoder layers
+    attn_add: str  # module (relative to a layer) whose output is added after attention
+    mlp_add: str  # module (relative to a layer) whose output is added after the MLP
+    final_norm: str  # dotted path from the CausalLM to the final norm
+    attn_module: str  # the attention module (for layer_idx lookups)
+
+
+_LLAMA_LIKE = ArchSpec("model.layers", "self_attn", "mlp", "model.norm", "self_attn")
+_GEMMA = ArchSpec("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "model.norm",
+                  "self_attn")
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "gpt2": ArchSpec("transformer.h", "attn", "mlp", "transformer.ln_f", "attn"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm", "attention"),
+}
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    m = root
+    for part in path.split("."):
+        m = getattr(m, part)
+    return m
+
+
+@dataclass
+class Arch:
+    spec: ArchSpec
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    model_type: str
+
+    def attn_add(self, i: int) -> nn.Module:
+        return _get(self.layers[i], self.spec.attn_add)
+
+    def mlp_add(self, i: int) -> nn.Module:
+        return _get(self.layers[i], self.spec.mlp_add)
+
+
+def resolve_arch(model) -> Arch:
+    mt = model.config.model_type
+    spec = ARCHS.get(mt)
+    if spec is None:
+        raise ExtractError(
+            f"architecture {mt!r} is not supported: promptshift needs to know which modules add to the residual "
+            f"stream. Supported: {', '.join(sorted(ARCHS))}. Add an ArchSpec for it in promptshift/extract/arch.py"
+        )
+    try:
+        layers = _get(model, spec.layers)
+        final_norm = _get(model, spec.final_norm)
+        for i in range(len(layers)):
+            _get(layers[i], spec.attn_add), _get(layers[i], spec.mlp_add)
+    except AttributeError as e:
+        raise ExtractError(f"model of type {mt!r} does not have the expected module layout ({e})") from e
+    if mt == "gpt_neox" and not getattr(model.config, "use_parallel_residual", True):
+        pass  # sequential residual: attn output then mlp output, both still added to the stream
+    return Arch(spec, layers, final_norm, mt)

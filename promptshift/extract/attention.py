@@ -1,0 +1,121 @@
+"""An attention function that reduces attention probabilities to statistics inside each
+layer, as soon as they exist, so no more than one layer's (B, heads, Sq, Sk) matrix is
+ever alive. Registered with transformers' AttentionInterface as ``promptshift``.
+
+When no statistics are being collected (generation, self-checks) it runs PyTorch's fused
+scaled-dot-product attention instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "promptshift"
+_local = threading.local()
+
+
+@dataclass
+class AttnStats:
+    """Per-batch accumulators, filled layer by layer. Shapes use L layers, NH heads, R regions."""
+
+    q_onehot: torch.Tensor  # (B, Sq, R) float: query region one-hot (zero rows for padding)
+    k_onehot: torch.Tensor  # (B, Sk, R) float: key region one-hot
+    q_notfirst: torch.Tensor  # (B, Sq) float: real query that is not absolute position 0
+    last_q: torch.Tensor  # (B,) long: index of the last real query row
+    region_mass: torch.Tensor  # (B, L, NH, R, R) sum over queries of mass to each key region
+    entropy: torch.Tensor  # (B, L, NH, R) sum over queries of row entropy
+    sink: torch.Tensor  # (B, L, NH) sum over queries (pos > 0) of mass on key 0
+    last_row: torch.Tensor  # (B, L, NH, Sk) last real query's attention row
+
+    @classmethod
+    def allocate(cls, q_regions, k_regions, q_positions, last_q, n_layers, n_heads, n_regions):
+        """q_regions (B, Sq) / k_regions (B, Sk): region codes, -1 for padding."""
+        B, Sq = q_regions.shape
+        Sk = k_regions.shape[1]
+        dev = q_regions.device
+        qo = F.one_hot(q_regions.clamp(min=0).long(), n_regions).float() * (q_regions >= 0).unsqueeze(-1)
+        ko = F.one_hot(k_regions.clamp(min=0).long(), n_regions).float() * (k_regions >= 0).unsqueeze(-1)
+        z = lambda *s: torch.zeros(*s, device=dev, dtype=torch.float32)  # noqa: E731
+        return cls(
+            q_onehot=qo,
+            k_onehot=ko,
+            q_notfirst=((q_regions >= 0) & (q_positions > 0)).float(),
+            last_q=last_q,
+            region_mass=z(B, n_layers, n_heads, n_regions, n_regions),
+            entropy=z(B, n_layers, n_heads, n_regions),
+            sink=z(B, n_layers, n_heads),
+            last_row=z(B, n_layers, n_heads, Sk),
+        )
+
+    def reduce(self, layer: int, probs: torch.Tensor) -> None:
+        """probs: (B, NH, Sq, Sk) float32 attention probabilities of one layer."""
+        to_region = probs @ self.k_onehot.unsqueeze(1)  # (B, NH, Sq, R)
+        self.region_mass[:, layer] = torch.einsum("bhqr,bqs->bhsr", to_region, self.q_onehot)
+        ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (B, NH, Sq)
+        self.entropy[:, layer] = torch.einsum("bhq,bqs->bhs", ent, self.q_onehot)
+        self.sink[:, layer] = (probs[..., 0] * self.q_notfirst.unsqueeze(1)).sum(-1)  # (B, NH)
+        b = torch.arange(probs.shape[0], device=probs.device)
+        self.last_row[:, layer] = probs[b, :, self.last_q, :]  # (B, NH, Sk)
+
+
+def set_stats(stats: AttnStats | None) -> None:
+    _local.stats = stats
+
+
+def get_stats() -> AttnStats | None:
+    return getattr(_local, "stats", None)
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, S, D).reshape(B, H * n_rep, S, D)  # (B, H*n_rep, S, D)
+
+
+def promptshift_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                          softcap=None, sliding_window=None, **kwargs):
+    """query (B, NH, Sq, D), key/value (B, NKV, Sk, D); attention_mask additive (B, 1, Sq, Sk)."""
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    stats = get_stats()
+    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    if stats is None and softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                             is_causal=mask is None and query.shape[2] > 1)
+        return out.transpose(1, 2).contiguous(), None
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, NH, Sq, Sk)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask
+    elif query.shape[2] > 1:
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+        causal = causal.tril(key.shape[2] - query.shape[2])
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (B, NH, Sq, Sk)
+    if stats is not None:
+        stats.reduce(module.layer_idx, probs)
+    out = torch.matmul(probs.to(value.dtype), value)  # (B, NH, Sq, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register() -> str:
+    """Register the attention function and its (additive, eager-style) mask builder."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+        AttentionInterface.register(ATTN_NAME, promptshift_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, eager_mask)
+        _registered = True
+    return ATTN_NAME

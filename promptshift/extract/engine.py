@@ -1,0 +1,358 @@
+"""The extraction engine: batched, padding-aware forward passes with hooks, prefix sharing,
+attention statistics reduced in-layer, logits and logit lens at the last position, and
+greedy continuations. One block at a time; a writer thread stores finished blocks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from promptshift.errors import ExtractError
+from promptshift.extract.arch import resolve_arch
+from promptshift.extract.attention import AttnStats, register, set_stats
+from promptshift.sweep.chat import REGIONS
+
+R = len(REGIONS)
+_ATTN_BYTES_BUDGET = 1 << 29  # (B, NH, Sq, Sk) float32 probabilities of one layer
+
+
+@dataclass
+class Item:
+    """One prompt to run: its tokens, regions and which absolute positions to keep."""
+
+    prompt: int
+    ids: np.ndarray
+    regions: np.ndarray
+    keep_start: int
+
+
+@dataclass
+class Prefix:
+    """A shared prefix, computed once: its key/value cache and its own contributions."""
+
+    length: int
+    ids: np.ndarray
+    regions: np.ndarray
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, NKV, P, D)
+    comps: dict[str, np.ndarray]  # component -> (P, L, H) at every prefix position
+    region_mass: np.ndarray  # (L, NH, R, R) sums over prefix queries
+    entropy: np.ndarray  # (L, NH, R)
+    sink: np.ndarray  # (L, NH)
+    q_counts: np.ndarray  # (R,)
+    sink_count: float
+
+
+@dataclass
+class Result:
+    """Everything extracted for one prompt, in float32 (storage casting happens later)."""
+
+    comps: dict[str, np.ndarray]  # (n_kept, L, H)
+    region_mass: np.ndarray  # (L, NH, R, R) mean over queries in each query region
+    entropy: np.ndarray  # (L, NH, R)
+    sink: np.ndarray  # (L, NH)
+    last_row: np.ndarray  # (n_tokens, L, NH)
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    entropy_out: float
+    lse: float
+    lens_ids: np.ndarray  # (L, lens_k)
+    lens_logprobs: np.ndarray
+    lens_entropy: np.ndarray  # (L,)
+    lens_final_top1: np.ndarray  # (L,)
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model, *, components, top_k: int, lens_top_k: int, token_budget: int):
+        register()
+        model.config._attn_implementation = "promptshift"
+        for m in model.modules():  # some models cache the implementation per sub-config
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = "promptshift"
+        self.model = model
+        self.arch = resolve_arch(model)
+        self.base = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.cfg = cfg
+        self.L = len(self.arch.layers)
+        self.NH = cfg.num_attention_heads
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.components = tuple(components)
+        self.top_k, self.lens_top_k, self.token_budget = top_k, lens_top_k, token_budget
+        self.device = next(model.parameters()).device
+        self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last: torch.Tensor | None = None
+        self._buf: dict[str, list] = {}
+        self._last_resid: list | None = None
+        self._install_hooks()
+
+    # --- hooks --------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        def take(name, layer):
+            def fn(t):
+                if self._gather is None:
+                    return
+                b, s = self._gather
+                self._buf[name][layer] = t[b, s].float()  # (N_keep, H)
+
+            return fn
+
+        def first(x):
+            return x[0] if isinstance(x, tuple) else x
+
+        self._handles = []
+        for i, layer in enumerate(self.arch.layers):
+            pre, post = take("resid_pre", i), take("resid_post", i)
+            attn, mlp = take("attn_out", i), take("mlp_out", i)
+
+            def pre_hook(mod, args, kwargs, pre=pre):
+                pre(args[0] if args else kwargs["hidden_states"])
+
+            def post_hook(mod, args, kwargs, out, post=post, i=i):
+                h = first(out)
+                post(h)
+                if self._last is not None:
+                    b = torch.arange(h.shape[0], device=h.device)
+                    self._last_resid[i] = h[b, self._last].float()  # (B, H)
+
+            self._handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(post_hook, with_kwargs=True))
+            self._handles.append(self.arch.attn_add(i).register_forward_hook(lambda m, a, o, f=attn: f(first(o))))
+            self._handles.append(self.arch.mlp_add(i).register_forward_hook(lambda m, a, o, f=mlp: f(first(o))))
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    # --- forward ------------------------------------------------------------------------
+    def _forward(self, ids_list, regions_list, offset: int, kv, prefix_regions, keep_local, want_output: bool):
+        """Run one padded batch. ``offset`` = length of the shared prefix in ``kv``.
+
+        Returns comps {name: list of (n_keep_i, L, H)}, AttnStats, last-position resid
+        (B, L, H) and final hidden at the last position (B, H)."""
+        B = len(ids_list)
+        lens = [len(x) for x in ids_list]
+        S = max(lens)
+        dev = self.device
+        input_ids = torch.zeros(B, S, dtype=torch.long)
+        q_reg = torch.full((B, S), -1, dtype=torch.long)
+        for b, (ids, reg) in enumerate(zip(ids_list, regions_list)):
+            input_ids[b, : len(ids)] = torch.as_tensor(ids)
+            q_reg[b, : len(ids)] = torch.as_tensor(reg.astype(np.int64))
+        real = q_reg >= 0  # (B, S), right padding
+        attn_mask = torch.cat([torch.ones(B, offset, dtype=torch.long), real.long()], dim=1)  # (B, P+S)
+        position_ids = (offset + torch.arange(S)).unsqueeze(0).expand(B, S)  # (B, S)
+        if offset:
+            pr = torch.as_tensor(prefix_regions.astype(np.int64)).unsqueeze(0).expand(B, offset)
+            k_reg = torch.cat([pr, q_reg], dim=1)  # (B, P+S)
+        else:
+            k_reg = q_reg
+        last_q = torch.as_tensor([n - 1 for n in lens])
+        stats = AttnStats.allocate(q_reg.to(dev), k_reg.to(dev), position_ids.to(dev), last_q.to(dev),
+                                   self.L, self.NH, R)
+        b_idx = torch.as_tensor(np.concatenate([np.full(len(k), b) for b, k in enumerate(keep_local)]),
+                                dtype=torch.long)
+        s_idx = torch.as_tensor(np.concatenate(keep_local), dtype=torch.long)
+        self._gather = (b_idx.to(dev), s_idx.to(dev))
+        self._buf = {c: [None] * self.L for c in ("resid_pre", "attn_out", "mlp_out", "resid_post")}
+        self._last = last_q.to(dev) if want_output else None
+        self._last_resid = [None] * self.L
+        cache = None
+        if kv is not None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            for i, (k, v) in enumerate(kv):
+                cache.update(k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:]), i)
+        set_stats(stats)
+        try:
+            with torch.inference_mode():
+                out = self.base(input_ids=input_ids.to(dev), attention_mask=attn_mask.to(dev),
+                                position_ids=position_ids.to(dev), cache=cache, use_cache=kv is None and not want_output)
+        finally:
+            set_stats(None)
+            self._gather = None
+            self._last = None
+        comps = {}
+        counts = [len(k) for k in keep_local]
+        for c in self.components:
+            stacked = torch.stack(self._buf[c], dim=1).cpu().numpy()  # (N_keep, L, H)
+            comps[c] = np.split(stacked, np.cumsum(counts)[:-1])
+        last_resid = torch.stack(self._last_resid, dim=1) if want_output else None  # (B, L, H)
+        final_h = None
+        if want_output:
+            b = torch.arange(B, device=dev)
+            final_h = out.last_hidden_state[b, last_q.to(dev)].float()  # (B, H)
+        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        self._buf = {}
+        return comps, stats, last_resid, final_h, new_cache, lens
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Unembed (…, H) float hidden states already after the final norm."""
+        w = self.lm_head.weight
+        logits = (h.to(w.dtype) @ w.T).float()
+        if getattr(self.lm_head, "bias", None) is not None:
+            logits = logits + self.lm_head.bias.float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.inference_mode()
+    def _output_stats(self, final_h, last_resid):
+        logp = torch.log_softmax(self._logits(final_h), dim=-1)  # (B, V)
+        lse = torch.logsumexp(self._logits(final_h), dim=-1)
+        top = logp.topk(self.top_k, dim=-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        top1 = top.indices[:, 0]  # (B,)
+        lens_ids, lens_lp, lens_ent, lens_t1 = [], [], [], []
+        for layer in range(self.L):
+            h = self.arch.final_norm(last_resid[:, layer].to(self.arch.final_norm.weight.dtype)).float()
+            lp = torch.log_softmax(self._logits(h), dim=-1)  # (B, V)
+            t = lp.topk(self.lens_top_k, dim=-1)
+            lens_ids.append(t.indices)
+            lens_lp.append(t.values)
+            lens_ent.append(-(lp.exp() * lp).sum(-1))
+            lens_t1.append(lp.gather(1, top1[:, None])[:, 0])
+        return dict(
+            topk_ids=top.indices.cpu().numpy().astype(np.int32),
+            topk_logprobs=top.values.cpu().numpy(),
+            entropy_out=ent.cpu().numpy(),
+            lse=lse.cpu().numpy(),
+            lens_ids=torch.stack(lens_ids, 1).cpu().numpy().astype(np.int32),
+            lens_logprobs=torch.stack(lens_lp, 1).cpu().numpy(),
+            lens_entropy=torch.stack(lens_ent, 1).cpu().numpy(),
+            lens_final_top1=torch.stack(lens_t1, 1).cpu().numpy(),
+        )
+
+    # --- public -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def compute_prefix(self, ids: np.ndarray, regions: np.ndarray, keep_from: int) -> Prefix:
+        """Run a shared prefix once (batch of one) and keep its cache and contributions."""
+        P = len(ids)
+        keep = np.arange(min(keep_from, P), P) if keep_from < P else np.arange(0)
+        comps, st, _, _, cache, _ = self._forward([ids], [regions], 0, None, None, [keep], want_output=False)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        qc = st.q_onehot[0].sum(0).cpu().numpy()
+        return Prefix(
+            length=P, ids=ids, regions=regions, kv=kv,
+            comps={c: v[0] for c, v in comps.items()},
+            region_mass=st.region_mass[0].cpu().numpy(), entropy=st.entropy[0].cpu().numpy(),
+            sink=st.sink[0].cpu().numpy(), q_counts=qc, sink_count=float(st.q_notfirst[0].sum()),
+        )
+
+    @torch.inference_mode()
+    def run(self, items: list[Item], prefix: Prefix | None = None) -> list[Result]:
+        """Run a batch of prompts (all sharing ``prefix`` when given) and reduce them."""
+        P = prefix.length if prefix is not None else 0
+        seqs = [it.ids[P:] for it in items]
+        regs = [it.regions[P:] for it in items]
+        keep_local = [np.arange(max(it.keep_start, P), len(it.ids)) - P for it in items]
+        comps, st, last_resid, final_h, _, lens = self._forward(
+            seqs, regs, P, prefix.kv if prefix else None, prefix.regions if prefix else None, keep_local, True
+        )
+        outs = self._output_stats(final_h, last_resid)
+        rm = st.region_mass.cpu().numpy()
+        en = st.entropy.cpu().numpy()
+        sk = st.sink.cpu().numpy()
+        qc = st.q_onehot.sum(1).cpu().numpy()  # (B, R)
+        sc = st.q_notfirst.sum(1).cpu().numpy()  # (B,)
+        lr = st.last_row.cpu().numpy()  # (B, L, NH, P+S)
+        results = []
+        for b, it in enumerate(items):
+            c_rm, c_en, c_sk, c_qc, c_sc = rm[b], en[b], sk[b], qc[b], sc[b]
+            cps = {c: comps[c][b] for c in self.components}
+            if prefix is not None:
+                c_rm, c_en, c_sk = c_rm + prefix.region_mass, c_en + prefix.entropy, c_sk + prefix.sink
+                c_qc, c_sc = c_qc + prefix.q_counts, c_sc + prefix.sink_count
+                if it.keep_start < P:
+                    cps = {c: np.concatenate([prefix.comps[c][it.keep_start :], v]) for c, v in cps.items()}
+            with np.errstate(invalid="ignore", divide="ignore"):
+                denom = np.where(c_qc > 0, c_qc, np.nan)
+                region_mass = c_rm / denom[None, None, :, None]
+                entropy = c_en / denom[None, None, :]
+                sink = c_sk / (c_sc if c_sc > 0 else np.nan)
+            n = P + lens[b]
+            results.append(Result(
+                comps=cps, region_mass=region_mass.astype(np.float32), entropy=entropy.astype(np.float32),
+                sink=sink.astype(np.float32), last_row=np.ascontiguousarray(lr[b, :, :, :n].transpose(2, 0, 1)),
+                topk_ids=outs["topk_ids"][b], topk_logprobs=outs["topk_logprobs"][b],
+                entropy_out=float(outs["entropy_out"][b]), lse=float(outs["lse"][b]),
+                lens_ids=outs["lens_ids"][b], lens_logprobs=outs["lens_logprobs"][b],
+                lens_entropy=outs["lens_entropy"][b], lens_final_top1=outs["lens_final_top1"][b],
+            ))
+        return results
+
+    def batches(self, lengths: list[int], context: int = 0) -> list[list[int]]:
+        """Split indices into batches under the token budget, longest first, so that an
+        out-of-memory error happens at the first batch rather than near the end."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        out, cur, cur_max = [], [], 0
+        for i in order:
+            m = max(cur_max, lengths[i])
+            attn_bytes = (len(cur) + 1) * self.NH * m * (m + context) * 4
+            if cur and ((len(cur) + 1) * m > self.token_budget or attn_bytes > _ATTN_BYTES_BUDGET):
+                out.append(cur)
+                cur, m = [], lengths[i]
+            cur.append(i)
+            cur_max = m
+        if cur:
+            out.append(cur)
+        return out
+
+    def generate(self, ids_list: list[np.ndarray], max_new_tokens: int, pad_id: int, eos_ids) -> list[np.ndarray]:
+        """Greedy continuations for a batch (left padding, as generation requires)."""
+        B, S = len(ids_list), max(len(x) for x in ids_list)
+        inp = torch.full((B, S), pad_id, dtype=torch.long)
+        mask = torch.zeros(B, S, dtype=torch.long)
+        for b, ids in enumerate(ids_list):
+            inp[b, S - len(ids) :] = torch.as_tensor(ids)
+            mask[b, S - len(ids) :] = 1
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=inp.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=pad_id, eos_token_id=eos_ids, temperature=None, top_p=None, top_k=None,
+            )
+        gen = out[:, S:].cpu().numpy()
+        res = []
+        eos = set(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids])
+        for row in gen:
+            n = len(row)
+            for j, t in enumerate(row):
+                if int(t) in eos:
+                    n = j + 1
+                    break
+            res.append(row[:n].astype(np.int32))
+        return res
+
+
+def check_fp16(name: str, a: np.ndarray) -> None:
+    m = float(np.abs(a).max()) if a.size else 0.0
+    if not math.isfinite(m):
+        raise ExtractError(f"{name} contains NaN or inf; the model produced non-finite activations")
+    if m > 65504.0:
+        raise ExtractError(
+            f"{name} has values up to {m:.3g}, beyond float16's range (65504); set `storage_dtype: float32` in the "
+            "sweep (or --storage-dtype float32)"
+        )
+
+
+def run_with_oom_retry(fn, batch: list, run_one):
+    """Call ``fn(batch)``; on CUDA out-of-memory, halve the batch and retry each half."""
+    try:
+        return fn(batch)
+    except torch.OutOfMemoryError:
+        if len(batch) == 1:
+            raise ExtractError("CUDA out of memory on a single prompt; lower token_budget or use a bigger GPU")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(batch) // 2
+        return run_with_oom_retry(fn, batch[:half], run_one) + run_with_oom_retry(fn, batch[half:], run_one)
+
+
+__all__ = ["Engine", "Item", "Prefix", "Result", "check_fp16", "run_with_oom_retry", "F"]

@@ -1,0 +1,314 @@
+"""`promptshift extract`: plan -> store -> fill this worker's blocks.
+
+Each block is computed whole, handed to a writer thread through a bounded queue (so the
+model never waits on the disk), written, and only then marked done. A killed worker
+loses at most the blocks in flight; rerunning the same command skips finished blocks
+and recomputes the rest, producing the same bytes.
+"""
+
+from __future__ import annotations
+
+import platform
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from promptshift.errors import ExtractError, StoreError
+from promptshift.store.core import Store
+from promptshift.sweep.config import SweepConfig, load_sweep
+from promptshift.sweep.plan import Plan, build_plan, load_plan_inputs, parse_shard
+
+
+@dataclass
+class ExtractConfig:
+    """Options of one extraction worker (the sweep decides what is extracted)."""
+
+    store: str | None
+    shard: str | None = None
+    format: str = "zarr"
+    overwrite: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    prefix_sharing: bool = True
+    selfcheck: bool = True
+    progress: bool = True
+    allow_pickle: bool = False
+    queue_blocks: int = 2
+
+    def __post_init__(self):
+        self.shard_index, self.n_shards = parse_shard(self.shard)
+        if self.format not in ("zarr", "hdf5"):
+            raise StoreError(f"--format must be zarr or hdf5, got {self.format!r}")
+        if self.format == "hdf5" and self.n_shards > 1:
+            raise StoreError("HDF5 stores take one writer; use --format zarr for --shard, then export to HDF5")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("promptshift", "torch", "transformers", "zarr", "numpy", "h5py", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def provenance(model, tok, sweep: SweepConfig, plan: Plan) -> dict:
+    from promptshift.models import chat_template_hash, weights_hash
+
+    src = model.promptshift_source
+    return {
+        "model_id": src.model_id,
+        "model_source": src.kind,
+        "model_location": src.location,
+        "weights_sha256": weights_hash(model.promptshift_location),
+        "model_type": model.config.model_type,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "storage_dtype": sweep.storage_dtype,
+        "device": str(next(model.parameters()).device),
+        "attn_implementation": "promptshift (probabilities reduced in-layer; SDPA for generation)",
+        "chat_template_sha256": chat_template_hash(tok),
+        "baseline": sweep.baseline,
+        "injected_system": plan.meta.get("injected_system"),
+        "baseline_carries_default": plan.meta.get("baseline_carries_default"),
+        "versions": versions(),
+        "sweep": sweep.to_dict(),
+    }
+
+
+class _Writer(threading.Thread):
+    """Writes finished blocks in order; errors surface in the main thread."""
+
+    def __init__(self, store: Store, maxsize: int):
+        super().__init__(daemon=True)
+        self.store, self.q, self.error = store, queue.Queue(maxsize=maxsize), None
+
+    def run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.store.write_block(*item)
+                except BaseException as e:  # reported by put()/close()
+                    self.error = e
+
+    def put(self, item):
+        if self.error:
+            raise self.error
+        self.q.put(item)
+
+    def close(self):
+        self.q.put(None)
+        self.join()
+        if self.error:
+            raise self.error
+
+
+class BlockRunner:
+    """Computes the arrays of one block of the plan with an Engine."""
+
+    def __init__(self, engine, plan: Plan, tok, *, prefix_sharing: bool = True, selfcheck: bool = True):
+        self.engine, self.plan, self.tok = engine, plan, tok
+        self.prefix_sharing, self.selfcheck = prefix_sharing, selfcheck
+        self.sweep = plan.sweep
+        self.sdtype = np.float16 if self.sweep.storage_dtype == "float16" else np.float32
+        self.tokens_done = 0
+
+    def _item(self, p: int):
+        from promptshift.extract.engine import Item
+
+        r = self.plan.prompts.iloc[p]
+        return Item(p, self.plan.prompt_tokens(p).astype(np.int64), self.plan.prompt_regions(p), int(r.keep_start))
+
+    def compute(self, block: int) -> tuple[dict[str, np.ndarray], dict[int, object], float]:
+        eng = self.engine
+        b = self.plan.blocks.iloc[block]
+        prompts = list(range(int(b.prompt_start), int(b.prompt_end)))
+        items = {p: self._item(p) for p in prompts}
+        results: dict[int, object] = {}
+
+        groups: dict[tuple, list[int]] = {}
+        singles: list[int] = []
+        if self.prefix_sharing:
+            for p in prompts:
+                plen = int(self.plan.prompts.at[p, "prefix_len"])
+                groups.setdefault(tuple(items[p].ids[:plen].tolist()), []).append(p)
+            for key, members in list(groups.items()):
+                if len(members) < 2:
+                    singles += members
+                    del groups[key]
+        else:
+            singles = prompts
+
+        for key, members in groups.items():
+            first = items[members[0]]
+            plen = len(key)
+            prefix = eng.compute_prefix(first.ids[:plen], first.regions[:plen], first.keep_start)
+            lengths = [len(items[p].ids) - plen for p in members]
+            for batch in eng.batches(lengths, context=plen):
+                ps = [members[i] for i in batch]
+                for p, res in zip(ps, eng.run([items[p] for p in ps], prefix)):
+                    results[p] = res
+            self.tokens_done += plen + sum(lengths)
+        if singles:
+            lengths = [len(items[p].ids) for p in singles]
+            for batch in eng.batches(lengths):
+                ps = [singles[i] for i in batch]
+                for p, res in zip(ps, eng.run([items[p] for p in ps])):
+                    results[p] = res
+            self.tokens_done += sum(lengths)
+
+        check = float("nan")
+        if self.selfcheck:
+            check = self._selfcheck(block, prompts, items, results)
+
+        gens = self._generate(prompts, items) if self.sweep.max_new_tokens > 0 else None
+        return self._assemble(block, prompts, results, gens), results, check
+
+    def _selfcheck(self, block, prompts, items, results) -> float:
+        """Re-run one prompt alone (no batching, no shared prefix) and compare."""
+        p = prompts[(block * 7919) % len(prompts)]
+        alone = self.engine.run([items[p]])[0]
+        diffs = [float(np.abs(alone.comps[c] - results[p].comps[c]).max(initial=0.0)) for c in alone.comps]
+        diffs.append(float(np.nanmax(np.abs(alone.region_mass - results[p].region_mass), initial=0.0)))
+        diffs.append(float(np.abs(alone.topk_logprobs - results[p].topk_logprobs).max()))
+        return max(diffs)
+
+    def _generate(self, prompts, items):
+        tok = self.tok
+        eos = self.engine.model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+        if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+            eos.append(tok.eos_token_id)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+        lengths = [len(items[p].ids) + self.sweep.max_new_tokens for p in prompts]
+        out = {}
+        for batch in self.engine.batches(lengths):
+            ps = [prompts[i] for i in batch]
+            for p, g in zip(ps, self.engine.generate([items[p].ids for p in ps], self.sweep.max_new_tokens, pad, eos)):
+                out[p] = g
+        return out
+
+    def _assemble(self, block, prompts, results, gens) -> dict[str, np.ndarray]:
+        from promptshift.extract.engine import check_fp16
+
+        plan, s, eng = self.plan, self.sweep, self.engine
+        b = plan.blocks.iloc[block]
+        nb, nt, nk = len(prompts), int(b.kept_end - b.kept_start), int(b.key_end - b.key_start)
+        L, NH, H = eng.L, eng.NH, plan.dims.hidden
+        data: dict[str, np.ndarray] = {c: np.zeros((nt, L, H), self.sdtype) for c in s.components}
+        R = len(plan.meta["regions"])
+        data["attn_region_mass"] = np.full((nb, L, NH, R, R), np.nan, np.float32)
+        data["attn_entropy"] = np.full((nb, L, NH, R), np.nan, np.float32)
+        data["attn_sink"] = np.full((nb, L, NH), np.nan, np.float32)
+        data["attn_last"] = np.zeros((nk, L, NH), np.float16)
+        data["logits_topk_ids"] = np.full((nb, s.top_k), -1, np.int32)
+        data["logits_topk_logprobs"] = np.full((nb, s.top_k), np.nan, np.float32)
+        data["logits_entropy"] = np.full((nb,), np.nan, np.float32)
+        data["logits_lse"] = np.full((nb,), np.nan, np.float32)
+        data["lens_topk_ids"] = np.full((nb, L, s.lens_top_k), -1, np.int32)
+        data["lens_topk_logprobs"] = np.full((nb, L, s.lens_top_k), np.nan, np.float32)
+        data["lens_entropy"] = np.full((nb, L), np.nan, np.float32)
+        data["lens_final_top1_logprob"] = np.full((nb, L), np.nan, np.float32)
+        if gens is not None:
+            data["gen_ids"] = np.full((nb, s.max_new_tokens), -1, np.int32)
+            data["gen_len"] = np.full((nb,), -1, np.int32)
+            data["gen_text"] = np.empty((nb,), dtype=object)
+        for j, p in enumerate(prompts):
+            r, row = results[p], plan.prompts.iloc[p]
+            k0 = int(row.kept_start - b.kept_start)
+            for c in s.components:
+                v = r.comps[c]
+                if self.sdtype == np.float16:
+                    check_fp16(f"{c} of prompt {p} ({row.system}, {row.user_id})", v)
+                data[c][k0 : k0 + len(v)] = v
+            data["attn_region_mass"][j] = r.region_mass
+            data["attn_entropy"][j] = r.entropy
+            data["attn_sink"][j] = r.sink
+            y0 = int(row.key_start - b.key_start)
+            data["attn_last"][y0 : y0 + len(r.last_row)] = r.last_row
+            data["logits_topk_ids"][j] = r.topk_ids
+            data["logits_topk_logprobs"][j] = r.topk_logprobs
+            data["logits_entropy"][j] = r.entropy_out
+            data["logits_lse"][j] = r.lse
+            data["lens_topk_ids"][j] = r.lens_ids
+            data["lens_topk_logprobs"][j] = r.lens_logprobs
+            data["lens_entropy"][j] = r.lens_entropy
+            data["lens_final_top1_logprob"][j] = r.lens_final_top1
+            if gens is not None:
+                g = gens[p]
+                data["gen_ids"][j, : len(g)] = g
+                data["gen_len"][j] = len(g)
+                data["gen_text"][j] = self.tok.decode(g.tolist(), skip_special_tokens=True)
+        return data
+
+
+def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, tok=None) -> Store:
+    """Plan (first call only), create the store, and fill this worker's blocks."""
+    from promptshift.extract.engine import Engine
+    from promptshift.models import load_model
+
+    if not isinstance(sweep, SweepConfig):
+        sweep = load_sweep(sweep)
+    if tok is None:
+        tok, dims = load_plan_inputs(sweep)
+    else:
+        from promptshift.sweep.plan import ModelDims
+
+        dims = ModelDims.from_config(model.config)
+    plan = build_plan(sweep, tok, dims)
+    if model is None:
+        model = load_model(sweep.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=sweep.trust_remote_code,
+                           allow_pickle=cfg.allow_pickle)
+    store = Store.create(cfg.store, plan, provenance(model, tok, sweep, plan), cfg.format, cfg.overwrite)
+    plan = store.plan  # the persisted plan is the one every worker follows
+    blocks = plan.shard_blocks(cfg.shard_index, cfg.n_shards)
+    done = store.done()
+    todo = [b for b in blocks if not done[b]]
+    engine = Engine(model, components=sweep.components, top_k=sweep.top_k, lens_top_k=sweep.lens_top_k,
+                    token_budget=sweep.token_budget)
+    runner = BlockRunner(engine, plan, tok, prefix_sharing=cfg.prefix_sharing, selfcheck=cfg.selfcheck)
+    n_prompts = int(sum(plan.blocks.iloc[b].prompt_end - plan.blocks.iloc[b].prompt_start for b in todo))
+    writer = _Writer(store, cfg.queue_blocks)
+    writer.start()
+    bar = _progress(n_prompts, cfg.progress, f"extract {cfg.shard_index}/{cfg.n_shards}")
+    t0 = time.perf_counter()
+    try:
+        for b in todo:
+            data, _, check = runner.compute(b)
+            writer.put((b, data, check))
+            blk = plan.blocks.iloc[b]
+            bar.update(int(blk.prompt_end - blk.prompt_start))
+            el = time.perf_counter() - t0
+            bar.set_postfix(tok_s=f"{runner.tokens_done / max(el, 1e-9):.0f}", block=f"{b}")
+    finally:
+        bar.close()
+        writer.close()
+        engine.remove_hooks()
+    if cfg.store is not None and hasattr(store.backend, "flush"):
+        store.backend.flush()
+    return store
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="prompt", dynamic_ncols=True)
+
+
+def run_prompt_alone(engine, plan: Plan, p: int):
+    """One prompt, unbatched and without prefix sharing: the reference for tests."""
+    from promptshift.extract.engine import Item
+
+    r = plan.prompts.iloc[p]
+    return engine.run([Item(p, plan.prompt_tokens(p).astype(np.int64), plan.prompt_regions(p), int(r.keep_start))])[0]
+
+
+__all__ = ["BlockRunner", "ExtractConfig", "extract", "provenance", "run_prompt_alone", "ExtractError", "Path"]

@@ -1,0 +1,245 @@
+"""Storage backends behind one small interface: arrays with named dimensions, and
+JSON attributes on the root. Zarr v3 is the default and the only one that several
+processes may fill at once; HDF5 is for single-writer runs and export; memory is for
+tests and in-process use."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from promptshift.errors import StoreError
+
+
+class Backend:
+    """Arrays are returned as objects with numpy-style ``__getitem__``/``__setitem__``."""
+
+    format: str = ""
+
+    def create_array(self, name, shape, dtype, chunks, dims, fill_value=0) -> Any: ...
+    def array(self, name: str) -> Any: ...
+    def has(self, name: str) -> bool: ...
+    def names(self) -> list[str]: ...
+    def dims(self, name: str) -> tuple[str, ...]: ...
+    def chunks(self, name: str) -> tuple[int, ...]: ...
+    @property
+    def attrs(self) -> dict: ...
+    def set_attrs(self, attrs: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class ZarrBackend(Backend):
+    format = "zarr"
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        import zarr
+
+        self.path = Path(path)
+        try:
+            self.group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            raise StoreError(f"no promptshift store at {path}: {e}") from e
+
+    def create_array(self, name, shape, dtype, chunks, dims, fill_value=0):
+        import zarr
+
+        kw: dict[str, Any] = {}
+        if dtype is str:
+            kw["fill_value"] = ""
+        else:
+            kw["fill_value"] = fill_value
+            kw["compressors"] = zarr.codecs.ZstdCodec(level=1)
+        return self.group.create_array(
+            name, shape=tuple(int(s) for s in shape), chunks=tuple(int(c) for c in chunks),
+            dtype=dtype, dimension_names=list(dims), **kw
+        )
+
+    def array(self, name):
+        return self.group[name]
+
+    def has(self, name):
+        return name in self.group
+
+    def names(self):
+        return sorted(self.group.array_keys())
+
+    def dims(self, name):
+        return tuple(self.group[name].metadata.dimension_names or ())
+
+    def chunks(self, name):
+        return tuple(self.group[name].chunks)
+
+    @property
+    def attrs(self):
+        return dict(self.group.attrs)
+
+    def set_attrs(self, attrs):
+        self.group.attrs.update(attrs)
+
+    def close(self):
+        pass
+
+
+class _H5Array:
+    """h5py dataset wrapper: variable-length strings come back as str, not bytes."""
+
+    def __init__(self, ds, is_str: bool):
+        self.ds, self.is_str = ds, is_str
+
+    @property
+    def shape(self):
+        return self.ds.shape
+
+    @property
+    def dtype(self):
+        return np.dtype(object) if self.is_str else self.ds.dtype
+
+    def __getitem__(self, key):
+        out = self.ds[key]
+        if self.is_str:
+            out = np.vectorize(lambda b: b.decode("utf-8") if isinstance(b, bytes) else b, otypes=[object])(out)
+        return out
+
+    def __setitem__(self, key, value):
+        if self.is_str:
+            value = np.asarray(value, dtype=object)
+        self.ds[key] = value
+
+
+class HDF5Backend(Backend):
+    format = "hdf5"
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        import h5py
+
+        self.path = Path(path)
+        if mode == "r" and not self.path.is_file():
+            raise StoreError(f"no promptshift store at {path}")
+        self.file = h5py.File(str(path), {"w": "w", "r": "r", "r+": "r+", "a": "a"}[mode])
+
+    def create_array(self, name, shape, dtype, chunks, dims, fill_value=0):
+        import h5py
+
+        is_str = dtype is str
+        kw = dict(shape=tuple(shape), chunks=tuple(max(1, int(c)) for c in chunks) if all(shape) else None)
+        if is_str:
+            ds = self.file.create_dataset(name, dtype=h5py.string_dtype("utf-8"), **kw)
+        else:
+            ds = self.file.create_dataset(name, dtype=np.dtype(dtype), fillvalue=fill_value, compression="gzip",
+                                          compression_opts=1, **kw)
+        ds.attrs["_dims"] = json.dumps(list(dims))
+        ds.attrs["_is_str"] = is_str
+        return _H5Array(ds, is_str)
+
+    def array(self, name):
+        ds = self.file[name]
+        return _H5Array(ds, bool(ds.attrs.get("_is_str", False)))
+
+    def has(self, name):
+        return name in self.file
+
+    def names(self):
+        return sorted(self.file.keys())
+
+    def dims(self, name):
+        return tuple(json.loads(self.file[name].attrs["_dims"]))
+
+    def chunks(self, name):
+        return tuple(self.file[name].chunks or self.file[name].shape)
+
+    @property
+    def attrs(self):
+        raw = self.file.attrs.get("promptshift")
+        return json.loads(raw) if raw is not None else {}
+
+    def set_attrs(self, attrs):
+        cur = self.attrs
+        cur.update(attrs)
+        self.file.attrs["promptshift"] = json.dumps(cur)
+
+    def flush(self):
+        self.file.flush()
+
+    def close(self):
+        try:
+            self.file.close()
+        except Exception:
+            pass
+
+
+class MemoryBackend(Backend):
+    format = "memory"
+
+    def __init__(self):
+        self._arrays: dict[str, np.ndarray] = {}
+        self._dims: dict[str, tuple] = {}
+        self._chunks: dict[str, tuple] = {}
+        self._attrs: dict = {}
+
+    def create_array(self, name, shape, dtype, chunks, dims, fill_value=0):
+        if dtype is str:
+            a = np.full(shape, "", dtype=object)
+        else:
+            a = np.full(shape, fill_value, dtype=dtype)
+        self._arrays[name], self._dims[name], self._chunks[name] = a, tuple(dims), tuple(chunks)
+        return a
+
+    def array(self, name):
+        return self._arrays[name]
+
+    def has(self, name):
+        return name in self._arrays
+
+    def names(self):
+        return sorted(self._arrays)
+
+    def dims(self, name):
+        return self._dims[name]
+
+    def chunks(self, name):
+        return self._chunks[name]
+
+    @property
+    def attrs(self):
+        return dict(self._attrs)
+
+    def set_attrs(self, attrs):
+        self._attrs.update(json.loads(json.dumps(attrs)))
+
+    def close(self):
+        pass
+
+
+def detect_format(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_dir() and (p / "zarr.json").is_file():
+        return "zarr"
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(8) == b"\x89HDF\r\n\x1a\n":
+                return "hdf5"
+        raise StoreError(f"{p} is a file but not an HDF5 store")
+    if p.exists():
+        raise StoreError(f"{p} exists but is not a promptshift store (no zarr.json)")
+    raise StoreError(f"no promptshift store at {p}; create one with `promptshift extract SWEEP --store {p}`")
+
+
+def open_backend(path: str | Path, mode: str = "r", fmt: str | None = None) -> Backend:
+    fmt = fmt or detect_format(path)
+    if fmt == "zarr":
+        return ZarrBackend(path, mode)
+    if fmt == "hdf5":
+        return HDF5Backend(path, mode)
+    raise StoreError(f"unknown store format {fmt!r}; use zarr or hdf5")
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        os.remove(path)

@@ -1,0 +1,331 @@
+"""The activation store: schema, creation from a plan, block writes, and the reader API.
+
+Layout contract (docs/STORE.md is the public version of this):
+
+* dims ``token`` (kept positions, flat, CSR via ``token_start``/``n_tokens``), ``prompt``,
+  ``key`` (every position of every prompt, for the last attention row), ``block``,
+  ``layer``, ``hidden``, ``head``, ``qregion``/``kregion``, ``k``, ``lens_k``, ``gen``.
+* each block of the plan owns whole chunks of every array it writes, so concurrent
+  workers on different blocks never touch the same chunk file;
+* ``block_done[b]`` is written after block ``b``'s data: it is the completion record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from promptshift.errors import StoreError
+from promptshift.store.backends import Backend, MemoryBackend, open_backend, remove_path
+from promptshift.sweep.chat import REGIONS
+
+SCHEMA_VERSION = 1
+COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+N_REGIONS = len(REGIONS)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: Any
+    chunks: tuple[int, ...]
+    dims: tuple[str, ...]
+    fill_value: Any = 0
+    static: bool = False  # written once at creation (from the plan), never by workers
+
+
+def array_specs(plan) -> list[ArraySpec]:
+    """Every array in a store for this plan: the schema, in one place."""
+    s, d = plan.sweep, plan.dims
+    L, H, NH, R = d.n_layers, d.hidden, d.n_heads, N_REGIONS
+    P, T, K, B = plan.n_prompts, plan.kept_size, plan.key_size, plan.n_blocks
+    cp, ct, ck = s.block_prompts, plan.meta["token_chunk"], plan.meta["key_chunk"]
+    sd = np.float16 if s.storage_dtype == "float16" else np.float32
+    specs = [
+        # static, from the plan
+        ArraySpec("token_start", (P,), np.int64, (cp,), ("prompt",), -1, True),
+        ArraySpec("n_tokens", (P,), np.int32, (cp,), ("prompt",), 0, True),
+        ArraySpec("prompt_len", (P,), np.int32, (cp,), ("prompt",), 0, True),
+        ArraySpec("key_start", (P,), np.int64, (cp,), ("prompt",), -1, True),
+        ArraySpec("token_prompt", (T,), np.int32, (ct,), ("token",), -1, True),
+        ArraySpec("token_pos", (T,), np.int32, (ct,), ("token",), -1, True),
+        ArraySpec("token_region", (T,), np.int8, (ct,), ("token",), -1, True),
+        ArraySpec("token_id", (T,), np.int32, (ct,), ("token",), -1, True),
+        # per block
+        ArraySpec("block_done", (B,), np.uint8, (1,), ("block",), 0),
+        ArraySpec("block_selfcheck", (B,), np.float32, (1,), ("block",), np.nan),
+        # activations at kept positions
+        *[ArraySpec(c, (T, L, H), sd, (ct, L, H), ("token", "layer", "hidden"), 0) for c in s.components],
+        # attention statistics, reduced inside each layer
+        ArraySpec("attn_region_mass", (P, L, NH, R, R), np.float32, (cp, L, NH, R, R),
+                  ("prompt", "layer", "head", "qregion", "kregion"), np.nan),
+        ArraySpec("attn_entropy", (P, L, NH, R), np.float32, (cp, L, NH, R),
+                  ("prompt", "layer", "head", "qregion"), np.nan),
+        ArraySpec("attn_sink", (P, L, NH), np.float32, (cp, L, NH), ("prompt", "layer", "head"), np.nan),
+        ArraySpec("attn_last", (K, L, NH), np.float16, (ck, L, NH), ("key", "layer", "head"), 0),
+        # output side at the last prompt position
+        ArraySpec("logits_topk_ids", (P, s.top_k), np.int32, (cp, s.top_k), ("prompt", "k"), -1),
+        ArraySpec("logits_topk_logprobs", (P, s.top_k), np.float32, (cp, s.top_k), ("prompt", "k"), np.nan),
+        ArraySpec("logits_entropy", (P,), np.float32, (cp,), ("prompt",), np.nan),
+        ArraySpec("logits_lse", (P,), np.float32, (cp,), ("prompt",), np.nan),
+        ArraySpec("lens_topk_ids", (P, L, s.lens_top_k), np.int32, (cp, L, s.lens_top_k),
+                  ("prompt", "layer", "lens_k"), -1),
+        ArraySpec("lens_topk_logprobs", (P, L, s.lens_top_k), np.float32, (cp, L, s.lens_top_k),
+                  ("prompt", "layer", "lens_k"), np.nan),
+        ArraySpec("lens_entropy", (P, L), np.float32, (cp, L), ("prompt", "layer"), np.nan),
+        ArraySpec("lens_final_top1_logprob", (P, L), np.float32, (cp, L), ("prompt", "layer"), np.nan),
+    ]
+    if s.max_new_tokens > 0:
+        G = s.max_new_tokens
+        specs += [
+            ArraySpec("gen_ids", (P, G), np.int32, (cp, G), ("prompt", "gen"), -1),
+            ArraySpec("gen_len", (P,), np.int32, (cp,), ("prompt",), -1),
+            ArraySpec("gen_text", (P,), str, (cp,), ("prompt",), ""),
+        ]
+    for layer in s.full_attention_layers:
+        if not 0 <= layer < L:
+            raise StoreError(f"full_attention_layers has layer {layer}, but the model has layers 0..{L - 1}")
+    return specs
+
+
+def _static_values(plan) -> dict[str, np.ndarray]:
+    pr = plan.prompts
+    P, T = plan.n_prompts, plan.kept_size
+    out = {
+        "token_start": pr["kept_start"].to_numpy(np.int64),
+        "n_tokens": pr["n_kept"].to_numpy(np.int32),
+        "prompt_len": pr["n_tokens"].to_numpy(np.int32),
+        "key_start": pr["key_start"].to_numpy(np.int64),
+    }
+    tp = np.full(T, -1, np.int32)
+    tpos = np.full(T, -1, np.int32)
+    treg = np.full(T, -1, np.int8)
+    tid = np.full(T, -1, np.int32)
+    for p in range(P):
+        r = pr.iloc[p]
+        k0, n = int(r.kept_start), int(r.n_kept)
+        pos = np.arange(int(r.keep_start), int(r.n_tokens))
+        tp[k0 : k0 + n] = p
+        tpos[k0 : k0 + n] = pos
+        treg[k0 : k0 + n] = plan.token_region[int(r.token_offset) + pos]
+        tid[k0 : k0 + n] = plan.token_ids[int(r.token_offset) + pos]
+    out.update(token_prompt=tp, token_pos=tpos, token_region=treg, token_id=tid)
+    return out
+
+
+class Store:
+    """An activation store on disk (zarr or HDF5) or in memory.
+
+    Open existing stores with :func:`open`; extraction creates them with :meth:`create`."""
+
+    def __init__(self, backend: Backend, path: Path | None = None, mode: str = "r"):
+        self.backend, self.path, self.mode = backend, path, mode
+        attrs = backend.attrs
+        if "schema_version" not in attrs:
+            raise StoreError(f"{path} is not a promptshift store (no schema_version attribute)")
+        v = attrs["schema_version"]
+        if not isinstance(v, int) or v > SCHEMA_VERSION:
+            raise StoreError(
+                f"store {path} has schema version {v}, newer than this promptshift understands "
+                f"({SCHEMA_VERSION}); upgrade promptshift to read it"
+            )
+        self.attrs = attrs
+
+    # --- creation -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path | None, plan, provenance: dict, fmt: str = "zarr",
+               overwrite: bool = False) -> Store:
+        """Create the store with every array at final size, atomically.
+
+        Built in a temporary sibling and renamed into place, so a concurrent worker sees
+        either no store or a complete one; a loser of that race opens the winner's store
+        and checks that it holds the same plan."""
+        specs = array_specs(plan)
+        plan_hash = plan.hash()
+        attrs = {
+            "schema_version": SCHEMA_VERSION,
+            "plan_hash": plan_hash,
+            "provenance": provenance,
+            "regions": list(REGIONS),
+            "components": list(plan.sweep.components),
+            "keep": plan.sweep.keep,
+            "n_blocks": plan.n_blocks,
+        }
+        if path is None:
+            be = MemoryBackend()
+            cls._fill(be, specs, plan, attrs)
+            return cls(be, None, "r+")
+        path = Path(path)
+        if path.exists():
+            if overwrite:
+                remove_path(path)
+            else:
+                existing = open_store(path)
+                if existing.attrs.get("plan_hash") != plan_hash:
+                    raise StoreError(
+                        f"{path} holds a different plan (another sweep, model or settings); pass --overwrite to "
+                        "replace it, or choose another --store path"
+                    )
+                return open_store(path, mode="r+")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise StoreError(f"cannot write the store: directory {path.parent} is not writable")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        remove_path(tmp)
+        try:
+            be = open_backend(tmp, "w", fmt)
+            cls._fill(be, specs, plan, attrs)
+            be.close()
+            os.rename(tmp, path)
+        except OSError as e:
+            remove_path(tmp)
+            if path.exists():  # another worker created it first
+                return cls.create(path, plan, provenance, fmt, overwrite=False)
+            raise StoreError(f"cannot create store at {path}: {e}") from e
+        except BaseException:
+            remove_path(tmp)
+            raise
+        return open_store(path, mode="r+")
+
+    @staticmethod
+    def _fill(be: Backend, specs, plan, attrs) -> None:
+        static = _static_values(plan)
+        for sp in specs:
+            arr = be.create_array(sp.name, sp.shape, sp.dtype, sp.chunks, sp.dims, sp.fill_value)
+            if sp.static and sp.shape[0]:
+                arr[...] = static[sp.name]
+        blob = np.frombuffer(json.dumps(plan.to_json()).encode("utf-8"), dtype=np.uint8)
+        be.create_array("plan_json", blob.shape, np.uint8, (max(1, blob.size),), ("plan_byte",))[...] = blob
+        for name, a in (("plan_token_ids", plan.token_ids), ("plan_token_region", plan.token_region),
+                        ("plan_token_turn", plan.token_turn)):
+            be.create_array(name, a.shape, a.dtype, (max(1, min(a.size, 1 << 20)),), ("plan_token",))[...] = a
+        be.set_attrs(attrs)
+
+    # --- reading --------------------------------------------------------------------------
+    @cached_property
+    def plan(self):
+        from promptshift.sweep.plan import Plan
+
+        blob = np.asarray(self.backend.array("plan_json")[...], dtype=np.uint8).tobytes()
+        return Plan.from_json(
+            json.loads(blob.decode("utf-8")),
+            self.backend.array("plan_token_ids")[...],
+            self.backend.array("plan_token_region")[...],
+            self.backend.array("plan_token_turn")[...],
+        )
+
+    @property
+    def provenance(self) -> dict:
+        return self.attrs.get("provenance", {})
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(self.attrs["components"])
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        return tuple(self.attrs["regions"])
+
+    @property
+    def prompts(self) -> pd.DataFrame:
+        pr = self.plan.prompts
+        return pr[["prompt", "kind", "system", "user_id", "text", "n_tokens", "suffix_start", "keep_start",
+                   "n_kept", "kept_start", "n_system_tokens", "block"]].rename(columns={"kind": "role"})
+
+    @property
+    def pairs(self) -> pd.DataFrame:
+        return self.plan.pairs.copy()
+
+    def array(self, name: str):
+        if not self.backend.has(name):
+            raise StoreError(f"no array {name!r} in store {self.path}; arrays: {', '.join(self.backend.names())}")
+        return self.backend.array(name)
+
+    def names(self) -> list[str]:
+        return self.backend.names()
+
+    def dims(self, name: str) -> tuple[str, ...]:
+        return self.backend.dims(name)
+
+    def chunks(self, name: str) -> tuple[int, ...]:
+        return self.backend.chunks(name)
+
+    def done(self) -> np.ndarray:
+        return np.asarray(self.array("block_done")[...]).astype(bool)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done().all())
+
+    def require_complete(self) -> None:
+        d = self.done()
+        if not d.all():
+            missing = np.flatnonzero(~d)
+            raise StoreError(
+                f"store {self.path} is incomplete: {missing.size} of {d.size} blocks missing "
+                f"(first: {missing[:5].tolist()}); rerun `promptshift extract` with the same sweep to finish it"
+            )
+
+    def component(self, name: str, prompt: int) -> np.ndarray:
+        """(n_kept, layer, hidden) float32 activations of one prompt at its kept positions."""
+        if name not in self.components:
+            raise StoreError(f"unknown component {name!r}; this store has {', '.join(self.components)}")
+        r = self.plan.prompts.iloc[prompt]
+        k0, n = int(r.kept_start), int(r.n_kept)
+        return np.asarray(self.array(name)[k0 : k0 + n], dtype=np.float32)
+
+    def kept_positions(self, prompt: int) -> np.ndarray:
+        return self.plan.kept_positions(prompt)
+
+    def attn_last_row(self, prompt: int) -> np.ndarray:
+        """(n_tokens, layer, head) attention of the last query over every key of one prompt."""
+        r = self.plan.prompts.iloc[prompt]
+        k0, n = int(r.key_start), int(r.n_tokens)
+        return np.asarray(self.array("attn_last")[k0 : k0 + n], dtype=np.float32)
+
+    # --- writing (extraction workers) -----------------------------------------------------
+    def write_block(self, block: int, data: dict[str, np.ndarray], selfcheck: float = float("nan")) -> None:
+        """Write one block's arrays, then its completion record.
+
+        ``data`` holds, per array, the block's whole slice along its first axis (prompt,
+        token or key range); every slice covers whole chunks, so concurrent workers on
+        other blocks never share a chunk."""
+        b = self.plan.blocks.iloc[block]
+        ranges = {
+            "prompt": (int(b.prompt_start), int(b.prompt_end)),
+            "token": (int(b.kept_start), int(b.kept_end)),
+            "key": (int(b.key_start), int(b.key_end)),
+        }
+        for name, value in data.items():
+            dim0 = self.dims(name)[0]
+            lo, hi = ranges[dim0]
+            if value.shape[0] != hi - lo:
+                raise StoreError(f"block {block}: {name} has {value.shape[0]} rows, expected {hi - lo}")
+            self.array(name)[lo:hi] = value
+        self.array("block_selfcheck")[block : block + 1] = np.asarray([selfcheck], dtype=np.float32)
+        if hasattr(self.backend, "flush"):
+            self.backend.flush()
+        self.array("block_done")[block : block + 1] = np.ones(1, np.uint8)
+        if hasattr(self.backend, "flush"):
+            self.backend.flush()
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def open_store(path: str | Path, mode: str = "r") -> Store:
+    """Open a store (zarr directory or HDF5 file), checking its schema version."""
+    path = Path(path)
+    be = open_backend(path, mode)
+    return Store(be, path, mode)
+
+
+open = open_store  # noqa: A001  -- `promptshift.store.open(PATH)` is the documented entry point

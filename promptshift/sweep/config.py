@@ -1,0 +1,377 @@
+"""Sweep configuration: what to run, validated on construction.
+
+A SWEEP argument anywhere in the CLI may be a sweep YAML, a JSON prompt file in the
+notebook's shape, or the name of a built-in suite. All three resolve to one
+:class:`SweepConfig`; errors name the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from promptshift.errors import SweepError
+
+COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+KEEP_CHOICES = ("last", "suffix", "all")
+BASELINE_BUILTINS = ("no_system_turn", "empty_system")
+NO_SYSTEM_ROLE_POLICIES = ("error", "prepend_to_user")
+USER_CATEGORIES_HINT = ("factual", "reasoning", "classification", "creative", "instruction", "edge")
+
+
+@dataclass(frozen=True)
+class SystemPrompt:
+    name: str
+    text: str
+    tags: tuple[str, ...] = ()
+    description: str = ""
+    family: str | None = None
+    level: str | None = None
+
+
+@dataclass(frozen=True)
+class UserPrompt:
+    id: str
+    text: str
+    category: str = "uncategorized"
+    expected: str | None = None
+
+
+@dataclass
+class SweepConfig:
+    """Everything that decides the plan and the extraction. Saved into the store."""
+
+    name: str = "sweep"
+    model: str | None = None
+    chat_template: str | None = None
+    trust_remote_code: bool = False
+    system_prompts: list[SystemPrompt] = field(default_factory=list)
+    user_prompts: list[UserPrompt] = field(default_factory=list)
+    baseline: str = "empty_system"
+    no_system_role: str = "error"
+    keep: str = "suffix"
+    components: tuple[str, ...] = COMPONENTS
+    max_new_tokens: int = 32
+    top_k: int = 64
+    lens_top_k: int = 10
+    token_budget: int = 4096
+    block_prompts: int = 32
+    storage_dtype: str = "float16"
+    full_attention_layers: tuple[int, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.components = tuple(self.components)
+        self.full_attention_layers = tuple(self.full_attention_layers)
+        if self.keep not in KEEP_CHOICES:
+            raise SweepError(f"`keep` must be one of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
+        bad = [c for c in self.components if c not in COMPONENTS]
+        if bad:
+            raise SweepError(f"unknown component(s) {bad} in `components`; known: {', '.join(COMPONENTS)}")
+        if self.no_system_role not in NO_SYSTEM_ROLE_POLICIES:
+            raise SweepError(
+                f"`no_system_role` must be one of {', '.join(NO_SYSTEM_ROLE_POLICIES)}, got {self.no_system_role!r}"
+            )
+        for fname, lo, hi in (
+            ("max_new_tokens", 0, 4096),
+            ("top_k", 1, 4096),
+            ("lens_top_k", 1, 1024),
+            ("token_budget", 16, 10_000_000),
+            ("block_prompts", 1, 65536),
+        ):
+            v = getattr(self, fname)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise SweepError(f"`{fname}` must be an integer in [{lo}, {hi}], got {v!r}")
+        if self.storage_dtype not in ("float16", "float32"):
+            raise SweepError(f"`storage_dtype` must be float16 or float32, got {self.storage_dtype!r}")
+        if not self.system_prompts:
+            raise SweepError("the sweep has no system prompts; add at least one under `system_prompts`")
+        if not self.user_prompts:
+            raise SweepError("the sweep has no user prompts; add at least one under `user_prompts`")
+        _unique([s.name for s in self.system_prompts], "system_prompts", "name")
+        _unique([u.id for u in self.user_prompts], "user_prompts", "id")
+        for s in self.system_prompts:
+            if not s.text.strip():
+                raise SweepError(
+                    f"system prompt `{s.name}` has empty text; the baseline is set with `baseline: empty_system` "
+                    "or `no_system_turn`, not as a system prompt"
+                )
+        for u in self.user_prompts:
+            if not u.text.strip():
+                raise SweepError(f"user prompt `{u.id}` has empty or whitespace-only text")
+        names = {s.name for s in self.system_prompts}
+        if self.baseline not in BASELINE_BUILTINS and self.baseline not in names:
+            raise SweepError(
+                f"unknown `baseline` {self.baseline!r}: use no_system_turn, empty_system or the name of a system "
+                f"prompt in the sweep ({', '.join(sorted(names))})"
+            )
+
+    @property
+    def variants(self) -> list[SystemPrompt]:
+        """System prompts compared against the baseline (a named baseline is not compared with itself)."""
+        return [s for s in self.system_prompts if s.name != self.baseline]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["components"] = list(self.components)
+        d["full_attention_layers"] = list(self.full_attention_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
+        d = dict(d)
+        d["system_prompts"] = [SystemPrompt(**{**s, "tags": tuple(s.get("tags", ()))}) for s in d["system_prompts"]]
+        d["user_prompts"] = [UserPrompt(**u) for u in d["user_prompts"]]
+        return cls(**d)
+
+
+def _unique(values: list[str], where: str, key: str) -> None:
+    seen: set[str] = set()
+    for v in values:
+        if v in seen:
+            raise SweepError(f"duplicate {key} {v!r} in `{where}`; every {key} must be unique")
+        seen.add(v)
+
+
+def builtin_suites() -> dict[str, Path]:
+    folder = resources.files("promptshift.sweep") / "suites"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+_SYSTEM_KEYS = {"name", "text", "tags", "description", "family", "level"}
+_USER_KEYS = {"id", "text", "category", "expected"}
+_SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)} | {"suite", "prompts", "description", "select"}
+_SELECT_KEYS = {"system_prompts", "user_prompts", "categories", "max_user_prompts"}
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{path} is not valid UTF-8 (byte {e.start}); save it as UTF-8") from e
+    except OSError as e:
+        raise SweepError(f"cannot read {path}: {e.strerror}") from e
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path} is not valid YAML: {e}") from e
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise SweepError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+
+
+def _check_keys(d: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise SweepError(f"unknown key(s) {unknown} in {where}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _str_field(d: dict, key: str, where: str, required: bool = True) -> str | None:
+    v = d.get(key)
+    if v is None:
+        if required:
+            raise SweepError(f"{where} is missing `{key}`")
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise SweepError(f"`{key}` in {where} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _parse_system(items: Any, where: str) -> list[SystemPrompt]:
+    if not isinstance(items, list):
+        raise SweepError(f"`system_prompts` in {where} must be a list of {{name, text, tags}} entries")
+    out = []
+    for i, s in enumerate(items):
+        w = f"{where}: system_prompts[{i}]"
+        if not isinstance(s, dict):
+            raise SweepError(f"{w} must be a mapping with name and text")
+        _check_keys(s, _SYSTEM_KEYS, w)
+        tags = s.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise SweepError(f"`tags` in {w} must be a list of strings")
+        out.append(
+            SystemPrompt(
+                name=_str_field(s, "name", w),
+                text=_str_field(s, "text", w),
+                tags=tuple(tags),
+                description=_str_field(s, "description", w, False) or "",
+                family=_str_field(s, "family", w, False),
+                level=_str_field(s, "level", w, False),
+            )
+        )
+    return out
+
+
+def _parse_user(items: Any, where: str) -> list[UserPrompt]:
+    if not isinstance(items, list):
+        raise SweepError(f"`user_prompts` in {where} must be a list of {{id, text, category}} entries")
+    out = []
+    for i, u in enumerate(items):
+        w = f"{where}: user_prompts[{i}]"
+        if not isinstance(u, dict):
+            raise SweepError(f"{w} must be a mapping with id and text")
+        _check_keys(u, _USER_KEYS, w)
+        out.append(
+            UserPrompt(
+                id=_str_field(u, "id", w),
+                text=_str_field(u, "text", w),
+                category=_str_field(u, "category", w, False) or "uncategorized",
+                expected=_str_field(u, "expected", w, False),
+            )
+        )
+    return out
+
+
+def _parse_prompt_json(data: Any, where: str) -> dict[str, Any]:
+    """The notebook's prompt file: ``test_prompts`` (category -> list) and ``system_prompts``
+    (name -> {text, description}); an entry with empty text marks the baseline."""
+    if not isinstance(data, dict):
+        raise SweepError(f"{where} must be a JSON object with `test_prompts` and `system_prompts`")
+    _check_keys(data, {"test_prompts", "system_prompts"}, where)
+    tp, sp = data.get("test_prompts"), data.get("system_prompts")
+    if not isinstance(tp, dict):
+        raise SweepError(f"`test_prompts` in {where} must map category -> list of prompts")
+    if not isinstance(sp, dict):
+        raise SweepError(f"`system_prompts` in {where} must map name -> {{text, description}}")
+    users = []
+    for cat, items in tp.items():
+        if not isinstance(items, list):
+            raise SweepError(f"`test_prompts.{cat}` in {where} must be a list")
+        for i, it in enumerate(items):
+            w = f"{where}: test_prompts.{cat}[{i}]"
+            if not isinstance(it, dict):
+                raise SweepError(f"{w} must be an object with id and prompt")
+            users.append(
+                UserPrompt(
+                    id=_str_field(it, "id", w),
+                    text=_str_field(it, "prompt", w),
+                    category=str(cat),
+                    expected=_str_field(it, "expected", w, False),
+                )
+            )
+    systems, baseline = [], None
+    for name, it in sp.items():
+        w = f"{where}: system_prompts.{name}"
+        if not isinstance(it, dict):
+            raise SweepError(f"{w} must be an object with text")
+        text = _str_field(it, "text", w)
+        if not text.strip():
+            if baseline is not None:
+                raise SweepError(f"{where} has two baseline entries with empty text: {baseline!r} and {name!r}")
+            baseline = name
+            continue
+        tags = it.get("tags") or []
+        systems.append(SystemPrompt(name=str(name), text=text, tags=tuple(tags), description=it.get("description", "")))
+    out: dict[str, Any] = {"system_prompts": systems, "user_prompts": users}
+    if baseline is not None:
+        out["baseline"] = "empty_system"
+    return out
+
+
+def _load_suite(name: str) -> dict[str, Any]:
+    suites = builtin_suites()
+    if name not in suites:
+        raise SweepError(f"unknown suite {name!r}; built-in suites: {', '.join(sorted(suites))}")
+    data = _load_yaml(suites[name])
+    where = f"suite {name}"
+    if "system_prompts" not in data:
+        raise SweepError(f"suite {name!r} is not a system x user suite (it has no system_prompts)")
+    return {
+        "system_prompts": _parse_system(data["system_prompts"], where),
+        "user_prompts": _parse_user(data["user_prompts"], where),
+        "name": data.get("name", name),
+    }
+
+
+def _apply_select(d: dict[str, Any], select: Any, where: str) -> None:
+    if select is None:
+        return
+    if not isinstance(select, dict):
+        raise SweepError(f"`select` in {where} must be a mapping")
+    _check_keys(select, _SELECT_KEYS, f"{where}: select")
+    if (names := select.get("system_prompts")) is not None:
+        known = {s.name: s for s in d["system_prompts"]}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise SweepError(f"`select.system_prompts` names unknown system prompt(s) {missing}")
+        d["system_prompts"] = [known[n] for n in names]
+    if (cats := select.get("categories")) is not None:
+        d["user_prompts"] = [u for u in d["user_prompts"] if u.category in cats]
+    if (ids := select.get("user_prompts")) is not None:
+        known_u = {u.id: u for u in d["user_prompts"]}
+        missing = [i for i in ids if i not in known_u]
+        if missing:
+            raise SweepError(f"`select.user_prompts` names unknown user prompt(s) {missing}")
+        d["user_prompts"] = [known_u[i] for i in ids]
+    if (n := select.get("max_user_prompts")) is not None:
+        d["user_prompts"] = d["user_prompts"][: int(n)]
+
+
+def load_sweep(arg: str | Path | None = None, **overrides: Any) -> SweepConfig:
+    """Resolve a SWEEP argument (YAML file, JSON prompt file or suite name) to a config.
+
+    ``overrides`` (e.g. ``model=...`` from the CLI) win over the file; ``None`` values are
+    ignored so unset CLI flags do not erase the file's settings."""
+    arg = "default" if arg is None else str(arg)
+    path = Path(arg)
+    d: dict[str, Any]
+    if path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise SweepError(f"prompt file {path} does not exist")
+        d = _parse_prompt_json(_load_json(path), str(path))
+        d["name"] = path.stem
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        if not path.is_file():
+            raise SweepError(f"sweep file {path} does not exist")
+        raw = _load_yaml(path)
+        if not isinstance(raw, dict):
+            raise SweepError(f"{path} must be a YAML mapping (model, suite or prompts, baseline, ...)")
+        _check_keys(raw, _SWEEP_KEYS, str(path))
+        d = {}
+        if "suite" in raw and "prompts" in raw:
+            raise SweepError(f"{path}: give either `suite` or `prompts`, not both")
+        if "suite" in raw:
+            d.update(_load_suite(str(raw["suite"])))
+        if "prompts" in raw:
+            pf = Path(str(raw["prompts"]))
+            if not pf.is_absolute():
+                pf = path.parent / pf
+            sub = load_sweep(pf)
+            d.update(system_prompts=sub.system_prompts, user_prompts=sub.user_prompts, baseline=sub.baseline)
+        if "system_prompts" in raw:
+            d["system_prompts"] = _parse_system(raw["system_prompts"], str(path))
+        if "user_prompts" in raw:
+            d["user_prompts"] = _parse_user(raw["user_prompts"], str(path))
+        for k, v in raw.items():
+            if k in ("suite", "prompts", "system_prompts", "user_prompts", "description", "select"):
+                continue
+            d[k] = v
+        d.setdefault("name", path.stem)
+        _apply_select(d, raw.get("select"), str(path))
+    else:
+        if path.exists():
+            raise SweepError(f"{path}: a sweep must be a .yaml/.yml sweep file or a .json prompt file")
+        d = _load_suite(arg)
+    for k, v in overrides.items():
+        if v is not None:
+            d[k] = v
+    d["source"] = arg
+    try:
+        return SweepConfig(**d)
+    except TypeError as e:  # wrong value types reaching the dataclass
+        raise SweepError(f"invalid sweep {arg}: {e}") from e
