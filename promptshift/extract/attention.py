@@ -70,38 +70,35 @@ def get_stats() -> AttnStats | None:
     return getattr(_local, "stats", None)
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if n_rep == 1:
-        return x
-    B, H, S, D = x.shape
-    return x[:, :, None].expand(B, H, n_rep, S, D).reshape(B, H * n_rep, S, D)  # (B, H*n_rep, S, D)
-
-
 def promptshift_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                           softcap=None, sliding_window=None, **kwargs):
-    """query (B, NH, Sq, D), key/value (B, NKV, Sk, D); attention_mask additive (B, 1, Sq, Sk)."""
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    """query (B, NH, Sq, D), key/value (B, NKV, Sk, D); attention_mask additive (B, 1, Sq, Sk).
+
+    Grouped-query heads are handled by folding the ``rep`` query heads of each key/value
+    head into the query axis, so keys and values are never copied per head."""
+    B, NH, Sq, D = query.shape
+    NKV, Sk = key.shape[1], key.shape[2]
+    rep = NH // NKV
+    scaling = scaling if scaling is not None else D**-0.5
     stats = get_stats()
-    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    mask = attention_mask[:, :, :, :Sk] if attention_mask is not None else None
     if stats is None and softcap is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                             is_causal=mask is None and query.shape[2] > 1)
+                                             is_causal=mask is None and Sq > 1, enable_gqa=rep > 1)
         return out.transpose(1, 2).contiguous(), None
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, NH, Sq, Sk)
+    q = query.reshape(B, NKV, rep * Sq, D)  # (B, NKV, rep*Sq, D): head h = kv*rep + r
+    scores = (q @ key.transpose(2, 3)).view(B, NH, Sq, Sk) * scaling  # (B, NH, Sq, Sk)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores + mask
-    elif query.shape[2] > 1:
-        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
-        causal = causal.tril(key.shape[2] - query.shape[2])
+    elif Sq > 1:
+        causal = torch.ones(Sq, Sk, dtype=torch.bool, device=query.device).tril(Sk - Sq)
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (B, NH, Sq, Sk)
     if stats is not None:
         stats.reduce(module.layer_idx, probs)
-    out = torch.matmul(probs.to(value.dtype), value)  # (B, NH, Sq, D)
+    out = (probs.to(value.dtype).view(B, NKV, rep * Sq, Sk) @ value).view(B, NH, Sq, D)  # (B, NH, Sq, D)
     return out.transpose(1, 2).contiguous(), None
 
 

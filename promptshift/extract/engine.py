@@ -5,7 +5,7 @@ greedy continuations. One block at a time; a writer thread stores finished block
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ class Result:
     lens_logprobs: np.ndarray
     lens_entropy: np.ndarray  # (L,)
     lens_final_top1: np.ndarray  # (L,)
-    extra: dict = field(default_factory=dict)
+    gen_ids: np.ndarray | None = None  # greedy continuation, up to and including EOS
 
 
 class Engine:
@@ -131,7 +131,8 @@ class Engine:
             h.remove()
 
     # --- forward ------------------------------------------------------------------------
-    def _forward(self, ids_list, regions_list, offset: int, kv, prefix_regions, keep_local, want_output: bool):
+    def _forward(self, ids_list, regions_list, offset: int, kv, prefix_regions, keep_local, want_output: bool,
+                 keep_cache: bool = False):
         """Run one padded batch. ``offset`` = length of the shared prefix in ``kv``.
 
         Returns comps {name: list of (n_keep_i, L, H)}, AttnStats, last-position resid
@@ -174,7 +175,8 @@ class Engine:
         try:
             with torch.inference_mode():
                 out = self.base(input_ids=input_ids.to(dev), attention_mask=attn_mask.to(dev),
-                                position_ids=position_ids.to(dev), cache=cache, use_cache=kv is None and not want_output)
+                                position_ids=position_ids.to(dev), cache=cache,
+                                use_cache=keep_cache or (kv is None and not want_output))
         finally:
             set_stats(None)
             self._gather = None
@@ -189,9 +191,9 @@ class Engine:
         if want_output:
             b = torch.arange(B, device=dev)
             final_h = out.last_hidden_state[b, last_q.to(dev)].float()  # (B, H)
-        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        new_cache = cache if cache is not None else (getattr(out, "cache", None) or getattr(out, "past_key_values", None))
         self._buf = {}
-        return comps, stats, last_resid, final_h, new_cache, lens
+        return comps, stats, last_resid, final_h, new_cache, lens, attn_mask
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Unembed (…, H) float hidden states already after the final norm."""
@@ -236,7 +238,7 @@ class Engine:
         """Run a shared prefix once (batch of one) and keep its cache and contributions."""
         P = len(ids)
         keep = np.arange(min(keep_from, P), P) if keep_from < P else np.arange(0)
-        comps, st, _, _, cache, _ = self._forward([ids], [regions], 0, None, None, [keep], want_output=False)
+        comps, st, _, _, cache, _, _ = self._forward([ids], [regions], 0, None, None, [keep], want_output=False)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         qc = st.q_onehot[0].sum(0).cpu().numpy()
         return Prefix(
@@ -247,16 +249,21 @@ class Engine:
         )
 
     @torch.inference_mode()
-    def run(self, items: list[Item], prefix: Prefix | None = None) -> list[Result]:
-        """Run a batch of prompts (all sharing ``prefix`` when given) and reduce them."""
+    def run(self, items: list[Item], prefix: Prefix | None = None, max_new_tokens: int = 0,
+            eos_ids: tuple[int, ...] = ()) -> list[Result]:
+        """Run a batch of prompts (all sharing ``prefix`` when given), reduce them, and
+        continue each greedily for ``max_new_tokens`` on the same key/value cache."""
         P = prefix.length if prefix is not None else 0
         seqs = [it.ids[P:] for it in items]
         regs = [it.regions[P:] for it in items]
         keep_local = [np.arange(max(it.keep_start, P), len(it.ids)) - P for it in items]
-        comps, st, last_resid, final_h, _, lens = self._forward(
-            seqs, regs, P, prefix.kv if prefix else None, prefix.regions if prefix else None, keep_local, True
+        comps, st, last_resid, final_h, cache, lens, mask = self._forward(
+            seqs, regs, P, prefix.kv if prefix else None, prefix.regions if prefix else None, keep_local, True,
+            keep_cache=max_new_tokens > 0,
         )
         outs = self._output_stats(final_h, last_resid)
+        gens = (self._decode(cache, mask, final_h, [P + n for n in lens], max_new_tokens, eos_ids)
+                if max_new_tokens > 0 else [None] * len(items))
         rm = st.region_mass.cpu().numpy()
         en = st.entropy.cpu().numpy()
         sk = st.sink.cpu().numpy()
@@ -285,6 +292,7 @@ class Engine:
                 entropy_out=float(outs["entropy_out"][b]), lse=float(outs["lse"][b]),
                 lens_ids=outs["lens_ids"][b], lens_logprobs=outs["lens_logprobs"][b],
                 lens_entropy=outs["lens_entropy"][b], lens_final_top1=outs["lens_final_top1"][b],
+                gen_ids=gens[b],
             ))
         return results
 
@@ -305,26 +313,38 @@ class Engine:
             out.append(cur)
         return out
 
-    def generate(self, ids_list: list[np.ndarray], max_new_tokens: int, pad_id: int, eos_ids) -> list[np.ndarray]:
-        """Greedy continuations for a batch (left padding, as generation requires)."""
-        B, S = len(ids_list), max(len(x) for x in ids_list)
-        inp = torch.full((B, S), pad_id, dtype=torch.long)
-        mask = torch.zeros(B, S, dtype=torch.long)
-        for b, ids in enumerate(ids_list):
-            inp[b, S - len(ids) :] = torch.as_tensor(ids)
-            mask[b, S - len(ids) :] = 1
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=inp.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=pad_id, eos_token_id=eos_ids, temperature=None, top_p=None, top_k=None,
-            )
-        gen = out[:, S:].cpu().numpy()
+    @torch.inference_mode()
+    def _decode(self, cache, mask, final_h, next_pos, max_new_tokens, eos_ids) -> list[np.ndarray]:
+        """Greedy continuation on the extraction's own cache: no second prefill.
+
+        Rows are right-padded, so each row's next token goes at its own position
+        (``position_ids``) while the 2D mask hides the padding slots in between; this is
+        the same arithmetic as left padding, with the gap in the middle."""
+        dev = self.device
+        B = final_h.shape[0]
+        tok = self._logits(final_h).argmax(-1)  # (B,)
+        pos = torch.as_tensor(next_pos, device=dev)  # (B,)
+        eos = torch.as_tensor(list(eos_ids) or [-1], device=dev)
+        out = [tok]
+        done = torch.isin(tok, eos)
+        mask = mask.to(dev)
+        for _ in range(max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)  # (B, P+S+t)
+            o = self.base(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], cache=cache,
+                          use_cache=True)
+            pos = pos + 1
+            tok = self._logits(o.last_hidden_state[:, -1].float()).argmax(-1)
+            out.append(tok)
+            done |= torch.isin(tok, eos)
+        gen = torch.stack(out, 1).cpu().numpy()  # (B, T)
+        eos_set = set(int(e) for e in eos_ids)
         res = []
-        eos = set(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids])
         for row in gen:
             n = len(row)
             for j, t in enumerate(row):
-                if int(t) in eos:
+                if int(t) in eos_set:
                     n = j + 1
                     break
             res.append(row[:n].astype(np.int32))

@@ -120,6 +120,7 @@ class BlockRunner:
         self.sweep = plan.sweep
         self.sdtype = np.float16 if self.sweep.storage_dtype == "float16" else np.float32
         self.tokens_done = 0
+        self.eos = _eos_ids(engine.model, tok)
 
     def _item(self, p: int):
         from promptshift.extract.engine import Item
@@ -154,14 +155,14 @@ class BlockRunner:
             lengths = [len(items[p].ids) - plen for p in members]
             for batch in eng.batches(lengths, context=plen):
                 ps = [members[i] for i in batch]
-                for p, res in zip(ps, eng.run([items[p] for p in ps], prefix)):
+                for p, res in zip(ps, eng.run([items[p] for p in ps], prefix, self.sweep.max_new_tokens, self.eos)):
                     results[p] = res
             self.tokens_done += plen + sum(lengths)
         if singles:
             lengths = [len(items[p].ids) for p in singles]
             for batch in eng.batches(lengths):
                 ps = [singles[i] for i in batch]
-                for p, res in zip(ps, eng.run([items[p] for p in ps])):
+                for p, res in zip(ps, eng.run([items[p] for p in ps], None, self.sweep.max_new_tokens, self.eos)):
                     results[p] = res
             self.tokens_done += sum(lengths)
 
@@ -169,34 +170,15 @@ class BlockRunner:
         if self.selfcheck:
             check = self._selfcheck(block, prompts, items, results)
 
-        gens = self._generate(prompts, items) if self.sweep.max_new_tokens > 0 else None
-        return self._assemble(block, prompts, results, gens), results, check
+        return self._assemble(block, prompts, results), results, check
 
     def _selfcheck(self, block, prompts, items, results) -> float:
         """Re-run one prompt alone (no batching, no shared prefix) and compare."""
         p = prompts[(block * 7919) % len(prompts)]
         alone = self.engine.run([items[p]])[0]
-        diffs = [float(np.abs(alone.comps[c] - results[p].comps[c]).max(initial=0.0)) for c in alone.comps]
-        diffs.append(float(np.nanmax(np.abs(alone.region_mass - results[p].region_mass), initial=0.0)))
-        diffs.append(float(np.abs(alone.topk_logprobs - results[p].topk_logprobs).max()))
-        return max(diffs)
+        return max_rel_diff(alone, results[p])
 
-    def _generate(self, prompts, items):
-        tok = self.tok
-        eos = self.engine.model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-        if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-            eos.append(tok.eos_token_id)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
-        lengths = [len(items[p].ids) + self.sweep.max_new_tokens for p in prompts]
-        out = {}
-        for batch in self.engine.batches(lengths):
-            ps = [prompts[i] for i in batch]
-            for p, g in zip(ps, self.engine.generate([items[p].ids for p in ps], self.sweep.max_new_tokens, pad, eos)):
-                out[p] = g
-        return out
-
-    def _assemble(self, block, prompts, results, gens) -> dict[str, np.ndarray]:
+    def _assemble(self, block, prompts, results) -> dict[str, np.ndarray]:
         from promptshift.extract.engine import check_fp16
 
         plan, s, eng = self.plan, self.sweep, self.engine
@@ -217,7 +199,8 @@ class BlockRunner:
         data["lens_topk_logprobs"] = np.full((nb, L, s.lens_top_k), np.nan, np.float32)
         data["lens_entropy"] = np.full((nb, L), np.nan, np.float32)
         data["lens_final_top1_logprob"] = np.full((nb, L), np.nan, np.float32)
-        if gens is not None:
+        gens = s.max_new_tokens > 0
+        if gens:
             data["gen_ids"] = np.full((nb, s.max_new_tokens), -1, np.int32)
             data["gen_len"] = np.full((nb,), -1, np.int32)
             data["gen_text"] = np.empty((nb,), dtype=object)
@@ -242,12 +225,33 @@ class BlockRunner:
             data["lens_topk_logprobs"][j] = r.lens_logprobs
             data["lens_entropy"][j] = r.lens_entropy
             data["lens_final_top1_logprob"][j] = r.lens_final_top1
-            if gens is not None:
-                g = gens[p]
+            if gens:
+                g = r.gen_ids
                 data["gen_ids"][j, : len(g)] = g
                 data["gen_len"][j] = len(g)
                 data["gen_text"][j] = self.tok.decode(g.tolist(), skip_special_tokens=True)
         return data
+
+
+def max_rel_diff(a, b) -> float:
+    """Largest |a - b| / max|b| over the components, attention mass and top-k log-probs of
+    two Results: scale-free, so massive activations do not hide small relative errors."""
+    pairs = [(a.comps[c], b.comps[c]) for c in a.comps]
+    pairs += [(a.region_mass, b.region_mass), (a.topk_logprobs, b.topk_logprobs)]
+    out = 0.0
+    for x, y in pairs:
+        if y.size:
+            scale = max(float(np.nanmax(np.abs(y))), 1e-12)
+            out = max(out, float(np.nanmax(np.abs(x - y))) / scale)
+    return out
+
+
+def _eos_ids(model, tok) -> tuple[int, ...]:
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    return tuple(int(e) for e in eos)
 
 
 def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, tok=None) -> Store:

@@ -61,7 +61,7 @@ class SweepConfig:
     top_k: int = 64
     lens_top_k: int = 10
     token_budget: int = 4096
-    block_prompts: int = 32
+    block_prompts: int = 64
     storage_dtype: str = "float16"
     full_attention_layers: tuple[int, ...] = ()
     source: str = ""
