@@ -26,13 +26,14 @@ class AttnStats:
     k_onehot: torch.Tensor  # (B, Sk, R) float: key region one-hot
     q_notfirst: torch.Tensor  # (B, Sq) float: real query that is not absolute position 0
     last_q: torch.Tensor  # (B,) long: index of the last real query row
+    sink_k: torch.Tensor  # (B,) long: key index of absolute position 0 (moves with left padding)
     region_mass: torch.Tensor  # (B, L, NH, R, R) sum over queries of mass to each key region
     entropy: torch.Tensor  # (B, L, NH, R) sum over queries of row entropy
     sink: torch.Tensor  # (B, L, NH) sum over queries (pos > 0) of mass on key 0
     last_row: torch.Tensor  # (B, L, NH, Sk) last real query's attention row
 
     @classmethod
-    def allocate(cls, q_regions, k_regions, q_positions, last_q, n_layers, n_heads, n_regions):
+    def allocate(cls, q_regions, k_regions, q_positions, last_q, sink_k, n_layers, n_heads, n_regions):
         """q_regions (B, Sq) / k_regions (B, Sk): region codes, -1 for padding."""
         B, Sq = q_regions.shape
         Sk = k_regions.shape[1]
@@ -45,6 +46,7 @@ class AttnStats:
             k_onehot=ko,
             q_notfirst=((q_regions >= 0) & (q_positions > 0)).float(),
             last_q=last_q,
+            sink_k=sink_k,
             region_mass=z(B, n_layers, n_heads, n_regions, n_regions),
             entropy=z(B, n_layers, n_heads, n_regions),
             sink=z(B, n_layers, n_heads),
@@ -57,8 +59,9 @@ class AttnStats:
         self.region_mass[:, layer] = torch.einsum("bhqr,bqs->bhsr", to_region, self.q_onehot)
         ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (B, NH, Sq)
         self.entropy[:, layer] = torch.einsum("bhq,bqs->bhs", ent, self.q_onehot)
-        self.sink[:, layer] = (probs[..., 0] * self.q_notfirst.unsqueeze(1)).sum(-1)  # (B, NH)
         b = torch.arange(probs.shape[0], device=probs.device)
+        to_sink = probs[b, :, :, self.sink_k]  # (B, NH, Sq)
+        self.sink[:, layer] = (to_sink * self.q_notfirst.unsqueeze(1)).sum(-1)  # (B, NH)
         self.last_row[:, layer] = probs[b, :, self.last_q, :]  # (B, NH, Sk)
 
 

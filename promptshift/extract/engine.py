@@ -67,7 +67,11 @@ class Result:
 
 
 class Engine:
-    def __init__(self, model, *, components, top_k: int, lens_top_k: int, token_budget: int):
+    def __init__(self, model, *, components, top_k: int, lens_top_k: int, token_budget: int,
+                 padding_side: str = "right"):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
+        self.padding_side = padding_side
         register()
         model.config._attn_implementation = "promptshift"
         for m in model.modules():  # some models cache the implementation per sub-config
@@ -141,22 +145,27 @@ class Engine:
         lens = [len(x) for x in ids_list]
         S = max(lens)
         dev = self.device
+        # pad[b]: padding slots before row b's tokens (left padding) -- 0 with right padding
+        pad = [S - n if self.padding_side == "left" else 0 for n in lens]
         input_ids = torch.zeros(B, S, dtype=torch.long)
         q_reg = torch.full((B, S), -1, dtype=torch.long)
         for b, (ids, reg) in enumerate(zip(ids_list, regions_list)):
-            input_ids[b, : len(ids)] = torch.as_tensor(ids)
-            q_reg[b, : len(ids)] = torch.as_tensor(reg.astype(np.int64))
-        real = q_reg >= 0  # (B, S), right padding
+            input_ids[b, pad[b] : pad[b] + len(ids)] = torch.as_tensor(ids)
+            q_reg[b, pad[b] : pad[b] + len(ids)] = torch.as_tensor(reg.astype(np.int64))
+        real = q_reg >= 0  # (B, S)
         attn_mask = torch.cat([torch.ones(B, offset, dtype=torch.long), real.long()], dim=1)  # (B, P+S)
-        position_ids = (offset + torch.arange(S)).unsqueeze(0).expand(B, S)  # (B, S)
+        # explicit positions: a row's tokens sit at offset..offset+n-1 wherever padding puts them
+        position_ids = (offset + torch.arange(S).unsqueeze(0) - torch.as_tensor(pad).unsqueeze(1)).clamp(min=0)
         if offset:
             pr = torch.as_tensor(prefix_regions.astype(np.int64)).unsqueeze(0).expand(B, offset)
             k_reg = torch.cat([pr, q_reg], dim=1)  # (B, P+S)
         else:
             k_reg = q_reg
-        last_q = torch.as_tensor([n - 1 for n in lens])
+        last_q = torch.as_tensor([pad[b] + n - 1 for b, n in enumerate(lens)])
+        keep_local = [k + pad[b] for b, k in enumerate(keep_local)]
+        sink_k = torch.as_tensor([0 if offset else p for p in pad])
         stats = AttnStats.allocate(q_reg.to(dev), k_reg.to(dev), position_ids.to(dev), last_q.to(dev),
-                                   self.L, self.NH, R)
+                                   sink_k.to(dev), self.L, self.NH, R)
         b_idx = torch.as_tensor(np.concatenate([np.full(len(k), b) for b, k in enumerate(keep_local)]),
                                 dtype=torch.long)
         s_idx = torch.as_tensor(np.concatenate(keep_local), dtype=torch.long)
@@ -191,9 +200,9 @@ class Engine:
         if want_output:
             b = torch.arange(B, device=dev)
             final_h = out.last_hidden_state[b, last_q.to(dev)].float()  # (B, H)
-        new_cache = cache if cache is not None else (getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+        new_cache = cache if cache is not None else out.get("cache", None)
         self._buf = {}
-        return comps, stats, last_resid, final_h, new_cache, lens, attn_mask
+        return comps, stats, last_resid, final_h, new_cache, lens, attn_mask, pad
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Unembed (…, H) float hidden states already after the final norm."""
@@ -238,7 +247,7 @@ class Engine:
         """Run a shared prefix once (batch of one) and keep its cache and contributions."""
         P = len(ids)
         keep = np.arange(min(keep_from, P), P) if keep_from < P else np.arange(0)
-        comps, st, _, _, cache, _, _ = self._forward([ids], [regions], 0, None, None, [keep], want_output=False)
+        comps, st, _, _, cache, _, _, _ = self._forward([ids], [regions], 0, None, None, [keep], want_output=False)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         qc = st.q_onehot[0].sum(0).cpu().numpy()
         return Prefix(
@@ -257,7 +266,7 @@ class Engine:
         seqs = [it.ids[P:] for it in items]
         regs = [it.regions[P:] for it in items]
         keep_local = [np.arange(max(it.keep_start, P), len(it.ids)) - P for it in items]
-        comps, st, last_resid, final_h, cache, lens, mask = self._forward(
+        comps, st, last_resid, final_h, cache, lens, mask, pad = self._forward(
             seqs, regs, P, prefix.kv if prefix else None, prefix.regions if prefix else None, keep_local, True,
             keep_cache=max_new_tokens > 0,
         )
@@ -284,10 +293,11 @@ class Engine:
                 region_mass = c_rm / denom[None, None, :, None]
                 entropy = c_en / denom[None, None, :]
                 sink = c_sk / (c_sc if c_sc > 0 else np.nan)
-            n = P + lens[b]
+            row = lr[b]  # (L, NH, P+S): keys are prefix, then this row's padded sequence
+            keys = np.concatenate([row[..., :P], row[..., P + pad[b] : P + pad[b] + lens[b]]], axis=-1)
             results.append(Result(
                 comps=cps, region_mass=region_mass.astype(np.float32), entropy=entropy.astype(np.float32),
-                sink=sink.astype(np.float32), last_row=np.ascontiguousarray(lr[b, :, :, :n].transpose(2, 0, 1)),
+                sink=sink.astype(np.float32), last_row=np.ascontiguousarray(keys.transpose(2, 0, 1)),
                 topk_ids=outs["topk_ids"][b], topk_logprobs=outs["topk_logprobs"][b],
                 entropy_out=float(outs["entropy_out"][b]), lse=float(outs["lse"][b]),
                 lens_ids=outs["lens_ids"][b], lens_logprobs=outs["lens_logprobs"][b],

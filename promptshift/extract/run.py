@@ -39,6 +39,7 @@ class ExtractConfig:
     progress: bool = True
     allow_pickle: bool = False
     queue_blocks: int = 2
+    padding_side: str = "right"
 
     def __post_init__(self):
         self.shard_index, self.n_shards = parse_shard(self.shard)
@@ -61,12 +62,13 @@ def versions() -> dict[str, str]:
 def provenance(model, tok, sweep: SweepConfig, plan: Plan) -> dict:
     from promptshift.models import chat_template_hash, weights_hash
 
-    src = model.promptshift_source
+    src = getattr(model, "promptshift_source", None)
+    loc = getattr(model, "promptshift_location", None)
     return {
-        "model_id": src.model_id,
-        "model_source": src.kind,
-        "model_location": src.location,
-        "weights_sha256": weights_hash(model.promptshift_location),
+        "model_id": src.model_id if src else getattr(model.config, "_name_or_path", "") or "in-memory model",
+        "model_source": src.kind if src else "object",
+        "model_location": src.location if src else None,
+        "weights_sha256": weights_hash(loc) if loc else _state_hash(model),
         "model_type": model.config.model_type,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "storage_dtype": sweep.storage_dtype,
@@ -79,6 +81,17 @@ def provenance(model, tok, sweep: SweepConfig, plan: Plan) -> dict:
         "versions": versions(),
         "sweep": sweep.to_dict(),
     }
+
+
+def _state_hash(model) -> str:
+    """Hash of an in-memory model's parameters (tests and notebooks pass models directly)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 class _Writer(threading.Thread):
@@ -277,7 +290,7 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     done = store.done()
     todo = [b for b in blocks if not done[b]]
     engine = Engine(model, components=sweep.components, top_k=sweep.top_k, lens_top_k=sweep.lens_top_k,
-                    token_budget=sweep.token_budget)
+                    token_budget=sweep.token_budget, padding_side=cfg.padding_side)
     runner = BlockRunner(engine, plan, tok, prefix_sharing=cfg.prefix_sharing, selfcheck=cfg.selfcheck)
     n_prompts = int(sum(plan.blocks.iloc[b].prompt_end - plan.blocks.iloc[b].prompt_start for b in todo))
     writer = _Writer(store, cfg.queue_blocks)

@@ -140,7 +140,14 @@ def _unique(values: list[str], where: str, key: str) -> None:
 
 
 def builtin_suites() -> dict[str, Path]:
+    """Prompt suites shipped with the package (system x user prompts, or multi-turn)."""
     folder = resources.files("promptshift.sweep") / "suites"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def builtin_sweeps() -> dict[str, Path]:
+    """Sweep files shipped with the package (a suite plus settings), e.g. ``quick``."""
+    folder = resources.files("promptshift.sweep") / "sweeps"
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
 
 
@@ -329,6 +336,8 @@ def load_sweep(arg: str | Path | None = None, **overrides: Any) -> SweepConfig:
     ignored so unset CLI flags do not erase the file's settings."""
     arg = "default" if arg is None else str(arg)
     path = Path(arg)
+    if not path.exists() and arg in builtin_sweeps():
+        path = builtin_sweeps()[arg]
     d: dict[str, Any]
     if path.suffix.lower() == ".json":
         if not path.is_file():
@@ -361,7 +370,7 @@ def load_sweep(arg: str | Path | None = None, **overrides: Any) -> SweepConfig:
             if k in ("suite", "prompts", "system_prompts", "user_prompts", "description", "select"):
                 continue
             d[k] = v
-        d.setdefault("name", path.stem)
+        d["name"] = str(raw.get("name", path.stem))
         _apply_select(d, raw.get("select"), str(path))
     else:
         if path.exists():

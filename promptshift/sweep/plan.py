@@ -22,6 +22,7 @@ from promptshift.sweep.chat import REGION_CODE, REGIONS, Rendered, conversation,
 from promptshift.sweep.config import SweepConfig
 
 PLAN_VERSION = 1
+EXECUTION_ONLY = ("token_budget", "source")
 _TARGET_CHUNK_BYTES = 8 << 20
 
 
@@ -122,8 +123,12 @@ class Plan:
         return int(acts + attn + last_rows)
 
     def hash(self) -> str:
+        """Identity of what the store holds; execution-only settings (batch budget, how the
+        sweep was named on the command line) do not change it."""
+        d = self.to_json()
+        d["sweep"] = {k: v for k, v in d["sweep"].items() if k not in EXECUTION_ONLY}
         h = hashlib.sha256()
-        h.update(json.dumps(self.to_json(), sort_keys=True).encode())
+        h.update(json.dumps(d, sort_keys=True).encode())
         for a in (self.token_ids, self.token_region, self.token_turn):
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()

@@ -1,0 +1,238 @@
+"""The `promptshift` command line. Each command is a thin shell over one stage's Python
+entry point; mistakes in the input end as one-line errors (exit code 2), not tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from promptshift.errors import PromptShiftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Explain why a system prompt changes what a chat model does.")
+
+SweepArg = typer.Argument(None, help="sweep YAML, JSON prompt file, or built-in suite name (default: default)")
+
+
+def _sweep_overrides(model, keep, storage_dtype, chat_template, trust_remote_code, max_new_tokens=None):
+    return dict(model=model, keep=keep, storage_dtype=storage_dtype, chat_template=chat_template,
+                trust_remote_code=True if trust_remote_code else None, max_new_tokens=max_new_tokens)
+
+
+@app.command()
+def suites():
+    """List the built-in prompt suites and sweeps."""
+    import yaml
+
+    from promptshift.sweep.config import builtin_suites
+
+    for name, path in sorted(builtin_suites().items()):
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if "system_prompts" in d:
+            cats = sorted({u.get("category", "?") for u in d["user_prompts"]})
+            tags = sorted({t for s in d["system_prompts"] for t in s.get("tags", [])})
+            typer.echo(f"{name}: {len(d['system_prompts'])} system prompts ({', '.join(tags)}), "
+                       f"{len(d['user_prompts'])} user prompts ({', '.join(cats)})")
+        elif "conversations" in d:
+            turns = sum(len(c["turns"]) for c in d["conversations"])
+            typer.echo(f"{name}: multi-turn, {len(d['conversations'])} conversations, {turns} turns, "
+                       f"rule: {d['rule']['description']}")
+        if d.get("description"):
+            typer.echo(f"    {d['description']}")
+
+
+@app.command()
+def plan(
+    sweep: Optional[str] = SweepArg,
+    model: Optional[str] = typer.Option(None, help="model: HF id, local dir or .gguf (default: embedded SmolLM2)"),
+    keep: Optional[str] = typer.Option(None, help="positions to keep: last, suffix or all"),
+    shards: int = typer.Option(1, help="show how the blocks split into this many shards"),
+    chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file for models without one"),
+    trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
+    out: Optional[Path] = typer.Option(None, help="also write the plan as JSON here"),
+):
+    """Render every prompt, pair and align them, and print counts and store-size estimates."""
+    from promptshift.sweep.config import load_sweep
+    from promptshift.sweep.plan import build_plan, load_plan_inputs
+
+    s = load_sweep(sweep, **_sweep_overrides(model, keep, None, chat_template, trust_remote_code))
+    tok, dims = load_plan_inputs(s)
+    p = build_plan(s, tok, dims)
+    typer.echo(p.summary())
+    if shards > 1:
+        for i in range(shards):
+            bl = p.shard_blocks(i, shards)
+            typer.echo(f"  shard {i}/{shards}: blocks {bl[0] if bl else '-'}..{bl[-1] if bl else '-'} ({len(bl)})")
+    if out:
+        out.write_text(json.dumps(p.to_json(), indent=1))
+        typer.echo(f"plan written to {out}")
+
+
+@app.command()
+def extract(
+    sweep: Optional[str] = SweepArg,
+    store: Path = typer.Option(..., help="store path (zarr directory, or .h5 file with --format hdf5)"),
+    shard: Optional[str] = typer.Option(None, help="I/N: fill only shard I of N (0-based)"),
+    keep: Optional[str] = typer.Option(None, help="positions to keep: last, suffix or all"),
+    format: str = typer.Option("zarr", help="zarr or hdf5"),
+    overwrite: bool = typer.Option(False, help="replace a store that holds a different plan"),
+    model: Optional[str] = typer.Option(None, help="model: HF id, local dir or .gguf (default: embedded SmolLM2)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: auto)"),
+    dtype: Optional[str] = typer.Option(None, help="compute dtype: auto, float32, float16, bfloat16"),
+    storage_dtype: Optional[str] = typer.Option(None, help="float16 (default) or float32 on disk"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="greedy continuation length (0 to skip)"),
+    prefix_sharing: bool = typer.Option(True, help="compute each shared system prefix once"),
+    chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file for models without one"),
+    trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
+    allow_pickle: bool = typer.Option(False, help="allow pickled .bin weights (they can run code)"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+):
+    """Run the model over the sweep and fill (this shard of) the activation store."""
+    from promptshift.extract.run import ExtractConfig
+    from promptshift.extract.run import extract as run_extract
+    from promptshift.sweep.config import load_sweep
+
+    s = load_sweep(sweep, **_sweep_overrides(model, keep, storage_dtype, chat_template, trust_remote_code,
+                                             max_new_tokens))
+    cfg = ExtractConfig(store=str(store), shard=shard, format=format, overwrite=overwrite, device=device,
+                        dtype=dtype, prefix_sharing=prefix_sharing, progress=progress, allow_pickle=allow_pickle)
+    t0 = time.perf_counter()
+    st = run_extract(s, cfg)
+    d = st.done()
+    typer.echo(f"store {store}: {int(d.sum())}/{d.size} blocks done ({time.perf_counter() - t0:.1f} s)")
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="store path")):
+    """Summarise a store: plan, provenance, completeness, sizes."""
+    from promptshift.store import open_store
+
+    st = open_store(store)
+    typer.echo(describe_store(st))
+
+
+def describe_store(st) -> str:
+    p, prov = st.plan, st.provenance
+    d = st.done()
+    lines = [
+        f"store: {st.path} (format {st.backend.format}, schema {st.attrs['schema_version']})",
+        f"model: {prov.get('model_id')} [{prov.get('model_type')}] weights sha256 {str(prov.get('weights_sha256'))[:16]}"
+        f" dtype {prov.get('dtype')} on {prov.get('device')}, stored as {prov.get('storage_dtype')}",
+        p.summary(),
+        f"keep: {st.attrs['keep']}; components: {', '.join(st.components)}",
+        f"blocks done: {int(d.sum())}/{d.size}" + ("" if d.all() else f" (missing e.g. {list(map(int, (~d).nonzero()[0][:5]))})"),
+    ]
+    sc = st.array("block_selfcheck")[...]
+    if (~(sc != sc)).any():
+        lines.append(f"batched-vs-alone self-check (max relative diff): {float(max(x for x in sc if x == x)):.2e}")
+    if st.path is not None and st.path.exists():
+        size = sum(f.stat().st_size for f in st.path.rglob("*") if f.is_file()) if st.path.is_dir() else st.path.stat().st_size
+        lines.append(f"size on disk: {size / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+@app.command()
+def verify(store: Path = typer.Argument(..., help="store path"),
+           tolerance: float = typer.Option(1e-3, help="largest relative batched-vs-alone difference allowed")):
+    """Check completeness, schema, NaN/inf and the self-checks; exit 1 on any problem."""
+    from promptshift.store.verify import verify_store
+
+    problems = verify_store(store, tolerance=tolerance)
+    if problems:
+        for p in problems:
+            typer.echo(f"PROBLEM: {p}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{store}: OK")
+
+
+@app.command()
+def export(store: Path = typer.Argument(..., help="zarr store"), to: Path = typer.Option(..., help="output .h5 file")):
+    """Copy a store into another backend (zarr -> HDF5 or back)."""
+    from promptshift.store.verify import export_store
+
+    export_store(store, to)
+    typer.echo(f"exported {store} -> {to}")
+
+
+@app.command()
+def metrics(
+    store: Path = typer.Argument(..., help="store path"),
+    out: Path = typer.Option(..., help="results directory"),
+    scheduler: Optional[str] = typer.Option(None, help="address of a running dask scheduler (tcp://host:port)"),
+    workers: Optional[int] = typer.Option(None, help="local dask workers (default 1)"),
+    slurm_workers: Optional[int] = typer.Option(None, help="start this many dask workers as Slurm jobs"),
+):
+    """Compute similarity, attention and output-change tables and the analyses from a store."""
+    from promptshift import metrics as m
+
+    kw = {}
+    if slurm_workers:
+        kw["slurm_workers"] = slurm_workers
+    m.compute(str(store), str(out), scheduler=scheduler, workers=workers, **kw)
+    typer.echo(f"results in {out}")
+
+
+@app.command()
+def report(results: Path = typer.Argument(..., help="results directory from `promptshift metrics`"),
+           out: Optional[Path] = typer.Option(None, help="HTML file (default RESULTS/report.html)")):
+    """Draw the figures and write one self-contained HTML report."""
+    from promptshift.report import build_report
+
+    path = build_report(results, out)
+    typer.echo(f"report: {path}")
+
+
+@app.command()
+def run(
+    sweep: Optional[str] = typer.Option(None, help="sweep YAML, JSON prompt file or suite (default: quick)"),
+    model: Optional[str] = typer.Option(None, help="model (default: embedded SmolLM2-135M-Instruct)"),
+    out: Path = typer.Option(Path("runs/default"), help="output directory"),
+    workers: Optional[int] = typer.Option(None, help="local dask workers for metrics"),
+    overwrite: bool = typer.Option(False, help="replace an existing store with a different plan"),
+):
+    """plan -> extract -> metrics -> report, in one go."""
+    from promptshift import metrics as m
+    from promptshift.extract.run import ExtractConfig
+    from promptshift.extract.run import extract as run_extract
+    from promptshift.report import build_report
+    from promptshift.sweep.config import load_sweep
+
+    out.mkdir(parents=True, exist_ok=True)
+    s = load_sweep(sweep or "quick", model=model)
+    store = out / "store.zarr"
+    t0 = time.perf_counter()
+    typer.echo(f"[1/3] extract {s.name}: {len(s.variants)} system x {len(s.user_prompts)} user prompts -> {store}")
+    run_extract(s, ExtractConfig(store=str(store), overwrite=overwrite))
+    t1 = time.perf_counter()
+    typer.echo(f"      done in {t1 - t0:.0f} s")
+    results = out / "results"
+    typer.echo(f"[2/3] metrics -> {results}")
+    m.compute(str(store), str(results), workers=workers)
+    t2 = time.perf_counter()
+    typer.echo(f"      done in {t2 - t1:.0f} s")
+    typer.echo("[3/3] report")
+    html = build_report(results, out / "report.html")
+    typer.echo(f"      done in {time.perf_counter() - t2:.0f} s")
+    typer.echo(f"\nstore:   {store}\nresults: {results}\nreport:  {html}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except PromptShiftError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

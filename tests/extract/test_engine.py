@@ -1,0 +1,145 @@
+"""Extraction against independent references: one prompt at a time, Hugging Face's own
+hidden states / attentions / logits / generate, and the residual-stream sum identity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from promptshift.extract.run import ExtractConfig, extract
+from promptshift.sweep.chat import REGION_CODE, REGIONS
+from promptshift.sweep.config import load_sweep
+from tests.conftest import write_sweep
+
+FLOAT_ARRAYS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "attn_region_mass", "attn_entropy", "attn_sink",
+                "attn_last", "logits_topk_logprobs", "logits_entropy", "logits_lse", "lens_topk_logprobs",
+                "lens_entropy", "lens_final_top1_logprob")
+
+
+@pytest.fixture(scope="module")
+def sweep_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sw")
+    return write_sweep(d / "tiny.yaml", keep="all", storage_dtype="float32", max_new_tokens=6, block_prompts=5,
+                       top_k=16, lens_top_k=4)
+
+
+def _extract(sweep_path, tok, model, store, **kw):
+    s = load_sweep(sweep_path, **{k: v for k, v in kw.items() if k in ("token_budget",)})
+    cfg = ExtractConfig(store=store, progress=False, **{k: v for k, v in kw.items() if k != "token_budget"})
+    return extract(s, cfg, model=model, tok=tok)
+
+
+@pytest.fixture(scope="module")
+def batched(sweep_path, tok, tiny_model):
+    return _extract(sweep_path, tok, tiny_model, None)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_batched_equals_one_prompt_at_a_time(sweep_path, tok, tiny_model, padding_side):
+    """Every stored array: big batches + shared prefixes vs batches of one, no sharing."""
+    a = _extract(sweep_path, tok, tiny_model, None, padding_side=padding_side)
+    b = _extract(sweep_path, tok, tiny_model, None, prefix_sharing=False, token_budget=16)
+    assert a.plan.hash() == b.plan.hash()
+    for name in FLOAT_ARRAYS:
+        x, y = np.asarray(a.array(name)[...], np.float64), np.asarray(b.array(name)[...], np.float64)
+        assert np.array_equal(np.isnan(x), np.isnan(y)), name
+        diff = np.nanmax(np.abs(x - y)) if x.size else 0.0
+        assert diff <= 1e-4, f"{name}: max abs diff {diff}"
+    for name in ("logits_topk_ids", "lens_topk_ids", "gen_ids", "gen_len"):
+        assert np.array_equal(a.array(name)[...], b.array(name)[...]), name
+    assert list(a.array("gen_text")[...]) == list(b.array("gen_text")[...])
+    # the sampled self-check recorded in the store agrees
+    assert np.nanmax(a.array("block_selfcheck")[...]) < 1e-5
+
+
+def test_prefix_sharing_is_used(sweep_path, tok, tiny_model):
+    from promptshift.extract.engine import Engine
+    from promptshift.extract.run import BlockRunner
+
+    st = _extract(sweep_path, tok, tiny_model, None)
+    eng = Engine(tiny_model, components=st.components, top_k=16, lens_top_k=4, token_budget=4096)
+    calls = []
+    orig = eng.compute_prefix
+    eng.compute_prefix = lambda *a, **k: calls.append(len(a[0])) or orig(*a, **k)
+    BlockRunner(eng, st.plan, tok).compute(1)
+    eng.remove_hooks()
+    assert calls, "no shared prefix was computed for a block of same-system prompts"
+
+
+def test_residual_sum_identity(batched):
+    pre, post = batched.array("resid_pre")[...], batched.array("resid_post")[...]
+    attn, mlp = batched.array("attn_out")[...], batched.array("mlp_out")[...]
+    real = np.asarray(batched.array("token_prompt")[...]) >= 0
+    pre, post, attn, mlp = pre[real], post[real], attn[real], mlp[real]  # (T, L, H)
+    rel = np.linalg.norm(post - (pre + attn + mlp), axis=-1) / np.linalg.norm(post, axis=-1)
+    assert rel.max() <= 1e-5
+    assert np.array_equal(pre[:, 1:], post[:, :-1]) or np.abs(pre[:, 1:] - post[:, :-1]).max() <= 1e-6
+
+
+def test_matches_hf_hidden_states_logits_and_attentions(batched, tiny_model):
+    plan = batched.plan
+    p = int(plan.pairs.iloc[0].variant)
+    ids = torch.as_tensor(plan.prompt_tokens(p), dtype=torch.long)[None]
+    tiny_model.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = tiny_model(ids, output_hidden_states=True, output_attentions=True)
+    finally:
+        tiny_model.config._attn_implementation = "promptshift"
+    hs = [h[0].numpy() for h in out.hidden_states]  # L+1 x (S, H)
+    L = len(hs) - 1
+    pos = plan.kept_positions(p)
+    post = batched.component("resid_post", p)  # (n_kept, L, H)
+    pre = batched.component("resid_pre", p)
+    for layer in range(L):
+        np.testing.assert_allclose(pre[:, layer], hs[layer][pos], atol=1e-5, rtol=1e-5)
+    for layer in range(L - 1):
+        np.testing.assert_allclose(post[:, layer], hs[layer + 1][pos], atol=1e-5, rtol=1e-5)
+    # HF's last hidden state is after the final norm; ours is the raw residual stream.
+    normed = tiny_model.model.norm(torch.as_tensor(post[:, L - 1])).detach().numpy()
+    np.testing.assert_allclose(normed, hs[L][pos], atol=1e-5, rtol=1e-5)
+    assert np.abs(post[:, L - 1] - hs[L][pos]).max() > 1e-3
+
+    # next-token log-probs
+    logp = torch.log_softmax(out.logits[0, -1], -1).numpy()
+    ids_k = batched.array("logits_topk_ids")[p]
+    np.testing.assert_allclose(batched.array("logits_topk_logprobs")[p], logp[ids_k], atol=1e-5)
+    assert ids_k[0] == logp.argmax()
+
+    # attention statistics from the full eager attention matrices
+    reg = plan.prompt_regions(p)
+    onehot = np.eye(len(REGIONS))[reg]  # (S, R)
+    for layer, att in enumerate(out.attentions):
+        a = att[0].numpy()  # (NH, S, S)
+        to_region = a @ onehot  # (NH, S, R)
+        counts = onehot.sum(0)
+        ref = np.einsum("hqr,qs->hsr", to_region, onehot) / np.where(counts > 0, counts, np.nan)[None, :, None]
+        np.testing.assert_allclose(batched.array("attn_region_mass")[p, layer], ref, atol=1e-5)
+        np.testing.assert_allclose(batched.attn_last_row(p)[:, layer].T, a[:, -1, :], atol=2e-3)  # float16 row
+        sink_ref = a[:, 1:, 0].mean(-1)
+        np.testing.assert_allclose(batched.array("attn_sink")[p, layer], sink_ref, atol=1e-5)
+        ent = -(a * np.log(np.clip(a, 1e-30, None))).sum(-1)  # (NH, S)
+        u = reg == REGION_CODE["user"]
+        np.testing.assert_allclose(batched.array("attn_entropy")[p, layer, :, REGION_CODE["user"]],
+                                   ent[:, u].mean(-1), atol=1e-4)
+
+
+def test_generation_matches_hf_generate(batched, tiny_model, tok):
+    plan = batched.plan
+    for p in (0, int(plan.pairs.iloc[-1].variant)):
+        ids = torch.as_tensor(plan.prompt_tokens(p), dtype=torch.long)[None]
+        with torch.no_grad():
+            ref = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                      pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].numpy()
+        n = int(batched.array("gen_len")[p])
+        got = batched.array("gen_ids")[p, :n]
+        assert np.array_equal(got, ref[:n])
+
+
+def test_logit_lens_last_layer_is_final_distribution(batched):
+    lens = batched.array("lens_topk_logprobs")[...]  # (P, L, k)
+    final = batched.array("logits_topk_logprobs")[...]
+    k = lens.shape[-1]
+    np.testing.assert_allclose(lens[:, -1], final[:, :k], atol=1e-4)
+    np.testing.assert_allclose(batched.array("lens_final_top1_logprob")[:, -1], final[:, 0], atol=1e-4)
