@@ -1,0 +1,188 @@
+"""Attention tables from the statistics extraction reduced inside each layer.
+
+Two scopes per prompt: ``last`` is the last query row (the position that produces the next
+token), read from ``attn_last`` over every key; ``all`` averages every real query, from
+``attn_region_mass`` (mean over the queries of each query region) weighted by how many
+queries each region has. Each scope carries its own uniform reference: under uniform
+attention the last query gives a region (keys in region)/(keys), while a causal query at
+position i sees only keys 0..i, so the ``all`` reference averages that share over queries.
+Without these references a long system prompt would look "attended" merely for being long.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from promptshift.metrics.io import StoreRef, read_range, read_rows
+from promptshift.sweep.chat import REGION_CODE, REGIONS
+
+R = len(REGIONS)
+SINK_THRESHOLD = 0.3  # a head "sinks" when more than this share of its attention goes to token 0
+SCOPES = ("last", "all")
+
+
+@dataclass
+class PromptBlock:
+    """Prompts [p0, p1) of one store block and the region code of each of their tokens."""
+
+    p0: int
+    p1: int
+    key_start: np.ndarray  # (n,) first attn_last row of each prompt
+    n_tokens: np.ndarray  # (n,)
+    regions: list[np.ndarray]  # n arrays (n_tokens_i,) of region codes
+
+
+def _onehot(reg: np.ndarray) -> np.ndarray:
+    return (reg[:, None] == np.arange(R)[None, :]).astype(np.float64)  # (n, R)
+
+
+def _row_entropy(p: np.ndarray, axis: int = 0) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(p), 0.0).sum(axis)
+
+
+def prompt_stats(last: np.ndarray, rm: np.ndarray, ent: np.ndarray, reg: np.ndarray):
+    """One prompt's per-scope tables.
+
+    last (n, L, NH) last-query row; rm (L, NH, R, R) mean mass from each query region to
+    each key region; ent (L, NH, R) mean row entropy per query region; reg (n,) regions.
+    Returns mass, mass_nosink (2, L, NH, R), uniform (2, R), entropy (2, L, NH)."""
+    n = len(reg)
+    O = _onehot(reg)  # (n, R)
+    counts = O.sum(0)  # (R,) queries (= keys) per region
+    mass_last = np.einsum("nlh,nr->lhr", last, O)  # (L, NH, R)
+    mass_all = np.einsum("lhqk,q->lhk", np.nan_to_num(rm), counts) / n  # (L, NH, R)
+    mass = np.stack([mass_last, mass_all])  # (2, L, NH, R)
+    sink = mass[..., REGION_CODE["sink"]][..., None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nosink = mass / (1.0 - sink)
+    nosink[..., REGION_CODE["sink"]] = np.nan
+    seen = np.cumsum(O, axis=0) / np.arange(1, n + 1)[:, None]  # (n, R) share of visible keys per region
+    uniform = np.stack([counts / n, seen.mean(0)])  # (2, R)
+    e_last = _row_entropy(last, 0)  # (L, NH)
+    e_all = np.einsum("lhq,q->lh", np.nan_to_num(ent), counts) / n
+    return mass, nosink, uniform, np.stack([e_last, e_all])
+
+
+def attention_task(ref: StoreRef, blk: PromptBlock):
+    """(heads, layers) rows for one block of prompts; the regions table is the heads
+    table averaged over heads (done by the driver)."""
+    store = ref.open()
+    rm_all = read_range(store, "attn_region_mass", blk.p0, blk.p1).astype(np.float64)  # (n, L, NH, R, R)
+    ent_all = read_range(store, "attn_entropy", blk.p0, blk.p1).astype(np.float64)  # (n, L, NH, R)
+    sink = read_range(store, "attn_sink", blk.p0, blk.p1).astype(np.float64)  # (n, L, NH)
+    k0 = int(blk.key_start[0])
+    k1 = int(blk.key_start[-1] + blk.n_tokens[-1])
+    rows = read_range(store, "attn_last", k0, k1).astype(np.float64)  # (keys, L, NH)
+    n, L, NH = sink.shape
+    mass = np.empty((n, 2, L, NH, R))
+    nosink = np.empty((n, 2, L, NH, R))
+    uniform = np.empty((n, 2, R))
+    entropy = np.empty((n, 2, L, NH))
+    for j in range(n):
+        a = int(blk.key_start[j]) - k0
+        last = rows[a : a + int(blk.n_tokens[j])]  # (n_tokens, L, NH)
+        mass[j], nosink[j], uniform[j], entropy[j] = prompt_stats(last, rm_all[j], ent_all[j], blk.regions[j])
+
+    idx = np.indices((n, 2, L, NH, R)).reshape(5, -1)  # (5, n*2*L*NH*R) prompt, scope, layer, head, region
+    heads = pd.DataFrame({
+        "prompt": (blk.p0 + idx[0]).astype(np.int64),
+        "scope": np.asarray(SCOPES, dtype=object)[idx[1]],
+        "layer": idx[2].astype(np.int64),
+        "head": idx[3].astype(np.int64),
+        "region": np.asarray(REGIONS, dtype=object)[idx[4]],
+        "mass": mass.reshape(-1),
+        "mass_nosink": nosink.reshape(-1),
+        "uniform": np.broadcast_to(uniform[:, :, None, None, :], mass.shape).reshape(-1),
+        "entropy": np.broadcast_to(entropy[..., None], mass.shape).reshape(-1),
+    })
+    with np.errstate(invalid="ignore"):
+        rate = np.where(np.isnan(sink), np.nan, (sink > SINK_THRESHOLD).astype(np.float64)).mean(-1)  # (n, L)
+    li = np.indices((n, L)).reshape(2, -1)
+    layers = pd.DataFrame({
+        "prompt": (blk.p0 + li[0]).astype(np.int64),
+        "layer": li[1].astype(np.int64),
+        "sink_rate": rate.reshape(-1),
+        "sink_mass": sink.mean(-1).reshape(-1),
+        "entropy": entropy[:, 1].mean(-1).reshape(-1),
+        "entropy_last": entropy[:, 0].mean(-1).reshape(-1),
+    })
+    return heads, layers
+
+
+def heads_to_regions(heads: pd.DataFrame) -> pd.DataFrame:
+    """attention_regions: every measure of attention_heads averaged over heads."""
+    keys = ["prompt", "scope", "layer", "region"]
+    n_heads = int(heads["head"].max()) + 1 if len(heads) else 1
+    vals = ["mass", "mass_nosink", "uniform", "entropy"]
+    # rows are ordered (prompt, scope, layer, head, region): average over the head axis by reshaping
+    arr = heads[vals].to_numpy().reshape(-1, n_heads, R, len(vals))  # (prompt*scope*layer, NH, R, 4)
+    first = heads.iloc[np.arange(0, len(heads), n_heads * R)]
+    out = pd.DataFrame({
+        "prompt": np.repeat(first["prompt"].to_numpy(), R),
+        "scope": np.repeat(first["scope"].to_numpy(), R),
+        "layer": np.repeat(first["layer"].to_numpy(), R),
+        "region": np.tile(np.asarray(REGIONS, dtype=object), len(first)),
+    })
+    means = arr.mean(axis=1)  # (prompt*scope*layer, R, 4)
+    for i, v in enumerate(vals):
+        out[v] = means[:, :, i].reshape(-1)
+    out.loc[out["region"] == "sink", "mass_nosink"] = np.nan
+    return out[keys + vals]
+
+
+@dataclass
+class PairAttnTask:
+    pairs: np.ndarray  # (n,) pair ids
+    variant: np.ndarray  # (n,) prompt
+    baseline: np.ndarray
+    v_start: np.ndarray  # (n,) attn_last row of the first aligned variant key
+    b_start: np.ndarray
+    n_al: np.ndarray  # (n,) aligned keys
+    v_keys: np.ndarray  # (n,) attn_last row of the variant's key 0
+    b_keys: np.ndarray
+    regions: dict[int, np.ndarray]  # prompt -> (n_tokens,) regions
+
+
+def attention_change_task(ref: StoreRef, t: PairAttnTask) -> pd.DataFrame:
+    """Per pair x layer: how the last query's attention over the aligned keys moved.
+
+    ``tv_aligned`` compares the rows restricted to the aligned suffix keys, each
+    renormalised, so a variant that spends mass on its system prompt is not counted as
+    changed for that alone; the absolute masses sit beside it."""
+    store = ref.open()
+    spans = []
+    for p, k in ((t.variant, t.v_keys), (t.baseline, t.b_keys)):
+        for pi, ki in zip(p, k):
+            spans.append(np.arange(ki, ki + len(t.regions[int(pi)])))
+    rows = np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64)
+    A = read_rows(store, "attn_last", rows, dtype=np.float64)  # (keys, L, NH)
+    out = []
+    sys_c, usr_c = REGION_CODE["system"], REGION_CODE["user"]
+    for i in range(len(t.pairs)):
+        n = int(t.n_al[i])
+        vi = np.searchsorted(rows, t.v_start[i])
+        bi = np.searchsorted(rows, t.b_start[i])
+        pv, pb = A[vi : vi + n], A[bi : bi + n]  # (n_al, L, NH)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tv = 0.5 * np.abs(pv / pv.sum(0) - pb / pb.sum(0)).sum(0)  # (L, NH)
+        rv, rb = t.regions[int(t.variant[i])], t.regions[int(t.baseline[i])]
+        v0 = np.searchsorted(rows, t.v_keys[i])
+        b0 = np.searchsorted(rows, t.b_keys[i])
+        fv, fb = A[v0 : v0 + len(rv)], A[b0 : b0 + len(rb)]  # (n_tokens, L, NH) full last rows
+        out.append(pd.DataFrame({
+            "pair": int(t.pairs[i]),
+            "layer": np.arange(tv.shape[0], dtype=np.int64),
+            "tv_aligned": tv.mean(-1),
+            "mass_system_variant": fv[rv == sys_c].sum(0).mean(-1),
+            "mass_user_variant": fv[rv == usr_c].sum(0).mean(-1),
+            "mass_user_baseline": fb[rb == usr_c].sum(0).mean(-1),
+        }))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+__all__ = ["PairAttnTask", "PromptBlock", "SINK_THRESHOLD", "attention_change_task", "attention_task",
+           "heads_to_regions", "prompt_stats"]

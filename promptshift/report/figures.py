@@ -1,0 +1,737 @@
+"""The report's figures. Each is a function `Results -> matplotlib Figure` registered in
+FIGURES with a stable id (the HTML anchor and the file name in `figures/`), a title and a
+caption that says how to read it.
+
+Figures are built on `matplotlib.figure.Figure` directly, never through pyplot: nothing
+global changes (a notebook that calls `build_report` keeps its backend), no figure leaks,
+and rendering goes through Agg for PNG whatever backend pyplot would pick.
+
+Where docs/RESULTS.md gives a confidence interval in the table (`layer_ranking`,
+`length_tests`, `tag_impact`, `position_change`, `internal_vs_output`) the figure draws
+that interval. Where the figure itself aggregates a per-prompt table (attention, logit
+lens, entropy) the band is mean ± 1.96 standard errors across user prompts, and the
+caption says so: it is an approximation, cheaper than a bootstrap and honest about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from promptshift.report.style import (
+    COMPONENTS, HIGHLIGHT, METRIC_LABELS, MUTED, NEUTRAL, component_color, region_color, short,
+)
+from promptshift.report.tables import (
+    NotAvailable, Results, at_position, not_control, only_control, pick, system_info,
+)
+
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    id: str  # HTML anchor and file stem in figures/
+    title: str
+    caption: str
+    draw: Callable[[Results], Figure]
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _components(values) -> list[str]:
+    present = [str(v) for v in pd.unique(pd.Series(values).astype(str))]
+    return [c for c in COMPONENTS if c in present] + sorted(c for c in present if c not in COMPONENTS)
+
+
+def _mean_se(df: pd.DataFrame, by: list[str], value: str, unit: str = "user_id") -> pd.DataFrame:
+    """Mean of `value` per `by` with a normal-approximation 95% CI across `unit`s.
+
+    Rows are first averaged within each unit (a user prompt), so a user prompt with many
+    rows (many system prompts, many tokens) counts once, as in the metrics bootstrap.
+    """
+    d = df[by + ([unit] if unit in df.columns else []) + [value]].copy()
+    d[value] = pd.to_numeric(d[value], errors="coerce").astype(float)
+    if unit in d.columns:
+        d = d.groupby(by + [unit], observed=True, sort=False)[value].mean().reset_index()
+    g = d.groupby(by, observed=True, sort=True)[value]
+    out = g.agg(["mean", "std", "count"]).reset_index()
+    se = out["std"].fillna(0.0) / np.sqrt(out["count"].clip(lower=1))
+    out["ci_low"], out["ci_high"] = out["mean"] - Z95 * se, out["mean"] + Z95 * se
+    return out
+
+
+def _fig(w: float, h: float) -> Figure:
+    return Figure(figsize=(w, h), layout="constrained")
+
+
+def _systems_order(values: pd.Series) -> list[str]:
+    """System prompts sorted by `values` (descending), for heatmaps that read top-down."""
+    return list(values.sort_values(ascending=False).index.astype(str))
+
+
+def _heat_height(n_rows: int) -> float:
+    return max(3.0, 1.6 + 0.27 * n_rows)
+
+
+def _pearson(x, y) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
+        return float("nan")
+    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+
+
+def _f(x, digits: int = 2) -> str:
+    x = float(x)
+    if not np.isfinite(x):
+        return "n/a"
+    return f"{x:.{digits}f}" if abs(x) >= 10 ** -digits or x == 0 else f"{x:.1e}"
+
+
+def _p(p) -> str:
+    p = float(p)
+    if not np.isfinite(p):
+        return "n/a"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _summary_layer(res: Results, comp: str) -> int | None:
+    d = (res.summary.get("most_affected_layer") or {}).get(comp)
+    if isinstance(d, dict) and isinstance(d.get("layer"), (int, float)) and not isinstance(d.get("layer"), bool):
+        return int(d["layer"])
+    return None
+
+
+def _layer_ticks(ax, layers) -> None:
+    layers = np.asarray(sorted(set(int(v) for v in layers)))
+    if len(layers) == 0:
+        return
+    step = 1 if len(layers) <= 16 else 2 if len(layers) <= 32 else 4 if len(layers) <= 64 else 8
+    ax.set_xticks(layers[::step])
+    ax.set_xlim(layers.min() - 0.5, layers.max() + 0.5)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. component change by layer
+
+
+def _layer_profile(res: Results) -> tuple[pd.DataFrame, str]:
+    """(component, layer, metric, mean, ci_low, ci_high, control_mean[, rank]) at `last`.
+
+    Prefers `layer_ranking` (bootstrap CIs from metrics); falls back to aggregating
+    `component_change` here, with normal-approximation CIs, when that table is missing.
+    """
+    if res.has("layer_ranking"):
+        lr = res.table("layer_ranking", ["component", "layer", "metric", "mean", "ci_low", "ci_high"])
+        lr = at_position(lr, "last")
+        lr = lr[lr["metric"].isin(["rel_change", "cosine_centered"])]
+        if lr.empty:
+            raise NotAvailable("`layer_ranking.parquet` has no rows for rel_change/cosine_centered at `last`")
+        return lr.copy(), "bootstrap 95% CI over user prompts (layer_ranking)"
+    cc = res.table("component_change", ["component", "layer", "rel_change", "cosine_centered"])
+    cc = at_position(cc, "last")
+    rows = []
+    for metric in ("rel_change", "cosine_centered"):
+        m = _mean_se(not_control(cc), ["component", "layer"], metric)
+        ctrl = only_control(cc).groupby(["component", "layer"])[metric].mean().rename("control_mean")
+        m = m.join(ctrl, on=["component", "layer"])
+        m["metric"] = metric
+        rows.append(m)
+    return pd.concat(rows, ignore_index=True), "mean ± 1.96 SE across user prompts (layer_ranking missing)"
+
+
+def fig_component_layer(res: Results) -> Figure:
+    lr, band = _layer_profile(res)
+    metrics = [m for m in ("rel_change", "cosine_centered") if m in set(lr["metric"])]
+    comps = _components(lr["component"])
+    fig = _fig(3.1 * len(comps) + 0.6, 2.7 * len(metrics) + 0.7)
+    axes = fig.subplots(len(metrics), len(comps), squeeze=False, sharex=True)
+    for i, metric in enumerate(metrics):
+        for j, comp in enumerate(comps):
+            ax = axes[i, j]
+            d = lr[(lr["metric"] == metric) & (lr["component"].astype(str) == comp)].sort_values("layer")
+            if d.empty:
+                ax.set_axis_off()
+                continue
+            col = component_color(comp)
+            x = d["layer"].to_numpy(int)
+            ax.fill_between(x, d["ci_low"], d["ci_high"], color=col, alpha=0.22, linewidth=0)
+            ax.plot(x, d["mean"], color=col, marker="o", markersize=3)
+            if "control_mean" in d and d["control_mean"].notna().any():
+                ax.plot(x, d["control_mean"], color=NEUTRAL, linestyle="--", linewidth=1.3)
+            if "rank" in d and d["rank"].notna().any():
+                top = d.loc[d["rank"].idxmin()]
+            else:
+                top = d.loc[d["mean"].idxmax() if metric != "cosine_centered" else d["mean"].idxmin()]
+            ax.plot([top["layer"]], [top["mean"]], marker="*", markersize=13, color=HIGHLIGHT,
+                    markeredgecolor="white", zorder=5)
+            ax.annotate(f"L{int(top['layer'])}", (top["layer"], top["mean"]), textcoords="offset points",
+                        xytext=(6, 6), fontsize=9, color=HIGHLIGHT, fontweight="bold")
+            _layer_ticks(ax, x)
+            if i == 0:
+                ax.set_title(comp, color=col)
+            if j == 0:
+                ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=9)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("layer")
+    handles = [
+        Line2D([], [], color=NEUTRAL, marker="o", markersize=3, label="mean over pairs (colour = component)"),
+        Patch(color=NEUTRAL, alpha=0.22, label=band),
+        Line2D([], [], color=NEUTRAL, linestyle="--", label="control floor (two unrelated user prompts)"),
+        Line2D([], [], color=HIGHLIGHT, marker="*", linestyle="", markersize=11, label="most changed layer"),
+    ]
+    fig.legend(handles=handles, loc="outside upper center", ncols=4)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# 2. component x system prompt
+
+
+def _annotated_heatmap(ax, values: pd.DataFrame, title: str, cbar_label: str, show_cbar: bool) -> None:
+    import seaborn as sns
+
+    # colour by each column's own scale: components differ by an order of magnitude, and a
+    # shared scale would paint every column but one flat; the numbers give the real values
+    scaled = values / values.abs().max(axis=0).replace(0, np.nan)
+    annot = values.map(lambda v: "" if not np.isfinite(v) else f"{v:.3g}") if len(values) <= 60 else False
+    sns.heatmap(scaled, ax=ax, cmap="rocket_r", vmin=0, vmax=1, annot=annot, fmt="", annot_kws={"fontsize": 8},
+                linewidths=0.4, linecolor="white", cbar=show_cbar,
+                cbar_kws={"label": cbar_label, "shrink": 0.6} if show_cbar else None)
+    ax.set_title(title)
+    ax.set_xlabel("component")
+    ax.set_ylabel("")
+    ax.tick_params(axis="x", rotation=0)
+    ax.tick_params(axis="y", rotation=0)
+    ax.grid(False)
+
+
+def fig_component_system(res: Results) -> Figure:
+    cc = res.table("component_change", ["system", "component", "layer", "rel_change"])
+    cc = not_control(at_position(cc, "last"))
+    if cc.empty:
+        raise NotAvailable("`component_change.parquet` has no system-prompt rows at position `last`")
+    comps = _components(cc["component"])
+    mean = cc.pivot_table(index="system", columns="component", values="rel_change", aggfunc="mean")[comps]
+    at = {}
+    labels = []
+    for comp in comps:
+        lay = _summary_layer(res, comp)
+        if lay is None:
+            lay = int(cc[cc["component"] == comp].groupby("layer")["rel_change"].mean().idxmax())
+        d = cc[(cc["component"] == comp) & (cc["layer"] == lay)]
+        at[comp] = d.groupby("system")["rel_change"].mean()
+        labels.append(f"{comp}\nL{lay}")
+    at = pd.DataFrame(at).reindex(mean.index)
+    order = _systems_order(mean[comps[-1]])
+    mean, at = mean.loc[order], at.loc[order]
+    mean.index = [short(s) for s in mean.index]
+    at.index = mean.index
+    at.columns = labels
+    fig = _fig(max(9.0, 2.2 * len(comps) * 2 + 3.5), _heat_height(len(order)))
+    ax1, ax2 = fig.subplots(1, 2, sharey=True)
+    _annotated_heatmap(ax1, mean, "mean over layers", "", False)
+    _annotated_heatmap(ax2, at, "at each component's most affected layer", "value / column maximum", True)
+    ax2.set_ylabel("")
+    ax1.set_ylabel("system prompt (sorted by " + comps[-1] + ")")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# 3. length vs impact
+
+
+def _length_test(res: Results, target: str) -> tuple[dict | None, dict | None]:
+    """(overall row, within-family row) of `length_tests` for `target` and method pearson."""
+    if not res.has("length_tests"):
+        return None, None
+    lt = res.table("length_tests", ["method", "target", "r"])
+    lt = lt[lt["target"].astype(str) == target]
+    fam = pd.Series(False, index=lt.index)
+    for col in ("subset", "scope"):
+        if col in lt.columns:
+            fam |= lt[col].astype(str).str.lower().isin(["family", "families", "within_family"])
+    if "family" in lt.columns:
+        f = lt["family"]
+        fam |= f.astype(bool) if f.dtype == bool else (f.notna() & ~f.astype(str).isin(["", "all", "False", "None"]))
+    out = []
+    for sub in (lt[~fam], lt[fam]):
+        rows = {m: r for m, r in ((str(r["method"]), r) for _, r in sub.iterrows())}
+        out.append({"pearson": rows.get("pearson"), "spearman": rows.get("spearman")} if rows else None)
+    return out[0], out[1]
+
+
+def _test_text(t: dict | None) -> str:
+    if not t or t.get("pearson") is None:
+        return ""
+    p = t["pearson"]
+    s = f"Pearson r = {_f(p['r'])}"
+    if "ci_low" in p and pd.notna(p.get("ci_low")):
+        s += f" [{_f(p['ci_low'])}, {_f(p['ci_high'])}]"
+    if "p" in p and pd.notna(p.get("p")):
+        s += f", p = {_p(p['p'])}"
+    if t.get("spearman") is not None:
+        s += f"; Spearman ρ = {_f(t['spearman']['r'])}"
+    return s
+
+
+def fig_length_impact(res: Results) -> Figure:
+    li = res.table("length_impact", ["system", "n_system_tokens", "impact"]).copy()
+    li["system"] = li["system"].astype(str)
+    li = not_control(li)
+    if "family" not in li.columns:
+        info = system_info(res.provenance)
+        li = li.merge(info[["system", "family", "level"]], on="system", how="left")
+    targets = [t for t in ("impact", "kl") if t in li.columns and li[t].notna().any()]
+    fig = _fig(6.2 * len(targets) + 0.5, 5.4)
+    axes = fig.subplots(1, len(targets), squeeze=False)[0]
+    fams = [f for f in pd.unique(li["family"].dropna().astype(str)) if f not in ("", "None")]
+    fam_colors = dict(zip(fams, _family_palette(len(fams))))
+    markers = "osD^vP<>Xh"
+    rng = np.random.default_rng(0)
+    for ax, target in zip(axes, targets):
+        d = li[["system", "n_system_tokens", target, "family"]].dropna(subset=["n_system_tokens", target])
+        x, y = d["n_system_tokens"].to_numpy(float), d[target].to_numpy(float)
+        solo = d[~d["family"].astype(str).isin(fams)]
+        ax.scatter(solo["n_system_tokens"], solo[target], s=30, color=MUTED, edgecolor="white", zorder=3,
+                   label="no length family")
+        for k, fam in enumerate(fams):
+            f = d[d["family"].astype(str) == fam].sort_values("n_system_tokens")
+            ax.plot(f["n_system_tokens"], f[target], color=fam_colors[fam], marker=markers[k % len(markers)],
+                    markersize=7, linewidth=1.4, zorder=4, label=f"family: {fam}")
+        if len(d) <= 30:
+            for _, r in d.iterrows():
+                ax.annotate(short(r["system"], 22), (r["n_system_tokens"], r[target]), textcoords="offset points",
+                            xytext=(4, 3), fontsize=7, color="#555555")
+        if len(d) >= 3 and np.std(x) > 0:
+            slope, icpt = np.polyfit(x, y, 1)
+            grid = np.linspace(x.min(), x.max(), 100)
+            boots = []
+            for _ in range(400):
+                idx = rng.integers(0, len(x), len(x))
+                if np.std(x[idx]) > 0:
+                    boots.append(np.polyval(np.polyfit(x[idx], y[idx], 1), grid))
+            if boots:
+                lo, hi = np.percentile(np.array(boots), [2.5, 97.5], axis=0)
+                ax.fill_between(grid, lo, hi, color=NEUTRAL, alpha=0.12, linewidth=0, label="fit 95% band (bootstrap)")
+            ax.plot(grid, slope * grid + icpt, color=NEUTRAL, linewidth=1.4, label="linear fit (all system prompts)")
+        overall, within = _length_test(res, target)
+        title = f"{target}: " + (_test_text(overall) or f"Pearson r = {_f(_pearson(x, y))} (computed here; "
+                                                         "no CI: length_tests.parquet missing)")
+        if within:
+            title += f"\nwithin length families: {_test_text(within)}"
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("system prompt length (tokens)")
+        ax.set_ylabel(METRIC_LABELS.get(target, target))
+        ax.legend(loc="best")
+    return fig
+
+
+def _family_palette(n: int) -> list[str]:
+    base = ["#E69F00", "#0072B2", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#8c564b", "#F0E442"]
+    return [base[i % len(base)] for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------
+# 4. tags
+
+
+def fig_tag_impact(res: Results) -> Figure:
+    ti = res.table("tag_impact", ["tag", "diff", "ci_low", "ci_high"]).copy()
+    ti["tag"] = ti["tag"].astype(str)
+    if "target" not in ti.columns:
+        ti["target"] = "impact"
+    targets = [t for t in ("impact", "kl") if t in set(ti["target"])] + \
+        sorted(t for t in set(ti["target"].astype(str)) if t not in ("impact", "kl"))
+    first = ti[ti["target"] == targets[0]].set_index("tag")["diff"]
+    order = list(first.sort_values().index) + sorted(set(ti["tag"]) - set(first.index))
+    fig = _fig(4.6 * len(targets) + 1.5, max(3.0, 1.4 + 0.32 * len(order)))
+    axes = fig.subplots(1, len(targets), squeeze=False, sharey=True)[0]
+    ypos = {t: i for i, t in enumerate(order)}
+    for ax, target in zip(axes, targets):
+        d = ti[ti["target"] == target]
+        y = d["tag"].map(ypos).to_numpy()
+        sig = ((d["ci_low"] > 0) | (d["ci_high"] < 0)).to_numpy()
+        for s, col in ((True, HIGHLIGHT), (False, MUTED)):
+            m = sig == s
+            ax.errorbar(d["diff"].to_numpy()[m], y[m],
+                        xerr=[(d["diff"] - d["ci_low"]).to_numpy()[m], (d["ci_high"] - d["diff"]).to_numpy()[m]],
+                        fmt="o", color=col, ecolor=col, capsize=3, markersize=6,
+                        label="95% CI excludes 0" if s else "95% CI includes 0")
+        ax.axvline(0, color=NEUTRAL, linewidth=1)
+        ax.set_title(f"{target}: with tag − without tag")
+        ax.set_xlabel(f"difference in mean {target}")
+        ax.legend(loc="lower right")
+    labels = []
+    for t in order:
+        r = ti[(ti["tag"] == t) & (ti["target"] == targets[0])]
+        if {"n_with", "n_without"} <= set(ti.columns) and len(r):
+            labels.append(f"{short(t, 24)}  ({int(r['n_with'].iloc[0])} vs {int(r['n_without'].iloc[0])})")
+        else:
+            labels.append(short(t, 24))
+    axes[0].set_yticks(range(len(order)), labels)
+    axes[0].set_ylabel("tag  (n system prompts with vs without)")
+    axes[0].set_ylim(-0.7, len(order) - 0.3)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# 5. attention
+
+
+def _attention_last(res: Results) -> pd.DataFrame:
+    ar = res.table("attention_regions", ["role", "system", "layer", "region", "scope", "mass"])
+    ar = ar[ar["scope"].astype(str) == "last"]
+    if ar.empty:
+        raise NotAvailable("`attention_regions.parquet` has no rows with scope `last`")
+    return ar
+
+
+def fig_attention_regions(res: Results) -> Figure:
+    ar = _attention_last(res)
+    regions = [r for r in ("sink", "system", "user", "gen_prompt") if r in set(ar["region"].astype(str))]
+    if not regions:
+        raise NotAvailable("`attention_regions.parquet` has none of the regions sink, system, user, gen_prompt")
+    fig = _fig(3.3 * len(regions) + 0.4, 3.6)
+    axes = fig.subplots(1, len(regions), squeeze=False, sharex=True)[0]
+    for ax, region in zip(axes, regions):
+        d = ar[ar["region"].astype(str) == region]
+        col = region_color(region)
+        for role, ls in (("variant", "-"), ("baseline", "--")):
+            r = d[d["role"].astype(str) == role]
+            if r.empty:
+                continue
+            m = _mean_se(r, ["layer"], "mass")
+            ax.fill_between(m["layer"], m["ci_low"], m["ci_high"], color=col, alpha=0.2, linewidth=0)
+            ax.plot(m["layer"], m["mean"], color=col, linestyle=ls)
+        if "uniform" in d.columns:
+            u = d.groupby("layer")["uniform"].mean()
+            ax.plot(u.index, u.to_numpy(), color=MUTED, linestyle=":", linewidth=1.3)
+        ax.set_title(f"→ {region}", color=col)
+        ax.set_xlabel("layer")
+        ax.set_ylim(bottom=0)
+        _layer_ticks(ax, d["layer"])
+    axes[0].set_ylabel("attention mass from the last token")
+    handles = [Line2D([], [], color=NEUTRAL, label="with system prompt (variant)"),
+               Line2D([], [], color=NEUTRAL, linestyle="--", label="baseline"),
+               Line2D([], [], color=MUTED, linestyle=":", label="uniform attention over visible keys"),
+               Patch(color=NEUTRAL, alpha=0.2, label="mean ± 1.96 SE across user prompts")]
+    fig.legend(handles=handles, loc="outside upper center", ncols=4)
+    return fig
+
+
+def fig_attention_system_heatmap(res: Results) -> Figure:
+    import seaborn as sns
+
+    ar = _attention_last(res)
+    d = ar[ar["region"].astype(str) == "system"].copy()
+    if d.empty:
+        raise NotAvailable("no attention to a `system` region at scope `last` (no system prompt tokens?)")
+    value = "mass_nosink" if "mass_nosink" in d.columns and d["mass_nosink"].notna().any() else "mass"
+    var = d[d["role"].astype(str) == "variant"]
+    if var.empty:
+        raise NotAvailable("`attention_regions.parquet` has no variant rows with a system region")
+    grid = var.pivot_table(index="system", columns="layer", values=value, aggfunc="mean")
+    grid = grid.loc[_systems_order(grid.mean(axis=1))]
+    base = d[d["role"].astype(str) == "baseline"]
+    if not base.empty:
+        # a baseline with a system region carries a default system prompt from the template
+        b = base.pivot_table(index="system", columns="layer", values=value, aggfunc="mean")
+        b.index = [f"[baseline] {s}" for s in b.index]
+        grid = pd.concat([grid, b])
+    grid.index = [short(s) for s in grid.index]
+    fig = _fig(max(8.0, 2.5 + 0.32 * grid.shape[1]), _heat_height(len(grid)))
+    ax = fig.subplots()
+    label = ("share of non-sink attention to system tokens" if value == "mass_nosink"
+             else "attention mass to system tokens")
+    sns.heatmap(grid, ax=ax, cmap="viridis", vmin=0, linewidths=0, cbar_kws={"label": label, "shrink": 0.7})
+    if not base.empty:
+        ax.axhline(len(grid) - len(b), color="white", linewidth=3)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("system prompt (sorted by mean over layers)")
+    ax.tick_params(axis="y", rotation=0)
+    ax.tick_params(axis="x", rotation=0)
+    ax.grid(False)
+    return fig
+
+
+def fig_attention_entropy(res: Results) -> Figure:
+    if res.has("attention_regions") and "entropy" in res.table("attention_regions").columns:
+        ar = _attention_last(res)
+        keys = [c for c in ("prompt", "role", "system", "user_id", "layer") if c in ar.columns]
+        d = ar.drop_duplicates(keys)  # entropy is per prompt x layer, repeated on each region row
+        source = "last query row"
+    else:
+        d = res.table("attention_layers", ["role", "system", "layer", "entropy"])
+        source = "all query rows"
+    if "user_id" not in d.columns:
+        d = d.assign(user_id=d.get("prompt", pd.Series(range(len(d)), index=d.index)))
+    per_prompt = d.groupby(["role", "system", "user_id"], observed=True)["entropy"].mean().reset_index()
+    var = per_prompt[per_prompt["role"].astype(str) == "variant"]
+    if var.empty:
+        raise NotAvailable("no variant rows with entropy")
+    m = _mean_se(var, ["system"], "entropy").set_index("system").sort_values("mean")
+    fig = _fig(7.5, max(3.0, 1.4 + 0.3 * len(m)))
+    ax = fig.subplots()
+    y = np.arange(len(m))
+    ax.errorbar(m["mean"], y, xerr=[m["mean"] - m["ci_low"], m["ci_high"] - m["mean"]], fmt="o",
+                color=region_color("system"), ecolor=NEUTRAL, capsize=3, label="with system prompt (mean ± 1.96 SE)")
+    base = per_prompt[per_prompt["role"].astype(str) == "baseline"]
+    if not base.empty:
+        bm = _mean_se(base.assign(k="b"), ["k"], "entropy").iloc[0]
+        ax.axvspan(bm["ci_low"], bm["ci_high"], color=MUTED, alpha=0.25, linewidth=0)
+        ax.axvline(bm["mean"], color=NEUTRAL, linestyle="--", linewidth=1.3, label="baseline (± 1.96 SE)")
+    ax.set_yticks(y, [short(s) for s in m.index])
+    ax.set_ylim(-0.7, len(m) - 0.3)
+    ax.set_xlabel(f"attention entropy, {source}, mean over layers and heads (nats)")
+    ax.legend(loc="lower right")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# 6. logit lens
+
+
+def fig_lens(res: Results) -> Figure:
+    lc = not_control(res.table("lens_change", ["layer", "kl_lens", "top1_agree"]))
+    if lc.empty:
+        raise NotAvailable("`lens_change.parquet` has no pair rows")
+    kl = _mean_se(lc, ["layer"], "kl_lens")
+    agree = _mean_se(lc.assign(top1_agree=lc["top1_agree"].astype(float)), ["layer"], "top1_agree")
+    shift = res.summary.get("lens_shift_layer")
+    fig = _fig(12.0, 3.9)
+    ax1, ax2 = fig.subplots(1, 2, sharex=True)
+    col = component_color("resid_post")
+    ax1.fill_between(kl["layer"], kl["ci_low"].clip(lower=0), kl["ci_high"], color=col, alpha=0.2, linewidth=0)
+    ax1.plot(kl["layer"], kl["mean"], color=col, marker="o", markersize=3, label="mean over pairs")
+    ax1.set_ylabel("logit-lens KL(variant ‖ baseline)")
+    ax1.set_title("how far the lens distributions move")
+    ax2.fill_between(agree["layer"], 100 * agree["ci_low"].clip(0, 1), 100 * agree["ci_high"].clip(0, 1), color=col,
+                     alpha=0.2, linewidth=0)
+    ax2.plot(agree["layer"], 100 * agree["mean"], color=col, marker="o", markersize=3, label="mean over pairs")
+    ax2.set_ylabel("lens top-1 token agrees (% of pairs)")
+    ax2.set_ylim(-3, 103)
+    ax2.set_title("variant and baseline agree on the lens top-1")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("layer")
+        _layer_ticks(ax, kl["layer"])
+        if isinstance(shift, (int, float)) and not isinstance(shift, bool):
+            ax.axvline(shift, color=HIGHLIGHT, linestyle="--", linewidth=1.5,
+                       label=f"output shift appears (layer {int(shift)})")
+        ax.legend(loc="best")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# 7. internal vs output
+
+
+def _pair_internal(res: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
+    cc = res.table("component_change", ["pair", "component", "layer", "rel_change"])
+    cc = not_control(at_position(cc, "last"))
+    oc = not_control(res.table("output_change", ["pair", "kl"]))
+    return cc, oc
+
+
+def _r_by_layer(res: Results, cc: pd.DataFrame, oc: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """Pearson r of rel_change vs kl per component x layer: from the table when present."""
+    if res.has("internal_vs_output"):
+        iv = res.table("internal_vs_output", ["component", "layer", "r"])
+        icol = pick(iv, ("internal", "internal_measure", "measure", "metric"), "internal_vs_output",
+                    "internal-measure")
+        ocol = pick(iv, ("output", "output_measure", "target"), "internal_vs_output", "output-measure")
+        d = iv[(iv[icol].astype(str) == "rel_change") & (iv[ocol].astype(str) == "kl")]
+        if "method" in d.columns:
+            d = d[d["method"].astype(str) == "pearson"]
+        d = at_position(d, "last")
+        if not d.empty:
+            return d.copy(), True
+    m = cc.merge(oc[["pair", "kl"]], on="pair")
+    rows = [dict(component=c, layer=l, r=_pearson(g["rel_change"], g["kl"]))
+            for (c, l), g in m.groupby(["component", "layer"])]
+    return pd.DataFrame(rows), False
+
+
+def fig_internal_output(res: Results) -> Figure:
+    cc, oc = _pair_internal(res)
+    rl, from_table = _r_by_layer(res, cc, oc)
+    comps = _components(rl["component"])
+    strongest = res.summary.get("strongest_internal_output") or {}
+    fig = _fig(3.2 * max(len(comps), 3) + 0.4, 7.6)
+    gs = fig.add_gridspec(2, len(comps), height_ratios=[1, 1.15])
+    top = fig.add_subplot(gs[0, :])
+    for comp in comps:
+        d = rl[rl["component"].astype(str) == comp].sort_values("layer")
+        col = component_color(comp)
+        if from_table and {"ci_low", "ci_high"} <= set(d.columns):
+            top.fill_between(d["layer"], d["ci_low"], d["ci_high"], color=col, alpha=0.15, linewidth=0)
+        top.plot(d["layer"], d["r"], color=col, marker="o", markersize=3, label=comp)
+    top.axhline(0, color=NEUTRAL, linewidth=0.8)
+    top.set_xlabel("layer")
+    top.set_ylabel("Pearson r (rel_change at `last` vs KL)")
+    top.set_title("correlation across pairs, per layer" +
+                  (" (bands: 95% CI from internal_vs_output)" if from_table else " (computed here, no CI)"))
+    _layer_ticks(top, rl["layer"])
+    top.legend(loc="best", ncols=len(comps))
+    merged = cc.merge(oc[["pair", "kl"]], on="pair")
+    for j, comp in enumerate(comps):
+        ax = fig.add_subplot(gs[1, j])
+        d = rl[rl["component"].astype(str) == comp].dropna(subset=["r"])
+        if d.empty:
+            ax.set_axis_off()
+            continue
+        best = int(d.loc[d["r"].abs().idxmax(), "layer"])
+        if strongest.get("component") == comp and isinstance(strongest.get("layer"), (int, float)):
+            best = int(strongest["layer"])
+        pts = merged[(merged["component"].astype(str) == comp) & (merged["layer"] == best)]
+        col = component_color(comp)
+        ax.scatter(pts["rel_change"], pts["kl"], s=14, color=col, alpha=0.6, edgecolor="none")
+        x, y = pts["rel_change"].to_numpy(float), pts["kl"].to_numpy(float)
+        if len(x) >= 3 and np.std(x) > 0:
+            g = np.linspace(np.nanmin(x), np.nanmax(x), 50)
+            ax.plot(g, np.polyval(np.polyfit(x, y, 1), g), color=NEUTRAL, linewidth=1.2)
+        star = " ★" if strongest.get("component") == comp and int(strongest.get("layer", -1)) == best else ""
+        ax.set_title(f"{comp} L{best}: r = {_f(_pearson(x, y))}{star}", color=col, fontsize=10)
+        ax.set_xlabel(f"rel_change of {comp} at layer {best}")
+        if j == 0:
+            ax.set_ylabel("KL(variant ‖ baseline), next token")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# 8. position
+
+
+def fig_position(res: Results) -> Figure:
+    import seaborn as sns
+
+    pc = res.table("position_change", ["component", "layer"])
+    pos = pick(pc, ("pos_from_end", "position_from_end", "from_end", "index_from_end", "pos_bin", "bin", "position"),
+               "position_change", "position-bin")
+    val = pick(pc, ("mean", "rel_change"), "position_change", "value")
+    pc = pc.copy()
+    pc[pos] = pd.to_numeric(pc[pos], errors="coerce")
+    pc = pc.dropna(subset=[pos])
+    if pc.empty:
+        raise NotAvailable(f"`position_change.parquet` has no numeric `{pos}` values")
+    last = int(pc[pos].min())  # the index of the last prompt token (0 or 1, by convention)
+    pc["x"] = -(pc[pos] - last)  # last prompt token at x = 0, earlier tokens to the left
+    comps = _components(pc["component"])
+    fig = _fig(13.0, 4.6)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.1, 1])
+    if "region" in pc.columns:
+        reg = pc.groupby("x")["region"].agg(lambda s: s.astype(str).mode().iloc[0]).sort_index()
+        start = None
+        for i, (x, r) in enumerate(reg.items()):
+            nxt = reg.iloc[i + 1] if i + 1 < len(reg) else None
+            start = x if start is None else start
+            if nxt != r:
+                ax1.axvspan(start - 0.5, x + 0.5, color=region_color(r), alpha=0.12, linewidth=0)
+                ax1.text((start + x) / 2, 1.0, r, transform=ax1.get_xaxis_transform(), ha="center", va="bottom",
+                         fontsize=9, color=region_color(r), fontweight="bold")
+                start = None
+    for comp in comps:
+        d = pc[pc["component"].astype(str) == comp]
+        lay = _summary_layer(res, comp)
+        if lay is None or lay not in set(d["layer"]):
+            lay = int(d.groupby("layer")[val].mean().idxmax())
+        d = d[d["layer"] == lay].groupby("x")[[c for c in (val, "ci_low", "ci_high") if c in d.columns]].mean()
+        col = component_color(comp)
+        if {"ci_low", "ci_high"} <= set(d.columns):
+            ax1.fill_between(d.index, d["ci_low"], d["ci_high"], color=col, alpha=0.18, linewidth=0)
+        ax1.plot(d.index, d[val], color=col, marker="o", markersize=3, label=f"{comp} (layer {lay})")
+    ax1.set_xlabel("aligned token, counted back from the last prompt token (0 = last)")
+    ax1.set_ylabel("relative change ‖v − b‖ / ‖b‖")
+    ax1.legend(loc="upper left", title="at the most affected layer")
+    heat_comp = next((c for c in ("resid_post", "resid_pre") if c in comps), comps[0])
+    h = pc[pc["component"].astype(str) == heat_comp].pivot_table(index="layer", columns="x", values=val, aggfunc="mean")
+    h = h.sort_index(ascending=False)
+    sns.heatmap(h, ax=ax2, cmap="rocket_r", vmin=0, cbar_kws={"label": f"relative change of {heat_comp}"})
+    ax2.set_title(f"{heat_comp}: layer × token position")
+    ax2.set_xlabel("aligned token from the end (0 = last)")
+    ax2.set_ylabel("layer")
+    ax2.tick_params(axis="y", rotation=0)
+    ax2.grid(False)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+
+FIGURES: tuple[FigureSpec, ...] = (
+    FigureSpec(
+        "fig-component-layer", "Where the system prompt changes the model: change by layer and component",
+        "Each panel is one component (colour) and one metric, at the last prompt token. The line is the mean over "
+        "(user prompt, system prompt) pairs of the change between the run with the system prompt (v) and the "
+        "baseline (b); the band is its 95% confidence interval. The dashed line is the control floor: the same "
+        "metric between two unrelated user prompts, i.e. what an unrelated input does. Higher relative change and "
+        "lower centred cosine mean more change; the star marks the most changed layer.",
+        fig_component_layer),
+    FigureSpec(
+        "fig-component-system", "Which system prompts change which component",
+        "Rows are system prompts (sorted by their effect on the last component), columns are components. Numbers "
+        "are the mean relative change at the last prompt token, averaged over user prompts and over all layers "
+        "(left) or at each component's most affected layer (right, layer under the name). Colour is scaled per "
+        "column (value / column maximum), so compare colours down a column and numbers across columns.",
+        fig_component_system),
+    FigureSpec(
+        "fig-length-impact", "Does a longer system prompt change more?",
+        "One point per system prompt: its length in tokens against its impact (mean relative change of resid_post "
+        "at the last token, averaged over layers; left) and its next-token KL (right). Points of one length family "
+        "(the same instruction written short, medium and long) are joined by a line, so a rising line means length "
+        "matters with the content held fixed. The black line is a least-squares fit over all system prompts with a "
+        "bootstrap band; the title gives the correlation and its 95% CI from the metrics stage.",
+        fig_length_impact),
+    FigureSpec(
+        "fig-tag-impact", "Which kinds of system prompt matter (tags)",
+        "For each tag: mean over system prompts with the tag minus mean over those without, with a 95% bootstrap "
+        "CI over user prompts. Tags are sorted by the left panel. Red: the CI excludes zero; grey: it does not. "
+        "The numbers beside a tag count the system prompts with and without it.",
+        fig_tag_impact),
+    FigureSpec(
+        "fig-attention-regions", "Where the last token looks: attention to each region by layer",
+        "Attention mass from the last prompt token (the one that predicts the first answer token) to each key "
+        "region, averaged over heads and prompts. Solid: with a system prompt; dashed: the baseline; dotted: what "
+        "uniform attention would give. The sink is the first token, which soaks up attention in most layers; "
+        "mass to `system` exists in the baseline only when the template injects a default system prompt.",
+        fig_attention_regions),
+    FigureSpec(
+        "fig-attention-system", "How much each system prompt is attended to, layer by layer",
+        "Each row is a system prompt, each column a layer; colour is the share of the last token's attention "
+        "(without the sink) that goes to the system prompt's tokens, averaged over heads and user prompts. Rows "
+        "under the white line are baselines whose template injects a default system prompt.",
+        fig_attention_system_heatmap),
+    FigureSpec(
+        "fig-attention-entropy", "How focused attention is under each system prompt",
+        "Entropy of the attention distribution (nats; lower = more focused on few tokens), averaged over layers "
+        "and heads, per system prompt; error bars are ± 1.96 standard errors across user prompts. The dashed line "
+        "and grey band are the baseline.",
+        fig_attention_entropy),
+    FigureSpec(
+        "fig-lens", "When the output shift appears: logit lens by layer",
+        "Each layer's residual stream at the last token, read through the final norm and unembedding (logit lens). "
+        "Left: mean KL between the variant's and the baseline's lens distributions; right: share of pairs whose "
+        "lens top-1 token is the same. Bands are ± 1.96 standard errors across user prompts. The red dashed line "
+        "is the layer where the output shift appears (summary `lens_shift_layer`).",
+        fig_lens),
+    FigureSpec(
+        "fig-internal-output", "Does internal change predict output change?",
+        "Top: correlation across pairs between a component's relative change at the last token and the "
+        "next-token KL, per layer. Bottom: one point per pair at each component's best layer (★: the strongest "
+        "pair named in summary.json), with a least-squares line; r is computed from the points shown.",
+        fig_internal_output),
+    FigureSpec(
+        "fig-position", "Which tokens change: change along the aligned user tokens",
+        "The user prompt and everything after it are the same tokens in both runs, so their change is caused by "
+        "the system prompt alone. Left: mean relative change per aligned token, counted back from the last prompt "
+        "token, at each component's most affected layer, with 95% CI; shaded spans show the token region. Right: "
+        "the same for one residual component at every layer.",
+        fig_position),
+)
