@@ -1,0 +1,149 @@
+"""Sweep loading (YAML, JSON prompt files, built-in suites), validation messages, and the
+plan: pairs, shared baselines, aligned suffixes, baselines that carry a default."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from promptshift.errors import ShardSpecError, SweepError
+from promptshift.sweep.config import builtin_suites, load_sweep
+from promptshift.sweep.plan import ModelDims, build_plan, parse_shard
+from tests.conftest import write_sweep
+
+DIMS = ModelDims(n_layers=2, hidden=8, n_heads=2, vocab=100, max_positions=4096)
+
+
+def test_builtin_suite_contents():
+    s = load_sweep("default")
+    assert len(s.system_prompts) >= 16 and len(s.user_prompts) >= 36
+    cats = {u.category for u in s.user_prompts}
+    assert {"factual", "reasoning", "classification", "creative", "instruction", "edge"} <= cats
+    tags = {t for p in s.system_prompts for t in p.tags}
+    assert {"persona", "format", "reasoning", "constraint", "concise", "tone", "safety", "language", "control"} <= tags
+    fams = {}
+    for p in s.system_prompts:
+        if p.family:
+            fams.setdefault(p.family, set()).add(p.level)
+    assert any(v == {"short", "medium", "long"} for v in fams.values())
+    assert "multiturn" in builtin_suites()
+
+
+def test_length_families_span_10_40_160_tokens(tok):
+    s = load_sweep("default")
+    n = {p.name: len(tok(p.text, add_special_tokens=False)["input_ids"]) for p in s.system_prompts}
+    for fam in ("concise", "pirate"):
+        short, med, long_ = n[f"{fam}_short"], n[f"{fam}_medium"], n[f"{fam}_long"]
+        assert 5 <= short <= 20 and 25 <= med <= 60 and 110 <= long_ <= 220, (fam, short, med, long_)
+    assert abs(n["nonsense_control"] - n["concise_medium"]) <= 0.5 * n["concise_medium"]
+
+
+def test_json_prompt_file(tmp_path):
+    p = tmp_path / "prompts.json"
+    p.write_text(json.dumps({
+        "test_prompts": {"factual": [{"id": "f1", "prompt": "Capital of Italy?", "expected": "Rome"}],
+                         "creative": [{"id": "c1", "prompt": "A haiku please."}]},
+        "system_prompts": {"none": {"text": "", "description": "baseline"},
+                           "brief": {"text": "Be brief.", "description": "short"}},
+    }))
+    s = load_sweep(p)
+    assert [x.name for x in s.system_prompts] == ["brief"] and s.baseline == "empty_system"
+    assert {u.id: u.category for u in s.user_prompts} == {"f1": "factual", "c1": "creative"}
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: ''}]\n", "empty or whitespace"),
+        ("system_prompts: [{name: a, text: '  '}]\nuser_prompts: [{id: u, text: hi}]\n", "empty text"),
+        ("system_prompts: [{name: a, text: x}, {name: a, text: y}]\nuser_prompts: [{id: u, text: hi}]\n",
+         "duplicate name 'a'"),
+        ("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: hi}, {id: u, text: ho}]\n",
+         "duplicate id 'u'"),
+        ("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: hi}]\nbaseline: nope\n",
+         "unknown `baseline` 'nope'"),
+        ("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: hi}]\nkeeep: last\n",
+         r"unknown key\(s\) \['keeep'\]"),
+        ("system_prompts: [{name: a, text: x, colour: red}]\nuser_prompts: [{id: u, text: hi}]\n", "colour"),
+        ("system_prompts: []\nuser_prompts: [{id: u, text: hi}]\n", "no system prompts"),
+        ("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: hi}]\ntoken_budget: 1\n",
+         "token_budget"),
+        ("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: hi}]\ncomponents: [resid_mid]\n",
+         "unknown component"),
+        ("system_prompts: [{name: a, text: x}\n", "not valid YAML"),
+        ("- just a list\n", "must be a YAML mapping"),
+    ],
+)
+def test_sweep_errors_name_the_field(tmp_path, content, match):
+    p = tmp_path / "s.yaml"
+    p.write_text(content)
+    with pytest.raises(SweepError, match=match):
+        load_sweep(p)
+
+
+def test_non_utf8_and_bad_json(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_bytes(b"system_prompts: [{name: a, text: \xff\xfe}]\n")
+    with pytest.raises(SweepError, match="not valid UTF-8"):
+        load_sweep(p)
+    j = tmp_path / "p.json"
+    j.write_text("{\"test_prompts\": ")
+    with pytest.raises(SweepError, match="not valid JSON"):
+        load_sweep(j)
+    with pytest.raises(SweepError, match="unknown suite"):
+        load_sweep("no_such_suite")
+
+
+def test_plan_pairs_baselines_and_alignment(tok, tmp_path):
+    s = load_sweep(write_sweep(tmp_path / "s.yaml"))
+    plan = build_plan(s, tok, DIMS)
+    assert len(plan.pairs) == 3 * 3
+    # one baseline per user prompt, shared by all its pairs
+    assert plan.pairs.groupby("user_id").baseline.nunique().eq(1).all()
+    assert (plan.prompts.kind == "baseline").sum() == 3
+    for r in plan.pairs.itertuples():
+        v = plan.prompt_tokens(r.variant)[r.v_suffix_start:]
+        b = plan.prompt_tokens(r.baseline)[r.b_suffix_start:]
+        assert len(v) == len(b) == r.suffix_len and np.array_equal(v, b)
+        assert r.suffix_len == len(plan.prompt_tokens(r.variant)) - plan.prompts.suffix_start[r.variant]
+    # every block is a run of consecutive prompts; shards partition the blocks
+    for n in (1, 2, 3, 5):
+        got = sorted(b for i in range(n) for b in plan.shard_blocks(i, n))
+        assert got == list(range(plan.n_blocks))
+
+
+def test_no_system_turn_baseline_carries_default(tok, tmp_path):
+    s = load_sweep(write_sweep(tmp_path / "s.yaml", baseline="no_system_turn"))
+    with pytest.warns(UserWarning, match="carries the template's default system prompt"):
+        plan = build_plan(s, tok, DIMS)
+    assert plan.meta["baseline_carries_default"] and "SmolLM" in plan.meta["injected_system"]
+    base = plan.prompts[plan.prompts.kind == "baseline"]
+    assert (base.n_system_tokens > 0).all()
+    s2 = load_sweep(write_sweep(tmp_path / "e.yaml", baseline="empty_system"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan2 = build_plan(s2, tok, DIMS)
+    assert not plan2.meta["baseline_carries_default"]
+    assert (plan2.prompts[plan2.prompts.kind == "baseline"].n_system_tokens == 0).all()
+
+
+def test_named_baseline_is_not_paired_with_itself(tok, tmp_path):
+    s = load_sweep(write_sweep(tmp_path / "s.yaml", baseline="brief"))
+    plan = build_plan(s, tok, DIMS)
+    assert "brief" not in set(plan.pairs.system) and len(plan.pairs) == 2 * 3
+
+
+def test_prompt_longer_than_context(tok, tmp_path):
+    s = load_sweep(write_sweep(tmp_path / "s.yaml"))
+    with pytest.raises(SweepError, match="more than the model's context"):
+        build_plan(s, tok, ModelDims(2, 8, 2, 100, max_positions=20))
+
+
+@pytest.mark.parametrize("spec", ["3/2", "-1/2", "a/b", "1", "0/0"])
+def test_bad_shard_specs(spec):
+    with pytest.raises(ShardSpecError):
+        parse_shard(spec)
+    assert parse_shard("1/3") == (1, 3)
