@@ -168,15 +168,12 @@ class BlockRunner:
             lengths = [len(items[p].ids) - plen for p in members]
             for batch in eng.batches(lengths, context=plen):
                 ps = [members[i] for i in batch]
-                for p, res in zip(ps, eng.run([items[p] for p in ps], prefix, self.sweep.max_new_tokens, self.eos)):
-                    results[p] = res
+                results.update(self._run(ps, items, prefix))
             self.tokens_done += plen + sum(lengths)
         if singles:
             lengths = [len(items[p].ids) for p in singles]
             for batch in eng.batches(lengths):
-                ps = [singles[i] for i in batch]
-                for p, res in zip(ps, eng.run([items[p] for p in ps], None, self.sweep.max_new_tokens, self.eos)):
-                    results[p] = res
+                results.update(self._run([singles[i] for i in batch], items, None))
             self.tokens_done += sum(lengths)
 
         check = float("nan")
@@ -184,6 +181,14 @@ class BlockRunner:
             check = self._selfcheck(block, prompts, items, results)
 
         return self._assemble(block, prompts, results), results, check
+
+    def _run(self, ps: list[int], items, prefix) -> dict[int, object]:
+        from promptshift.extract.engine import run_with_oom_retry
+
+        def fn(sub):
+            return self.engine.run([items[p] for p in sub], prefix, self.sweep.max_new_tokens, self.eos)
+
+        return dict(zip(ps, run_with_oom_retry(fn, ps)))
 
     def _selfcheck(self, block, prompts, items, results) -> float:
         """Re-run one prompt alone (no batching, no shared prefix) and compare."""

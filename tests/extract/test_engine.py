@@ -143,3 +143,22 @@ def test_logit_lens_last_layer_is_final_distribution(batched):
     k = lens.shape[-1]
     np.testing.assert_allclose(lens[:, -1], final[:, :k], atol=1e-4)
     np.testing.assert_allclose(batched.array("lens_final_top1_logprob")[:, -1], final[:, 0], atol=1e-4)
+
+
+def test_cuda_oom_halves_the_batch_and_retries(sweep_path, tok, tiny_model, batched, monkeypatch):
+    from promptshift.extract.engine import Engine
+
+    orig = Engine.run
+    sizes = []
+
+    def flaky(self, items, *a, **k):
+        sizes.append(len(items))
+        if len(items) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return orig(self, items, *a, **k)
+
+    monkeypatch.setattr(Engine, "run", flaky)
+    st = _extract(sweep_path, tok, tiny_model, None, selfcheck=False)
+    assert max(sizes) > 1 and 1 in sizes
+    for name in ("resid_post", "attn_region_mass", "logits_topk_logprobs"):
+        np.testing.assert_allclose(st.array(name)[...], batched.array(name)[...], atol=1e-4)
