@@ -8,6 +8,7 @@ without a model; model loading imports torch lazily.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -45,6 +46,12 @@ def embedded_gguf_path() -> Path:
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    st = path.stat()
+    return _sha256_cached(str(path), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -215,29 +215,41 @@ class Engine:
 
     @torch.inference_mode()
     def _output_stats(self, final_h, last_resid):
-        logp = torch.log_softmax(self._logits(final_h), dim=-1)  # (B, V)
-        lse = torch.logsumexp(self._logits(final_h), dim=-1)
+        logits = self._logits(final_h)  # (B, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)
         top = logp.topk(self.top_k, dim=-1)
         ent = -(logp.exp() * logp).sum(-1)
         top1 = top.indices[:, 0]  # (B,)
-        lens_ids, lens_lp, lens_ent, lens_t1 = [], [], [], []
-        for layer in range(self.L):
-            h = self.arch.final_norm(last_resid[:, layer].to(self.arch.final_norm.weight.dtype)).float()
-            lp = torch.log_softmax(self._logits(h), dim=-1)  # (B, V)
+        # Logit lens: every layer's last-position residual through the final norm and the
+        # unembedding, as one (rows, H) @ (H, V) product per chunk of rows -- the
+        # unembedding matrix is read once per chunk instead of once per layer.
+        B = last_resid.shape[0]
+        normed = self.arch.final_norm(last_resid.to(self.arch.final_norm.weight.dtype)).float()  # (B, L, H)
+        rows = normed.reshape(B * self.L, -1)  # (B*L, H)
+        t1 = top1.repeat_interleave(self.L)  # (B*L,)
+        ids_c, lp_c, ent_c, t1_c = [], [], [], []
+        for i in range(0, rows.shape[0], 256):
+            lp = torch.log_softmax(self._logits(rows[i : i + 256]), dim=-1)  # (rows, V)
             t = lp.topk(self.lens_top_k, dim=-1)
-            lens_ids.append(t.indices)
-            lens_lp.append(t.values)
-            lens_ent.append(-(lp.exp() * lp).sum(-1))
-            lens_t1.append(lp.gather(1, top1[:, None])[:, 0])
+            ids_c.append(t.indices)
+            lp_c.append(t.values)
+            ent_c.append(-(lp.exp() * lp).sum(-1))
+            t1_c.append(lp.gather(1, t1[i : i + 256, None])[:, 0])
+        shape = (B, self.L)
+        lens_ids = torch.cat(ids_c).view(*shape, -1)
+        lens_lp = torch.cat(lp_c).view(*shape, -1)
+        lens_ent = torch.cat(ent_c).view(shape)
+        lens_t1 = torch.cat(t1_c).view(shape)
         return dict(
             topk_ids=top.indices.cpu().numpy().astype(np.int32),
             topk_logprobs=top.values.cpu().numpy(),
             entropy_out=ent.cpu().numpy(),
             lse=lse.cpu().numpy(),
-            lens_ids=torch.stack(lens_ids, 1).cpu().numpy().astype(np.int32),
-            lens_logprobs=torch.stack(lens_lp, 1).cpu().numpy(),
-            lens_entropy=torch.stack(lens_ent, 1).cpu().numpy(),
-            lens_final_top1=torch.stack(lens_t1, 1).cpu().numpy(),
+            lens_ids=lens_ids.cpu().numpy().astype(np.int32),
+            lens_logprobs=lens_lp.cpu().numpy(),
+            lens_entropy=lens_ent.cpu().numpy(),
+            lens_final_top1=lens_t1.cpu().numpy(),
         )
 
     # --- public -------------------------------------------------------------------------

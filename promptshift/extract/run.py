@@ -43,7 +43,7 @@ class ExtractConfig:
 
     def __post_init__(self):
         self.shard_index, self.n_shards = parse_shard(self.shard)
-        if self.format not in ("zarr", "hdf5"):
+        if self.format not in ("zarr", "hdf5", "null"):
             raise StoreError(f"--format must be zarr or hdf5, got {self.format!r}")
         if self.format == "hdf5" and self.n_shards > 1:
             raise StoreError("HDF5 stores take one writer; use --format zarr for --shard, then export to HDF5")
@@ -132,7 +132,8 @@ class BlockRunner:
         self.prefix_sharing, self.selfcheck = prefix_sharing, selfcheck
         self.sweep = plan.sweep
         self.sdtype = np.float16 if self.sweep.storage_dtype == "float16" else np.float32
-        self.tokens_done = 0
+        self.tokens_done = 0  # prompt tokens actually run through the model (shared prefixes once)
+        self.attn_qk = 0  # query-key pairs scored by attention, for FLOP counts
         self.eos = _eos_ids(engine.model, tok)
 
     def _item(self, p: int):
@@ -170,11 +171,13 @@ class BlockRunner:
                 ps = [members[i] for i in batch]
                 results.update(self._run(ps, items, prefix))
             self.tokens_done += plen + sum(lengths)
+            self.attn_qk += plen * (plen + 1) // 2 + sum(n * plen + n * (n + 1) // 2 for n in lengths)
         if singles:
             lengths = [len(items[p].ids) for p in singles]
             for batch in eng.batches(lengths):
                 results.update(self._run([singles[i] for i in batch], items, None))
             self.tokens_done += sum(lengths)
+            self.attn_qk += sum(n * (n + 1) // 2 for n in lengths)
 
         check = float("nan")
         if self.selfcheck:
@@ -314,8 +317,10 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
         bar.close()
         writer.close()
         engine.remove_hooks()
-    if cfg.store is not None and hasattr(store.backend, "flush"):
+    if hasattr(store.backend, "flush"):
         store.backend.flush()
+    store.run_stats = {"tokens": runner.tokens_done, "attn_qk": runner.attn_qk, "blocks": len(todo),
+                       "seconds": time.perf_counter() - t0}
     return store
 
 

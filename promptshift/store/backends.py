@@ -215,6 +215,34 @@ class MemoryBackend(Backend):
         pass
 
 
+class _Discard:
+    """An array that accepts writes and keeps nothing: extraction "to nowhere", used by
+    the benchmark to price the store."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), np.dtype(object if dtype is str else dtype)
+
+    def __setitem__(self, key, value):
+        pass
+
+    def __getitem__(self, key):
+        raise NotImplementedError("a null store keeps no activations")
+
+
+class NullBackend(MemoryBackend):
+    """Small per-prompt and per-block arrays are kept (completion records, plan); the
+    token- and key-axis arrays, which are the bulk of a store, are discarded."""
+
+    format = "null"
+
+    def create_array(self, name, shape, dtype, chunks, dims, fill_value=0):
+        if dims and dims[0] in ("token", "key"):
+            a = _Discard(shape, dtype)
+            self._arrays[name], self._dims[name], self._chunks[name] = a, tuple(dims), tuple(chunks)
+            return a
+        return super().create_array(name, shape, dtype, chunks, dims, fill_value)
+
+
 def detect_format(path: str | Path) -> str:
     p = Path(path)
     if p.is_dir() and (p / "zarr.json").is_file():

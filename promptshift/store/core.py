@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from promptshift.errors import StoreError
-from promptshift.store.backends import Backend, MemoryBackend, open_backend, remove_path
+from promptshift.store.backends import Backend, MemoryBackend, NullBackend, open_backend, remove_path
 from promptshift.sweep.chat import REGIONS
 
 SCHEMA_VERSION = 1
@@ -159,8 +159,8 @@ class Store:
             "keep": plan.sweep.keep,
             "n_blocks": plan.n_blocks,
         }
-        if path is None:
-            be = MemoryBackend()
+        if path is None or fmt == "null":
+            be = NullBackend() if fmt == "null" else MemoryBackend()
             cls._fill(be, specs, plan, attrs)
             return cls(be, None, "r+")
         path = Path(path)
