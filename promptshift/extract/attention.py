@@ -31,9 +31,12 @@ class AttnStats:
     entropy: torch.Tensor  # (B, L, NH, R) sum over queries of row entropy
     sink: torch.Tensor  # (B, L, NH) sum over queries (pos > 0) of mass on key 0
     last_row: torch.Tensor  # (B, L, NH, Sk) last real query's attention row
+    full_layers: tuple[int, ...] = ()  # layers whose whole pattern the user opted into
+    patterns: dict | None = None  # layer -> (B, NH, Sq, Sk) float16 on CPU
 
     @classmethod
-    def allocate(cls, q_regions, k_regions, q_positions, last_q, sink_k, n_layers, n_heads, n_regions):
+    def allocate(cls, q_regions, k_regions, q_positions, last_q, sink_k, n_layers, n_heads, n_regions,
+                 full_layers=()):
         """q_regions (B, Sq) / k_regions (B, Sk): region codes, -1 for padding."""
         B, Sq = q_regions.shape
         Sk = k_regions.shape[1]
@@ -51,6 +54,8 @@ class AttnStats:
             entropy=z(B, n_layers, n_heads, n_regions),
             sink=z(B, n_layers, n_heads),
             last_row=z(B, n_layers, n_heads, Sk),
+            full_layers=tuple(full_layers),
+            patterns={},
         )
 
     def reduce(self, layer: int, probs: torch.Tensor) -> None:
@@ -63,6 +68,8 @@ class AttnStats:
         to_sink = probs[b, :, :, self.sink_k]  # (B, NH, Sq)
         self.sink[:, layer] = (to_sink * self.q_notfirst.unsqueeze(1)).sum(-1)  # (B, NH)
         self.last_row[:, layer] = probs[b, :, self.last_q, :]  # (B, NH, Sk)
+        if layer in self.full_layers:
+            self.patterns[layer] = probs.to("cpu", torch.float16)  # (B, NH, Sq, Sk)
 
 
 def set_stats(stats: AttnStats | None) -> None:

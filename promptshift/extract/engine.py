@@ -43,6 +43,7 @@ class Prefix:
     sink: np.ndarray  # (L, NH)
     q_counts: np.ndarray  # (R,)
     sink_count: float
+    patterns: np.ndarray | None = None  # (NFL, NH, P, P) opted-in full patterns
 
 
 @dataclass
@@ -63,14 +64,16 @@ class Result:
     lens_entropy: np.ndarray  # (L,)
     lens_final_top1: np.ndarray  # (L,)
     gen_ids: np.ndarray | None = None  # greedy continuation, up to and including EOS
+    pattern: np.ndarray | None = None  # (n*n, NFL, NH) opted-in full patterns, query-major
 
 
 class Engine:
     def __init__(self, model, *, components, top_k: int, lens_top_k: int, token_budget: int,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", full_attention_layers: tuple[int, ...] = ()):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
         self.padding_side = padding_side
+        self.full_layers = tuple(full_attention_layers)
         register()
         model.config._attn_implementation = "promptshift"
         for m in model.modules():  # some models cache the implementation per sub-config
@@ -164,7 +167,7 @@ class Engine:
         keep_local = [k + pad[b] for b, k in enumerate(keep_local)]
         sink_k = torch.as_tensor([0 if offset else p for p in pad])
         stats = AttnStats.allocate(q_reg.to(dev), k_reg.to(dev), position_ids.to(dev), last_q.to(dev),
-                                   sink_k.to(dev), self.L, self.NH, R)
+                                   sink_k.to(dev), self.L, self.NH, R, self.full_layers)
         b_idx = torch.as_tensor(np.concatenate([np.full(len(k), b) for b, k in enumerate(keep_local)]),
                                 dtype=torch.long)
         s_idx = torch.as_tensor(np.concatenate(keep_local), dtype=torch.long)
@@ -266,6 +269,8 @@ class Engine:
             comps={c: v[0] for c, v in comps.items()},
             region_mass=st.region_mass[0].cpu().numpy(), entropy=st.entropy[0].cpu().numpy(),
             sink=st.sink[0].cpu().numpy(), q_counts=qc, sink_count=float(st.q_notfirst[0].sum()),
+            patterns=(np.stack([st.patterns[la][0].numpy() for la in self.full_layers])
+                      if self.full_layers else None),
         )
 
     @torch.inference_mode()
@@ -306,6 +311,17 @@ class Engine:
                 sink = c_sk / (c_sc if c_sc > 0 else np.nan)
             row = lr[b]  # (L, NH, P+S): keys are prefix, then this row's padded sequence
             keys = np.concatenate([row[..., :P], row[..., P + pad[b] : P + pad[b] + lens[b]]], axis=-1)
+            pattern = None
+            if self.full_layers:
+                n, Lb = P + lens[b], lens[b]
+                full = np.zeros((len(self.full_layers), self.NH, n, n), np.float16)  # (NFL, NH, q, k)
+                if prefix is not None:
+                    full[:, :, :P, :P] = prefix.patterns
+                rows = np.stack([st.patterns[la][b].numpy() for la in self.full_layers])  # (NFL, NH, Sq, Sk)
+                rows = rows[:, :, pad[b] : pad[b] + Lb]
+                full[:, :, P:, :P] = rows[..., :P]
+                full[:, :, P:, P:] = rows[..., P + pad[b] : P + pad[b] + Lb]
+                pattern = np.ascontiguousarray(full.transpose(2, 3, 0, 1)).reshape(n * n, *full.shape[:2])
             results.append(Result(
                 comps=cps, region_mass=region_mass.astype(np.float32), entropy=entropy.astype(np.float32),
                 sink=sink.astype(np.float32), last_row=np.ascontiguousarray(keys.transpose(2, 0, 1)),
@@ -313,7 +329,7 @@ class Engine:
                 entropy_out=float(outs["entropy_out"][b]), lse=float(outs["lse"][b]),
                 lens_ids=outs["lens_ids"][b], lens_logprobs=outs["lens_logprobs"][b],
                 lens_entropy=outs["lens_entropy"][b], lens_final_top1=outs["lens_final_top1"][b],
-                gen_ids=gens[b],
+                gen_ids=gens[b], pattern=pattern,
             ))
         return results
 

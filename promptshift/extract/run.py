@@ -220,6 +220,9 @@ class BlockRunner:
         data["lens_topk_logprobs"] = np.full((nb, L, s.lens_top_k), np.nan, np.float32)
         data["lens_entropy"] = np.full((nb, L), np.nan, np.float32)
         data["lens_final_top1_logprob"] = np.full((nb, L), np.nan, np.float32)
+        if s.full_attention_layers:
+            npat = int(b.pattern_end - b.pattern_start)
+            data["attn_pattern"] = np.zeros((npat, len(s.full_attention_layers), NH), np.float16)
         gens = s.max_new_tokens > 0
         if gens:
             data["gen_ids"] = np.full((nb, s.max_new_tokens), -1, np.int32)
@@ -246,6 +249,9 @@ class BlockRunner:
             data["lens_topk_logprobs"][j] = r.lens_logprobs
             data["lens_entropy"][j] = r.lens_entropy
             data["lens_final_top1_logprob"][j] = r.lens_final_top1
+            if s.full_attention_layers:
+                q0 = int(row.pattern_start - b.pattern_start)
+                data["attn_pattern"][q0 : q0 + len(r.pattern)] = r.pattern
             if gens:
                 g = r.gen_ids
                 data["gen_ids"][j, : len(g)] = g
@@ -298,7 +304,8 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     done = store.done()
     todo = [b for b in blocks if not done[b]]
     engine = Engine(model, components=sweep.components, top_k=sweep.top_k, lens_top_k=sweep.lens_top_k,
-                    token_budget=sweep.token_budget, padding_side=cfg.padding_side)
+                    token_budget=sweep.token_budget, padding_side=cfg.padding_side,
+                    full_attention_layers=sweep.full_attention_layers)
     runner = BlockRunner(engine, plan, tok, prefix_sharing=cfg.prefix_sharing, selfcheck=cfg.selfcheck)
     n_prompts = int(sum(plan.blocks.iloc[b].prompt_end - plan.blocks.iloc[b].prompt_start for b in todo))
     writer = _Writer(store, cfg.queue_blocks)

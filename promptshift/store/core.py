@@ -93,6 +93,13 @@ def array_specs(plan) -> list[ArraySpec]:
     for layer in s.full_attention_layers:
         if not 0 <= layer < L:
             raise StoreError(f"full_attention_layers has layer {layer}, but the model has layers 0..{L - 1}")
+    if s.full_attention_layers:
+        NFL, cq = len(s.full_attention_layers), plan.meta["pattern_chunk"]
+        specs += [
+            ArraySpec("pattern_start", (P,), np.int64, (cp,), ("prompt",), -1, True),
+            ArraySpec("attn_pattern", (plan.pattern_size, NFL, NH), np.float16, (cq, NFL, NH),
+                      ("pattern", "pattern_layer", "head"), 0),
+        ]
     return specs
 
 
@@ -104,6 +111,7 @@ def _static_values(plan) -> dict[str, np.ndarray]:
         "n_tokens": pr["n_kept"].to_numpy(np.int32),
         "prompt_len": pr["n_tokens"].to_numpy(np.int32),
         "key_start": pr["key_start"].to_numpy(np.int64),
+        "pattern_start": pr["pattern_start"].to_numpy(np.int64),
     }
     tp = np.full(T, -1, np.int32)
     tpos = np.full(T, -1, np.int32)
@@ -291,6 +299,17 @@ class Store:
         k0, n = int(r.key_start), int(r.n_tokens)
         return np.asarray(self.array("attn_last")[k0 : k0 + n], dtype=np.float32)
 
+    def attn_pattern(self, prompt: int) -> np.ndarray:
+        """(n_full_layers, head, query, key) full attention pattern of one prompt, for the
+        layers listed in the sweep's ``full_attention_layers``."""
+        if not self.backend.has("attn_pattern"):
+            raise StoreError("this store has no full attention patterns; list layers under "
+                             "`full_attention_layers` in the sweep to keep them")
+        r = self.plan.prompts.iloc[prompt]
+        n, q0 = int(r.n_tokens), int(r.pattern_start)
+        flat = np.asarray(self.array("attn_pattern")[q0 : q0 + n * n], dtype=np.float32)  # (n*n, NFL, NH)
+        return flat.reshape(n, n, *flat.shape[1:]).transpose(2, 3, 0, 1)
+
     # --- writing (extraction workers) -----------------------------------------------------
     def write_block(self, block: int, data: dict[str, np.ndarray], selfcheck: float = float("nan")) -> None:
         """Write one block's arrays, then its completion record.
@@ -303,6 +322,7 @@ class Store:
             "prompt": (int(b.prompt_start), int(b.prompt_end)),
             "token": (int(b.kept_start), int(b.kept_end)),
             "key": (int(b.key_start), int(b.key_end)),
+            "pattern": (int(b.pattern_start), int(b.pattern_end)),
         }
         for name, value in data.items():
             dim0 = self.dims(name)[0]

@@ -81,6 +81,10 @@ class Plan:
         return int(self.blocks["kept_end"].iloc[-1]) if len(self.blocks) else 0
 
     @property
+    def pattern_size(self) -> int:
+        return int(self.blocks["pattern_end"].iloc[-1]) if len(self.blocks) else 0
+
+    @property
     def key_size(self) -> int:
         return int(self.blocks["key_end"].iloc[-1]) if len(self.blocks) else 0
 
@@ -296,25 +300,32 @@ def build_plan(sweep: SweepConfig, tok, dims: ModelDims) -> Plan:
     # Blocks: consecutive prompts; each block's kept tokens and keys start chunk-aligned.
     tchunk = _token_chunk(sweep.keep, dims, sweep.block_prompts, sweep.storage_dtype)
     kchunk = 1024
+    pchunk = 1 << 16
+    full = bool(sweep.full_attention_layers)
     n_kept = (prompts["n_tokens"] - prompts["keep_start"]).to_numpy()
-    block_rows, kept_pos, key_pos = [], 0, 0
+    block_rows, kept_pos, key_pos, pat_pos = [], 0, 0, 0
     prompts["block"] = 0
     prompts["kept_start"] = 0
     prompts["key_start"] = 0
+    prompts["pattern_start"] = 0
     bp = sweep.block_prompts
     for b, p0 in enumerate(range(0, len(prompts), bp)):
         p1 = min(p0 + bp, len(prompts))
-        k0, y0 = kept_pos, key_pos
+        k0, y0, q0 = kept_pos, key_pos, pat_pos
         for p in range(p0, p1):
             prompts.at[p, "block"] = b
             prompts.at[p, "kept_start"] = kept_pos
             prompts.at[p, "key_start"] = key_pos
+            prompts.at[p, "pattern_start"] = pat_pos
             kept_pos += int(n_kept[p])
             key_pos += int(n_tok[p])
+            pat_pos += int(n_tok[p]) ** 2 if full else 0
         kept_pos = -(-kept_pos // tchunk) * tchunk
         key_pos = -(-key_pos // kchunk) * kchunk
+        pat_pos = -(-pat_pos // pchunk) * pchunk
         block_rows.append(dict(block=b, prompt_start=p0, prompt_end=p1, kept_start=k0, kept_end=kept_pos,
-                               key_start=y0, key_end=key_pos, n_tokens_total=int(n_tok[p0:p1].sum())))
+                               key_start=y0, key_end=key_pos, pattern_start=q0, pattern_end=pat_pos,
+                               n_tokens_total=int(n_tok[p0:p1].sum())))
     prompts["n_kept"] = n_kept
 
     # Controls: each user prompt's baseline against the next user prompt's (cyclic).
@@ -327,6 +338,7 @@ def build_plan(sweep: SweepConfig, tok, dims: ModelDims) -> Plan:
         baseline_carries_default=bool(injected) and baseline == "no_system_turn",
         token_chunk=tchunk,
         key_chunk=kchunk,
+        pattern_chunk=pchunk,
         regions=list(REGIONS),
         bos_token_id=tok.bos_token_id,
     )

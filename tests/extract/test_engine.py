@@ -162,3 +162,23 @@ def test_cuda_oom_halves_the_batch_and_retries(sweep_path, tok, tiny_model, batc
     assert max(sizes) > 1 and 1 in sizes
     for name in ("resid_post", "attn_region_mass", "logits_topk_logprobs"):
         np.testing.assert_allclose(st.array(name)[...], batched.array(name)[...], atol=1e-4)
+
+
+def test_full_patterns_for_opted_in_layers(sweep_path, tok, tiny_model):
+    """Shared prefix rows and suffix rows reassemble into the model's full pattern."""
+    s = load_sweep(sweep_path, full_attention_layers=[0, 2])
+    st = extract(s, ExtractConfig(store=None, progress=False), model=tiny_model, tok=tok)
+    plan = st.plan
+    tiny_model.config._attn_implementation = "eager"
+    try:
+        for p in (0, int(plan.pairs.iloc[-1].variant)):
+            ids = torch.as_tensor(plan.prompt_tokens(p), dtype=torch.long)[None]
+            with torch.no_grad():
+                att = tiny_model(ids, output_attentions=True).attentions
+            got = st.attn_pattern(p)  # (2, NH, n, n)
+            for i, layer in enumerate((0, 2)):
+                np.testing.assert_allclose(got[i], att[layer][0].numpy(), atol=2e-3)  # float16 storage
+    finally:
+        tiny_model.config._attn_implementation = "promptshift"
+    with pytest.raises(Exception, match="no full attention patterns"):
+        _extract(sweep_path, tok, tiny_model, None).attn_pattern(0)
