@@ -8,8 +8,12 @@ and recomputes the rest, producing the same bytes.
 
 from __future__ import annotations
 
+import os
 import platform
 import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +44,8 @@ class ExtractConfig:
     allow_pickle: bool = False
     queue_blocks: int = 2
     padding_side: str = "right"
+    init_only: bool = False  # create the store from the plan and stop (the SLURM "plan" step)
+    requeue: bool = True  # on SIGTERM/SIGUSR1 under SLURM, requeue this task after the current block
 
     def __post_init__(self):
         self.shard_index, self.n_shards = parse_shard(self.shard)
@@ -299,6 +305,9 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
         model = load_model(sweep.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=sweep.trust_remote_code,
                            allow_pickle=cfg.allow_pickle)
     store = Store.create(cfg.store, plan, provenance(model, tok, sweep, plan), cfg.format, cfg.overwrite)
+    if cfg.init_only:
+        store.run_stats = {"tokens": 0, "attn_qk": 0, "blocks": 0, "seconds": 0.0, "stopped_by": None}
+        return store
     plan = store.plan  # the persisted plan is the one every worker follows
     blocks = plan.shard_blocks(cfg.shard_index, cfg.n_shards)
     done = store.done()
@@ -312,8 +321,11 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     writer.start()
     bar = _progress(n_prompts, cfg.progress, f"extract {cfg.shard_index}/{cfg.n_shards}")
     t0 = time.perf_counter()
+    stop = _StopSignals()
     try:
         for b in todo:
+            if stop.signal is not None:
+                break
             data, _, check = runner.compute(b)
             writer.put((b, data, check))
             blk = plan.blocks.iloc[b]
@@ -321,14 +333,51 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
             el = time.perf_counter() - t0
             bar.set_postfix(tok_s=f"{runner.tokens_done / max(el, 1e-9):.0f}", block=f"{b}")
     finally:
+        stop.restore()
         bar.close()
         writer.close()
         engine.remove_hooks()
     if hasattr(store.backend, "flush"):
         store.backend.flush()
     store.run_stats = {"tokens": runner.tokens_done, "attn_qk": runner.attn_qk, "blocks": len(todo),
-                       "seconds": time.perf_counter() - t0}
+                       "seconds": time.perf_counter() - t0, "stopped_by": stop.signal}
+    if stop.signal is not None:
+        print(f"promptshift: stopped by signal {stop.signal} after finishing the current block; "
+              "rerun the same command to resume", file=sys.stderr, flush=True)
+        if cfg.requeue:
+            _slurm_requeue()
     return store
+
+
+class _StopSignals:
+    """SIGTERM / SIGUSR1 (SLURM's warning before a time limit or pre-emption) end the run
+    after the block in progress is computed and written, instead of losing it."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _slurm_requeue() -> None:
+    """Put this SLURM task back in the queue; it resumes from its completion records."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    msg = "requeued" if r.returncode == 0 else f"could not requeue ({r.stderr.strip()})"
+    print(f"promptshift: SLURM job {job} {msg}", file=sys.stderr, flush=True)
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -114,3 +114,17 @@ def test_hdf5_backend_matches_zarr(sweep, reference, tmp_path):
     # and exporting zarr -> hdf5 gives the same arrays too
     run_ok("export", reference, "--to", tmp_path / "e.h5")
     assert_same_arrays(reference, tmp_path / "e.h5")
+
+
+def test_sigterm_finishes_the_current_block_then_resumes(sweep, reference, tmp_path):
+    store = tmp_path / "s.zarr"
+    p = cli("extract", sweep, "--store", store, "--no-progress")
+    _wait_for_blocks(store, 1, p)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert "stopped by signal" in out
+    st = open_store(store)
+    assert 0 < st.done().sum() < st.done().size
+    run_ok("extract", sweep, "--store", store, "--no-progress")
+    assert_same_arrays(reference, store)
