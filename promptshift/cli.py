@@ -92,6 +92,8 @@ def extract(
     trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
     allow_pickle: bool = typer.Option(False, help="allow pickled .bin weights (they can run code)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    init_only: bool = typer.Option(False, help="only create the store from the plan"),
+    requeue: bool = typer.Option(True, help="under SLURM, requeue this task when stopped by SIGTERM/SIGUSR1"),
 ):
     """Run the model over the sweep and fill (this shard of) the activation store."""
     from promptshift.extract.run import ExtractConfig
@@ -101,7 +103,8 @@ def extract(
     s = load_sweep(sweep, **_sweep_overrides(model, keep, storage_dtype, chat_template, trust_remote_code,
                                              max_new_tokens))
     cfg = ExtractConfig(store=str(store), shard=shard, format=format, overwrite=overwrite, device=device,
-                        dtype=dtype, prefix_sharing=prefix_sharing, progress=progress, allow_pickle=allow_pickle)
+                        dtype=dtype, prefix_sharing=prefix_sharing, progress=progress, allow_pickle=allow_pickle,
+                        init_only=init_only, requeue=requeue)
     t0 = time.perf_counter()
     st = run_extract(s, cfg)
     d = st.done()
@@ -171,11 +174,48 @@ def metrics(
     """Compute similarity, attention and output-change tables and the analyses from a store."""
     from promptshift import metrics as m
 
-    kw = {}
+    cluster = None
     if slurm_workers:
-        kw["slurm_workers"] = slurm_workers
-    m.compute(str(store), str(out), scheduler=scheduler, workers=workers, **kw)
+        if scheduler:
+            raise typer.BadParameter("give either --scheduler or --slurm-workers, not both")
+        from promptshift.scale.dask_slurm import start_slurm_cluster
+
+        cluster = start_slurm_cluster(slurm_workers)
+        scheduler = cluster.scheduler_address
+    try:
+        m.compute(str(store), str(out), scheduler=scheduler, workers=workers)
+    finally:
+        if cluster is not None:
+            cluster.close()
     typer.echo(f"results in {out}")
+
+
+@app.command()
+def slurm(
+    sweep: str = typer.Argument(..., help="sweep YAML, JSON prompt file or suite name"),
+    store: Path = typer.Option(..., help="zarr store path (on a filesystem every node sees)"),
+    tasks: int = typer.Option(..., help="number of extract array tasks (fixed for a store)"),
+    partition: Optional[str] = typer.Option(None),
+    gpus_per_task: Optional[int] = typer.Option(None),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="per-task time limit, e.g. 04:00:00"),
+    cpus_per_task: Optional[int] = typer.Option(None),
+    mem: Optional[str] = typer.Option(None),
+    results: Optional[Path] = typer.Option(None, help="results directory (default: next to the store)"),
+    setup: str = typer.Option("", help="shell lines to run first in every job (module load ...)"),
+    templates: Optional[Path] = typer.Option(None, help="folder of edited *.sbatch templates"),
+    extract_args: str = typer.Option("", help="extra arguments for every `promptshift extract`"),
+    metrics_args: str = typer.Option("", help="extra arguments for `promptshift metrics`"),
+    dry_run: bool = typer.Option(False, help="print the scripts and what would be submitted"),
+):
+    """Submit plan -> extract array -> verify -> metrics as a SLURM dependency chain."""
+    from promptshift.scale.slurm import SlurmConfig, submit
+
+    cfg = SlurmConfig(sweep=sweep, store=str(store), tasks=tasks, partition=partition, gpus_per_task=gpus_per_task,
+                      time=time_limit, cpus_per_task=cpus_per_task, mem=mem,
+                      results=str(results) if results else None, setup=setup,
+                      templates=str(templates) if templates else None, extract_args=extract_args,
+                      metrics_args=metrics_args)
+    submit(cfg, dry_run=dry_run, echo=typer.echo)
 
 
 @app.command()
