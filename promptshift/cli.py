@@ -83,7 +83,10 @@ def extract(
     format: str = typer.Option("zarr", help="zarr or hdf5"),
     overwrite: bool = typer.Option(False, help="replace a store that holds a different plan"),
     model: Optional[str] = typer.Option(None, help="model: HF id, local dir or .gguf (default: embedded SmolLM2)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: auto)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..., or auto-split to spread a model "
+                                         "over all GPUs (default: auto)"),
+    devices: Optional[str] = typer.Option(None, help="comma-separated devices: one process per device, each "
+                                          "filling one shard (e.g. cuda:0,cuda:1)"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype: auto, float32, float16, bfloat16"),
     storage_dtype: Optional[str] = typer.Option(None, help="float16 (default) or float32 on disk"),
     max_new_tokens: Optional[int] = typer.Option(None, help="greedy continuation length (0 to skip)"),
@@ -96,6 +99,11 @@ def extract(
     requeue: bool = typer.Option(True, help="under SLURM, requeue this task when stopped by SIGTERM/SIGUSR1"),
 ):
     """Run the model over the sweep and fill (this shard of) the activation store."""
+    if devices:
+        if shard:
+            raise typer.BadParameter("--devices makes its own shards; do not combine it with --shard")
+        _launch_per_device(devices.split(","), sys.argv[1:])
+        return
     from promptshift.extract.run import ExtractConfig
     from promptshift.extract.run import extract as run_extract
     from promptshift.sweep.config import load_sweep
@@ -109,6 +117,29 @@ def extract(
     st = run_extract(s, cfg)
     d = st.done()
     typer.echo(f"store {store}: {int(d.sum())}/{d.size} blocks done ({time.perf_counter() - t0:.1f} s)")
+
+
+def _launch_per_device(devs: list[str], argv: list[str]) -> None:
+    """One extract process per device, shard i of len(devs) on device i; they share the
+    store safely because each shard owns whole chunks."""
+    import subprocess
+
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--devices":
+            skip = True
+            continue
+        if a.startswith("--devices="):
+            continue
+        args.append(a)
+    procs = [subprocess.Popen([sys.executable, "-m", "promptshift.cli", *args, "--shard", f"{i}/{len(devs)}",
+                               "--device", d]) for i, d in enumerate(devs)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise typer.Exit(max(codes))
 
 
 @app.command()

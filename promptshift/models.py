@@ -241,7 +241,11 @@ def load_model(
     attn_implementation: str = "eager",
 ):
     """Load a causal LM for extraction. Pickled ``.bin`` weights run arbitrary code when
-    loaded, so they are refused unless ``allow_pickle``."""
+    loaded, so they are refused unless ``allow_pickle``.
+
+    ``device="auto-split"`` spreads a model too large for one GPU over all visible GPUs
+    (accelerate's ``device_map="auto"``); hooks and statistics work unchanged because
+    every tensor they touch is moved to the layer's own device."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -253,8 +257,10 @@ def load_model(
             f"{loc} has only pickled .bin weights, which can execute code when loaded; convert them to "
             "safetensors or pass --allow-pickle if you trust the files"
         )
-    dev = auto_device(device)
+    split = device == "auto-split"
+    dev = auto_device(None if split else device)
     torch_dtype = auto_dtype(dev, dtype)
+    extra = {"device_map": "auto"} if split else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -264,6 +270,7 @@ def load_model(
                 trust_remote_code=trust_remote_code,
                 attn_implementation=attn_implementation,
                 use_safetensors=None if allow_pickle else True,
+                **extra,
             )
         except OSError as e:
             if source.kind == "hub":
@@ -276,7 +283,9 @@ def load_model(
                     "--trust-remote-code if you trust it"
                 ) from e
             raise ModelLoadError(f"cannot load model from {loc}: {e}") from e
-    model.to(dev).eval()
+    if not split:
+        model.to(dev)
+    model.eval()
     model.promptshift_source = source
     model.promptshift_location = loc
     return model

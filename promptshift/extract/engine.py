@@ -209,7 +209,7 @@ class Engine:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Unembed (…, H) float hidden states already after the final norm."""
         w = self.lm_head.weight
-        logits = (h.to(w.dtype) @ w.T).float()
+        logits = (h.to(w.device, w.dtype) @ w.T).float()
         if getattr(self.lm_head, "bias", None) is not None:
             logits = logits + self.lm_head.bias.float()
         if self.softcap:
@@ -228,7 +228,8 @@ class Engine:
         # unembedding, as one (rows, H) @ (H, V) product per chunk of rows -- the
         # unembedding matrix is read once per chunk instead of once per layer.
         B = last_resid.shape[0]
-        normed = self.arch.final_norm(last_resid.to(self.arch.final_norm.weight.dtype)).float()  # (B, L, H)
+        nw = self.arch.final_norm.weight
+        normed = self.arch.final_norm(last_resid.to(nw.device, nw.dtype)).float()  # (B, L, H)
         rows = normed.reshape(B * self.L, -1)  # (B*L, H)
         t1 = top1.repeat_interleave(self.L)  # (B*L,)
         ids_c, lp_c, ent_c, t1_c = [], [], [], []

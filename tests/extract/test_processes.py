@@ -128,3 +128,9 @@ def test_sigterm_finishes_the_current_block_then_resumes(sweep, reference, tmp_p
     assert 0 < st.done().sum() < st.done().size
     run_ok("extract", sweep, "--store", store, "--no-progress")
     assert_same_arrays(reference, store)
+
+
+def test_one_process_per_device(sweep, reference, tmp_path):
+    store = tmp_path / "s.zarr"
+    run_ok("extract", sweep, "--store", store, "--devices", "cpu,cpu", "--no-progress")
+    assert_same_arrays(reference, store)
