@@ -1,0 +1,101 @@
+"""The architecture matrix: tiny random models from real config classes of each family.
+Each must give batched == one-at-a-time, the residual sum identity, and hidden states
+equal to the model's own ``output_hidden_states``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from promptshift.errors import ExtractError
+from promptshift.extract.run import ExtractConfig, extract
+from promptshift.sweep.config import load_sweep
+from tests.conftest import write_sweep
+
+
+def _build(family: str, vocab: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, max_position_embeddings=512)
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, **common))
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, **common))
+    if family == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=1,
+                                                      sliding_window=24, **common))
+    if family == "gemma2":
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                    query_pre_attn_scalar=16, sliding_window=24,
+                                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                                    **common))
+    if family == "gemma3":
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                        query_pre_attn_scalar=16, sliding_window=24,
+                                                        layer_types=["sliding_attention", "full_attention"],
+                                                        **common))
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab, n_positions=512))
+    if family == "phi3":
+        return tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=4, pad_token_id=0,
+                                                **common))
+    if family == "gpt_neox":
+        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, rotary_pct=0.25,
+                                                      use_parallel_residual=True, **common))
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3", "gpt2", "phi3", "gpt_neox"]
+
+
+@pytest.fixture(scope="module")
+def sweep_file(tmp_path_factory):
+    return write_sweep(tmp_path_factory.mktemp("arch") / "a.yaml", keep="all", storage_dtype="float32",
+                       max_new_tokens=3, block_prompts=4, top_k=8, lens_top_k=3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_architecture(family, tok, sweep_file):
+    torch.manual_seed(0)
+    model = _build(family, len(tok)).float().eval()
+    s = load_sweep(sweep_file)
+    a = extract(s, ExtractConfig(store=None, progress=False), model=model, tok=tok)
+    b = extract(load_sweep(sweep_file, token_budget=16), ExtractConfig(store=None, progress=False,
+                                                                         prefix_sharing=False), model=model, tok=tok)
+    for name in ("resid_pre", "attn_out", "mlp_out", "resid_post", "attn_region_mass", "logits_topk_logprobs",
+                 "lens_topk_logprobs"):
+        x, y = np.asarray(a.array(name)[...]), np.asarray(b.array(name)[...])
+        assert np.nanmax(np.abs(x - y)) <= 1e-4, (family, name)
+    real = np.asarray(a.array("token_prompt")[...]) >= 0
+    pre, post = a.array("resid_pre")[...][real], a.array("resid_post")[...][real]
+    attn, mlp = a.array("attn_out")[...][real], a.array("mlp_out")[...][real]
+    rel = np.linalg.norm(post - pre - attn - mlp, axis=-1) / np.linalg.norm(post, axis=-1)
+    assert rel.max() <= 1e-5, family
+    np.testing.assert_allclose(pre[:, 1:], post[:, :-1], atol=1e-6)
+    # against the model's own hidden states (all but the last, which is after the final norm)
+    p = int(a.plan.pairs.iloc[0].variant)
+    ids = torch.as_tensor(a.plan.prompt_tokens(p), dtype=torch.long)[None]
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    pos = a.plan.kept_positions(p)
+    got = a.component("resid_pre", p)
+    for layer in range(len(hs) - 1):
+        np.testing.assert_allclose(got[:, layer], hs[layer][0, pos].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_architecture_names_what_is_missing(tok):
+    import transformers as tf
+
+    model = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=len(tok)))
+    from promptshift.extract.arch import resolve_arch
+
+    with pytest.raises(ExtractError, match="'bloom' is not supported.*ArchSpec"):
+        resolve_arch(model)
