@@ -115,6 +115,12 @@ class _Writer(threading.Thread):
             if self.error is None:
                 try:
                     self.store.write_block(*item)
+                except OSError as e:  # disk full, permissions, lost mount: the block stays not-done
+                    self.error = StoreError(
+                        f"writing block {item[0]} to {self.store.path} failed ({e.strerror or e}); the block is not "
+                        "marked done: fix the cause and rerun the same command to resume"
+                    )
+                    self.error.__cause__ = e
                 except BaseException as e:  # reported by put()/close()
                     self.error = e
 

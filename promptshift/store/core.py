@@ -183,7 +183,10 @@ class Store:
                         "replace it, or choose another --store path"
                     )
                 return open_store(path, mode="r+")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store at {path}: {e.strerror} ({e.filename})") from e
         if not os.access(path.parent, os.W_OK):
             raise StoreError(f"cannot write the store: directory {path.parent} is not writable")
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

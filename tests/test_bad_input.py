@@ -1,0 +1,121 @@
+"""Bad input and faults during extraction: each ends in a clear, typed error, and never in
+a partial or corrupt store (see also tests/sweep/test_config_plan.py, tests/test_models.py,
+tests/store/test_store.py for the sweep-, model- and store-level cases)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from promptshift.errors import ExtractError, StoreError
+from promptshift.extract.run import ExtractConfig, extract
+from promptshift.store import open_store
+from promptshift.sweep.config import load_sweep
+from tests.conftest import tiny_llama, write_sweep
+
+
+@pytest.fixture()
+def sweep(tmp_path):
+    return write_sweep(tmp_path / "s.yaml", block_prompts=3, max_new_tokens=2, top_k=4, lens_top_k=2)
+
+
+def _run(sweep, tok, model, store, **kw):
+    return extract(load_sweep(sweep, **kw.pop("sweep_kw", {})), ExtractConfig(store=store, progress=False, **kw),
+                   model=model, tok=tok)
+
+
+def test_layer_out_of_range_leaves_no_store(sweep, tok, tiny_model, tmp_path):
+    store = tmp_path / "s.zarr"
+    with pytest.raises(StoreError, match="layer 99, but the model has layers 0..2"):
+        _run(sweep, tok, tiny_model, str(store), sweep_kw={"full_attention_layers": [99]})
+    assert not store.exists() and not list(tmp_path.glob(".s.zarr.tmp*"))
+
+
+def test_read_only_output_directory(sweep, tok, tiny_model, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permission bits; emulate with a non-directory parent
+            target = tmp_path / "file_not_dir"
+            target.write_text("x")
+            with pytest.raises(StoreError, match="cannot create store"):
+                _run(sweep, tok, tiny_model, str(target / "s.zarr"))
+        else:
+            with pytest.raises(StoreError, match="not writable"):
+                _run(sweep, tok, tiny_model, str(ro / "s.zarr"))
+    finally:
+        ro.chmod(0o755)
+
+
+def test_disk_full_during_write_then_resume(sweep, tok, tiny_model, tmp_path, monkeypatch):
+    from promptshift.store.core import Store
+
+    ref = _run(sweep, tok, tiny_model, str(tmp_path / "ref.zarr"))
+    orig = Store.write_block
+    calls = {"n": 0}
+
+    def full(self, block, data, selfcheck=float("nan")):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(self, block, data, selfcheck)
+
+    monkeypatch.setattr(Store, "write_block", full)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(StoreError, match="No space left on device.*rerun the same command to resume"):
+        _run(sweep, tok, tiny_model, str(store))
+    st = open_store(store)
+    assert 0 < st.done().sum() < st.done().size  # the failed block is not marked done
+    monkeypatch.setattr(Store, "write_block", orig)
+    _run(sweep, tok, tiny_model, str(store))
+    st = open_store(store)
+    for name in ref.names():
+        x, y = np.asarray(ref.array(name)[...]), np.asarray(st.array(name)[...])
+        assert list(x) == list(y) if x.dtype.kind in "OTU" else x.tobytes() == y.tobytes(), name
+
+
+def test_nan_activations_are_an_error_not_data(sweep, tok, tmp_path):
+    model = tiny_llama(tok, n_layers=2, seed=5)
+    h = model.model.layers[1].mlp.register_forward_hook(lambda m, a, o: o * float("nan"))
+    store = tmp_path / "s.zarr"
+    try:
+        with pytest.raises(ExtractError, match="NaN or inf"):
+            _run(sweep, tok, model, str(store))
+    finally:
+        h.remove()
+    assert not open_store(store).done().any()
+
+
+def test_float16_overflow_names_the_fix(sweep, tok, tmp_path):
+    model = tiny_llama(tok, n_layers=2, seed=6)
+    h = model.model.layers[0].mlp.register_forward_hook(lambda m, a, o: o * 1e9)
+    try:
+        with pytest.raises(ExtractError, match="storage_dtype: float32"):
+            _run(sweep, tok, model, None)
+        st = _run(sweep, tok, model, None, sweep_kw={"storage_dtype": "float32"})
+        assert np.abs(st.array("mlp_out")[...]).max() > 65504
+    finally:
+        h.remove()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: hi}]\nbaseline: nope\n")
+    for args in (["plan", str(bad)], ["extract", str(bad), "--store", str(tmp_path / "s.zarr")],
+                 ["extract", "default", "--store", str(tmp_path / "t.zarr"), "--shard", "3/2"],
+                 ["info", str(tmp_path / "missing.zarr")]):
+        r = subprocess.run([sys.executable, "-m", "promptshift.cli", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "s.zarr").exists()
