@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from promptshift.report.style import (
     COMPONENTS, HIGHLIGHT, METRIC_LABELS, MUTED, NEUTRAL, component_color, region_color, short,
@@ -68,8 +69,16 @@ def _mean_se(df: pd.DataFrame, by: list[str], value: str, unit: str = "user_id")
     return out
 
 
+MAX_WIDTH_IN = 11.8  # the report's figure column is ~1140 CSS px; wider figures would be shrunk
+
+
 def _fig(w: float, h: float) -> Figure:
-    return Figure(figsize=(w, h), layout="constrained")
+    return Figure(figsize=(min(w, MAX_WIDTH_IN), h), layout="constrained")
+
+
+def _note(fig: Figure, text: str) -> None:
+    """A sentence the report prints under the figure (e.g. that a fallback was used)."""
+    fig.promptshift_notes = [*getattr(fig, "promptshift_notes", []), text]
 
 
 def _systems_order(values: pd.Series) -> list[str]:
@@ -78,7 +87,7 @@ def _systems_order(values: pd.Series) -> list[str]:
 
 
 def _heat_height(n_rows: int) -> float:
-    return max(3.0, 1.6 + 0.27 * n_rows)
+    return max(3.6, 1.6 + 0.27 * n_rows)
 
 
 def _pearson(x, y) -> float:
@@ -110,12 +119,12 @@ def _summary_layer(res: Results, comp: str) -> int | None:
     return None
 
 
-def _layer_ticks(ax, layers) -> None:
+def _layer_ticks(ax, layers, nbins: int = 8) -> None:
+    """Integer layer ticks, at most ~`nbins` of them, so 30+ layers stay legible in a narrow panel."""
     layers = np.asarray(sorted(set(int(v) for v in layers)))
     if len(layers) == 0:
         return
-    step = 1 if len(layers) <= 16 else 2 if len(layers) <= 32 else 4 if len(layers) <= 64 else 8
-    ax.set_xticks(layers[::step])
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=nbins, integer=True))
     ax.set_xlim(layers.min() - 0.5, layers.max() + 0.5)
 
 
@@ -130,13 +139,13 @@ def _layer_profile(res: Results) -> tuple[pd.DataFrame, str]:
     `component_change` here, with normal-approximation CIs, when that table is missing.
     """
     if res.has("layer_ranking"):
-        lr = res.table("layer_ranking", ["component", "layer", "metric", "mean", "ci_low", "ci_high"])
+        lr = res.table("layer_ranking", ["component", "layer", "metric", "ci_low", "ci_high"], finite=["mean"])
         lr = at_position(lr, "last")
         lr = lr[lr["metric"].isin(["rel_change", "cosine_centered"])]
         if lr.empty:
             raise NotAvailable("`layer_ranking.parquet` has no rows for rel_change/cosine_centered at `last`")
         return lr.copy(), "bootstrap 95% CI over user prompts (layer_ranking)"
-    cc = res.table("component_change", ["component", "layer", "rel_change", "cosine_centered"])
+    cc = res.table("component_change", ["component", "layer", "cosine_centered"], finite=["rel_change"])
     cc = at_position(cc, "last")
     rows = []
     for metric in ("rel_change", "cosine_centered"):
@@ -150,6 +159,7 @@ def _layer_profile(res: Results) -> tuple[pd.DataFrame, str]:
 
 def fig_component_layer(res: Results) -> Figure:
     lr, band = _layer_profile(res)
+    fallback = not res.has("layer_ranking")
     metrics = [m for m in ("rel_change", "cosine_centered") if m in set(lr["metric"])]
     comps = _components(lr["component"])
     fig = _fig(3.1 * len(comps) + 0.6, 2.7 * len(metrics) + 0.7)
@@ -175,7 +185,7 @@ def fig_component_layer(res: Results) -> Figure:
                     markeredgecolor="white", zorder=5)
             ax.annotate(f"L{int(top['layer'])}", (top["layer"], top["mean"]), textcoords="offset points",
                         xytext=(6, 6), fontsize=9, color=HIGHLIGHT, fontweight="bold")
-            _layer_ticks(ax, x)
+            _layer_ticks(ax, x, nbins=6)
             if i == 0:
                 ax.set_title(comp, color=col)
             if j == 0:
@@ -189,6 +199,9 @@ def fig_component_layer(res: Results) -> Figure:
         Line2D([], [], color=HIGHLIGHT, marker="*", linestyle="", markersize=11, label="most changed layer"),
     ]
     fig.legend(handles=handles, loc="outside upper center", ncols=4)
+    if fallback:
+        _note(fig, "`layer_ranking.parquet` is missing: means and normal-approximation CIs were computed here "
+                   "from `component_change.parquet`.")
     return fig
 
 
@@ -215,7 +228,7 @@ def _annotated_heatmap(ax, values: pd.DataFrame, title: str, cbar_label: str, sh
 
 
 def fig_component_system(res: Results) -> Figure:
-    cc = res.table("component_change", ["system", "component", "layer", "rel_change"])
+    cc = res.table("component_change", ["system", "component", "layer"], finite=["rel_change"])
     cc = not_control(at_position(cc, "last"))
     if cc.empty:
         raise NotAvailable("`component_change.parquet` has no system-prompt rows at position `last`")
@@ -236,7 +249,7 @@ def fig_component_system(res: Results) -> Figure:
     mean.index = [short(s) for s in mean.index]
     at.index = mean.index
     at.columns = labels
-    fig = _fig(max(9.0, 2.2 * len(comps) * 2 + 3.5), _heat_height(len(order)))
+    fig = _fig(3.4 + 2 * 0.95 * len(comps) + 1.0, _heat_height(len(order)))
     ax1, ax2 = fig.subplots(1, 2, sharey=True)
     _annotated_heatmap(ax1, mean, "mean over layers", "", False)
     _annotated_heatmap(ax2, at, "at each component's most affected layer", "value / column maximum", True)
@@ -249,38 +262,60 @@ def fig_component_system(res: Results) -> Figure:
 # 3. length vs impact
 
 
-def _length_test(res: Results, target: str) -> tuple[dict | None, dict | None]:
-    """(overall row, within-family row) of `length_tests` for `target` and method pearson."""
+def _length_tests(res: Results, target: str) -> tuple[dict | None, dict[str, dict]]:
+    """(test over all system prompts, {family: test within that family}) for `target`;
+    each test is {"pearson": row, "spearman": row} from `length_tests`.
+
+    docs/RESULTS.md says "`family` rows isolate length within the length families"; the
+    metrics stage writes a `family` column holding "all" for the test over all system
+    prompts and a family name for the test within that family. A `subset`/`scope` column
+    ("all" / "family") is read the same way.
+    """
     if not res.has("length_tests"):
-        return None, None
+        return None, {}
     lt = res.table("length_tests", ["method", "target", "r"])
     lt = lt[lt["target"].astype(str) == target]
-    fam = pd.Series(False, index=lt.index)
-    for col in ("subset", "scope"):
-        if col in lt.columns:
-            fam |= lt[col].astype(str).str.lower().isin(["family", "families", "within_family"])
-    if "family" in lt.columns:
-        f = lt["family"]
-        fam |= f.astype(bool) if f.dtype == bool else (f.notna() & ~f.astype(str).isin(["", "all", "False", "None"]))
-    out = []
-    for sub in (lt[~fam], lt[fam]):
-        rows = {m: r for m, r in ((str(r["method"]), r) for _, r in sub.iterrows())}
-        out.append({"pearson": rows.get("pearson"), "spearman": rows.get("spearman")} if rows else None)
-    return out[0], out[1]
+    col = next((c for c in ("family", "subset", "scope") if c in lt.columns), None)
+    key = (lt[col].astype(object).where(lt[col].notna(), "all").astype(str) if col else
+           pd.Series("all", index=lt.index))
+    key = key.where(~key.isin(["", "None", "nan"]), "all")
+    tests: dict[str, dict] = {}
+    for k, sub in lt.groupby(key, sort=False):
+        tests[str(k)] = {str(r["method"]): r for _, r in sub.iterrows()}
+    return tests.pop("all", None), tests
 
 
 def _test_text(t: dict | None) -> str:
     if not t or t.get("pearson") is None:
         return ""
     p = t["pearson"]
+    if not np.isfinite(float(p["r"])):
+        return "Pearson r undefined (too few system prompts or no spread)"
     s = f"Pearson r = {_f(p['r'])}"
     if "ci_low" in p and pd.notna(p.get("ci_low")):
         s += f" [{_f(p['ci_low'])}, {_f(p['ci_high'])}]"
     if "p" in p and pd.notna(p.get("p")):
         s += f", p = {_p(p['p'])}"
     if t.get("spearman") is not None:
-        s += f"; Spearman ρ = {_f(t['spearman']['r'])}"
+        s += f", Spearman ρ = {_f(t['spearman']['r'])}"
     return s
+
+
+def _labelled(d: pd.DataFrame, target: str, fams: list[str], fit) -> set[str]:
+    """Which points get a name. Family points never do (the legend and the joining line
+    name them, and short versions of different families sit on top of each other); the
+    other points all do in a small sweep, and in a large one only those that stand out
+    (furthest from the fit, the longest), so labels stay readable with 20+ system prompts."""
+    solo = d[~d["family"].astype(str).isin(fams)]
+    if len(solo) <= 12:
+        return set(solo["system"])
+    out: set[str] = set()
+    if fit is not None:
+        resid = (solo[target] - np.polyval(fit, solo["n_system_tokens"])).abs()
+        out |= set(solo.loc[resid.nlargest(4).index, "system"])
+    if len(solo):
+        out |= {solo.loc[solo["n_system_tokens"].idxmax(), "system"]}
+    return out
 
 
 def fig_length_impact(res: Results) -> Figure:
@@ -290,29 +325,34 @@ def fig_length_impact(res: Results) -> Figure:
     if "family" not in li.columns:
         info = system_info(res.provenance)
         li = li.merge(info[["system", "family", "level"]], on="system", how="left")
-    targets = [t for t in ("impact", "kl") if t in li.columns and li[t].notna().any()]
-    fig = _fig(6.2 * len(targets) + 0.5, 5.4)
+    targets = [t for t in ("impact", "kl") if t in li.columns and np.isfinite(li[t].astype(float)).any()]
+    if not targets or not np.isfinite(li["n_system_tokens"].astype(float)).any():
+        raise NotAvailable("`length_impact.parquet` has no finite impact or kl values")
+    fig = _fig(5.9 * len(targets), 5.6)
     axes = fig.subplots(1, len(targets), squeeze=False)[0]
-    fams = [f for f in pd.unique(li["family"].dropna().astype(str)) if f not in ("", "None")]
+    fams = [f for f in pd.unique(li["family"].dropna().astype(str)) if f not in ("", "None", "nan")]
     fam_colors = dict(zip(fams, _family_palette(len(fams))))
     markers = "osD^vP<>Xh"
     rng = np.random.default_rng(0)
+    handles: dict[str, object] = {}  # figure legend: the same in both panels
     for ax, target in zip(axes, targets):
         d = li[["system", "n_system_tokens", target, "family"]].dropna(subset=["n_system_tokens", target])
         x, y = d["n_system_tokens"].to_numpy(float), d[target].to_numpy(float)
+        overall, within = _length_tests(res, target)
         solo = d[~d["family"].astype(str).isin(fams)]
-        ax.scatter(solo["n_system_tokens"], solo[target], s=30, color=MUTED, edgecolor="white", zorder=3,
-                   label="no length family")
+        handles["no length family"] = ax.scatter(solo["n_system_tokens"], solo[target], s=30, color=MUTED,
+                                                 edgecolor="white", zorder=3)
+        fam_handles = []
         for k, fam in enumerate(fams):
             f = d[d["family"].astype(str) == fam].sort_values("n_system_tokens")
-            ax.plot(f["n_system_tokens"], f[target], color=fam_colors[fam], marker=markers[k % len(markers)],
-                    markersize=7, linewidth=1.4, zorder=4, label=f"family: {fam}")
-        if len(d) <= 30:
-            for _, r in d.iterrows():
-                ax.annotate(short(r["system"], 22), (r["n_system_tokens"], r[target]), textcoords="offset points",
-                            xytext=(4, 3), fontsize=7, color="#555555")
+            t = within.get(fam, {}).get("pearson")
+            label = fam + (f": r = {_f(t['r'])}" if t is not None and np.isfinite(float(t["r"])) else "")
+            (h,) = ax.plot(f["n_system_tokens"], f[target], color=fam_colors[fam], marker=markers[k % len(markers)],
+                           markersize=7, linewidth=1.4, zorder=4, label=label)
+            fam_handles.append(h)
+        fit = None
         if len(d) >= 3 and np.std(x) > 0:
-            slope, icpt = np.polyfit(x, y, 1)
+            fit = np.polyfit(x, y, 1)
             grid = np.linspace(x.min(), x.max(), 100)
             boots = []
             for _ in range(400):
@@ -321,17 +361,25 @@ def fig_length_impact(res: Results) -> Figure:
                     boots.append(np.polyval(np.polyfit(x[idx], y[idx], 1), grid))
             if boots:
                 lo, hi = np.percentile(np.array(boots), [2.5, 97.5], axis=0)
-                ax.fill_between(grid, lo, hi, color=NEUTRAL, alpha=0.12, linewidth=0, label="fit 95% band (bootstrap)")
-            ax.plot(grid, slope * grid + icpt, color=NEUTRAL, linewidth=1.4, label="linear fit (all system prompts)")
-        overall, within = _length_test(res, target)
-        title = f"{target}: " + (_test_text(overall) or f"Pearson r = {_f(_pearson(x, y))} (computed here; "
-                                                         "no CI: length_tests.parquet missing)")
-        if within:
-            title += f"\nwithin length families: {_test_text(within)}"
-        ax.set_title(title, fontsize=10)
+                handles["fit 95% band (bootstrap over system prompts)"] = ax.fill_between(
+                    grid, lo, hi, color=NEUTRAL, alpha=0.12, linewidth=0)
+            (handles["least-squares fit, all system prompts"],) = ax.plot(grid, np.polyval(fit, grid), color=NEUTRAL,
+                                                                          linewidth=1.4)
+        for _, r in d[d["system"].isin(_labelled(d, target, fams, fit))].iterrows():
+            ax.annotate(short(r["system"], 22), (r["n_system_tokens"], r[target]), textcoords="offset points",
+                        xytext=(5, 3), fontsize=7.5, color="#444444")
+        line = (f"all system prompts: {_test_text(overall)}" if overall else
+                f"Pearson r = {_f(_pearson(x, y))} (computed here; no CI: length_tests.parquet missing)")
+        ax.set_title(METRIC_LABELS.get(target, target) + "\n" + line, fontsize=9, loc="left", fontweight="normal")
+        if fam_handles:
+            ax.legend(handles=fam_handles, loc="lower right", fontsize=8, title="length families"
+                      + (" (within-family Pearson r)" if within else ""), title_fontsize=8)
         ax.set_xlabel("system prompt length (tokens)")
         ax.set_ylabel(METRIC_LABELS.get(target, target))
-        ax.legend(loc="best")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4))
+    if not res.has("length_tests"):
+        _note(fig, "`length_tests.parquet` is missing: the Pearson r in the titles was computed here, without CI "
+                   "or p-value.")
     return fig
 
 
@@ -345,7 +393,8 @@ def _family_palette(n: int) -> list[str]:
 
 
 def fig_tag_impact(res: Results) -> Figure:
-    ti = res.table("tag_impact", ["tag", "diff", "ci_low", "ci_high"]).copy()
+    ti = res.table("tag_impact", ["tag", "ci_low", "ci_high"], finite=["diff"]).copy()
+    ti["ci_low"], ti["ci_high"] = ti["ci_low"].fillna(ti["diff"]), ti["ci_high"].fillna(ti["diff"])
     ti["tag"] = ti["tag"].astype(str)
     if "target" not in ti.columns:
         ti["target"] = "impact"
@@ -388,10 +437,14 @@ def fig_tag_impact(res: Results) -> Figure:
 
 
 def _attention_last(res: Results) -> pd.DataFrame:
-    ar = res.table("attention_regions", ["role", "system", "layer", "region", "scope", "mass"])
+    ar = res.table("attention_regions", ["role", "system", "layer", "region", "scope"], finite=["mass"])
     ar = ar[ar["scope"].astype(str) == "last"]
     if ar.empty:
         raise NotAvailable("`attention_regions.parquet` has no rows with scope `last`")
+    if "uniform" in ar.columns:
+        # a region with no keys in a prompt (no system turn in the baseline) has mass 0 by
+        # construction; averaging those zeros in would read as "not attended to"
+        ar = ar[~(pd.to_numeric(ar["uniform"], errors="coerce") == 0)]
     return ar
 
 
@@ -413,7 +466,8 @@ def fig_attention_regions(res: Results) -> Figure:
             ax.fill_between(m["layer"], m["ci_low"], m["ci_high"], color=col, alpha=0.2, linewidth=0)
             ax.plot(m["layer"], m["mean"], color=col, linestyle=ls)
         if "uniform" in d.columns:
-            u = d.groupby("layer")["uniform"].mean()
+            v = d[d["role"].astype(str) == "variant"]
+            u = (v if len(v) else d).groupby("layer")["uniform"].mean()
             ax.plot(u.index, u.to_numpy(), color=MUTED, linestyle=":", linewidth=1.3)
         ax.set_title(f"→ {region}", color=col)
         ax.set_xlabel("layer")
@@ -422,7 +476,7 @@ def fig_attention_regions(res: Results) -> Figure:
     axes[0].set_ylabel("attention mass from the last token")
     handles = [Line2D([], [], color=NEUTRAL, label="with system prompt (variant)"),
                Line2D([], [], color=NEUTRAL, linestyle="--", label="baseline"),
-               Line2D([], [], color=MUTED, linestyle=":", label="uniform attention over visible keys"),
+               Line2D([], [], color=MUTED, linestyle=":", label="uniform attention over visible keys (variants)"),
                Patch(color=NEUTRAL, alpha=0.2, label="mean ± 1.96 SE across user prompts")]
     fig.legend(handles=handles, loc="outside upper center", ncols=4)
     return fig
@@ -450,13 +504,13 @@ def fig_attention_system_heatmap(res: Results) -> Figure:
     grid.index = [short(s) for s in grid.index]
     fig = _fig(max(8.0, 2.5 + 0.32 * grid.shape[1]), _heat_height(len(grid)))
     ax = fig.subplots()
-    label = ("share of non-sink attention to system tokens" if value == "mass_nosink"
-             else "attention mass to system tokens")
+    label = ("share of non-sink attention\nto system tokens" if value == "mass_nosink"
+             else "attention mass\nto system tokens")
     sns.heatmap(grid, ax=ax, cmap="viridis", vmin=0, linewidths=0, cbar_kws={"label": label, "shrink": 0.7})
     if not base.empty:
         ax.axhline(len(grid) - len(b), color="white", linewidth=3)
     ax.set_xlabel("layer")
-    ax.set_ylabel("system prompt (sorted by mean over layers)")
+    ax.set_ylabel("system prompt (by mean)")
     ax.tick_params(axis="y", rotation=0)
     ax.tick_params(axis="x", rotation=0)
     ax.grid(False)
@@ -468,9 +522,10 @@ def fig_attention_entropy(res: Results) -> Figure:
         ar = _attention_last(res)
         keys = [c for c in ("prompt", "role", "system", "user_id", "layer") if c in ar.columns]
         d = ar.drop_duplicates(keys)  # entropy is per prompt x layer, repeated on each region row
+        d = d[np.isfinite(d["entropy"].astype(float))]
         source = "last query row"
     else:
-        d = res.table("attention_layers", ["role", "system", "layer", "entropy"])
+        d = res.table("attention_layers", ["role", "system", "layer"], finite=["entropy"])
         source = "all query rows"
     if "user_id" not in d.columns:
         d = d.assign(user_id=d.get("prompt", pd.Series(range(len(d)), index=d.index)))
@@ -501,7 +556,7 @@ def fig_attention_entropy(res: Results) -> Figure:
 
 
 def fig_lens(res: Results) -> Figure:
-    lc = not_control(res.table("lens_change", ["layer", "kl_lens", "top1_agree"]))
+    lc = not_control(res.table("lens_change", ["layer", "top1_agree"], finite=["kl_lens"]))
     if lc.empty:
         raise NotAvailable("`lens_change.parquet` has no pair rows")
     kl = _mean_se(lc, ["layer"], "kl_lens")
@@ -535,16 +590,16 @@ def fig_lens(res: Results) -> Figure:
 
 
 def _pair_internal(res: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
-    cc = res.table("component_change", ["pair", "component", "layer", "rel_change"])
+    cc = res.table("component_change", ["pair", "component", "layer"], finite=["rel_change"])
     cc = not_control(at_position(cc, "last"))
-    oc = not_control(res.table("output_change", ["pair", "kl"]))
+    oc = not_control(res.table("output_change", ["pair"], finite=["kl"]))
     return cc, oc
 
 
 def _r_by_layer(res: Results, cc: pd.DataFrame, oc: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     """Pearson r of rel_change vs kl per component x layer: from the table when present."""
     if res.has("internal_vs_output"):
-        iv = res.table("internal_vs_output", ["component", "layer", "r"])
+        iv = res.table("internal_vs_output", ["component", "layer"], finite=["r"])
         icol = pick(iv, ("internal", "internal_measure", "measure", "metric"), "internal_vs_output",
                     "internal-measure")
         ocol = pick(iv, ("output", "output_measure", "target"), "internal_vs_output", "output-measure")
@@ -555,8 +610,8 @@ def _r_by_layer(res: Results, cc: pd.DataFrame, oc: pd.DataFrame) -> tuple[pd.Da
         if not d.empty:
             return d.copy(), True
     m = cc.merge(oc[["pair", "kl"]], on="pair")
-    rows = [dict(component=c, layer=l, r=_pearson(g["rel_change"], g["kl"]))
-            for (c, l), g in m.groupby(["component", "layer"])]
+    rows = [dict(component=c, layer=lay, r=_pearson(g["rel_change"], g["kl"]))
+            for (c, lay), g in m.groupby(["component", "layer"])]
     return pd.DataFrame(rows), False
 
 
@@ -565,6 +620,9 @@ def fig_internal_output(res: Results) -> Figure:
     rl, from_table = _r_by_layer(res, cc, oc)
     comps = _components(rl["component"])
     strongest = res.summary.get("strongest_internal_output") or {}
+    if not isinstance(strongest, dict) or strongest.get("measure", "rel_change") != "rel_change" \
+            or strongest.get("output", "kl") != "kl":
+        strongest = {}  # the summary's strongest pair is about another measure: not what these panels show
     fig = _fig(3.2 * max(len(comps), 3) + 0.4, 7.6)
     gs = fig.add_gridspec(2, len(comps), height_ratios=[1, 1.15])
     top = fig.add_subplot(gs[0, :])
@@ -592,6 +650,7 @@ def fig_internal_output(res: Results) -> Figure:
         if strongest.get("component") == comp and isinstance(strongest.get("layer"), (int, float)):
             best = int(strongest["layer"])
         pts = merged[(merged["component"].astype(str) == comp) & (merged["layer"] == best)]
+        pts = pts[np.isfinite(pts["rel_change"].astype(float)) & np.isfinite(pts["kl"].astype(float))]
         col = component_color(comp)
         ax.scatter(pts["rel_change"], pts["kl"], s=14, color=col, alpha=0.6, edgecolor="none")
         x, y = pts["rel_change"].to_numpy(float), pts["kl"].to_numpy(float)
@@ -603,6 +662,9 @@ def fig_internal_output(res: Results) -> Figure:
         ax.set_xlabel(f"rel_change of {comp} at layer {best}")
         if j == 0:
             ax.set_ylabel("KL(variant ‖ baseline), next token")
+    if not from_table:
+        _note(fig, "`internal_vs_output.parquet` is missing (or has no rel_change × kl rows): r per layer was "
+                   "computed here from `component_change` and `output_change`, without CI.")
     return fig
 
 
@@ -614,12 +676,18 @@ def fig_position(res: Results) -> Figure:
     import seaborn as sns
 
     pc = res.table("position_change", ["component", "layer"])
+    if "axis" in pc.columns:  # metrics writes per-token rows (axis from_end) and per-region rows (axis region)
+        pc = pc[pc["axis"].astype(str) == "from_end"]
+        if pc.empty:
+            raise NotAvailable("`position_change.parquet` has no per-token rows (axis `from_end`); was the store "
+                               "written with `keep: last` only?")
     pos = pick(pc, ("pos_from_end", "position_from_end", "from_end", "index_from_end", "pos_bin", "bin", "position"),
                "position_change", "position-bin")
     val = pick(pc, ("mean", "rel_change"), "position_change", "value")
     pc = pc.copy()
     pc[pos] = pd.to_numeric(pc[pos], errors="coerce")
-    pc = pc.dropna(subset=[pos])
+    pc[val] = pd.to_numeric(pc[val], errors="coerce")
+    pc = pc[np.isfinite(pc[pos].astype(float)) & np.isfinite(pc[val].astype(float))]
     if pc.empty:
         raise NotAvailable(f"`position_change.parquet` has no numeric `{pos}` values")
     last = int(pc[pos].min())  # the index of the last prompt token (0 or 1, by convention)
@@ -648,6 +716,7 @@ def fig_position(res: Results) -> Figure:
         if {"ci_low", "ci_high"} <= set(d.columns):
             ax1.fill_between(d.index, d["ci_low"], d["ci_high"], color=col, alpha=0.18, linewidth=0)
         ax1.plot(d.index, d[val], color=col, marker="o", markersize=3, label=f"{comp} (layer {lay})")
+    ax1.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
     ax1.set_xlabel("aligned token, counted back from the last prompt token (0 = last)")
     ax1.set_ylabel("relative change ‖v − b‖ / ‖b‖")
     ax1.legend(loc="upper left", title="at the most affected layer")
@@ -659,6 +728,7 @@ def fig_position(res: Results) -> Figure:
     ax2.set_xlabel("aligned token from the end (0 = last)")
     ax2.set_ylabel("layer")
     ax2.tick_params(axis="y", rotation=0)
+    ax2.tick_params(axis="x", rotation=0)
     ax2.grid(False)
     return fig
 
@@ -686,7 +756,8 @@ FIGURES: tuple[FigureSpec, ...] = (
         "One point per system prompt: its length in tokens against its impact (mean relative change of resid_post "
         "at the last token, averaged over layers; left) and its next-token KL (right). Points of one length family "
         "(the same instruction written short, medium and long) are joined by a line, so a rising line means length "
-        "matters with the content held fixed. The black line is a least-squares fit over all system prompts with a "
+        "matters with the content held fixed; the legend in each panel gives the within-family correlation when the "
+        "metrics stage computed it. The black line is a least-squares fit over all system prompts with a "
         "bootstrap band; the title gives the correlation and its 95% CI from the metrics stage.",
         fig_length_impact),
     FigureSpec(
@@ -717,8 +788,9 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
         "fig-lens", "When the output shift appears: logit lens by layer",
         "Each layer's residual stream at the last token, read through the final norm and unembedding (logit lens). "
-        "Left: mean KL between the variant's and the baseline's lens distributions; right: share of pairs whose "
-        "lens top-1 token is the same. Bands are ± 1.96 standard errors across user prompts. The red dashed line "
+        "Left: mean KL between the variant's and the baseline's lens distributions (a top-k approximation that is "
+        "coarse where the lens distribution is flat, in early layers: read it there as an ordering, not as nats); "
+        "right: share of pairs whose lens top-1 token is the same. Bands are ± 1.96 standard errors across user prompts. The red dashed line "
         "is the layer where the output shift appears (summary `lens_shift_layer`).",
         fig_lens),
     FigureSpec(

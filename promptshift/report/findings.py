@@ -68,14 +68,14 @@ def _ordered(keys):
 def _overview(s: dict) -> list[str]:
     parts = []
     if _num(s.get("n_pairs")):
-        parts.append(f"{int(s['n_pairs'])} (user prompt, system prompt) pairs, each compared with its baseline")
+        parts.append(f"compares {int(s['n_pairs'])} (user prompt, system prompt) pairs with their baselines")
     if _num(s.get("n_controls")):
-        parts.append(f"{int(s['n_controls'])} control pairs (two unrelated user prompts under the baseline) "
-                     "that set the floor")
+        parts.append(f"uses {int(s['n_controls'])} control pairs (two unrelated user prompts under the baseline) "
+                     "as the floor")
     if not parts:
         return []
     model = f" on {s['model']}" if isinstance(s.get("model"), str) and s["model"] else ""
-    return [f"The sweep measured{model}: " + "; ".join(parts) + "."]
+    return [f"The sweep{model} " + " and ".join(parts) + "."]
 
 
 def _layers(s: dict) -> list[str]:
@@ -98,12 +98,30 @@ def _layers(s: dict) -> list[str]:
 
 
 def _above(s: dict) -> list[str]:
+    """The verdict of summary.json on the control floor, for the component it was made on
+    (`impact_component`, resid_post by default), with the numbers it rests on."""
     v = s.get("effects_above_control")
+    comp = s.get("impact_component") if isinstance(s.get("impact_component"), str) else "resid_post"
+    mal = s.get("most_affected_layer") if isinstance(s.get("most_affected_layer"), dict) else {}
+    floor = s.get("control_floor") if isinstance(s.get("control_floor"), dict) else {}
+    d = mal.get(comp) if isinstance(mal.get(comp), dict) else {}
+    numbers = ""
+    if _num(d.get("mean")) and _num(floor.get(comp)):
+        numbers = f" ({fmt(d['mean'])} against {fmt(floor[comp])})"
     if v is True:
-        return ["The system-prompt effects at the most affected layers lie above the control floor."]
+        text = (f"At its most affected layer, `{comp}` changes more with a system prompt than between two unrelated "
+                f"user prompts{numbers}: the effect lies above the control floor")
+        if _ci_ok(d.get("ci")) and _num(floor.get(comp)) and float(d["ci"][0]) <= float(floor[comp]):
+            text += f", but its 95% CI reaches down to {fmt(d['ci'][0])}, below the floor"
+        return [text + "."]
     if v is False:
-        return ["The system-prompt effects do not rise above the control floor: they are no larger than the change "
-                "between two unrelated user prompts, so the layer profiles above should not be read as effects."]
+        return [f"The system-prompt effect on `{comp}` does not rise above the control floor{numbers}: it is no larger "
+                "than the change between two unrelated user prompts, so the layer profiles should not be read as "
+                "effects."]
+    if v is None and "effects_above_control" in s:
+        note = s.get("effects_note")
+        return ["summary.json gives no verdict on the control floor"
+                + (f" ({note})" if isinstance(note, str) and note else "") + "."]
     return []
 
 
@@ -159,8 +177,9 @@ def _internal_output(s: dict) -> list[str]:
     if not isinstance(d, dict) or not _num(d.get("r")) or not d.get("component") or not _num(d.get("layer")):
         return []
     out = d.get("output") or "output change"
-    text = (f"Internal change tracks output change most closely at `{d['component']}` layer {layer(d['layer'])}: "
-            f"r = {fmt(d['r'])} with `{out}`")
+    measure = f"`{d['measure']}` of " if isinstance(d.get("measure"), str) else ""
+    text = (f"Internal change tracks output change most closely at {measure}`{d['component']}` layer "
+            f"{layer(d['layer'])}: r = {fmt(d['r'])} with `{out}`")
     if _ci_ok(d.get("ci")):
         text += f" ({ci(d['ci'])})"
     return [text + "."]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from promptshift.errors import PromptShiftError
@@ -65,17 +66,26 @@ class Results:
             self._cache[name] = df
         return self._cache[name]
 
-    def table(self, name: str, columns: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
-        """The table with at least `columns`; raises NotAvailable saying what is missing."""
+    def table(self, name: str, columns: tuple[str, ...] | list[str] = (),
+              finite: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
+        """The table with at least `columns`, without the rows where a `finite` column is NaN
+        or infinite (an undefined metric, e.g. a relative change against a zero norm);
+        raises NotAvailable saying what is missing."""
         df = self.raw(name)
         if df is None:
             raise NotAvailable(f"`{name}.parquet` is not in {self.dir.name}/ (the metrics stage did not write it)")
         if df.empty:
             raise NotAvailable(f"`{name}.parquet` is empty")
-        missing = [c for c in columns if c not in df.columns]
+        missing = [c for c in (*columns, *finite) if c not in df.columns]
         if missing:
-            raise NotAvailable(f"`{name}.parquet` lacks column(s) {', '.join(missing)} "
+            raise NotAvailable(f"`{name}.parquet` lacks column(s) {', '.join(dict.fromkeys(missing))} "
                                f"(has: {', '.join(map(str, df.columns))})")
+        if finite:
+            ok = np.logical_and.reduce([np.isfinite(pd.to_numeric(df[c], errors="coerce").astype(float))
+                                        for c in finite])
+            df = df[ok]
+            if df.empty:
+                raise NotAvailable(f"`{name}.parquet` has no finite values of {', '.join(finite)}")
         return df
 
     def has(self, name: str) -> bool:
@@ -107,7 +117,34 @@ class Results:
 
     @property
     def provenance(self) -> dict:
-        return self.json("provenance")
+        return flat_provenance(self.json("provenance"))
+
+
+def flat_provenance(prov: dict) -> dict:
+    """The store's provenance as one flat dict, whichever form provenance.json has.
+
+    docs/RESULTS.md: the store's provenance (model_id, dtype, sweep, versions, ...) at the
+    top level, plus `plan_hash`, `plan_meta`, `store_path` and `metrics` (n_boot, seed,
+    versions, ...). A file with the store's provenance nested under `store` (an earlier
+    form) reads the same. What metrics adds is flattened to `metrics_<key>`; the baseline
+    fields fall back to `plan_meta` when the store's provenance lacks them.
+    """
+    if not isinstance(prov, dict):
+        return {}
+    extras = {"store", "plan_meta", "metrics"}
+    out = dict(prov["store"]) if isinstance(prov.get("store"), dict) else \
+        {k: v for k, v in prov.items() if k not in extras}
+    meta = prov.get("plan_meta") if isinstance(prov.get("plan_meta"), dict) else {}
+    for k in ("baseline", "injected_system", "baseline_carries_default"):
+        if out.get(k) is None and meta.get(k) is not None:
+            out[k] = meta[k]
+    for k in ("plan_hash", "store_path"):
+        if prov.get(k) is not None:
+            out[k] = prov[k]
+    metrics = prov.get("metrics") if isinstance(prov.get("metrics"), dict) else {}
+    for k, v in metrics.items():
+        out[f"metrics_{k}"] = v
+    return out
 
 
 def pick(df: pd.DataFrame, candidates: tuple[str, ...], table: str, what: str) -> str:

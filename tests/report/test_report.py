@@ -1,0 +1,173 @@
+"""The report on a fake results directory: every figure present, embedded and written as
+PNG + SVG; missing tables become notes; the report stage stays free of torch."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import subprocess
+import sys
+
+import matplotlib.image as mpimg
+import pandas as pd
+import pytest
+
+from promptshift.errors import PromptShiftError
+from promptshift.report import FIGURE_IDS, ReportError, Results, build_report
+
+from .conftest import TABLE_NAMES, make_fake_results
+
+IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"[^>]*data-figure="([^"]+)"')
+
+
+def _figure_block(html: str, fid: str) -> str:
+    start = html.index(f'<figure id="{fid}">')
+    return html[start:html.index("</figure>", start)]
+
+
+def test_every_figure_is_embedded_and_written(built_report, fake_results):
+    html = built_report.read_text(encoding="utf-8")
+    assert built_report == fake_results / "report.html"
+    assert len(FIGURE_IDS) == 10 and len(set(FIGURE_IDS)) == 10
+    assert html.count("<img") == len(FIGURE_IDS)
+    found = IMG.findall(html)
+    assert [fid for _, fid in found] == list(FIGURE_IDS)
+    for b64, fid in found:
+        png = base64.b64decode(b64)
+        assert png.startswith(b"\x89PNG\r\n\x1a\n"), fid
+        img = mpimg.imread(io.BytesIO(png), format="png")
+        assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.05, fid
+        assert f'<figure id="{fid}">' in html
+        assert "not available" not in _figure_block(html, fid)
+        assert (fake_results / "figures" / f"{fid}.png").read_bytes() == png
+        svg = (fake_results / "figures" / f"{fid}.svg").read_text(encoding="utf-8")
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert '<section id="findings">' in html and '<section id="provenance">' in html
+
+
+def test_report_is_self_contained(built_report):
+    html = built_report.read_text(encoding="utf-8")
+    # nothing that a browser would fetch: every src is a data URI, every href an anchor
+    assert re.findall(r'\b(?:src|href)="(?!data:|#)[^"]*"', html) == []
+    assert "<link" not in html and "@import" not in html and "url(" not in html
+    assert "http://" not in html and "https://" not in html
+    assert "data-images-loaded" in html and "<script>" in html
+
+
+def test_provenance_and_findings_in_html(built_report, fake_results):
+    html = built_report.read_text(encoding="utf-8")
+    prov = json.loads((fake_results / "provenance.json").read_text())
+    summary = json.loads((fake_results / "summary.json").read_text())
+    for value in (prov["model_id"], prov["weights_sha256"], prov["dtype"], prov["device"], prov["sweep"]["name"],
+                  prov["baseline"], prov["versions"]["transformers"], prov["metrics"]["versions"]["dask"],
+                  prov["plan_hash"]):
+        assert value in html
+    assert "baseline carries a default system prompt" in html and "yes: the template injects" in html
+    assert "1000 resamples over user prompts, seed 0" in html
+    layer = summary["most_affected_layer"]["resid_post"]["layer"]
+    assert f"<code>resid_post</code> changes most at layer {layer}:" in html
+
+
+def _all_but(*keep: str) -> tuple[str, ...]:
+    return tuple(t for t in TABLE_NAMES if t not in keep)
+
+
+def test_missing_tables_become_notes_and_fallbacks_draw(tmp_path):
+    # only the per-pair tables: figures that have a fallback aggregate them here (and say
+    # so), the others say why they are not available. Few figures keep the test fast.
+    d = make_fake_results(tmp_path / "res", omit=_all_but("component_change", "output_change", "length_impact"))
+    (d / "figures").mkdir()
+    (d / "figures" / "fig-lens.png").write_bytes(b"stale")  # from an earlier run: must not survive
+    html = build_report(d, strict=True).read_text(encoding="utf-8")
+    drawn = {"fig-component-layer", "fig-component-system", "fig-length-impact", "fig-internal-output"}
+    for fid in FIGURE_IDS:
+        block = _figure_block(html, fid)
+        if fid in drawn:
+            assert "<img" in block and "not available" not in block, fid
+            assert (d / "figures" / f"{fid}.png").is_file() and (d / "figures" / f"{fid}.svg").is_file()
+        else:
+            assert "not available:" in block and "<img" not in block, fid
+            assert not (d / "figures" / f"{fid}.png").exists()
+    assert html.count("<img") == len(drawn)
+    assert "<code>lens_change.parquet</code> is not in" in _figure_block(html, "fig-lens")
+    # a fallback says so under its figure
+    assert "<code>layer_ranking.parquet</code> is missing" in _figure_block(html, "fig-component-layer")
+    assert "<code>internal_vs_output.parquet</code> is missing" in _figure_block(html, "fig-internal-output")
+    assert "<code>length_tests.parquet</code> is missing" in _figure_block(html, "fig-length-impact")
+
+
+def test_empty_and_malformed_tables(tmp_path):
+    d = make_fake_results(tmp_path / "res", omit=_all_but("component_change", "tag_impact", "lens_change")
+                          + ("summary",))
+    cc = pd.read_parquet(d / "component_change.parquet")
+    cc.iloc[:0].to_parquet(d / "component_change.parquet")  # empty, with the right columns
+    pd.DataFrame({"tag": ["x"]}).to_parquet(d / "tag_impact.parquet")  # wrong columns
+    lens = pd.read_parquet(d / "lens_change.parquet")
+    lens.loc[lens.index % 3 == 0, "kl_lens"] = float("nan")  # undefined values are dropped, not plotted as 0
+    lens.to_parquet(d / "lens_change.parquet")
+    html = build_report(d, strict=True).read_text(encoding="utf-8")
+    assert "<code>component_change.parquet</code> is empty" in _figure_block(html, "fig-component-system")
+    assert "lacks column(s) ci_low, ci_high, diff" in _figure_block(html, "fig-tag-impact")
+    assert "not available: <code>summary.json</code> is missing" in html
+    assert "<img" in _figure_block(html, "fig-lens") and html.count("<img") == 1
+
+
+def test_empty_results_dir_gives_a_report_of_notes(tmp_path):
+    out = build_report(tmp_path, tmp_path / "sub" / "r.html", strict=True)
+    html = out.read_text(encoding="utf-8")
+    assert out == tmp_path / "sub" / "r.html"
+    assert "<img" not in html
+    assert html.count("not available:") == len(FIGURE_IDS) + 2  # + findings + provenance
+
+
+def test_unusable_inputs_raise_typed_errors(tmp_path):
+    with pytest.raises(ReportError, match="does not exist"):
+        build_report(tmp_path / "nope")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ReportError, match="is a file"):
+        build_report(tmp_path / "f.txt")
+    with pytest.raises(ReportError, match="must end in .html"):
+        build_report(tmp_path, tmp_path / "report.pdf")
+    assert issubclass(ReportError, PromptShiftError)
+
+
+def test_provenance_flat_or_nested_reads_the_same(tmp_path):
+    from promptshift.report.tables import flat_provenance, system_info
+
+    d = make_fake_results(tmp_path / "res", omit=TABLE_NAMES)
+    doc = json.loads((d / "provenance.json").read_text())  # the form docs/RESULTS.md describes
+    extras = {k: doc[k] for k in ("plan_hash", "plan_meta", "store_path", "metrics")}
+    store = {k: v for k, v in doc.items() if k not in extras}
+    nested = {"store": store, **extras}  # the store's provenance under `store`: an earlier form
+    flat = flat_provenance(doc)
+    assert flat == flat_provenance(nested)
+    assert flat["model_id"] == store["model_id"] and flat["metrics_seed"] == 0 and "plan_meta" not in flat
+    assert flat_provenance(store) == store  # a bare copy of the store's provenance passes through
+    info = system_info(flat)  # length families come from the sweep when a table lacks them
+    assert set(info.loc[info["family"] == "concise", "level"]) == {"short", "medium", "long"}
+    (d / "provenance.json").write_text(json.dumps(nested))
+    html = build_report(d, strict=True).read_text(encoding="utf-8")
+    assert store["weights_sha256"] in html and "versions (metrics)" in html and "plan_meta" not in html
+
+
+def test_results_reads_csv_when_parquet_is_missing(tmp_path):
+    d = make_fake_results(tmp_path / "res", csv=True)
+    (d / "output_change.parquet").unlink()
+    res = Results(d)
+    assert len(res.table("output_change", ["pair", "kl"])) == len(pd.read_csv(d / "output_change.csv"))
+
+
+def test_report_imports_no_torch_and_errors_in_one_line(tmp_path):
+    # one interpreter for both checks: importing pandas/matplotlib/seaborn costs seconds
+    code = (
+        "import sys, promptshift.report\n"
+        "bad = [m for m in ('torch', 'transformers', 'accelerate', 'dask', 'zarr') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "from promptshift.report.__main__ import main\n"
+        f"sys.exit(main([{str(tmp_path / 'missing')!r}]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().startswith("error: results directory") and "Traceback" not in r.stderr
