@@ -134,3 +134,33 @@ def test_one_process_per_device(sweep, reference, tmp_path):
     store = tmp_path / "s.zarr"
     run_ok("extract", sweep, "--store", store, "--devices", "cpu,cpu", "--no-progress")
     assert_same_arrays(reference, store)
+
+
+def test_sigkill_at_random_points_ten_trials(sweep, reference, tmp_path):
+    """Fault trials: SIGKILL at a random moment (during start-up, mid-block or between
+    blocks), restart, and the store must end identical to the uninterrupted one."""
+    import random
+
+    rng = random.Random(1234)
+    store = tmp_path / "s.zarr"
+    outcomes = []
+    for trial in range(10):
+        if store.exists():
+            import shutil
+
+            shutil.rmtree(store)
+        p = cli("extract", sweep, "--store", store, "--no-progress")
+        target = rng.randint(0, 10)  # kill once this many blocks are done (0: during start-up)
+        if target:
+            _wait_for_blocks(store, target, p)
+        else:
+            time.sleep(rng.uniform(0.5, 6.0))
+        time.sleep(rng.uniform(0, 0.05))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        done = int(open_store(store).done().sum()) if store.exists() else -1
+        run_ok("extract", sweep, "--store", store, "--no-progress")
+        assert_same_arrays(reference, store)
+        outcomes.append(done)
+    print("blocks done at kill time per trial:", outcomes)
+    assert len(set(outcomes)) > 2, outcomes  # the kills really landed at different points
