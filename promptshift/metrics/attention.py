@@ -68,8 +68,7 @@ def prompt_stats(last: np.ndarray, rm: np.ndarray, ent: np.ndarray, reg: np.ndar
 
 
 def attention_task(ref: StoreRef, blk: PromptBlock):
-    """(heads, layers) rows for one block of prompts; the regions table is the heads
-    table averaged over heads (done by the driver)."""
+    """(attention_regions, attention_heads, attention_layers) rows for one block of prompts."""
     store = ref.open()
     rm_all = read_range(store, "attn_region_mass", blk.p0, blk.p1).astype(np.float64)  # (n, L, NH, R, R)
     ent_all = read_range(store, "attn_entropy", blk.p0, blk.p1).astype(np.float64)  # (n, L, NH, R)
@@ -99,6 +98,19 @@ def attention_task(ref: StoreRef, blk: PromptBlock):
         "uniform": np.broadcast_to(uniform[:, :, None, None, :], mass.shape).reshape(-1),
         "entropy": np.broadcast_to(entropy[..., None], mass.shape).reshape(-1),
     })
+    # attention_regions: every measure averaged over heads
+    ri = np.indices((n, 2, L, R)).reshape(4, -1)
+    m_h = mass.mean(3)  # (n, 2, L, R)
+    regions = pd.DataFrame({
+        "prompt": (blk.p0 + ri[0]).astype(np.int64),
+        "scope": np.asarray(SCOPES, dtype=object)[ri[1]],
+        "layer": ri[2].astype(np.int64),
+        "region": np.asarray(REGIONS, dtype=object)[ri[3]],
+        "mass": m_h.reshape(-1),
+        "mass_nosink": nosink.mean(3).reshape(-1),
+        "uniform": np.broadcast_to(uniform[:, :, None, :], m_h.shape).reshape(-1),
+        "entropy": np.broadcast_to(entropy.mean(3)[..., None], m_h.shape).reshape(-1),
+    })
     with np.errstate(invalid="ignore"):
         rate = np.where(np.isnan(sink), np.nan, (sink > SINK_THRESHOLD).astype(np.float64)).mean(-1)  # (n, L)
     li = np.indices((n, L)).reshape(2, -1)
@@ -110,28 +122,7 @@ def attention_task(ref: StoreRef, blk: PromptBlock):
         "entropy": entropy[:, 1].mean(-1).reshape(-1),
         "entropy_last": entropy[:, 0].mean(-1).reshape(-1),
     })
-    return heads, layers
-
-
-def heads_to_regions(heads: pd.DataFrame) -> pd.DataFrame:
-    """attention_regions: every measure of attention_heads averaged over heads."""
-    keys = ["prompt", "scope", "layer", "region"]
-    n_heads = int(heads["head"].max()) + 1 if len(heads) else 1
-    vals = ["mass", "mass_nosink", "uniform", "entropy"]
-    # rows are ordered (prompt, scope, layer, head, region): average over the head axis by reshaping
-    arr = heads[vals].to_numpy().reshape(-1, n_heads, R, len(vals))  # (prompt*scope*layer, NH, R, 4)
-    first = heads.iloc[np.arange(0, len(heads), n_heads * R)]
-    out = pd.DataFrame({
-        "prompt": np.repeat(first["prompt"].to_numpy(), R),
-        "scope": np.repeat(first["scope"].to_numpy(), R),
-        "layer": np.repeat(first["layer"].to_numpy(), R),
-        "region": np.tile(np.asarray(REGIONS, dtype=object), len(first)),
-    })
-    means = arr.mean(axis=1)  # (prompt*scope*layer, R, 4)
-    for i, v in enumerate(vals):
-        out[v] = means[:, :, i].reshape(-1)
-    out.loc[out["region"] == "sink", "mass_nosink"] = np.nan
-    return out[keys + vals]
+    return regions, heads, layers
 
 
 @dataclass
@@ -185,4 +176,4 @@ def attention_change_task(ref: StoreRef, t: PairAttnTask) -> pd.DataFrame:
 
 
 __all__ = ["PairAttnTask", "PromptBlock", "SINK_THRESHOLD", "attention_change_task", "attention_task",
-           "heads_to_regions", "prompt_stats"]
+           "prompt_stats"]

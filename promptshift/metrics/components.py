@@ -23,11 +23,8 @@ from promptshift.metrics.io import StoreRef, read_rows
 from promptshift.sweep.chat import REGIONS
 
 METRICS = ("cosine", "cosine_centered", "l2", "rel_change", "norm_variant", "norm_baseline")
-# aligned-suffix index counted from the end (0 = last prompt token), binned on a log scale
-FROM_END_EDGES = (0, 1, 2, 3, 4, 8, 16, 32, 64, 128)
-FROM_END_LABELS = ("0", "1", "2", "3", "4-7", "8-15", "16-31", "32-63", "64-127", "128+")
 _TASK_BYTES = 256 << 20  # float64 rows one task holds at once
-_SLICE = 256  # tokens per vectorised step
+_SLICE_BYTES = 32 << 20  # float64 (tokens, L, H) temporaries per vectorised step
 
 
 @dataclass
@@ -43,6 +40,7 @@ class CompTask:
     b_rows: np.ndarray  # (N,) int64 kept rows of the baseline prompt
     is_control: bool
     suffix: bool  # emit suffix_mean / region / position rows (False when only `last` is kept)
+    pair_user: np.ndarray | None = None  # (n,) user-prompt index of each pair (position sums per user)
 
     @property
     def n_rows(self) -> int:
@@ -91,6 +89,8 @@ def plan_tasks(plan) -> list[CompTask]:
         blocks = plan.prompts["block"].to_numpy()[pairs["variant"].to_numpy()]
         order = np.argsort(blocks, kind="stable")  # pairs of one variant block together
         pair_ids = pairs["pair"].to_numpy()
+        users = {u.id: i for i, u in enumerate(plan.sweep.user_prompts)}
+        pair_user = pairs["user_id"].map(users).to_numpy(np.int64)
         starts = np.searchsorted(t["local"], np.arange(len(pairs)))
         ends = np.searchsorted(t["local"], np.arange(len(pairs)), side="right")
         group: list[int] = []
@@ -107,6 +107,7 @@ def plan_tasks(plan) -> list[CompTask]:
                 tok_pair=lut[t["local"][idx]],
                 from_end=t["from_end"][idx], region=t["region"][idx],
                 v_rows=t["v_rows"][idx], b_rows=t["b_rows"][idx], is_control=False, suffix=suffix,
+                pair_user=pair_user[group],
             ))
 
         cur_block = None
@@ -134,11 +135,17 @@ def plan_tasks(plan) -> list[CompTask]:
     return tasks
 
 
+def _masked_sum(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(1, L, H) float64 sum of the rows of one chunk that belong to a prompt."""
+    return x[valid[:, 0, 0]].sum(axis=0, dtype=np.float64)[None]
+
+
 def sweep_means(ref: StoreRef, components, valid: np.ndarray, compute) -> dict[str, np.ndarray]:
     """μ per component: (layer, hidden) float64 mean over every kept token of every prompt.
 
-    A dask tree reduction over storage-aligned chunks; padding rows between blocks (where
-    ``token_prompt`` is -1) are excluded. ``compute`` runs the graphs (local or cluster)."""
+    One partial sum per storage-aligned chunk (upcast inside the sum, so no float64 copy
+    of the chunk exists), then a sum over the partials: a fixed reduction order, whatever
+    the scheduler. Padding rows between blocks (``token_prompt`` = -1) are excluded."""
     import dask.array as da
 
     from promptshift.metrics.io import lazy
@@ -147,20 +154,24 @@ def sweep_means(ref: StoreRef, components, valid: np.ndarray, compute) -> dict[s
     sums = []
     for c in components:
         x = lazy(ref, c)  # (T, L, H) storage dtype
-        m = da.from_array(valid, chunks=(x.chunks[0],))  # (T,)
-        sums.append(da.where(m[:, None, None], x.astype(np.float64), 0.0).sum(axis=0))  # (L, H)
+        m = da.from_array(valid[:, None, None], chunks=(x.chunks[0], 1, 1))  # (T, 1, 1)
+        parts = da.map_blocks(_masked_sum, x, m, dtype=np.float64,
+                              chunks=((1,) * x.numblocks[0], x.chunks[1], x.chunks[2]))  # (n_chunks, L, H)
+        sums.append(parts.sum(axis=0, split_every=max(2, parts.numblocks[0])))  # (L, H): one sum, in chunk order
     out = compute(sums)
     return {c: np.asarray(s) / max(n, 1) for c, s in zip(components, out)}
 
 
-def _group(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean of ``values`` (N, ...) per distinct key: (unique keys, means, counts). The sum
-    order is the token order within a group, fixed by the task, hence deterministic."""
+def _group(keys: np.ndarray, values: np.ndarray, reduce: str = "mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean (or sum) of ``values`` (N, ...) per distinct key: (unique keys, means, counts).
+    The sum order is the token order within a group, fixed by the task: deterministic."""
     order = np.argsort(keys, kind="stable")
     k = keys[order]
     starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
     sums = np.add.reduceat(values[order], starts, axis=0)
     counts = np.diff(np.concatenate([starts, [len(k)]]))
+    if reduce == "sum":
+        return k[starts], sums, counts
     return k[starts], sums / counts.reshape(-1, *([1] * (values.ndim - 1))), counts
 
 
@@ -176,12 +187,13 @@ def token_metrics(X: np.ndarray, iv: np.ndarray, ib: np.ndarray, mu: np.ndarray)
     mm = np.einsum("lh,lh->l", mu, mu)  # (L,)
     vb = np.empty((N, L))
     dd = np.empty((N, L))
-    for s in range(0, N, _SLICE):
-        v = X[iv[s : s + _SLICE]]  # (n, L, H)
-        b = X[ib[s : s + _SLICE]]
-        vb[s : s + _SLICE] = np.einsum("nlh,nlh->nl", v, b)
+    step = max(1, _SLICE_BYTES // max(1, L * X.shape[2] * 8))
+    for s in range(0, N, step):
+        v = X[iv[s : s + step]]  # (n, L, H)
+        b = X[ib[s : s + step]]
+        vb[s : s + step] = np.einsum("nlh,nlh->nl", v, b)
         np.subtract(v, b, out=v)
-        dd[s : s + _SLICE] = np.einsum("nlh,nlh->nl", v, v)
+        dd[s : s + step] = np.einsum("nlh,nlh->nl", v, v)
     nv, nb = np.sqrt(xx[iv]), np.sqrt(xx[ib])  # (N, L)
     cv = vb - mx[iv] - mx[ib] + mm  # (v-μ)·(b-μ)
     ncv = np.sqrt(np.maximum(xx[iv] - 2 * mx[iv] + mm, 0.0))
@@ -193,7 +205,7 @@ def token_metrics(X: np.ndarray, iv: np.ndarray, ib: np.ndarray, mu: np.ndarray)
 
 
 def component_task(ref: StoreRef, component: str, task: CompTask, mu: np.ndarray):
-    """Rows of component_change (and per-pair position bins) for one task and component."""
+    """Rows of component_change, and per-user position sums, for one task and component."""
     store = ref.open()
     rows = np.union1d(task.v_rows, task.b_rows)  # (R,) sorted unique kept rows
     X = read_rows(store, component, rows, dtype=np.float64)  # (R, L, H)
@@ -230,21 +242,22 @@ def component_task(ref: StoreRef, component: str, task: CompTask, mu: np.ndarray
 
     pos_df = None
     if task.suffix:
-        b = np.searchsorted(np.asarray(FROM_END_EDGES), task.from_end, side="right") - 1  # (N,) bin index
-        nb = len(FROM_END_EDGES)
-        k, means, counts = _group(task.tok_pair * nb + b, m[:, :, 3])  # rel_change (g, L)
+        # rel_change summed per (aligned index from the end, user prompt): each pair has one
+        # token per index, so these sums give the bootstrap over user prompts directly
+        U = int(task.pair_user.max()) + 1
+        key = task.from_end.astype(np.int64) * U + task.pair_user[task.tok_pair]
+        k, sums, counts = _group(key, m[:, :, 3], reduce="sum")  # (g, L)
         G = len(k)
         pos_df = pd.DataFrame({
-            "pair": np.repeat(task.pairs[k // nb], L),
             "component": component,
             "layer": np.tile(np.arange(L, dtype=np.int64), G),
-            "bin": np.repeat(np.asarray(FROM_END_LABELS, dtype=object)[k % nb], L),
-            "bin_order": np.repeat(k % nb, L).astype(np.int64),
-            "rel_change": means.reshape(-1),
-            "n_tokens": np.repeat(counts, L).astype(np.int64),
+            "from_end": np.repeat(k // U, L),
+            "_u": np.repeat(k % U, L),
+            "sum": sums.reshape(-1),
+            "count": np.repeat(counts, L).astype(np.int64),
         })
     return df, pos_df
 
 
-__all__ = ["CompTask", "FROM_END_LABELS", "METRICS", "component_task", "pair_tokens", "plan_tasks", "sweep_means",
+__all__ = ["CompTask", "METRICS", "component_task", "pair_tokens", "plan_tasks", "sweep_means",
            "token_metrics"]

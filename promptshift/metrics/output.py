@@ -71,12 +71,16 @@ def _kl(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
 
 def topk_kl_js(ids_p, lp_p, ids_q, lp_q) -> tuple[np.ndarray, np.ndarray]:
     """KL(P || Q) and JS(P, Q) in nats from top-k ids/log-probs, rows (N, k) -> (N,)."""
-    if len(ids_p) == 0:
-        return np.zeros(0), np.zeros(0)
-    P, Q = topk_buckets(ids_p, lp_p, ids_q, lp_q)
-    M = 0.5 * (P + Q)
-    kl = _kl(P, Q)
-    js = 0.5 * _kl(P, M) + 0.5 * _kl(Q, M)
+    ids_p, ids_q = np.asarray(ids_p), np.asarray(ids_q)
+    lp_p, lp_q = np.asarray(lp_p, dtype=np.float64), np.asarray(lp_q, dtype=np.float64)
+    N = len(ids_p)
+    kl, js = np.zeros(N), np.zeros(N)
+    step = max(1, (1 << 24) // max(1, ids_p.shape[1] * ids_q.shape[1]))  # rows per (rows, kp, kq) comparison
+    for s in range(0, N, step):
+        P, Q = topk_buckets(ids_p[s : s + step], lp_p[s : s + step], ids_q[s : s + step], lp_q[s : s + step])
+        M = 0.5 * (P + Q)
+        kl[s : s + step] = _kl(P, Q)
+        js[s : s + step] = 0.5 * _kl(P, M) + 0.5 * _kl(Q, M)
     bad = ~(np.isfinite(lp_p).all(1) & np.isfinite(lp_q).all(1))
     kl[bad] = np.nan
     js[bad] = np.nan
