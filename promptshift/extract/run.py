@@ -191,6 +191,7 @@ class BlockRunner:
             self.tokens_done += sum(lengths)
             self.attn_qk += sum(n * (n + 1) // 2 for n in lengths)
 
+        self.engine.flush_decode(self.sweep.max_new_tokens, self.eos)
         check = float("nan")
         if self.selfcheck:
             check = self._selfcheck(block, prompts, items, results)
@@ -201,7 +202,8 @@ class BlockRunner:
         from promptshift.extract.engine import run_with_oom_retry
 
         def fn(sub):
-            return self.engine.run([items[p] for p in sub], prefix, self.sweep.max_new_tokens, self.eos)
+            return self.engine.run([items[p] for p in sub], prefix, self.sweep.max_new_tokens, self.eos,
+                                   defer_decode=True)
 
         return dict(zip(ps, run_with_oom_retry(fn, ps)))
 
