@@ -81,8 +81,10 @@ def worker_loop(args) -> dict:
             mass = [(a[0].numpy() @ onehot).mean(1) for a in out.attentions]  # L x (NH, R)
             kept.append((hs, np.stack(mass)))
     el = time.perf_counter() - t0
-    return {"pairs": len(plan.pairs), "tokens": tokens, "seconds": el, "computed_tokens": tokens,
-            "attn_qk": sum(int(n) * (int(n) + 1) // 2 for n in plan.prompts.n_tokens)}
+    n = plan.prompts.n_tokens
+    qk = sum(int(n[r.variant]) * (int(n[r.variant]) + 1) // 2 + int(n[r.baseline]) * (int(n[r.baseline]) + 1) // 2
+             for r in plan.pairs.itertuples())
+    return {"pairs": len(plan.pairs), "tokens": tokens, "seconds": el, "computed_tokens": tokens, "attn_qk": qk}
 
 
 def worker_promptshift(args, fmt: str) -> dict:

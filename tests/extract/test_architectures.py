@@ -89,6 +89,13 @@ def test_architecture(family, tok, sweep_file):
     got = a.component("resid_pre", p)
     for layer in range(len(hs) - 1):
         np.testing.assert_allclose(got[:, layer], hs[layer][0, pos].numpy(), atol=1e-4, rtol=1e-4)
+    # and the whole pipeline runs on it: extract -> metrics
+    from promptshift.metrics import compute
+
+    tables = compute(a, None, workers=0, n_boot=50, progress=False)
+    cc = tables["component_change"]
+    assert len(cc) and cc["rel_change"].notna().any() and set(cc.component) == set(a.components)
+    assert len(tables["output_change"]) == len(a.plan.pairs)
 
 
 def test_unsupported_architecture_names_what_is_missing(tok):
