@@ -141,11 +141,19 @@ def materialize(source: ModelSource) -> str:
     return source.location
 
 
-def _hub_error(source: ModelSource, e: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"cannot load `{source.location}` from the Hugging Face hub or its local cache ({type(e).__name__}: {e}). "
-        "If this machine is offline, download the model elsewhere and pass its directory with --model"
-    )
+def _load_error(source: ModelSource, loc: str, what: str, e: Exception) -> ModelLoadError:
+    """One place that turns transformers' loading errors into advice."""
+    if isinstance(e, ValueError) and "trust_remote_code" in str(e):
+        return ModelLoadError(
+            f"`{source.location}` needs custom code from its repository; rerun with --trust-remote-code if you "
+            "trust it"
+        )
+    if isinstance(e, OSError) and source.kind == "hub":
+        return ModelLoadError(
+            f"cannot load `{source.location}` from the Hugging Face hub or its local cache ({type(e).__name__}: "
+            f"{e}). If this machine is offline, download the model elsewhere and pass its directory with --model"
+        )
+    return ModelLoadError(f"cannot load {what} from {loc}: {e}")
 
 
 def load_tokenizer(spec: str | None = None, chat_template: str | None = None, trust_remote_code: bool = False):
@@ -156,17 +164,8 @@ def load_tokenizer(spec: str | None = None, chat_template: str | None = None, tr
     loc = materialize(source)
     try:
         tok = AutoTokenizer.from_pretrained(loc, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        if source.kind == "hub":
-            raise _hub_error(source, e) from e
-        raise ModelLoadError(f"cannot load tokenizer from {loc}: {e}") from e
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise ModelLoadError(
-                f"`{source.location}` needs custom code from its repository; rerun with --trust-remote-code "
-                "if you trust it"
-            ) from e
-        raise ModelLoadError(f"cannot load tokenizer from {loc}: {e}") from e
+    except (OSError, ValueError) as e:
+        raise _load_error(source, loc, "tokenizer", e) from e
     if chat_template is not None:
         path = Path(chat_template)
         if not path.is_file():
@@ -246,7 +245,6 @@ def load_model(
     ``device="auto-split"`` spreads a model too large for one GPU over all visible GPUs
     (accelerate's ``device_map="auto"``); hooks and statistics work unchanged because
     every tensor they touch is moved to the layer's own device."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(spec)
@@ -272,17 +270,8 @@ def load_model(
                 use_safetensors=None if allow_pickle else True,
                 **extra,
             )
-        except OSError as e:
-            if source.kind == "hub":
-                raise _hub_error(source, e) from e
-            raise ModelLoadError(f"cannot load model from {loc}: {e}") from e
-        except ValueError as e:
-            if "trust_remote_code" in str(e):
-                raise ModelLoadError(
-                    f"`{source.location}` needs custom code from its repository; rerun with "
-                    "--trust-remote-code if you trust it"
-                ) from e
-            raise ModelLoadError(f"cannot load model from {loc}: {e}") from e
+        except (OSError, ValueError) as e:
+            raise _load_error(source, loc, "model", e) from e
     if not split:
         model.to(dev)
     model.eval()

@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from promptshift.errors import ExtractError, StoreError
 from promptshift.extract.run import ExtractConfig, extract

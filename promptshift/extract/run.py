@@ -18,11 +18,10 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 
-from promptshift.errors import ExtractError, StoreError
+from promptshift.errors import StoreError
 from promptshift.store.core import Store
 from promptshift.sweep.config import SweepConfig, load_sweep
 from promptshift.sweep.plan import Plan, build_plan, load_plan_inputs, parse_shard
@@ -402,4 +401,4 @@ def run_prompt_alone(engine, plan: Plan, p: int):
     return engine.run([Item(p, plan.prompt_tokens(p).astype(np.int64), plan.prompt_regions(p), int(r.keep_start))])[0]
 
 
-__all__ = ["BlockRunner", "ExtractConfig", "extract", "provenance", "run_prompt_alone", "ExtractError", "Path"]
+__all__ = ["BlockRunner", "ExtractConfig", "extract", "provenance", "run_prompt_alone"]
