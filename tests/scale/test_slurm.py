@@ -107,3 +107,26 @@ def test_metrics_through_dask_jobqueue(reference, tmp_path):
     out, _ = p.communicate(timeout=900)
     assert p.returncode == 0, out
     _tables_equal(reference.parent / "results", tmp_path / "r")
+
+
+def test_usr1_before_time_limit_requeues_and_resumes(sweep, reference, tmp_path):  # noqa: F811
+    """SLURM's warning signal (USR1): the task finishes its block, records it, requeues
+    itself, and the requeued run completes the shard; the store is still identical."""
+    from tests.extract.test_processes import _wait_for_blocks
+
+    store = tmp_path / "s.zarr"
+    run_ok("slurm", sweep, "--store", store, "--tasks", "1")
+    j = jobs_of(store)
+
+    class _Alive:  # _wait_for_blocks polls a process; the job stands in for it here
+        def poll(self):
+            r = subprocess.run(["squeue", "-h", "-j", j["extract"]], capture_output=True, text=True)
+            return None if r.stdout.strip() else 0
+
+    _wait_for_blocks(store, 1, _Alive())
+    assert not open_store(store).complete, "the task finished before it could be signalled"
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{j['extract']}_0"], check=True)
+    wait_jobs([j["extract"], j["verify"], j["metrics"]])
+    log = "".join(p.read_text() for p in (store.parent / (store.name + ".slurm") / "logs").glob("extract-*"))
+    assert "stopped by signal" in log and "requeued" in log, log[-2000:]
+    assert_same_arrays(reference, store)
