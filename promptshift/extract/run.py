@@ -280,7 +280,7 @@ def max_rel_diff(a, b) -> float:
     pairs += [(a.region_mass, b.region_mass), (a.topk_logprobs, b.topk_logprobs)]
     out = 0.0
     for x, y in pairs:
-        if y.size:
+        if y.size and np.isfinite(y).any():  # all-NaN arrays are caught by the float16/NaN check instead
             scale = max(float(np.nanmax(np.abs(y))), 1e-12)
             out = max(out, float(np.nanmax(np.abs(x - y))) / scale)
     return out
