@@ -22,7 +22,7 @@ from importlib import metadata
 import numpy as np
 
 from promptshift.errors import StoreError
-from promptshift.store.core import Store
+from promptshift.store.core import Store, empty_block
 from promptshift.sweep.config import SweepConfig, load_sweep
 from promptshift.sweep.plan import Plan, build_plan, load_plan_inputs, parse_shard
 
@@ -215,32 +215,10 @@ class BlockRunner:
     def _assemble(self, block, prompts, results) -> dict[str, np.ndarray]:
         from promptshift.extract.engine import check_fp16
 
-        plan, s, eng = self.plan, self.sweep, self.engine
+        plan, s = self.plan, self.sweep
         b = plan.blocks.iloc[block]
-        nb, nt, nk = len(prompts), int(b.kept_end - b.kept_start), int(b.key_end - b.key_start)
-        L, NH, H = eng.L, eng.NH, plan.dims.hidden
-        data: dict[str, np.ndarray] = {c: np.zeros((nt, L, H), self.sdtype) for c in s.components}
-        R = len(plan.meta["regions"])
-        data["attn_region_mass"] = np.full((nb, L, NH, R, R), np.nan, np.float32)
-        data["attn_entropy"] = np.full((nb, L, NH, R), np.nan, np.float32)
-        data["attn_sink"] = np.full((nb, L, NH), np.nan, np.float32)
-        data["attn_last"] = np.zeros((nk, L, NH), np.float16)
-        data["logits_topk_ids"] = np.full((nb, s.top_k), -1, np.int32)
-        data["logits_topk_logprobs"] = np.full((nb, s.top_k), np.nan, np.float32)
-        data["logits_entropy"] = np.full((nb,), np.nan, np.float32)
-        data["logits_lse"] = np.full((nb,), np.nan, np.float32)
-        data["lens_topk_ids"] = np.full((nb, L, s.lens_top_k), -1, np.int32)
-        data["lens_topk_logprobs"] = np.full((nb, L, s.lens_top_k), np.nan, np.float32)
-        data["lens_entropy"] = np.full((nb, L), np.nan, np.float32)
-        data["lens_final_top1_logprob"] = np.full((nb, L), np.nan, np.float32)
-        if s.full_attention_layers:
-            npat = int(b.pattern_end - b.pattern_start)
-            data["attn_pattern"] = np.zeros((npat, len(s.full_attention_layers), NH), np.float16)
+        data = empty_block(plan, block)
         gens = s.max_new_tokens > 0
-        if gens:
-            data["gen_ids"] = np.full((nb, s.max_new_tokens), -1, np.int32)
-            data["gen_len"] = np.full((nb,), -1, np.int32)
-            data["gen_text"] = np.empty((nb,), dtype=object)
         for j, p in enumerate(prompts):
             r, row = results[p], plan.prompts.iloc[p]
             k0 = int(row.kept_start - b.kept_start)

@@ -48,16 +48,8 @@ def grouped_ci(df: pd.DataFrame, keys: list[str], value: str, ctx: Context) -> p
         return pd.DataFrame(columns=cols)
     d = df[keys + [value]].copy()
     d["_u"] = ctx.user_index(df["user_id"])
-    g = d.groupby(keys + ["_u"], sort=True)[value].agg(["sum", "count"])
-    U = len(ctx.users)
-    S = g["sum"].unstack("_u").reindex(columns=range(U)).fillna(0.0)
-    N = g["count"].unstack("_u").reindex(columns=range(U)).fillna(0.0)
-    mean, boot = mean_ci(S.to_numpy(), N.to_numpy(), ctx.w)
-    lo, hi = percentile_ci(boot)
-    out = S.index.to_frame(index=False)
-    out["mean"], out["ci_low"], out["ci_high"] = mean, lo, hi
-    out["n_pairs"] = N.to_numpy().sum(1).astype(np.int64)
-    return out[cols]
+    sums = d.groupby(keys + ["_u"], sort=True)[value].agg(["sum", "count"]).reset_index()
+    return _ci_from_sums(sums, keys, ctx)[cols]
 
 
 def pair_impact(cc: pd.DataFrame, out: pd.DataFrame, ctx: Context) -> pd.DataFrame:

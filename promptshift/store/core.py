@@ -103,6 +103,23 @@ def array_specs(plan) -> list[ArraySpec]:
     return specs
 
 
+def empty_block(plan, block: int) -> dict[str, np.ndarray]:
+    """Buffers for everything a worker writes for one block, at the block's sizes and
+    filled with each array's fill value: the schema decides shapes and dtypes, once."""
+    b = plan.blocks.iloc[block]
+    n = {"prompt": int(b.prompt_end - b.prompt_start), "token": int(b.kept_end - b.kept_start),
+         "key": int(b.key_end - b.key_start)}
+    if "pattern_end" in b:
+        n["pattern"] = int(b.pattern_end - b.pattern_start)
+    out = {}
+    for sp in array_specs(plan):
+        if sp.static or sp.dims[0] not in n:
+            continue
+        shape = (n[sp.dims[0]],) + sp.shape[1:]
+        out[sp.name] = np.full(shape, "", dtype=object) if sp.dtype is str else np.full(shape, sp.fill_value, sp.dtype)
+    return out
+
+
 def _static_values(plan) -> dict[str, np.ndarray]:
     pr = plan.prompts
     P, T = plan.n_prompts, plan.kept_size

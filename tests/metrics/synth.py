@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptshift.store.core import Store
+from promptshift.store.core import Store, empty_block
 from promptshift.sweep.chat import REGIONS
 from promptshift.sweep.config import SweepConfig, SystemPrompt, UserPrompt
 from promptshift.sweep.plan import ModelDims, build_plan
@@ -90,24 +90,9 @@ def build(path: str | Path | None, keep: str = "suffix", fmt: str = "zarr", seed
     gens = {}
     for b, blk in plan.blocks.iterrows():
         ps = list(range(int(blk.prompt_start), int(blk.prompt_end)))
-        nb, nt, nk = len(ps), int(blk.kept_end - blk.kept_start), int(blk.key_end - blk.key_start)
-        data = {c: np.full((nt, L, H), 7.0, np.float32) for c in sweep.components}  # padding rows: garbage
-        data["attn_region_mass"] = np.full((nb, L, NH, R, R), np.nan, np.float32)
-        data["attn_entropy"] = np.full((nb, L, NH, R), np.nan, np.float32)
-        data["attn_sink"] = np.full((nb, L, NH), np.nan, np.float32)
-        data["attn_last"] = np.zeros((nk, L, NH), np.float16)
-        data["logits_topk_ids"] = np.full((nb, sweep.top_k), -1, np.int32)
-        data["logits_topk_logprobs"] = np.full((nb, sweep.top_k), np.nan, np.float32)
-        data["logits_entropy"] = np.full((nb,), np.nan, np.float32)
-        data["logits_lse"] = np.full((nb,), np.nan, np.float32)
-        data["lens_topk_ids"] = np.full((nb, L, sweep.lens_top_k), -1, np.int32)
-        data["lens_topk_logprobs"] = np.full((nb, L, sweep.lens_top_k), np.nan, np.float32)
-        data["lens_entropy"] = np.full((nb, L), np.nan, np.float32)
-        data["lens_final_top1_logprob"] = np.full((nb, L), np.nan, np.float32)
-        if max_new_tokens:
-            data["gen_ids"] = np.full((nb, max_new_tokens), -1, np.int32)
-            data["gen_len"] = np.full((nb,), -1, np.int32)
-            data["gen_text"] = np.empty((nb,), dtype=object)
+        data = empty_block(plan, b)
+        for c in sweep.components:
+            data[c][:] = 7.0  # padding rows: garbage the metrics must never read
         for j, p in enumerate(ps):
             row = pr.iloc[p]
             n, ks = int(row.n_tokens), int(row.keep_start)
