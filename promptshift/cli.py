@@ -250,6 +250,36 @@ def slurm(
 
 
 @app.command()
+def causal(
+    sweep: Optional[str] = SweepArg,
+    store: Path = typer.Option(..., help="store extracted from SWEEP (results are added to it)"),
+    analysis: list[str] = typer.Option(["all"], help="patching, knockout, phrases, steering, multiturn or all "
+                                       "(repeat the option for several)"),
+    users: Optional[int] = typer.Option(None, help="only the first N user prompts of the sweep (default: all)"),
+    suite: str = typer.Option("multiturn", help="multi-turn suite (name or YAML) for the multiturn analysis"),
+    max_new_tokens: int = typer.Option(16, help="reply length for the multi-turn rule check"),
+    model: Optional[str] = typer.Option(None, help="model: HF id, local dir or .gguf (default: embedded SmolLM2)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: auto)"),
+    dtype: Optional[str] = typer.Option(None, help="compute dtype: auto, float32, float16, bfloat16"),
+    chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file for models without one"),
+    trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
+    allow_pickle: bool = typer.Option(False, help="allow pickled .bin weights (they can run code)"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """Causal analyses (activation patching, system-span knockout, phrase ablation, steering
+    vectors, multi-turn decay) with the model, written into the store for `metrics`."""
+    from promptshift.causal import CausalConfig, run_causal
+    from promptshift.sweep.config import load_sweep
+
+    s = load_sweep(sweep, **_sweep_overrides(model, None, None, chat_template, trust_remote_code))
+    cfg = CausalConfig(store=str(store), analyses=tuple(analysis), users=users, suite=suite,
+                       max_new_tokens=max_new_tokens, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                       progress=progress)
+    timings = run_causal(s, cfg)
+    typer.echo(f"store {store}: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+
+
+@app.command()
 def report(results: Path = typer.Argument(..., help="results directory from `promptshift metrics`"),
            out: Optional[Path] = typer.Option(None, help="HTML file (default RESULTS/report.html)")):
     """Draw the figures and write one self-contained HTML report."""

@@ -76,6 +76,29 @@ def set_stats(stats: AttnStats | None) -> None:
     _local.stats = stats
 
 
+@dataclass
+class Knockout:
+    """Attention knockout for causal analyses: in every layer ``>= start[b]``, the queries of
+    row ``b`` cannot attend to the keys where ``keys[b]`` is true."""
+
+    keys: torch.Tensor  # (B, Sk) bool
+    start: torch.Tensor  # (B,) long: first knocked-out layer of each row (n_layers: none)
+
+    def apply(self, layer: int, mask: torch.Tensor) -> torch.Tensor:
+        """Additive mask (B, 1, Sq, Sk) with this layer's knocked-out keys set to -inf."""
+        rows = (self.start <= layer).to(mask.device)  # (B,)
+        hide = (self.keys.to(mask.device) & rows[:, None])[:, None, None, :]  # (B, 1, 1, Sk)
+        return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+
+
+def set_knockout(ko: Knockout | None) -> None:
+    _local.knockout = ko
+
+
+def get_knockout() -> Knockout | None:
+    return getattr(_local, "knockout", None)
+
+
 def get_stats() -> AttnStats | None:
     return getattr(_local, "stats", None)
 
@@ -92,6 +115,13 @@ def promptshift_attention(module, query, key, value, attention_mask, scaling=Non
     scaling = scaling if scaling is not None else D**-0.5
     stats = get_stats()
     mask = attention_mask[:, :, :, :Sk] if attention_mask is not None else None
+    ko = get_knockout()
+    if ko is not None:
+        if mask is None:
+            causal = torch.ones(Sq, Sk, dtype=torch.bool, device=query.device).tril(Sk - Sq)
+            mask = torch.zeros(B, 1, Sq, Sk, dtype=query.dtype, device=query.device).masked_fill(
+                ~causal, torch.finfo(query.dtype).min)
+        mask = ko.apply(module.layer_idx, mask)
     if stats is None and softcap is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                              is_causal=mask is None and Sq > 1, enable_gqa=rep > 1)

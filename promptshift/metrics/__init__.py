@@ -37,6 +37,7 @@ from promptshift.errors import MetricsError
 from promptshift.metrics import analyses as an
 from promptshift.metrics.attention import PairAttnTask, PromptBlock, attention_change_task, attention_task
 from promptshift.metrics.bootstrap import user_weights
+from promptshift.metrics.causal import causal_tables
 from promptshift.metrics.components import component_task, plan_tasks, sweep_means
 from promptshift.metrics.io import StoreRef
 from promptshift.metrics.output import PairOutTask, output_task
@@ -45,6 +46,10 @@ from promptshift.store.core import Store, open_store
 TABLES = ("component_change", "attention_regions", "attention_heads", "attention_layers", "attention_change",
           "output_change", "lens_change", "layer_ranking", "length_impact", "length_tests", "tag_impact",
           "position_change", "internal_vs_output")
+# written only when the store holds the causal analyses (`promptshift causal`)
+CAUSAL_TABLES = ("causal_patching", "causal_patching_curve", "causal_knockout", "causal_knockout_curve",
+                 "causal_steering", "causal_steering_curve", "causal_steering_norms", "causal_phrases",
+                 "causal_phrase_rank", "causal_tokens", "multiturn", "multiturn_attention", "multiturn_turns")
 SUMMARY = "summary.json"
 PROVENANCE = "provenance.json"
 
@@ -334,6 +339,8 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
     tables["internal_vs_output"] = an.internal_vs_output(cct, imp, ctx)
     model = store.provenance.get("model_id") or plan.sweep.model or "embedded"
     summ = an.summary(tables, ctx, len(plan.controls), model)
+    causal, summ["causal"] = causal_tables(store, plan.pairs, n_boot, seed)
+    tables.update(causal)
 
     if out is not None:
         # the store's provenance as is (model, sweep, versions, ...), plus the plan and this run
@@ -372,6 +379,9 @@ def _begin(out: Path) -> None:
     if not os.access(out, os.W_OK):
         raise MetricsError(f"cannot write to {out}: directory is not writable")
     (out / SUMMARY).unlink(missing_ok=True)
+    for name in CAUSAL_TABLES:  # a store without (some) causal analyses must not show a past run's
+        for ext in ("parquet", "csv"):
+            (out / f"{name}.{ext}").unlink(missing_ok=True)
     for f in out.glob(".*.tmp-*"):
         f.unlink(missing_ok=True)
 
@@ -430,7 +440,8 @@ def load_results(out_dir) -> dict[str, pd.DataFrame]:
     missing = [t for t in TABLES if not (out / f"{t}.parquet").is_file()]
     if missing:
         raise MetricsError(f"{out} is missing {', '.join(missing)}; rerun `promptshift metrics`")
-    return {t: pd.read_parquet(out / f"{t}.parquet") for t in TABLES}
+    names = list(TABLES) + [t for t in CAUSAL_TABLES if (out / f"{t}.parquet").is_file()]
+    return {t: pd.read_parquet(out / f"{t}.parquet") for t in names}
 
 
 def load_summary(out_dir) -> dict:
@@ -450,4 +461,4 @@ def cli_main(store, out=None, scheduler=None, workers=None, n_boot: int = 1000, 
     return Path(out)
 
 
-__all__ = ["MetricsConfig", "TABLES", "cli_main", "compute", "load_results", "load_summary"]
+__all__ = ["CAUSAL_TABLES", "MetricsConfig", "TABLES", "cli_main", "compute", "load_results", "load_summary"]

@@ -30,6 +30,7 @@ class Backend:
     @property
     def attrs(self) -> dict: ...
     def set_attrs(self, attrs: dict) -> None: ...
+    def remove(self, name: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -83,6 +84,10 @@ class ZarrBackend(Backend):
 
     def set_attrs(self, attrs):
         self.group.attrs.update(attrs)
+
+    def remove(self, name):
+        if name in self.group:
+            del self.group[name]
 
     def close(self):
         pass
@@ -165,6 +170,10 @@ class HDF5Backend(Backend):
         cur.update(attrs)
         self.file.attrs["promptshift"] = json.dumps(cur)
 
+    def remove(self, name):
+        if name in self.file:
+            del self.file[name]
+
     def flush(self):
         self.file.flush()
 
@@ -213,6 +222,10 @@ class MemoryBackend(Backend):
 
     def set_attrs(self, attrs):
         self._attrs.update(json.loads(json.dumps(attrs)))
+
+    def remove(self, name):
+        for d in (self._arrays, self._dims, self._chunks):
+            d.pop(name, None)
 
     def close(self):
         pass

@@ -357,6 +357,43 @@ class Store:
         if hasattr(self.backend, "flush"):
             self.backend.flush()
 
+    # --- causal analyses (`promptshift causal`) --------------------------------------------
+    def write_causal(self, analysis: str, arrays: dict[str, tuple[np.ndarray, tuple[str, ...]]], meta: dict) -> None:
+        """Replace one causal analysis's results: arrays ``causal_<analysis>_<name>`` with
+        their dimension names, then ``causal_<analysis>_meta`` (JSON) last, which marks the
+        analysis complete. A rerun first removes the old meta, so an interrupted rewrite is
+        never read as complete."""
+        prefix = f"causal_{analysis}_"
+        self.backend.remove(prefix + "meta")
+        for name in [n for n in self.names() if n.startswith(prefix)]:
+            self.backend.remove(name)
+        for name, (value, dims) in arrays.items():
+            value = np.asarray(value)
+            if value.ndim != len(dims):
+                raise StoreError(f"causal array {name}: {value.ndim} dimensions but {len(dims)} names")
+            chunks = tuple(max(1, s) for s in value.shape)
+            self.backend.create_array(prefix + name, value.shape, value.dtype, chunks, dims)[...] = value
+        blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+        self.backend.create_array(prefix + "meta", blob.shape, np.uint8, (max(1, blob.size),), ("meta_byte",))[...] = blob
+        if hasattr(self.backend, "flush"):
+            self.backend.flush()
+
+    def causal_analyses(self) -> list[str]:
+        """Names of the causal analyses stored complete in this store."""
+        return sorted(n[len("causal_") : -len("_meta")] for n in self.names()
+                      if n.startswith("causal_") and n.endswith("_meta"))
+
+    def read_causal(self, analysis: str) -> tuple[dict[str, np.ndarray], dict]:
+        """(arrays by name, meta) of one complete causal analysis."""
+        prefix = f"causal_{analysis}_"
+        if not self.backend.has(prefix + "meta"):
+            raise StoreError(f"store {self.path} has no complete causal analysis {analysis!r}; run "
+                             f"`promptshift causal SWEEP --store {self.path} --analysis {analysis}`")
+        meta = json.loads(np.asarray(self.backend.array(prefix + "meta")[...], dtype=np.uint8).tobytes().decode())
+        arrays = {n[len(prefix):]: np.asarray(self.backend.array(n)[...]) for n in self.names()
+                  if n.startswith(prefix) and n != prefix + "meta"}
+        return arrays, meta
+
     def close(self) -> None:
         self.backend.close()
 

@@ -1,0 +1,352 @@
+"""The five causal analyses. Each takes the model, the store's plan and a :class:`Scope`
+and returns ``(arrays, meta)`` for :meth:`Store.write_causal`: raw per-pair measurements
+(KL divergences, log-probabilities, norms) from which ``promptshift metrics`` derives the
+recovered fractions, onsets and their bootstrap intervals.
+
+Every output distribution is the full next-token distribution at the prompt's last
+position, so every KL here is exact over the vocabulary (no top-k approximation).
+Notation: ``v`` variant (with the system prompt), ``b`` baseline, ``y_v`` the variant's
+top-1 next token, ``L`` layers; sites 0..L as in :mod:`promptshift.causal.runner`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from promptshift.causal.phrases import split_phrases, without
+from promptshift.causal.runner import Edit, Row, Runner, kl
+from promptshift.errors import PromptShiftError
+from promptshift.sweep.chat import REGION_CODE, conversation, render
+
+SYSTEM = REGION_CODE["system"]
+
+
+class CausalError(PromptShiftError):
+    """A causal analysis cannot run on this input."""
+
+
+@dataclass
+class Scope:
+    """Which pairs an analysis covers (all by default) and how it reports progress."""
+
+    users: list[str]  # user prompt ids in scope, in sweep order
+    progress: bool = True
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+class Refs:
+    """The unpatched runs every analysis compares against: for each prompt in scope, its
+    last-position log-probabilities and its residual stream at every site, at the aligned
+    suffix positions (variants) or the last position (baselines)."""
+
+    def __init__(self, runner: Runner, plan, scope: Scope):
+        self.plan = plan
+        self.pairs = plan.pairs[plan.pairs["user_id"].isin(scope.users)].reset_index(drop=True)
+        if self.pairs.empty:
+            raise CausalError("no pairs in scope: the store's sweep has none of the requested user prompts")
+        prompts = sorted(set(self.pairs["variant"]) | set(self.pairs["baseline"]))
+        self.logprobs: dict[int, torch.Tensor] = {}
+        self.resid: dict[int, torch.Tensor] = {}  # (n, L+1, H) at the positions below
+        self.first: dict[int, int] = {}  # first position held in resid
+        suffix_from = {}
+        for _, r in self.pairs.iterrows():
+            suffix_from[int(r.variant)] = int(r.v_suffix_start)
+            suffix_from.setdefault(int(r.baseline), plan.prompts.iloc[int(r.baseline)].n_tokens - 1)
+        bar = _bar(len(prompts), "reference runs", scope.progress)
+        for p in prompts:
+            ids = plan.prompt_tokens(p)
+            start = min(int(suffix_from[p]), len(ids) - 1)
+            self.resid[p], self.logprobs[p] = runner.residuals(ids, np.arange(start, len(ids)))
+            self.first[p] = start
+            bar.update(1)
+        bar.close()
+
+    def last_resid(self, p: int) -> torch.Tensor:
+        return self.resid[p][-1]  # (L+1, H)
+
+    def top1(self, p: int) -> int:
+        return int(self.logprobs[p].argmax())
+
+    def pair_refs(self) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+        """Per pair: KL(v||b), log p_v(y_v), log p_b(y_v), and whether the top-1 changed."""
+        kl_vb, lp_v, lp_b, changed = [], [], [], []
+        for _, r in self.pairs.iterrows():
+            v, b = int(r.variant), int(r.baseline)
+            y = self.top1(v)
+            kl_vb.append(float(kl(self.logprobs[v], self.logprobs[b])))
+            lp_v.append(float(self.logprobs[v][y]))
+            lp_b.append(float(self.logprobs[b][y]))
+            changed.append(y != self.top1(b))
+        return {
+            "pair": (self.pairs["pair"].to_numpy(np.int32), ("pair",)),
+            "kl_vb": (np.asarray(kl_vb, np.float32), ("pair",)),
+            "lp_v": (np.asarray(lp_v, np.float32), ("pair",)),
+            "lp_b": (np.asarray(lp_b, np.float32), ("pair",)),
+            "top1_changed": (np.asarray(changed, np.uint8), ("pair",)),
+        }
+
+
+def _measure(outs, target: torch.Tensor, y: int) -> tuple[np.ndarray, np.ndarray]:
+    """KL(target || out) and log p_out(y) for each output."""
+    lp = torch.stack([o.logprobs for o in outs])  # (n, V)
+    return kl(target[None], lp).numpy().astype(np.float32), lp[:, y].numpy().astype(np.float32)
+
+
+# --- 1. activation patching ------------------------------------------------------------------
+PATCH_MODES = ("suffix", "last")
+
+
+def patching(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
+    """Run each baseline with the variant's residual stream patched in at one site: at every
+    aligned suffix position (``suffix``), or at the last position only (``last``).
+
+    Rows: pairs x modes x sites 0..L. Site 0 of ``suffix`` patches identical token
+    embeddings (recovers nothing); site L of ``last`` patches the final residual of the
+    last position (recovers everything): the two ends of every curve are fixed points."""
+    refs = refs or Refs(runner, plan, scope)
+    L = runner.L
+    n = len(refs.pairs)
+    out_kl = np.zeros((n, len(PATCH_MODES), L + 1), np.float32)
+    out_lp = np.zeros_like(out_kl)
+    rows, where = [], []
+    for i, r in refs.pairs.iterrows():
+        v, b = int(r.variant), int(r.baseline)
+        b_ids = plan.prompt_tokens(b)
+        n_al = int(r.suffix_len)
+        src = refs.resid[v][int(r.v_suffix_start) - refs.first[v] :]  # (n_al, L+1, H)
+        bs = int(r.b_suffix_start)
+        for site in range(L + 1):
+            rows.append(Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n_al), src[:, site])]))
+            where.append((i, 0, site))
+            rows.append(Row(b_ids[:-1], b_ids[-1:], [Edit(site, np.array([0]), src[-1:, site])]))
+            where.append((i, 1, site))
+    bar = _bar(len(rows), "patching", scope.progress)
+    outs = runner.run(rows, progress=bar)
+    bar.close()
+    for (i, m, site), o in zip(where, outs):
+        v = int(refs.pairs.iloc[i].variant)
+        k, lp = _measure([o], refs.logprobs[v], refs.top1(v))
+        out_kl[i, m, site], out_lp[i, m, site] = k[0], lp[0]
+    arrays = refs.pair_refs()
+    arrays["kl"] = (out_kl, ("pair", "mode", "site"))
+    arrays["lp"] = (out_lp, ("pair", "mode", "site"))
+    return arrays, {"modes": list(PATCH_MODES), "n_sites": L + 1, "users": scope.users}
+
+
+# --- 2. system-span attention knockout --------------------------------------------------------
+def knockout(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
+    """Run each variant with attention from every token after the system prompt to the
+    system tokens blocked in layers >= l, for l = 0..L (l = L: nothing blocked).
+
+    The head (everything up to the end of the system region) is unaffected by the knockout
+    and is computed once per variant."""
+    refs = refs or Refs(runner, plan, scope)
+    L = runner.L
+    n = len(refs.pairs)
+    out_kl = np.zeros((n, L + 1), np.float32)
+    out_lp = np.zeros_like(out_kl)
+    kl_ko0_b = np.zeros(n, np.float32)
+    rows, where = [], []
+    for i, r in refs.pairs.iterrows():
+        v = int(r.variant)
+        ids, reg = plan.prompt_tokens(v), plan.prompt_regions(v)
+        sys_pos = np.flatnonzero(reg == SYSTEM)
+        if sys_pos.size == 0:
+            raise CausalError(f"variant prompt {v} ({r.system}, {r.user_id}) has no system tokens to knock out")
+        end = int(sys_pos[-1]) + 1
+        keys = reg == SYSTEM
+        for start in range(L + 1):
+            rows.append(Row(ids[:end], ids[end:], knockout_keys=keys, knockout_start=start))
+            where.append((i, start))
+    bar = _bar(len(rows), "knockout", scope.progress)
+    outs = runner.run(rows, progress=bar)
+    bar.close()
+    for (i, start), o in zip(where, outs):
+        r = refs.pairs.iloc[i]
+        v, b = int(r.variant), int(r.baseline)
+        k, lp = _measure([o], refs.logprobs[v], refs.top1(v))
+        out_kl[i, start], out_lp[i, start] = k[0], lp[0]
+        if start == 0:
+            kl_ko0_b[i] = float(kl(o.logprobs, refs.logprobs[b]))
+    arrays = refs.pair_refs()
+    arrays["kl"] = (out_kl, ("pair", "start"))
+    arrays["lp"] = (out_lp, ("pair", "start"))
+    arrays["kl_ko0_b"] = (kl_ko0_b, ("pair",))
+    return arrays, {"n_starts": L + 1, "users": scope.users}
+
+
+# --- 3. phrase ablation and token attribution --------------------------------------------------
+def _internal(h: torch.Tensor, hb: torch.Tensor) -> float:
+    """Mean over layers of ||h - h_b|| / ||h_b|| at the last position (resid_post, sites 1..L)."""
+    d = (h[1:] - hb[1:]).norm(dim=-1) / hb[1:].norm(dim=-1).clamp_min(1e-12)
+    return float(d.mean())
+
+
+def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=None):
+    """Leave each phrase of each system prompt out (:func:`split_phrases`), rerun every user
+    prompt, and measure the output and internal effects against the baseline; then
+    attribute the output change to single system tokens by gradient x input."""
+    refs = refs or Refs(runner, plan, scope)
+    sweep = plan.sweep
+    pairs = refs.pairs
+    systems = [s for s in sweep.variants if s.name in set(pairs["system"])]
+    users = list(scope.users)
+    U = len(users)
+    key = {(r.system, r.user_id): r for r in pairs.itertuples()}
+    phrase_rows, rows, where = [], [], []
+    for s in systems:
+        for j, span in enumerate(split_phrases(s.text)):
+            pi = len(phrase_rows)
+            phrase_rows.append({"system": s.name, "index": j, "text": s.text[span[0] : span[1]],
+                                "start": span[0], "end": span[1], "n_phrases": len(split_phrases(s.text))})
+            text = without(s.text, span)
+            for u_i, u in enumerate(users):
+                base = plan.prompt_tokens(int(key[(s.name, u)].baseline))
+                if text.strip():
+                    msgs = conversation(tok, text, next(x.text for x in sweep.user_prompts if x.id == u),
+                                        no_system_role=sweep.no_system_role)
+                    ids = render(tok, msgs).ids
+                else:  # the only phrase: leaving it out leaves the baseline
+                    ids = base
+                rows.append(Row(ids[:1], ids[1:]))
+                where.append((pi, u_i))
+    n_ph = len(phrase_rows)
+    kl_ab = np.full((n_ph, U), np.nan, np.float32)
+    kl_va = np.full((n_ph, U), np.nan, np.float32)
+    internal_a = np.full((n_ph, U), np.nan, np.float32)
+    bar = _bar(len(rows), "phrase ablation", scope.progress)
+    outs = runner.run(rows, capture=True, progress=bar)
+    bar.close()
+    for (pi, u_i), o in zip(where, outs):
+        r = key[(phrase_rows[pi]["system"], users[u_i])]
+        v, b = int(r.variant), int(r.baseline)
+        kl_ab[pi, u_i] = float(kl(o.logprobs, refs.logprobs[b]))
+        kl_va[pi, u_i] = float(kl(refs.logprobs[v], o.logprobs))
+        internal_a[pi, u_i] = _internal(o.resid, refs.last_resid(b))
+    kl_vb = np.full((len(systems), U), np.nan, np.float32)
+    internal_v = np.full_like(kl_vb, np.nan)
+    for si, s in enumerate(systems):
+        for u_i, u in enumerate(users):
+            r = key[(s.name, u)]
+            v, b = int(r.variant), int(r.baseline)
+            kl_vb[si, u_i] = float(kl(refs.logprobs[v], refs.logprobs[b]))
+            internal_v[si, u_i] = _internal(refs.last_resid(v), refs.last_resid(b))
+    attr, token_rows = token_attribution(runner, plan, scope, refs, systems, key, tok)
+    arrays = {
+        "kl_ab": (kl_ab, ("phrase", "user")),
+        "kl_va": (kl_va, ("phrase", "user")),
+        "internal_a": (internal_a, ("phrase", "user")),
+        "kl_vb": (kl_vb, ("system", "user")),
+        "internal_v": (internal_v, ("system", "user")),
+        "token_attr": (attr, ("system_token", "user")),
+    }
+    meta = {"phrases": phrase_rows, "systems": [s.name for s in systems], "users": users, "tokens": token_rows,
+            "attribution": "gradient x input of KL(p || p_baseline) at the variant, per system token embedding"}
+    return arrays, meta
+
+
+def token_attribution(runner: Runner, plan, scope: Scope, refs: Refs, systems, key, tok):
+    """Gradient x input over the system tokens: for f(x) = KL(p_x || p_b) at the variant
+    (the size of the output change), attribution of token i = <e_i, df/de_i>, the
+    first-order change in f when e_i is removed. One forward and one backward pass per
+    pair, instead of one forward per token for occlusion; the phrase ablation above is the
+    occlusion check of these attributions at the phrase level (see docs/CAUSAL.md)."""
+    emb = runner.model.get_input_embeddings()
+    users = list(scope.users)
+    token_rows, blocks = [], []
+    bar = _bar(len(systems) * len(users), "token attribution", scope.progress)
+    for s in systems:
+        first = key[(s.name, users[0])]
+        reg0 = plan.prompt_regions(int(first.variant))
+        ids0 = plan.prompt_tokens(int(first.variant))
+        sys_idx0 = np.flatnonzero(reg0 == SYSTEM)
+        spans = split_phrases(s.text)
+        u0 = next(x.text for x in plan.sweep.user_prompts if x.id == users[0])
+        rd = render(tok, conversation(tok, s.text, u0, no_system_role=plan.sweep.no_system_role))
+        at = rd.text.find(s.text.strip()) - (len(s.text) - len(s.text.lstrip()))
+        for t, p in enumerate(sys_idx0):
+            c = int(rd.offsets[p][0]) - at  # character offset of the token inside the system text
+            while c < len(s.text) and s.text[c].isspace():
+                c += 1
+            phrase = next((j for j, (a, b) in enumerate(spans) if a <= c < b), -1)
+            token_rows.append({"system": s.name, "index": t, "token": tok.decode([int(ids0[p])]), "phrase": phrase})
+        block = np.full((len(sys_idx0), len(users)), np.nan, np.float32)
+        for u_i, u in enumerate(users):
+            r = key[(s.name, u)]
+            v, b = int(r.variant), int(r.baseline)
+            ids, reg = plan.prompt_tokens(v), plan.prompt_regions(v)
+            sys_idx = np.flatnonzero(reg == SYSTEM)
+            if len(sys_idx) != len(sys_idx0) or not np.array_equal(ids[sys_idx], ids0[sys_idx0]):
+                raise CausalError(f"system prompt {s.name!r} tokenizes differently with user prompt {u!r}; "
+                                  "token attribution needs the same system tokens in every pair")
+            x = torch.as_tensor(ids, dtype=torch.long, device=runner.device)[None]
+            with torch.enable_grad():
+                e = emb(x).detach().requires_grad_(True)
+                out = runner.base(inputs_embeds=e, use_cache=False)
+                lp = runner.logprobs(out.last_hidden_state[0, -1])
+                f = kl(lp, refs.logprobs[b].clone().to(lp.device))
+                (g,) = torch.autograd.grad(f, e)
+            block[:, u_i] = (g[0, sys_idx] * e[0, sys_idx]).sum(-1).detach().float().cpu().numpy()
+            bar.update(1)
+        blocks.append(block)
+    bar.close()
+    return np.concatenate(blocks) if blocks else np.zeros((0, len(users)), np.float32), token_rows
+
+
+# --- 4. steering vectors -----------------------------------------------------------------------
+def steering(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
+    """Per system prompt and site, the steering vector is the mean over user prompts of the
+    last-position residual difference (variant - baseline). Each baseline is run with the
+    vector computed *without its own user prompt* (leave one out) added at its last
+    position at one site, and compared with its variant.
+
+    Rows: pairs x sites 0..L, one token each (the baseline's head is cached)."""
+    refs = refs or Refs(runner, plan, scope)
+    pairs = refs.pairs
+    L = runner.L
+    if len(scope.users) < 2:
+        raise CausalError("steering vectors are tested on held-out user prompts: the scope needs at least 2")
+    diffs = {}
+    for r in pairs.itertuples():
+        diffs[(r.system, r.user_id)] = refs.last_resid(int(r.variant)) - refs.last_resid(int(r.baseline))
+    systems = list(dict.fromkeys(pairs["system"]))
+    total = {s: sum(d for (s2, _), d in diffs.items() if s2 == s) for s in systems}
+    count = {s: sum(1 for (s2, _) in diffs if s2 == s) for s in systems}
+    norms = np.stack([(total[s] / count[s]).norm(dim=-1).numpy() for s in systems]).astype(np.float32)
+    rows, where = [], []
+    for i, r in pairs.iterrows():
+        if count[r.system] < 2:
+            raise CausalError(f"system prompt {r.system!r} has one user prompt in scope: nothing to hold out")
+        vec = (total[r.system] - diffs[(r.system, r.user_id)]) / (count[r.system] - 1)  # (L+1, H)
+        b_ids = plan.prompt_tokens(int(r.baseline))
+        for site in range(L + 1):
+            rows.append(Row(b_ids[:-1], b_ids[-1:], [Edit(site, np.array([0]), vec[site][None], add=True)]))
+            where.append((i, site))
+    out_kl = np.zeros((len(pairs), L + 1), np.float32)
+    out_lp = np.zeros_like(out_kl)
+    bar = _bar(len(rows), "steering", scope.progress)
+    outs = runner.run(rows, progress=bar)
+    bar.close()
+    for (i, site), o in zip(where, outs):
+        v = int(pairs.iloc[i].variant)
+        k, lp = _measure([o], refs.logprobs[v], refs.top1(v))
+        out_kl[i, site], out_lp[i, site] = k[0], lp[0]
+    arrays = refs.pair_refs()
+    arrays["kl"] = (out_kl, ("pair", "site"))
+    arrays["lp"] = (out_lp, ("pair", "site"))
+    arrays["norm"] = (norms, ("system", "site"))
+    return arrays, {"systems": systems, "n_sites": L + 1, "users": scope.users,
+                    "vector": "mean over held-out-excluded user prompts of resid(variant) - resid(baseline) at the "
+                              "last position, added at the last position"}
+
+
+__all__ = ["CausalError", "PATCH_MODES", "Refs", "Scope", "knockout", "patching", "phrases", "steering",
+           "token_attribution"]

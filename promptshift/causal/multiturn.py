@@ -1,0 +1,173 @@
+"""Multi-turn decay: does the system prompt keep its grip as the dialogue grows?
+
+A multi-turn suite (``promptshift/sweep/suites/multiturn.yaml``) holds one automatically
+checkable rule (a system prompt plus a check such as "the reply starts with Ahoy") and
+scripted conversations. For every conversation and turn t, the conversation up to the
+t-th user message is rendered under three conditions:
+
+* ``system``: the rule as system prompt, the scripted history as written (every scripted
+  reply obeys the rule);
+* ``system_plain``: the rule as system prompt, the scripted replies with the rule's marker
+  removed, so the history does not demonstrate the rule and only the system prompt asks
+  for it;
+* ``no_system``: no system prompt, the history as written: what imitation of the history
+  alone produces.
+
+Per row: attention of the last prompt token to the system region at every layer (mean over
+heads; the sink token excluded and the rest renormalised), the share uniform attention
+would give, and whether the model's greedy reply obeys the rule.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from promptshift.errors import SweepError
+from promptshift.sweep.chat import REGION_CODE, render
+
+CONDITIONS = ("system", "system_plain", "no_system")
+CHECKS = ("startswith", "contains", "regex")
+
+
+def load_multiturn(arg: str | Path) -> dict:
+    """A multi-turn suite by built-in name or path, validated."""
+    from promptshift.sweep.config import builtin_suites
+
+    path = Path(str(arg))
+    if not path.exists():
+        suites = builtin_suites()
+        if str(arg) not in suites:
+            raise SweepError(f"unknown multi-turn suite {arg!r}; built-in: multiturn, or give a YAML path")
+        path = suites[str(arg)]
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise SweepError(f"cannot read multi-turn suite {path}: {e}") from e
+    where = f"multi-turn suite {path}"
+    if not isinstance(d, dict) or "rule" not in d or "conversations" not in d:
+        raise SweepError(f"{where} needs `rule` (system, check) and `conversations`")
+    rule = d["rule"]
+    if not isinstance(rule, dict) or not str(rule.get("system", "")).strip():
+        raise SweepError(f"{where}: `rule.system` must be a non-empty system prompt")
+    check = rule.get("check")
+    if not isinstance(check, dict) or check.get("type") not in CHECKS or not str(check.get("value", "")):
+        raise SweepError(f"{where}: `rule.check` must be {{type: {' | '.join(CHECKS)}, value: TEXT}}")
+    if check["type"] == "regex":
+        try:
+            re.compile(str(check["value"]))
+        except re.error as e:
+            raise SweepError(f"{where}: `rule.check.value` is not a valid regex: {e}") from e
+    convs = d["conversations"]
+    if not isinstance(convs, list) or not convs:
+        raise SweepError(f"{where}: `conversations` must be a non-empty list")
+    for i, c in enumerate(convs):
+        turns = c.get("turns") if isinstance(c, dict) else None
+        if not c.get("id") or not isinstance(turns, list) or not turns:
+            raise SweepError(f"{where}: conversations[{i}] needs `id` and a non-empty `turns` list")
+        for j, t in enumerate(turns):
+            if not isinstance(t, dict) or not str(t.get("user", "")).strip():
+                raise SweepError(f"{where}: conversations[{i}].turns[{j}] needs a non-empty `user`")
+            if j < len(turns) - 1 and not str(t.get("assistant", "")).strip():
+                raise SweepError(f"{where}: conversations[{i}].turns[{j}] needs an `assistant` reply (only the "
+                                 "last turn may leave it out)")
+    return {"name": d.get("name", path.stem), "rule": rule, "conversations": convs, "path": str(path)}
+
+
+def obeys(reply: str, check: dict) -> bool:
+    """Whether a reply satisfies the rule's check (leading whitespace ignored)."""
+    text, value = reply.strip(), str(check["value"])
+    if check["type"] == "startswith":
+        return text.startswith(value)
+    if check["type"] == "contains":
+        return value in text
+    return re.search(value, text) is not None
+
+
+def plain(reply: str, check: dict) -> str:
+    """A scripted reply with the rule's marker removed (``startswith``/``contains`` rules)."""
+    value = str(check["value"])
+    if check["type"] == "startswith" and reply.strip().startswith(value):
+        rest = reply.strip()[len(value) :].lstrip(" ,!.:;-")
+        return rest[:1].upper() + rest[1:]
+    if check["type"] == "contains":
+        return re.sub(r"\s+", " ", reply.replace(value, "")).strip()
+    if check["type"] == "regex":
+        return re.sub(r"\s+", " ", re.sub(str(check["value"]), "", reply)).strip()
+    return reply
+
+
+def messages(suite: dict, conv: dict, t: int, condition: str) -> list[dict]:
+    """Messages of ``conv`` up to and including its t-th user message (t from 1)."""
+    rule = suite["rule"]
+    out = [] if condition == "no_system" else [{"role": "system", "content": str(rule["system"])}]
+    for j, turn in enumerate(conv["turns"][:t]):
+        out.append({"role": "user", "content": str(turn["user"])})
+        if j < t - 1:
+            reply = str(turn["assistant"])
+            out.append({"role": "assistant",
+                        "content": plain(reply, rule["check"]) if condition == "system_plain" else reply})
+    return out
+
+
+def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(), progress: bool = True):
+    """Run every (condition, conversation, turn) with attention statistics and a greedy
+    reply; returns ``(arrays, meta)`` for :meth:`Store.write_causal`."""
+    from promptshift.causal.analyses import _bar
+    from promptshift.extract.engine import Item
+
+    check = suite["rule"]["check"]
+    rows = []
+    for cond in CONDITIONS:
+        for ci, conv in enumerate(suite["conversations"]):
+            for t in range(1, len(conv["turns"]) + 1):
+                r = render(tok, messages(suite, conv, t, cond))
+                rows.append((cond, ci, t, r))
+    L = engine.L
+    n = len(rows)
+    sys_mass = np.full((n, L), np.nan, np.float32)
+    share = np.full(n, np.nan, np.float32)
+    obey = np.zeros(n, np.uint8)
+    replies = []
+    bar = _bar(n, "multi-turn", progress)
+    order = engine.batches([len(r[3].ids) for r in rows])
+    results = [None] * n
+    for batch in order:
+        items = [Item(prompt=i, ids=rows[i][3].ids, regions=rows[i][3].regions, keep_start=len(rows[i][3].ids))
+                 for i in batch]
+        for i, res in zip(batch, engine.run(items, max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))):
+            results[i] = res
+        bar.update(len(batch))
+    bar.close()
+    sys_code, sink = REGION_CODE["system"], REGION_CODE["sink"]
+    for i, (cond, ci, t, r) in enumerate(rows):
+        res = results[i]
+        reply = tok.decode([int(x) for x in res.gen_ids if int(x) not in set(eos_ids)], skip_special_tokens=True)
+        replies.append(reply)
+        obey[i] = obeys(reply, check)
+        is_sys = r.regions == sys_code
+        if is_sys.any():
+            row = res.last_row.astype(np.float64)  # (n_tokens, L, NH)
+            sink_mass = row[r.regions == sink].sum(0)  # (L, NH)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                m = row[is_sys].sum(0) / (1.0 - sink_mass)  # (L, NH) renormalised without the sink
+            sys_mass[i] = m.mean(-1)
+            share[i] = is_sys.sum() / max(1, len(r.ids) - 1)
+    arrays = {
+        "condition": (np.asarray([CONDITIONS.index(c) for c, *_ in rows], np.int8), ("row",)),
+        "conversation": (np.asarray([ci for _, ci, _, _ in rows], np.int16), ("row",)),
+        "turn": (np.asarray([t for _, _, t, _ in rows], np.int16), ("row",)),
+        "n_tokens": (np.asarray([len(r.ids) for *_, r in rows], np.int32), ("row",)),
+        "sys_mass": (sys_mass, ("row", "layer")),
+        "uniform_share": (share, ("row",)),
+        "obeys": (obey, ("row",)),
+    }
+    meta = {"conditions": list(CONDITIONS), "conversations": [c["id"] for c in suite["conversations"]],
+            "rule": suite["rule"], "suite": suite["name"], "replies": replies, "max_new_tokens": max_new_tokens}
+    return arrays, meta
+
+
+__all__ = ["CONDITIONS", "load_multiturn", "messages", "multiturn", "obeys", "plain"]

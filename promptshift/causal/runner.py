@@ -1,0 +1,241 @@
+"""The intervention runner behind every causal analysis: batched forward passes that run
+only a *tail* of each prompt on top of a key/value cache of its untouched *head*, with
+per-row edits of the residual stream and per-row attention knockout.
+
+Sites: site ``l < L`` is the input of layer ``l`` (``resid_pre``), site ``L`` is the output
+of the last layer (``resid_post[L-1]``, before the final norm). An edit replaces or adds
+vectors at given tail positions of one row at one site.
+
+Why tails: an intervention at position ``t`` cannot change anything before ``t`` (causal
+attention), so the head's keys and values are computed once and shared by every row that
+starts from it; patching the last position runs one token per row, not the whole prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from promptshift.extract.arch import resolve_arch
+from promptshift.extract.attention import Knockout, register, set_knockout
+
+
+@dataclass
+class Edit:
+    """Change the residual stream of one row at one site: ``positions`` index the tail."""
+
+    site: int
+    positions: np.ndarray  # (n,) tail positions
+    values: np.ndarray | torch.Tensor  # (n, H)
+    add: bool = False  # add instead of replace
+
+
+@dataclass
+class Row:
+    """One forward pass: ``head`` (run once per distinct head, cached) then ``tail``."""
+
+    head: np.ndarray  # (P,) token ids, P >= 1
+    tail: np.ndarray  # (S,) token ids, S >= 1
+    edits: list[Edit] = field(default_factory=list)
+    knockout_keys: np.ndarray | None = None  # (P + S,) bool: keys hidden from tail queries
+    knockout_start: int | None = None  # first knocked-out layer
+
+
+@dataclass
+class Out:
+    logprobs: torch.Tensor  # (V,) float32 log-softmax of the last position's logits
+    resid: torch.Tensor | None = None  # (n_sites, H) last-position residual at every site, if captured
+
+
+class Runner:
+    """Runs :class:`Row` batches on a Hugging Face causal LM (any architecture in
+    ``promptshift.extract.arch``), on the fused attention path unless a knockout is set."""
+
+    def __init__(self, model, token_budget: int = 4096):
+        register()
+        model.config._attn_implementation = "promptshift"
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = "promptshift"
+        self.model = model
+        self.arch = resolve_arch(model)
+        self.base = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.L = len(self.arch.layers)
+        self.device = next(model.parameters()).device
+        self.token_budget = token_budget
+        self._edits: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]] = {}
+        self._capture: torch.Tensor | None = None  # (B,) tail index of each row's last token
+        self._captured: list[torch.Tensor | None] = []
+        self._heads: dict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._handles = []
+        for i, layer in enumerate(self.arch.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+        self._handles.append(self.arch.layers[-1].register_forward_hook(self._post_hook, with_kwargs=True))
+
+    # --- hooks ----------------------------------------------------------------------------
+    def _apply(self, site: int, h: torch.Tensor) -> torch.Tensor:
+        edits = self._edits.get(site)
+        if edits:
+            h = h.clone()
+            for b, s, v, add in edits:
+                if add:
+                    h[b, s] += v.to(h.dtype)
+                else:
+                    h[b, s] = v.to(h.dtype)
+        if self._capture is not None:
+            rows = torch.arange(h.shape[0], device=h.device)
+            self._captured[site] = h[rows, self._capture].float()
+        return h
+
+    def _pre_hook(self, i: int):
+        def hook(mod, args, kwargs):
+            if args:
+                return (self._apply(i, args[0]), *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = self._apply(i, kwargs["hidden_states"])
+            return args, kwargs
+
+        return hook
+
+    def _post_hook(self, mod, args, kwargs, out):
+        if isinstance(out, tuple):
+            return (self._apply(self.L, out[0]), *out[1:])
+        return self._apply(self.L, out)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # --- running --------------------------------------------------------------------------
+    def logprobs(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-softmax of the logits of final hidden states ``h`` (..., H) (after the final norm)."""
+        w = self.lm_head.weight
+        logits = (h.to(w.device, w.dtype) @ w.T).float()
+        if getattr(self.lm_head, "bias", None) is not None:
+            logits = logits + self.lm_head.bias.float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.log_softmax(logits, dim=-1)
+
+    def _head_kv(self, head: np.ndarray):
+        key = head.astype(np.int64).tobytes()
+        kv = self._heads.get(key)
+        if kv is None:
+            if len(self._heads) >= 4:  # rows arrive grouped by head: a small cache is enough
+                self._heads.pop(next(iter(self._heads)))
+            ids = torch.as_tensor(head, dtype=torch.long, device=self.device)[None]
+            with torch.inference_mode():
+                out = self.base(input_ids=ids, use_cache=True)
+            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+            self._heads[key] = kv
+        return kv
+
+    def run(self, rows: list[Row], capture: bool = False, progress=None) -> list[Out]:
+        """Run every row; rows with the same head are batched under the token budget."""
+        outs: list[Out | None] = [None] * len(rows)
+        groups: dict[bytes, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.head.astype(np.int64).tobytes(), []).append(i)
+        for idx in groups.values():
+            head = rows[idx[0]].head
+            per = len(head) + max(len(rows[i].tail) for i in idx)
+            size = max(1, self.token_budget // per)
+            for k in range(0, len(idx), size):
+                chunk = idx[k : k + size]
+                for i, o in zip(chunk, self._batch(head, [rows[i] for i in chunk], capture)):
+                    outs[i] = o
+                if progress is not None:
+                    progress.update(len(chunk))
+        return outs
+
+    @torch.inference_mode()
+    def _batch(self, head: np.ndarray, rows: list[Row], capture: bool) -> list[Out]:
+        from transformers import DynamicCache
+
+        B, P, dev = len(rows), len(head), self.device
+        lens = [len(r.tail) for r in rows]
+        S = max(lens)
+        ids = torch.zeros(B, S, dtype=torch.long)
+        real = torch.zeros(B, S, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : lens[b]] = torch.as_tensor(r.tail)
+            real[b, : lens[b]] = 1
+        mask = torch.cat([torch.ones(B, P, dtype=torch.long), real], dim=1).to(dev)
+        pos = (P + torch.arange(S)).unsqueeze(0).expand(B, S).to(dev)
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(self._head_kv(head)):
+            cache.update(k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:]), i)
+        last = torch.as_tensor([n - 1 for n in lens], device=dev)
+        self._edits = {}
+        for b, r in enumerate(rows):
+            for e in r.edits:
+                if not 0 <= e.site <= self.L:
+                    raise ValueError(f"site {e.site} is outside 0..{self.L}")
+                s = torch.as_tensor(np.asarray(e.positions), dtype=torch.long, device=dev)
+                v = torch.as_tensor(e.values, device=dev)
+                self._edits.setdefault(e.site, []).append((torch.full_like(s, b), s, v, e.add))
+        ko = None
+        if any(r.knockout_keys is not None for r in rows):
+            keys = torch.zeros(B, P + S, dtype=torch.bool)
+            start = torch.full((B,), self.L, dtype=torch.long)
+            for b, r in enumerate(rows):
+                if r.knockout_keys is not None:
+                    keys[b, : P + lens[b]] = torch.as_tensor(r.knockout_keys[: P + lens[b]])
+                    start[b] = r.knockout_start
+            ko = Knockout(keys.to(dev), start.to(dev))
+        self._capture = last if capture else None
+        self._captured = [None] * (self.L + 1)
+        set_knockout(ko)
+        try:
+            out = self.base(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos, cache=cache,
+                            use_cache=True)
+        finally:
+            set_knockout(None)
+            self._edits = {}
+            self._capture = None
+        h = out.last_hidden_state[torch.arange(B, device=dev), last]  # (B, H)
+        lp = self.logprobs(h).cpu()
+        resid = torch.stack(self._captured, dim=1).cpu() if capture else None  # (B, L+1, H)
+        self._captured = []
+        return [Out(lp[b], resid[b] if resid is not None else None) for b in range(B)]
+
+    @torch.inference_mode()
+    def residuals(self, ids: np.ndarray, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One whole prompt: its residual stream (n, L+1, H) float32 at ``positions`` at every
+        site, and the log-probabilities (V,) at its last position."""
+        dev = self.device
+        x = torch.as_tensor(ids, dtype=torch.long, device=dev)[None]
+        pos = torch.as_tensor(np.asarray(positions), dtype=torch.long, device=dev)
+        grabbed: list[torch.Tensor | None] = [None] * (self.L + 1)
+
+        def grab(site):
+            def hook(mod, args, kwargs, out=None):
+                h = out if out is not None else (args[0] if args else kwargs["hidden_states"])
+                h = h[0] if isinstance(h, tuple) else h
+                grabbed[site] = h[0, pos].float()
+
+            return hook
+
+        hs = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(self.arch.layers)]
+        hs.append(self.arch.layers[-1].register_forward_hook(grab(self.L), with_kwargs=True))
+        try:
+            out = self.base(input_ids=x, use_cache=False)
+        finally:
+            for h in hs:
+                h.remove()
+        return torch.stack(grabbed, dim=1).cpu(), self.logprobs(out.last_hidden_state[0, -1]).cpu()
+
+
+def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) in nats from log-probabilities (..., V), exact over the vocabulary."""
+    return (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0.0)
+
+
+__all__ = ["Edit", "Out", "Row", "Runner", "kl"]

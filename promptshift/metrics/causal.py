@@ -1,0 +1,329 @@
+"""Tables and summary entries for the causal analyses stored by `promptshift causal`.
+
+Raw measurements come from the store (``causal_<analysis>_*``); this module only derives
+fractions, curves, onsets and their intervals. Curves are ratios of sums over pairs
+(e.g. recovered = 1 - sum KL(v || patched) / sum KL(v || b)), so pairs where the system
+prompt changed the output a lot weigh more than pairs where it barely did, and a pair
+with a near-zero denominator cannot blow a mean up. Intervals are percentile bootstraps
+over user prompts (over conversations for multi-turn), with resamples drawn from the run's
+seed; an onset's interval is the spread of the onset of each resampled curve.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from promptshift.metrics.bootstrap import percentile_ci, user_weights
+
+RECOVER_AT = 0.5  # patching onset: first site whose curve recovers half of the output change
+KNOCKOUT_LEFT = 0.1  # knockout: the effect left below this fraction from here on
+
+
+def _per_unit(values: np.ndarray, unit: np.ndarray, n_units: int) -> np.ndarray:
+    """values (n, ...) summed per unit -> (n_units, ...)."""
+    out = np.zeros((n_units,) + values.shape[1:])
+    np.add.at(out, unit, np.nan_to_num(values.astype(np.float64)))
+    return out
+
+
+def _ratio(num_u: np.ndarray, den_u: np.ndarray, w: np.ndarray):
+    """Ratio of sums and its bootstrap: num_u, den_u (U, M) -> est (M,), boot (M, B)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        est = num_u.sum(0) / den_u.sum(0)
+        boot = (w @ num_u).T / (w @ den_u).T
+    return est, boot
+
+
+def _first(curve: np.ndarray, ok) -> np.ndarray:
+    """Index of the first True of ok(curve) along the last axis (NaN where none)."""
+    hit = ok(curve)
+    idx = np.argmax(hit, axis=-1).astype(np.float64)
+    return np.where(hit.any(-1), idx, np.nan)
+
+
+def _stays_below(curve: np.ndarray, thr: float) -> np.ndarray:
+    """Smallest index from which every later value is <= thr (NaN if the last is above)."""
+    below = curve <= thr
+    tail_ok = np.flip(np.logical_and.accumulate(np.flip(below, -1), axis=-1), -1)
+    return _first(tail_ok, lambda x: x)
+
+
+def _onset_ci(point: float, boot_onsets: np.ndarray) -> dict:
+    ok = boot_onsets[np.isfinite(boot_onsets)]
+    lo, hi = (np.percentile(ok, [2.5, 97.5]) if ok.size else (np.nan, np.nan))
+    return {"site": None if not np.isfinite(point) else int(point),
+            "ci": [None if not np.isfinite(lo) else float(lo), None if not np.isfinite(hi) else float(hi)],
+            "undefined_share": float(1 - ok.size / max(1, boot_onsets.size))}
+
+
+def _pairs_frame(arrays, pairs: pd.DataFrame) -> pd.DataFrame:
+    ids = arrays["pair"].astype(np.int64)
+    meta = pairs.set_index("pair").loc[ids, ["system", "user_id", "category"]].reset_index()
+    for k in ("kl_vb", "lp_v", "lp_b"):
+        meta[k] = arrays[k].astype(np.float64)
+    meta["top1_changed"] = arrays["top1_changed"].astype(bool)
+    return meta
+
+
+def _scope_weights(users: list[str], n_boot: int, seed: int) -> np.ndarray:
+    return user_weights(len(users), n_boot, seed)
+
+
+def _curve_tables(kind: str, arrays, meta, pairs, n_boot, seed, axes: dict[str, list]):
+    """Per-pair long table and the curve table for patching / knockout / steering."""
+    base = _pairs_frame(arrays, pairs)
+    users = list(meta["users"])
+    u = pd.Index(users).get_indexer(base["user_id"])
+    w = _scope_weights(users, n_boot, seed)
+    kl, lp = arrays["kl"].astype(np.float64), arrays["lp"].astype(np.float64)
+    n = len(base)
+    names = list(axes)
+    grids = np.meshgrid(*[np.arange(len(v)) for v in axes.values()], indexing="ij")
+    flat = [g.reshape(-1) for g in grids]
+    rows = []
+    kl2 = kl.reshape(n, -1)
+    lp2 = lp.reshape(n, -1)
+    den_kl = base["kl_vb"].to_numpy()
+    den_lp = (base["lp_v"] - base["lp_b"]).to_numpy()
+    for j in range(kl2.shape[1]):
+        d = base.copy()
+        for name, idx in zip(names, flat):
+            d[name] = axes[name][idx[j]]
+        d["kl"] = kl2[:, j]
+        d["lp_top1"] = lp2[:, j]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d["recovered_kl"] = 1.0 - kl2[:, j] / den_kl
+            d["recovered_lp"] = np.where(np.abs(den_lp) > 1e-6, (lp2[:, j] - base["lp_b"]) / den_lp, np.nan)
+        rows.append(d)
+    long = pd.concat(rows, ignore_index=True)
+    # curves: ratios of per-user sums
+    kl_u = _per_unit(kl2, u, len(users))  # (U, M)
+    klvb_u = _per_unit(den_kl[:, None].repeat(kl2.shape[1], 1), u, len(users))
+    lpn_u = _per_unit(lp2 - base["lp_b"].to_numpy()[:, None], u, len(users))
+    lpd_u = _per_unit(den_lp[:, None].repeat(kl2.shape[1], 1), u, len(users))
+    frac, frac_b = _ratio(kl_u, klvb_u, w)  # sum KL(v||x) / sum KL(v||b)
+    lp_est, lp_boot = _ratio(lpn_u, lpd_u, w)
+    curve = pd.DataFrame({name: [axes[name][i] for i in idx] for name, idx in zip(names, flat)})
+    curve["kl_mean"] = kl2.mean(0)
+    curve["kl_ratio"] = frac
+    lo, hi = percentile_ci(frac_b)
+    curve["kl_ratio_ci_low"], curve["kl_ratio_ci_high"] = lo, hi
+    curve["recovered_kl"] = 1.0 - frac
+    curve["recovered_kl_ci_low"], curve["recovered_kl_ci_high"] = 1.0 - hi, 1.0 - lo
+    curve["recovered_lp"] = lp_est
+    lo, hi = percentile_ci(lp_boot)
+    curve["recovered_lp_ci_low"], curve["recovered_lp_ci_high"] = lo, hi
+    curve["n_pairs"] = n
+    return long, curve, frac, frac_b
+
+
+def patching_tables(arrays, meta, pairs, n_boot: int, seed: int):
+    L1 = int(meta["n_sites"])
+    long, curve, frac, frac_b = _curve_tables("patching", arrays, meta, pairs, n_boot, seed,
+                                              {"mode": list(meta["modes"]), "site": list(range(L1))})
+    summ = {"n_pairs": int(len(arrays["pair"])), "n_layers": L1 - 1, "threshold": RECOVER_AT, "modes": {}}
+    for m, mode in enumerate(meta["modes"]):
+        sl = slice(m * L1, (m + 1) * L1)
+        rec, rec_b = 1.0 - frac[sl], 1.0 - frac_b[sl].T  # (L1,), (B, L1)
+        onset = _first(rec[None], lambda x: x >= RECOVER_AT)[0]
+        summ["modes"][mode] = {
+            "onset": _onset_ci(onset, _first(rec_b, lambda x: x >= RECOVER_AT)),
+            "recovered_mid": _num(rec[L1 // 2]),
+            "recovered_final": _num(rec[-1]),
+        }
+    return {"causal_patching": long, "causal_patching_curve": curve}, summ
+
+
+def knockout_tables(arrays, meta, pairs, n_boot: int, seed: int):
+    L1 = int(meta["n_starts"])
+    long, curve, frac, frac_b = _curve_tables("knockout", arrays, meta, pairs, n_boot, seed,
+                                              {"start": list(range(L1))})
+    # effect left after knocking out from layer l on, relative to knocking out from layer 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        left = frac / frac[0]
+        left_b = (frac_b / frac_b[:1]).T  # (B, L1)
+    lo, hi = percentile_ci(left_b.T)
+    curve["effect_left"], curve["effect_left_ci_low"], curve["effect_left_ci_high"] = left, lo, hi
+    stop = _stays_below(left[None], KNOCKOUT_LEFT)[0]
+    base = _pairs_frame(arrays, pairs)
+    summ = {
+        "n_pairs": int(len(base)), "n_layers": L1 - 1, "threshold": KNOCKOUT_LEFT,
+        "stops_mattering": _onset_ci(stop, _stays_below(left_b, KNOCKOUT_LEFT)),
+        "full_knockout_kl_ratio": _num(frac[0]),  # sum KL(v || knockout from 0) / sum KL(v || b)
+        "full_knockout_vs_baseline": _num(np.sum(arrays["kl_ko0_b"]) / max(1e-12, float(np.sum(arrays["kl_vb"])))),
+    }
+    return {"causal_knockout": long, "causal_knockout_curve": curve}, summ
+
+
+def steering_tables(arrays, meta, pairs, n_boot: int, seed: int):
+    L1 = int(meta["n_sites"])
+    long, curve, frac, frac_b = _curve_tables("steering", arrays, meta, pairs, n_boot, seed,
+                                              {"site": list(range(L1))})
+    norms = pd.DataFrame([{"system": s, "site": j, "norm": float(arrays["norm"][i, j])}
+                          for i, s in enumerate(meta["systems"]) for j in range(L1)])
+    rec = 1.0 - frac
+    inner = rec[:-1]  # the last site is the final residual: steering there edits the output directly
+    best = int(np.nanargmax(inner)) if np.isfinite(inner).any() else None
+    summ = {"n_pairs": int(len(arrays["pair"])), "n_layers": L1 - 1}
+    if best is not None:
+        row = curve.iloc[best]
+        summ["best"] = {"site": best, "recovered": _num(rec[best]),
+                        "ci": [_num(row["recovered_kl_ci_low"]), _num(row["recovered_kl_ci_high"])]}
+        summ["final_site"] = {"recovered": _num(rec[-1]), "ci": [_num(curve.iloc[-1]["recovered_kl_ci_low"]),
+                                                                 _num(curve.iloc[-1]["recovered_kl_ci_high"])]}
+    return {"causal_steering": long, "causal_steering_curve": curve, "causal_steering_norms": norms}, summ
+
+
+def phrase_tables(arrays, meta, pairs, n_boot: int, seed: int):
+    users, systems = list(meta["users"]), list(meta["systems"])
+    U = len(users)
+    w = _scope_weights(users, n_boot, seed)
+    ph = pd.DataFrame(meta["phrases"])
+    sys_idx = pd.Index(systems).get_indexer(ph["system"])
+    kl_va, kl_ab, int_a = (arrays[k].astype(np.float64) for k in ("kl_va", "kl_ab", "internal_a"))  # (n_ph, U)
+    kl_vb, int_v = arrays["kl_vb"].astype(np.float64)[sys_idx], arrays["internal_v"].astype(np.float64)[sys_idx]
+    long = []
+    for j in range(U):
+        d = ph[["system", "index", "text", "n_phrases"]].rename(columns={"index": "phrase"}).copy()
+        d["user_id"] = users[j]
+        d["kl_va"], d["kl_ab"], d["kl_vb"] = kl_va[:, j], kl_ab[:, j], kl_vb[:, j]
+        d["internal_a"], d["internal_v"] = int_a[:, j], int_v[:, j]
+        long.append(d)
+    long = pd.concat(long, ignore_index=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        long["importance_output"] = 1.0 - long["kl_ab"] / long["kl_vb"]
+        long["importance_internal"] = 1.0 - long["internal_a"] / long["internal_v"]
+    # per phrase: ratio-of-sums importances and mean KL(v || ablated), each with a CI over users
+    rank = ph[["system", "index", "text", "n_phrases"]].rename(columns={"index": "phrase"}).copy()
+    for name, num, den in (("importance_output", kl_vb - kl_ab, kl_vb), ("importance_internal", int_v - int_a, int_v)):
+        est, boot = _ratio(num.T, den.T, w)
+        lo, hi = percentile_ci(boot)
+        rank[name], rank[f"{name}_ci_low"], rank[f"{name}_ci_high"] = est, lo, hi
+    est, boot = _ratio(kl_va.T, np.ones_like(kl_va).T, w)
+    lo, hi = percentile_ci(boot)
+    rank["kl_removed"], rank["kl_removed_ci_low"], rank["kl_removed_ci_high"] = est, lo, hi
+    rank["rank_in_system"] = rank.groupby("system")["kl_removed"].rank(ascending=False, method="min").astype(int)
+    # token attribution (gradient x input) and its agreement with phrase occlusion
+    tk = pd.DataFrame(meta["tokens"])
+    attr = arrays["token_attr"].astype(np.float64)  # (n_tok, U)
+    if len(tk):
+        est, boot = _ratio(attr.T, np.ones_like(attr).T, w)
+        lo, hi = percentile_ci(boot)
+        tk["attribution"], tk["ci_low"], tk["ci_high"] = est, lo, hi
+        by_phrase = tk[tk["phrase"] >= 0].groupby(["system", "phrase"])["attribution"].sum()
+        rank["token_attribution_sum"] = [by_phrase.get((s, p), np.nan) for s, p in zip(rank["system"], rank["phrase"])]
+    else:
+        rank["token_attribution_sum"] = np.nan
+    multi = rank[rank["n_phrases"] > 1]
+    agree = None
+    ok = multi[["kl_removed", "token_attribution_sum"]].dropna()
+    if len(ok) >= 3:
+        res = stats.spearmanr(ok["kl_removed"], ok["token_attribution_sum"])
+        agree = {"spearman_r": _num(res.statistic), "p": _num(res.pvalue), "n_phrases": int(len(ok))}
+    top = []
+    for s, g in multi.groupby("system", sort=False):
+        r = g.sort_values("kl_removed", ascending=False).iloc[0]
+        top.append({"system": s, "phrase": r["text"], "kl_removed": _num(r["kl_removed"]),
+                    "ci": [_num(r["kl_removed_ci_low"]), _num(r["kl_removed_ci_high"])],
+                    "importance_output": _num(r["importance_output"]), "n_phrases": int(r["n_phrases"])})
+    summ = {"n_phrases": int(len(rank)), "n_systems_split": int(multi["system"].nunique()),
+            "top_phrase_per_system": top, "attribution_vs_occlusion": agree,
+            "attribution": meta.get("attribution")}
+    return {"causal_phrases": long, "causal_phrase_rank": rank, "causal_tokens": tk}, summ
+
+
+def multiturn_tables(arrays, meta, n_boot: int, seed: int):
+    conds, convs = list(meta["conditions"]), list(meta["conversations"])
+    C = len(convs)
+    rows = pd.DataFrame({
+        "condition": [conds[i] for i in arrays["condition"]],
+        "conversation": [convs[i] for i in arrays["conversation"]],
+        "turn": arrays["turn"].astype(int),
+        "n_tokens": arrays["n_tokens"].astype(int),
+        "obeys": arrays["obeys"].astype(bool),
+        "uniform_share": arrays["uniform_share"].astype(np.float64),
+        "reply": meta["replies"],
+    })
+    sm = arrays["sys_mass"].astype(np.float64)  # (rows, L)
+    rows["sys_mass"] = np.nanmean(sm, axis=1) if np.isfinite(sm).any() else np.nan
+    attn = pd.DataFrame({
+        "condition": np.repeat(rows["condition"].to_numpy(), sm.shape[1]),
+        "conversation": np.repeat(rows["conversation"].to_numpy(), sm.shape[1]),
+        "turn": np.repeat(rows["turn"].to_numpy(), sm.shape[1]),
+        "layer": np.tile(np.arange(sm.shape[1]), len(rows)),
+        "sys_mass": sm.reshape(-1),
+    })
+    w = user_weights(C, n_boot, seed)  # resample conversations
+    cidx = arrays["conversation"].astype(int)
+    turns = []
+    for cond in conds:
+        for t in sorted(rows["turn"].unique()):
+            sel = (rows["condition"] == cond).to_numpy() & (rows["turn"] == t).to_numpy()
+            if not sel.any():
+                continue
+            rec = {"condition": cond, "turn": int(t), "n_conversations": int(sel.sum())}
+            for name, vals in (("obey_rate", rows["obeys"].to_numpy(np.float64)), ("sys_mass", rows["sys_mass"].to_numpy()),
+                               ("uniform_share", rows["uniform_share"].to_numpy())):
+                v = np.where(sel, vals, 0.0)
+                num = _per_unit(v, cidx, C)[:, None]
+                den = _per_unit(sel.astype(np.float64), cidx, C)[:, None]
+                est, boot = _ratio(num, den, w)
+                lo, hi = percentile_ci(boot)
+                rec[name], rec[f"{name}_ci_low"], rec[f"{name}_ci_high"] = float(est[0]), float(lo[0]), float(hi[0])
+            rec["n_tokens"] = float(rows.loc[sel, "n_tokens"].mean())
+            turns.append(rec)
+    turns = pd.DataFrame(turns)
+    summ = {"rule": meta["rule"].get("description") or meta["rule"].get("system"), "n_conversations": C,
+            "n_turns": int(rows["turn"].max()), "conditions": {}}
+    for cond in conds:
+        d = turns[turns["condition"] == cond].sort_values("turn")
+        if d.empty:
+            continue
+        first, last = d.iloc[0], d.iloc[-1]
+        ent = {"obey_first": _num(first["obey_rate"]), "obey_last": _num(last["obey_rate"]),
+               "obey_mean": _num(rows.loc[rows["condition"] == cond, "obeys"].mean())}
+        if d["sys_mass"].notna().any():
+            r = rows[rows["condition"] == cond]
+            res = stats.spearmanr(r["turn"], r["sys_mass"]) if r["sys_mass"].nunique() > 1 else None
+            ent.update(sys_mass_first=_num(first["sys_mass"]), sys_mass_first_ci=[_num(first["sys_mass_ci_low"]),
+                       _num(first["sys_mass_ci_high"])], sys_mass_last=_num(last["sys_mass"]),
+                       sys_mass_last_ci=[_num(last["sys_mass_ci_low"]), _num(last["sys_mass_ci_high"])],
+                       uniform_first=_num(first["uniform_share"]), uniform_last=_num(last["uniform_share"]),
+                       turn_spearman=_num(res.statistic) if res is not None else None,
+                       turn_p=_num(res.pvalue) if res is not None else None)
+        summ["conditions"][cond] = ent
+    return {"multiturn": rows, "multiturn_attention": attn, "multiturn_turns": turns}, summ
+
+
+def _num(x):
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if np.isfinite(x) else None
+
+
+BUILDERS = {"patching": patching_tables, "knockout": knockout_tables, "steering": steering_tables,
+            "phrases": phrase_tables}
+
+
+def causal_tables(store, pairs: pd.DataFrame, n_boot: int, seed: int) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Every table and summary entry for the causal analyses present in ``store``."""
+    tables, summ = {}, {}
+    for name in store.causal_analyses():
+        arrays, meta = store.read_causal(name)
+        if name == "multiturn":
+            t, s = multiturn_tables(arrays, meta, n_boot, seed)
+        elif name in BUILDERS:
+            t, s = BUILDERS[name](arrays, meta, pairs, n_boot, seed)
+        else:
+            continue
+        s["seconds"] = _num(meta.get("seconds"))
+        tables.update(t)
+        summ[name] = s
+    return tables, summ
+
+
+__all__ = ["causal_tables"]
