@@ -10,8 +10,9 @@ t-th user message is rendered under three conditions:
 * ``system_plain``: the rule as system prompt, the scripted replies with the rule's marker
   removed, so the history does not demonstrate the rule and only the system prompt asks
   for it;
-* ``no_system``: no system prompt, the history as written: what imitation of the history
-  alone produces.
+* ``no_system``: an empty system turn (the sweep's ``empty_system`` baseline, so a template
+  that injects a default system prompt when there is none does not), the history as
+  written: what imitation of the history alone produces.
 
 Per row: attention of the last prompt token to the system region at every layer (mean over
 heads; the sink token excluded and the rest renormalised), the share uniform attention
@@ -103,7 +104,7 @@ def plain(reply: str, check: dict) -> str:
 def messages(suite: dict, conv: dict, t: int, condition: str) -> list[dict]:
     """Messages of ``conv`` up to and including its t-th user message (t from 1)."""
     rule = suite["rule"]
-    out = [] if condition == "no_system" else [{"role": "system", "content": str(rule["system"])}]
+    out = [{"role": "system", "content": "" if condition == "no_system" else str(rule["system"])}]
     for j, turn in enumerate(conv["turns"][:t]):
         out.append({"role": "user", "content": str(turn["user"])})
         if j < t - 1:

@@ -1,0 +1,332 @@
+"""Causal analyses on tiny models with planted answers, against references written with
+plain Hugging Face forward passes (no promptshift machinery) and plain numpy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from promptshift.causal import CausalConfig, CausalError, run_causal
+from promptshift.causal.multiturn import load_multiturn, messages, obeys, plain
+from promptshift.causal.phrases import split_phrases, without
+from promptshift.causal.runner import Edit, Row, Runner, kl
+from promptshift.extract.run import ExtractConfig, extract
+from promptshift.metrics import compute
+from promptshift.sweep.chat import REGION_CODE
+from promptshift.sweep.config import load_sweep
+from tests.conftest import tiny_llama, write_sweep
+
+SYSTEM = REGION_CODE["system"]
+
+
+def hf_logprobs(model, ids, *, attention_mask=None, pre_hooks=()) -> torch.Tensor:
+    """Reference: one plain forward of the Hugging Face model, eager attention, optional
+    forward pre-hooks (layer, fn(hidden) -> hidden)."""
+    handles = []
+    for layer, fn in pre_hooks:
+        def hook(mod, args, kwargs, fn=fn):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+        handles.append(model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            x = torch.as_tensor(ids)[None]
+            kw = {} if attention_mask is None else {"attention_mask": torch.as_tensor(attention_mask)[None],
+                                                    "position_ids": torch.arange(len(ids))[None]}
+            out = model(x, output_hidden_states=True, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.log_softmax(out.logits[0, -1].float(), -1), [h[0] for h in out.hidden_states]
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    m = tiny_llama(tok, n_layers=4, seed=1)
+    m.config._attn_implementation = "eager"
+    return m
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    d = tmp_path_factory.mktemp("causal")
+    return load_sweep(write_sweep(d / "c.yaml", max_new_tokens=2, storage_dtype="float32", top_k=8, lens_top_k=4))
+
+
+@pytest.fixture(scope="module")
+def store(sweep, tok, model):
+    return extract(sweep, ExtractConfig(store=None, progress=False), model=model, tok=tok)
+
+
+def _eager(model):
+    model.config._attn_implementation = "eager"
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = "eager"
+
+
+def _pair(store, i=4):
+    r = store.plan.pairs.iloc[i]
+    p = store.plan
+    return r, p.prompt_tokens(int(r.variant)), p.prompt_tokens(int(r.baseline)), p.prompt_regions(int(r.variant))
+
+
+# --- the runner against plain forward passes ------------------------------------------------
+def test_suffix_patching_matches_a_hooked_full_forward(store, model):
+    """Patching site l over the aligned suffix == a full baseline forward whose layer-l input
+    at the suffix is replaced by the variant's (HF hidden_states[l]); last site too."""
+    r, v_ids, b_ids, _ = _pair(store)
+    runner = Runner(model)
+    try:
+        _eager(model)
+        _, v_hidden = hf_logprobs(model, v_ids)
+        vs, bs, n = int(r.v_suffix_start), int(r.b_suffix_start), int(r.suffix_len)
+        res, _ = runner.residuals(v_ids, np.arange(vs, len(v_ids)))
+        for site in range(runner.L):
+            assert torch.allclose(res[:, site], v_hidden[site][vs:], atol=1e-5)
+            ref, _ = hf_logprobs(model, b_ids, pre_hooks=[(site, lambda h, s=site: torch.cat(
+                [h[:, :bs], v_hidden[s][None, vs:]], dim=1))])
+            out = runner.run([Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n), res[:, site])])])[0]
+            assert float(kl(ref, out.logprobs)) < 1e-6  # float32 noise over 49k tokens
+            assert torch.allclose(out.logprobs, ref, atol=2e-5)
+    finally:
+        runner.close()
+
+
+def test_patching_a_prompt_with_itself_recovers_everything(store, model):
+    r, v_ids, _, _ = _pair(store)
+    runner = Runner(model)
+    try:
+        vs = int(r.v_suffix_start)
+        res, lp_v = runner.residuals(v_ids, np.arange(vs, len(v_ids)))
+        rows = [Row(v_ids[:vs], v_ids[vs:], [Edit(s, np.arange(len(v_ids) - vs), res[:, s])])
+                for s in range(runner.L + 1)]
+        rows += [Row(v_ids[:-1], v_ids[-1:], [Edit(s, [0], res[-1:, s])]) for s in range(runner.L + 1)]
+        for o in runner.run(rows):
+            assert float(kl(lp_v, o.logprobs)) < 1e-7
+    finally:
+        runner.close()
+
+
+def test_knockout_from_layer_zero_matches_masking_the_system_keys(store, model):
+    """Blocking the system keys in every layer for every later query is, at the last
+    position, the same as a forward whose attention mask hides the system tokens."""
+    _, v_ids, _, reg = _pair(store)
+    _eager(model)
+    ref, _ = hf_logprobs(model, v_ids, attention_mask=(reg != SYSTEM).astype(np.int64))
+    runner = Runner(model)
+    try:
+        end = int(np.flatnonzero(reg == SYSTEM)[-1]) + 1
+        out = runner.run([Row(v_ids[:end], v_ids[end:], knockout_keys=reg == SYSTEM, knockout_start=0),
+                          Row(v_ids[:end], v_ids[end:], knockout_keys=reg == SYSTEM, knockout_start=runner.L)])
+        assert torch.allclose(out[0].logprobs, ref, atol=2e-5)
+        _, lp_v = runner.residuals(v_ids, [len(v_ids) - 1])
+        assert float(kl(lp_v, out[1].logprobs)) < 1e-7  # start L: nothing blocked
+    finally:
+        runner.close()
+
+
+def test_planted_knockout_onset(sweep, tok):
+    """Layers >= k of this model carry no attention output at all (v_proj = 0), so they
+    cannot read the system span: knocking it out from layer k on changes nothing, from
+    layer k-1 on it does, and metrics puts the onset at k."""
+    k = 2
+    m = tiny_llama(tok, n_layers=5, seed=3)
+    with torch.no_grad():
+        for layer in m.model.layers[k:]:
+            layer.self_attn.v_proj.weight.zero_()
+    st = extract(sweep, ExtractConfig(store=None, progress=False), model=m, tok=tok)
+    run_causal(sweep, CausalConfig(store=st, analyses=("knockout",), progress=False), model=m, tok=tok)
+    arrays, _ = st.read_causal("knockout")
+    klko = arrays["kl"]  # (pairs, L+1)
+    # from layer k on, knocking out is the same run as not knocking out (start L): the values
+    # are equal, and only the float32 floor of the tail run vs the full reference run is left
+    np.testing.assert_allclose(klko[:, k:], np.repeat(klko[:, -1:], klko.shape[1] - k, 1), rtol=0, atol=1e-9)
+    assert np.all(klko[:, -1] < 1e-6)
+    assert np.all(klko[:, k - 1] > 100 * klko[:, -1].max())
+    tables = compute(st, None, workers=0, progress=False, n_boot=200)
+    summ = _summary(st, tables)
+    assert summ["knockout"]["stops_mattering"]["site"] == k
+    assert summ["knockout"]["stops_mattering"]["ci"] == [k, k]
+    # the same layers, planted, make suffix patching exact from layer k on
+    run_causal(sweep, CausalConfig(store=st, analyses=("patching",), progress=False), model=m, tok=tok)
+    pa, _ = st.read_causal("patching")
+    assert np.all(pa["kl"][:, 0, k:] < 1e-6)
+    assert np.all(pa["kl"][:, 0, 1] > 1e-5)
+
+
+def _summary(st, tables):
+    from promptshift.metrics.causal import causal_tables
+
+    return causal_tables(st, st.plan.pairs, 200, 0)[1]
+
+
+def test_steering_with_its_own_difference_reproduces_the_variant(store, model):
+    """A steering vector computed from one pair and added to that pair's baseline at site l
+    gives exactly the variant's last-position residual at l (and its output at site L)."""
+    r, v_ids, b_ids, _ = _pair(store)
+    runner = Runner(model)
+    try:
+        hv, lp_v = runner.residuals(v_ids, [len(v_ids) - 1])
+        hb, _ = runner.residuals(b_ids, [len(b_ids) - 1])
+        diff = hv[0] - hb[0]  # (L+1, H)
+        rows = [Row(b_ids[:-1], b_ids[-1:], [Edit(s, [0], diff[s][None], add=True)]) for s in range(runner.L + 1)]
+        outs = runner.run(rows, capture=True)
+        for s, o in enumerate(outs):
+            assert torch.allclose(o.resid[s], hv[0, s], atol=1e-5)
+        assert float(kl(lp_v, outs[-1].logprobs)) < 1e-7
+    finally:
+        runner.close()
+
+
+# --- the whole job, stored, and metrics against numpy ------------------------------------------
+@pytest.fixture(scope="module")
+def full(store, sweep, tok, model):
+    run_causal(sweep, CausalConfig(store=store, progress=False, max_new_tokens=4), model=model, tok=tok)
+    return compute(store, None, workers=0, progress=False, n_boot=300)
+
+
+def test_all_analyses_stored(store, full):
+    assert store.causal_analyses() == ["knockout", "multiturn", "patching", "phrases", "steering"]
+    pa, meta = store.read_causal("patching")
+    n = len(store.plan.pairs)
+    assert pa["kl"].shape == (n, 2, meta["n_layers"] + 1)
+    # fixed points: suffix site 0 patches identical embeddings, site L the final residual
+    np.testing.assert_allclose(pa["kl"][:, 0, 0], pa["kl_vb"], rtol=1e-3, atol=1e-9)
+    assert np.all(pa["kl"][:, :, -1] < 1e-6)  # float32 floor over 49k tokens
+
+
+def test_curves_are_ratios_of_sums(full):
+    long, curve = full["causal_patching"], full["causal_patching_curve"]
+    for (mode, site), g in long.groupby(["mode", "site"]):
+        want = 1 - g["kl"].sum() / g["kl_vb"].sum()
+        got = curve[(curve["mode"] == mode) & (curve["site"] == site)]["recovered_kl"].iloc[0]
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+        lo = curve[(curve["mode"] == mode) & (curve["site"] == site)]
+        assert float(lo["recovered_kl_ci_low"].iloc[0]) <= got + 1e-12 <= float(lo["recovered_kl_ci_high"].iloc[0]) + 2e-12
+    st = full["causal_steering_curve"]
+    sl = full["causal_steering"]
+    for site, g in sl.groupby("site"):
+        assert st[st["site"] == site]["recovered_kl"].iloc[0] == pytest.approx(1 - g["kl"].sum() / g["kl_vb"].sum())
+
+
+def test_phrase_and_multiturn_tables(store, full, sweep):
+    ph = full["causal_phrases"]
+    rank = full["causal_phrase_rank"]
+    for (s, j), g in ph.groupby(["system", "phrase"]):
+        r = rank[(rank["system"] == s) & (rank["phrase"] == j)].iloc[0]
+        assert r["kl_removed"] == pytest.approx(g["kl_va"].mean())
+        assert r["importance_output"] == pytest.approx(1 - g["kl_ab"].sum() / g["kl_vb"].sum())
+    # single-phrase prompts: leaving the phrase out is the baseline
+    single = ph[ph["n_phrases"] == 1]
+    np.testing.assert_allclose(single["kl_ab"], 0, atol=1e-6)
+    tk = full["causal_tokens"]
+    n_sys = sum(int((store.plan.prompt_regions(int(v)) == SYSTEM).sum())
+                for v in store.plan.pairs.drop_duplicates("system")["variant"])
+    assert len(tk) == n_sys and tk["attribution"].notna().all()
+    mt, turns = full["multiturn"], full["multiturn_turns"]
+    for (c, t), g in mt.groupby(["condition", "turn"]):
+        r = turns[(turns["condition"] == c) & (turns["turn"] == t)].iloc[0]
+        assert r["obey_rate"] == pytest.approx(g["obeys"].mean())
+        if c != "no_system":
+            assert r["sys_mass"] == pytest.approx(g["sys_mass"].mean())
+    assert mt[mt["condition"] == "no_system"]["sys_mass"].isna().all()
+
+
+def test_multiturn_attention_against_output_attentions(store, tok, model):
+    """The stored system mass of one row, recomputed from Hugging Face's own attentions."""
+    arrays, meta = store.read_causal("multiturn")
+    suite = load_multiturn("multiturn")
+    i = int(np.flatnonzero((arrays["condition"] == 0) & (arrays["turn"] == 3))[0])
+    conv = suite["conversations"][int(arrays["conversation"][i])]
+    from promptshift.sweep.chat import render
+
+    r = render(tok, messages(suite, conv, 3, "system"))
+    _eager(model)
+    with torch.no_grad():
+        att = model(torch.as_tensor(r.ids)[None], output_attentions=True).attentions  # L x (1, NH, S, S)
+    row = torch.stack([a[0, :, -1] for a in att]).double().numpy()  # (L, NH, S)
+    sysm = row[..., r.regions == SYSTEM].sum(-1) / (1 - row[..., 0])
+    np.testing.assert_allclose(arrays["sys_mass"][i], sysm.mean(-1), rtol=1e-4)
+
+
+# --- pieces ------------------------------------------------------------------------------------
+def test_split_phrases():
+    t = 'Respond only with JSON like {"a": "..."}. Do not write anything else. Be brief.'
+    assert [t[a:b] for a, b in split_phrases(t)] == ['Respond only with JSON like {"a": "..."}.',
+                                                     "Do not write anything else.", "Be brief."]
+    t = "Speak like a pirate in every reply, using words such as ahoy and matey, and mention the sea whenever it fits."
+    assert [t[a:b] for a, b in split_phrases(t)] == [
+        "Speak like a pirate in every reply, using words such as ahoy and matey,",
+        "and mention the sea whenever it fits."]
+    assert without("One. Two. Three.", (5, 9)) == "One. Three."
+    assert without("One. Two.", (0, 4)) == "Two."
+
+
+def test_multiturn_rules():
+    check = {"type": "startswith", "value": "Ahoy"}
+    assert obeys("  Ahoy, matey", check) and not obeys("Hello, Ahoy", check)
+    assert obeys("x Ahoy", {"type": "contains", "value": "Ahoy"})
+    assert obeys("ahoy!", {"type": "regex", "value": "(?i)^ahoy"})
+    assert plain("Ahoy, the capital is Tokyo.", check) == "The capital is Tokyo."
+    suite = load_multiturn("multiturn")
+    conv = suite["conversations"][0]
+    m = messages(suite, conv, 3, "system_plain")
+    assert [x["role"] for x in m] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert not any(x["content"].startswith("Ahoy") for x in m if x["role"] == "assistant")
+    assert messages(suite, conv, 1, "no_system") == [{"role": "system", "content": ""},
+                                                     {"role": "user", "content": conv["turns"][0]["user"]}]
+
+
+def test_bad_input(store, sweep, tok, model, tmp_path):
+    with pytest.raises(CausalError, match="unknown analysis 'patch'"):
+        CausalConfig(store=store, analyses=("patch",))
+    with pytest.raises(CausalError, match="at least 2"):
+        run_causal(sweep, CausalConfig(store=store, analyses=("steering",), users=1, progress=False),
+                   model=model, tok=tok)
+    other = load_sweep(write_sweep(tmp_path / "o.yaml", users=[{"id": "x", "text": "Hello?"}]))
+    with pytest.raises(CausalError, match="different sweep"):
+        run_causal(other, CausalConfig(store=store, analyses=("patching",), progress=False), model=model, tok=tok)
+    bad = tmp_path / "mt.yaml"
+    bad.write_text(json.dumps({"rule": {"system": "x", "check": {"type": "endswith", "value": "y"}},
+                               "conversations": [{"id": "a", "turns": [{"user": "hi"}]}]}))
+    from promptshift.errors import SweepError
+
+    with pytest.raises(SweepError, match="rule.check"):
+        load_multiturn(bad)
+    with pytest.raises(CausalError, match="weights"):
+        run_causal(sweep, CausalConfig(store=store, analyses=("patching",), progress=False),
+                   model=tiny_llama(tok, n_layers=4, seed=9), tok=tok)
+
+
+def test_cli_on_a_zarr_store(tmp_path, tok):
+    """`promptshift causal` end to end on a saved tiny model; metrics picks the results up."""
+    from promptshift.cli import main
+
+    d = tmp_path / "m"
+    tiny_llama(tok, n_layers=2).save_pretrained(d)
+    tok.save_pretrained(d)
+    sw = write_sweep(tmp_path / "s.yaml", model=str(d), max_new_tokens=0, top_k=4, lens_top_k=2)
+    st = tmp_path / "s.zarr"
+    with pytest.raises(SystemExit) as e:
+        main(["extract", str(sw), "--store", str(st), "--no-progress"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(["causal", str(sw), "--store", str(st), "--analysis", "patching", "--analysis", "knockout",
+              "--users", "2", "--no-progress"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(["causal", str(sw), "--store", str(st), "--analysis", "nope", "--no-progress"])
+    assert e.value.code == 2
+    res = tmp_path / "res"
+    compute(str(st), str(res), workers=0, progress=False, n_boot=50)
+    curve = pd.read_parquet(res / "causal_patching_curve.parquet")
+    assert set(curve["mode"]) == {"suffix", "last"} and curve["n_pairs"].iloc[0] == 6
+    assert json.loads((res / "summary.json").read_text())["causal"]["knockout"]["n_pairs"] == 6
