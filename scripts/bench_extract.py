@@ -1,18 +1,26 @@
 #!/usr/bin/env python
-"""Extraction benchmark: promptshift vs a per-pair loop, side by side in one run, each in
-its own process (so peak RSS is its own), on the same model and prompt pairs.
+"""Extraction benchmark: promptshift vs a per-pair loop, nnsight and TransformerLens, side
+by side in one run, each in its own process (so peak RSS is its own), on the same model and
+prompt pairs, all producing the same outputs (see scripts/bench_peers.py).
 
     python scripts/bench_extract.py                       # default suite, embedded model
     python scripts/bench_extract.py --max-user 12 --json out.json
+    python scripts/bench_extract.py --max-user 4 --modes loop,promptshift,null,nnsight,tlens
+    python scripts/bench_extract.py --scaling 50,500,5000  # time/pair and peak RSS vs sweep size
 
 Modes:
-  loop           two unbatched forward passes per pair (variant, baseline) with
-                 output_hidden_states and output_attentions (eager), keeping the hidden
-                 states at the aligned suffix and per-region attention mass, as the
-                 notebook promptshift grew out of did
+  loop           two unbatched forward passes per pair (variant, baseline), eager attention
+                 with output_attentions, forward hooks for the components, as the notebook
+                 promptshift grew out of did
   promptshift    `extract` to a zarr store (all four components at suffix positions,
                  attention statistics, logits and logit lens; no generation, to match)
   null           the same extraction writing nowhere, to price the store
+  nnsight        nnsight.LanguageModel tracing, batched, eager attention
+  tlens          TransformerLens (TransformerBridge in 4.x) run_with_cache, batched
+The peer modes (nnsight, tlens) run under --peers-python (.venv-peers by default, made by
+`make bench-peers`), so the project venv never gets their dependencies. Every full-output
+mode saves a few check prompts; the table's last column is their largest scale-free
+difference from promptshift's store (float16 storage rounding is ~1e-3).
 Also measured in the same run: fp32 matmul throughput, for model FLOP utilisation.
 """
 
@@ -56,45 +64,72 @@ def _sweep(args):
 
 
 def worker_loop(args) -> dict:
-    import numpy as np
+    """Two unbatched forward passes per pair (variant, baseline), as the notebook promptshift
+    grew out of did, producing the same outputs as the other modes (forward hooks for the
+    four components, ``output_attentions`` (eager) reduced by the shared statistics)."""
     import torch
 
+    from bench_peers import COMPS, Batch, Outputs, output_stats, versions
+    from promptshift.extract.arch import resolve_arch
     from promptshift.models import load_model
-    from promptshift.sweep.chat import REGIONS
     from promptshift.sweep.plan import build_plan, load_plan_inputs
 
     s = _sweep(args)
     tok, dims = load_plan_inputs(s)
     plan = build_plan(s, tok, dims)
+    t0 = time.perf_counter()
     model = load_model(s.model, attn_implementation="eager")
-    kept = []
+    load_s = time.perf_counter() - t0
+    arch = resolve_arch(model)
+    L, NH = len(arch.layers), model.config.num_attention_heads
+    full: dict[str, list] = {c: [None] * L for c in COMPS}
+
+    def put(c, i):
+        def fn(t):
+            full[c][i] = t[0] if isinstance(t, tuple) else t
+        return fn
+
+    for i, layer in enumerate(arch.layers):
+        layer.register_forward_pre_hook(lambda m, a, kw, f=put("resid_pre", i): f(a[0] if a else kw["hidden_states"]),
+                                        with_kwargs=True)
+        layer.register_forward_hook(lambda m, a, o, f=put("resid_post", i): f(o))
+        arch.attn_add(i).register_forward_hook(lambda m, a, o, f=put("attn_out", i): f(o))
+        arch.mlp_add(i).register_forward_hook(lambda m, a, o, f=put("mlp_out", i): f(o))
+    out = Outputs(args.check_prompts)
     t0 = time.perf_counter()
     tokens = 0
     for r in plan.pairs.itertuples():
-        for p, start in ((r.variant, r.v_suffix_start), (r.baseline, r.b_suffix_start)):
-            ids = torch.as_tensor(plan.prompt_tokens(p), dtype=torch.long)[None]
-            tokens += ids.shape[1]
-            with torch.no_grad():
-                out = model(ids, output_hidden_states=True, output_attentions=True)
-            hs = torch.stack(out.hidden_states[1:], 1)[0, start:].numpy().astype(np.float16)  # (n, L, H)
-            onehot = np.eye(len(REGIONS))[plan.prompt_regions(p)]
-            mass = [(a[0].numpy() @ onehot).mean(1) for a in out.attentions]  # L x (NH, R)
-            kept.append((hs, np.stack(mass)))
+        for p in (r.variant, r.baseline):
+            bt = Batch(plan, [p], L, NH)
+            tokens += bt.lens[0]
+            with torch.inference_mode():
+                o = model(bt.ids, output_attentions=True)
+                for i, a in enumerate(o.attentions):
+                    bt.stats.reduce(i, a.float())
+                comps = {c: torch.stack([bt.gather(full[c][i]) for i in range(L)], 1) for c in COMPS}
+                normed = arch.final_norm(torch.stack([bt.last(full["resid_post"][i]) for i in range(L)], 1))
+                outs = output_stats(o.logits[:, -1], normed, model.get_output_embeddings(), s.top_k, s.lens_top_k)
+            out.add_batch(bt, comps, outs)
     el = time.perf_counter() - t0
+    out.save(args.check_out)
     n = plan.prompts.n_tokens
     qk = sum(int(n[r.variant]) * (int(n[r.variant]) + 1) // 2 + int(n[r.baseline]) * (int(n[r.baseline]) + 1) // 2
              for r in plan.pairs.itertuples())
-    return {"pairs": len(plan.pairs), "tokens": tokens, "seconds": el, "computed_tokens": tokens, "attn_qk": qk}
+    return {"pairs": len(plan.pairs), "tokens": tokens, "seconds": el, "load_seconds": load_s,
+            "computed_tokens": tokens, "attn_qk": qk, "versions": versions(), "attention": "eager"}
 
 
 def worker_promptshift(args, fmt: str) -> dict:
+    from bench_peers import versions
     from promptshift.extract.run import ExtractConfig, extract
     from promptshift.models import load_model
     from promptshift.sweep.plan import load_plan_inputs
 
     s = _sweep(args)
     tok, _ = load_plan_inputs(s)
+    t0 = time.perf_counter()
     model = load_model(s.model)
+    load_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         path = str(Path(d) / "bench.zarr") if fmt == "zarr" else None
         t0 = time.perf_counter()
@@ -102,24 +137,78 @@ def worker_promptshift(args, fmt: str) -> dict:
         el = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if path else 0
         plan = st.plan
+        if path and args.check_out:
+            _save_store_check(path, args.check_prompts, args.check_out)
         pair_tokens = int(sum(plan.prompts.n_tokens[r.variant] + plan.prompts.n_tokens[r.baseline]
                               for r in plan.pairs.itertuples()))
         kept = int(plan.prompts.n_kept.sum())
         return {"pairs": len(plan.pairs), "tokens": pair_tokens, "seconds": el, "bytes": size, "kept_tokens": kept,
-                "computed_tokens": st.run_stats["tokens"], "attn_qk": st.run_stats["attn_qk"]}
+                "computed_tokens": st.run_stats["tokens"], "attn_qk": st.run_stats["attn_qk"],
+                "load_seconds": load_s, "versions": versions("zarr")}
 
 
-def run_worker(mode: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--sweep", args.sweep]
+# store array -> key in the peers' check files
+_CHECK_ARRAYS = {"attn_region_mass": "region_mass", "attn_entropy": "entropy", "attn_sink": "sink",
+                 "logits_topk_logprobs": "topk_logprobs", "logits_lse": "lse", "lens_entropy": "lens_entropy",
+                 "lens_topk_logprobs": "lens_logprobs"}
+
+
+def _save_store_check(path, prompts, out) -> None:
+    import numpy as np
+
+    from promptshift.store import open as open_store
+
+    st = open_store(path)
+    d = {}
+    for p in prompts:
+        for c in st.components:
+            d[f"{p}/{c}"] = st.component(c, p)
+        for a, k in _CHECK_ARRAYS.items():
+            d[f"{p}/{k}"] = np.asarray(st.array(a)[p])
+        d[f"{p}/last_row"] = st.attn_last_row(p)
+    np.savez(out, **d)
+
+
+def compare_checks(ref_path, path) -> float:
+    """Largest scale-free difference |a - b| / max|b| over every checked array."""
+    import numpy as np
+
+    ref, other = np.load(ref_path), np.load(path)
+    worst = 0.0
+    for k in ref.files:
+        if k not in other.files:
+            return float("inf")
+        a, b = np.asarray(other[k], np.float64), np.asarray(ref[k], np.float64)
+        ok = np.isfinite(b)
+        if not np.array_equal(ok, np.isfinite(a)):
+            return float("inf")
+        if ok.any():
+            worst = max(worst, float(np.abs(a[ok] - b[ok]).max() / max(np.abs(b[ok]).max(), 1e-12)))
+    return worst
+
+
+def run_worker(mode: str, args, python: str | None = None, extra: list[str] | None = None) -> dict:
+    cmd = [python or sys.executable, __file__, "--worker", mode, "--sweep", args.sweep]
     for k in ("max_user", "max_system", "model", "tmp"):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    cmd += extra or []
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if r.returncode != 0:
+        sys.stderr.write(r.stderr[-3000:])
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+PEER_MODES = ("nnsight", "tlens")
+MODES = ("loop", "promptshift", "null", *PEER_MODES)
+
+
+def default_peers_python() -> str:
+    p = REPO / ".venv-peers" / "bin" / "python"
+    return str(p) if p.exists() else sys.executable
 
 
 def main(argv=None):
@@ -128,57 +217,118 @@ def main(argv=None):
     ap.add_argument("--model", default=None)
     ap.add_argument("--max-user", type=int, default=None)
     ap.add_argument("--max-system", type=int, default=None)
-    ap.add_argument("--modes", default="loop,promptshift,null")
+    ap.add_argument("--modes", default="loop,promptshift,null",
+                    help=f"comma-separated, any of {', '.join(MODES)}")
+    ap.add_argument("--peers-python", default=None,
+                    help="interpreter for the nnsight / tlens modes (default: .venv-peers/bin/python if it exists)")
+    ap.add_argument("--scaling", default=None,
+                    help="instead of the modes: promptshift extract on N synthetic pairs for each N, e.g. 50,500,5000")
     ap.add_argument("--tmp", default=None, help="directory for the temporary store")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--check-prompts", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--check-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--n-pairs", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.check_prompts = [int(x) for x in args.check_prompts.split(",") if x]
 
     if args.worker:
-        res = worker_loop(args) if args.worker == "loop" else worker_promptshift(
-            args, "zarr" if args.worker == "promptshift" else "null")
+        import bench_peers
+
+        w = args.worker
+        if w == "loop":
+            res = worker_loop(args)
+        elif w == "nnsight":
+            res = bench_peers.worker_nnsight(args, _sweep)
+        elif w == "tlens":
+            res = bench_peers.worker_tlens(args, _sweep)
+        elif w == "scale":
+            from bench_scaling import worker_scale
+
+            res = worker_scale(args)
+        else:
+            res = worker_promptshift(args, "zarr" if w == "promptshift" else "null")
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
 
-    from promptshift.sweep.plan import ModelDims
+    if args.scaling:
+        from bench_scaling import run_scaling
+
+        return run_scaling(args, run_worker)
+
     from transformers import AutoConfig
 
     from promptshift.models import materialize, resolve_source
+    from promptshift.sweep.plan import ModelDims, build_plan, load_plan_inputs
 
     cfg = AutoConfig.from_pretrained(materialize(resolve_source(args.model)))
     dims = ModelDims.from_config(cfg)
     n_params_nonemb = _non_embedding_params(cfg)
+    s = _sweep(args)
+    plan = build_plan(s, *load_plan_inputs(s))
+    # check prompts: the first pair's variant and baseline, and the last prompt of the plan
+    r0 = plan.pairs.iloc[0]
+    check = sorted({int(r0.variant), int(r0.baseline), len(plan.prompts) - 1})
+    peers_python = args.peers_python or default_peers_python()
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown mode(s) {unknown}; use {', '.join(MODES)}")
     peak = matmul_flops()
     results = {}
-    for mode in args.modes.split(","):
-        print(f"running {mode} ...", file=sys.stderr, flush=True)
-        results[mode] = run_worker(mode, args)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as cd:
+        for mode in modes:
+            print(f"running {mode} ...", file=sys.stderr, flush=True)
+            chk = str(Path(cd) / f"{mode}.npz")
+            extra = ["--check-prompts", ",".join(map(str, check)), "--check-out", chk]
+            results[mode] = run_worker(mode, args, peers_python if mode in PEER_MODES else None, extra)
+            if Path(chk).exists():
+                results[mode]["_check"] = chk
+        ref = results.get("promptshift", {}).get("_check")
+        for r in results.values():
+            chk = r.pop("_check", None)
+            if ref and chk:
+                r["max_rel_diff_vs_promptshift"] = compare_checks(ref, chk)
     peak_after = matmul_flops()
     base = results.get("promptshift", {})
+    null = results.get("null", {})
     rows = []
     for mode, r in results.items():
-        if "error" in r:
-            rows.append(f"| {mode} | failed: {r['error']} | | | | | | |")
+        if "error" in r or "unavailable" in r:
+            why = f"failed: {r['error']}" if "error" in r else f"not available: {r['unavailable']}"
+            rows.append(f"| {mode} | {why} | | | | | | | | |")
             continue
         pps, tps = r["pairs"] / r["seconds"], r["tokens"] / r["seconds"]
-        ratio = (pps / (base["pairs"] / base["seconds"])) if base and "seconds" in base else float("nan")
+        ratio = (pps / (base["pairs"] / base["seconds"])) if "seconds" in base else float("nan")
+        ratio_null = (pps / (null["pairs"] / null["seconds"])) if "seconds" in null else float("nan")
         flops = 2 * n_params_nonemb * r["computed_tokens"] + 4 * dims.n_layers * dims.hidden * r["attn_qk"]
         mfu = flops / r["seconds"] / max(peak, peak_after)
         bpt = r.get("bytes", 0) / r["kept_tokens"] if r.get("kept_tokens") and r.get("bytes") else float("nan")
-        rows.append(f"| {mode} | {r['pairs']} | {pps:.2f} | {tps:.0f} | {ratio:.2f} | {r['peak_rss_mb']:.0f} | "
-                    f"{bpt:.0f} | {100 * mfu:.1f}% |")
-        r.update(pairs_per_s=pps, tokens_per_s=tps, ratio_to_promptshift=ratio, mfu=mfu, model_flops=flops)
+        diff = r.get("max_rel_diff_vs_promptshift")
+        rows.append(f"| {mode} | {r['pairs']} | {pps:.2f} | {tps:.0f} | {ratio:.2f} | {ratio_null:.2f} | "
+                    f"{r['peak_rss_mb']:.0f} | {bpt:.0f} | {100 * mfu:.1f}% | "
+                    f"{'–' if diff is None else f'{diff:.1e}'} |")
+        r.update(pairs_per_s=pps, tokens_per_s=tps, ratio_to_promptshift=ratio, ratio_to_null=ratio_null, mfu=mfu,
+                 model_flops=flops)
     print(f"fp32 matmul peak: {max(peak, peak_after) / 1e9:.1f} GFLOP/s (before {peak / 1e9:.1f}, after "
-          f"{peak_after / 1e9:.1f}); non-embedding parameters: {n_params_nonemb / 1e6:.1f} M")
-    print("| mode | pairs | pairs/s | tokens/s | x promptshift | peak RSS MB | bytes/kept token | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{peak_after / 1e9:.1f}); non-embedding parameters: {n_params_nonemb / 1e6:.1f} M; "
+          f"check prompts {check}")
+    print("| mode | pairs | pairs/s | tokens/s | x promptshift | x nowhere | peak RSS MB | bytes/kept token | MFU "
+          "| max rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    if "promptshift" in results and "null" in results and "seconds" in results["null"]:
-        over = results["promptshift"]["seconds"] / results["null"]["seconds"] - 1
+    if "seconds" in base and "seconds" in null:
+        over = base["seconds"] / null["seconds"] - 1
         print(f"store overhead (zarr vs nowhere): {100 * over:+.1f}%")
+    for mode, r in results.items():
+        if "versions" in r:
+            extra = "".join(f", {k}: {r[k]}" for k in ("api", "attention") if k in r)
+            print(f"{mode}: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}{extra}; "
+                  f"model load {r.get('load_seconds', float('nan')):.1f} s (not timed)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak_flops": max(peak, peak_after), "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"peak_flops": max(peak, peak_after), "check_prompts": check,
+                                               "results": results}, indent=1))
 
 
 def _non_embedding_params(cfg) -> int:
