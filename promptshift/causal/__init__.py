@@ -110,6 +110,21 @@ def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None
     return timings
 
 
+def missing_analyses(store: Store, sweep: SweepConfig, users: int | None = None) -> tuple[str, ...]:
+    """The analyses not yet in ``store`` for this scope (an analysis run on other user
+    prompts counts as missing), in the order they run."""
+    want = [u.id for u in sweep.user_prompts][: users or None]
+    done = set(store.causal_analyses())
+    out = []
+    for name in ANALYSES:
+        if name in done:
+            _, meta = store.read_causal(name)
+            if name == "multiturn" or meta.get("users") == want:
+                continue
+        out.append(name)
+    return tuple(out)
+
+
 def _multiturn(model, tok, sweep: SweepConfig, cfg: CausalConfig):
     from promptshift.causal.multiturn import load_multiturn, multiturn
     from promptshift.extract.engine import Engine
@@ -124,4 +139,4 @@ def _multiturn(model, tok, sweep: SweepConfig, cfg: CausalConfig):
         engine.remove_hooks()
 
 
-__all__ = ["ANALYSES", "CausalConfig", "CausalError", "run_causal"]
+__all__ = ["ANALYSES", "CausalConfig", "CausalError", "missing_analyses", "run_causal"]

@@ -60,13 +60,14 @@ class Refs:
         for _, r in self.pairs.iterrows():
             suffix_from[int(r.variant)] = int(r.v_suffix_start)
             suffix_from.setdefault(int(r.baseline), plan.prompts.iloc[int(r.baseline)].n_tokens - 1)
-        bar = _bar(len(prompts), "reference runs", scope.progress)
+        rows = []
         for p in prompts:
             ids = plan.prompt_tokens(p)
-            start = min(int(suffix_from[p]), len(ids) - 1)
-            self.resid[p], self.logprobs[p] = runner.residuals(ids, np.arange(start, len(ids)))
-            self.first[p] = start
-            bar.update(1)
+            self.first[p] = min(int(suffix_from[p]), len(ids) - 1)
+            rows.append(Row(ids[:1], ids[1:], capture=np.arange(self.first[p], len(ids)) - 1))
+        bar = _bar(len(prompts), "reference runs", scope.progress)
+        for p, o in zip(prompts, runner.run(rows, capture=True, progress=bar)):
+            self.resid[p], self.logprobs[p] = o.resid, o.logprobs
         bar.close()
 
     def last_resid(self, p: int) -> torch.Tensor:

@@ -41,12 +41,14 @@ class Row:
     edits: list[Edit] = field(default_factory=list)
     knockout_keys: np.ndarray | None = None  # (P + S,) bool: keys hidden from tail queries
     knockout_start: int | None = None  # first knocked-out layer
+    capture: np.ndarray | None = None  # tail positions whose residuals to return (default: the last)
 
 
 @dataclass
 class Out:
     logprobs: torch.Tensor  # (V,) float32 log-softmax of the last position's logits
-    resid: torch.Tensor | None = None  # (n_sites, H) last-position residual at every site, if captured
+    resid: torch.Tensor | None = None  # (L+1, H) last-position residual at every site, if captured;
+    # (n, L+1, H) at the row's ``capture`` positions when it names them
 
 
 class Runner:
@@ -70,7 +72,7 @@ class Runner:
         self.device = next(model.parameters()).device
         self.token_budget = token_budget
         self._edits: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]] = {}
-        self._capture: torch.Tensor | None = None  # (B,) tail index of each row's last token
+        self._capture: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, tail positions) to keep
         self._captured: list[torch.Tensor | None] = []
         self._heads: dict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._handles = []
@@ -89,8 +91,7 @@ class Runner:
                 else:
                     h[b, s] = v.to(h.dtype)
         if self._capture is not None:
-            rows = torch.arange(h.shape[0], device=h.device)
-            self._captured[site] = h[rows, self._capture].float()
+            self._captured[site] = h[self._capture].float()  # (N, H)
         return h
 
     def _pre_hook(self, i: int):
@@ -144,11 +145,13 @@ class Runner:
         for i, r in enumerate(rows):
             groups.setdefault(r.head.astype(np.int64).tobytes(), []).append(i)
         for idx in groups.values():
+            idx = sorted(idx, key=lambda i: -len(rows[i].tail))  # similar lengths together: little padding
             head = rows[idx[0]].head
-            per = len(head) + max(len(rows[i].tail) for i in idx)
-            size = max(1, self.token_budget // per)
-            for k in range(0, len(idx), size):
+            k = 0
+            while k < len(idx):
+                size = max(1, self.token_budget // (len(head) + len(rows[idx[k]].tail)))
                 chunk = idx[k : k + size]
+                k += size
                 for i, o in zip(chunk, self._batch(head, [rows[i] for i in chunk], capture)):
                     outs[i] = o
                 if progress is not None:
@@ -190,7 +193,11 @@ class Runner:
                     keys[b, : P + lens[b]] = torch.as_tensor(r.knockout_keys[: P + lens[b]])
                     start[b] = r.knockout_start
             ko = Knockout(keys.to(dev), start.to(dev))
-        self._capture = last if capture else None
+        if capture:
+            want = [np.asarray(r.capture if r.capture is not None else [lens[b] - 1]) for b, r in enumerate(rows)]
+            self._capture = (torch.as_tensor(np.concatenate([np.full(len(w), b) for b, w in enumerate(want)]),
+                                             dtype=torch.long, device=dev),
+                             torch.as_tensor(np.concatenate(want), dtype=torch.long, device=dev))
         self._captured = [None] * (self.L + 1)
         set_knockout(ko)
         try:
@@ -202,9 +209,14 @@ class Runner:
             self._capture = None
         h = out.last_hidden_state[torch.arange(B, device=dev), last]  # (B, H)
         lp = self.logprobs(h).cpu()
-        resid = torch.stack(self._captured, dim=1).cpu() if capture else None  # (B, L+1, H)
+        outs = [Out(lp[b]) for b in range(B)]
+        if capture:
+            flat = torch.stack(self._captured, dim=1).cpu()  # (N, L+1, H)
+            parts = torch.split(flat, [len(w) for w in want])
+            for b, r in enumerate(rows):
+                outs[b].resid = parts[b] if r.capture is not None else parts[b][0]
         self._captured = []
-        return [Out(lp[b], resid[b] if resid is not None else None) for b in range(B)]
+        return outs
 
     @torch.inference_mode()
     def residuals(self, ids: np.ndarray, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -734,6 +734,427 @@ def fig_position(res: Results) -> Figure:
 
 
 # ---------------------------------------------------------------------------------------
+# 9. causal analyses (`promptshift causal`; tables causal_* and multiturn_*)
+
+MODE_COLORS = {"suffix": "#0072B2", "last": "#D55E00"}
+MODE_LABELS = {"suffix": "suffix: every aligned suffix position patched", "last": "last: last position only"}
+CONDITION_COLORS = {"system": "#E69F00", "system_plain": "#0072B2", "no_system": "#7a7a7a"}
+CONDITION_LABELS = {
+    "system": "system: rule as system prompt, history obeys it",
+    "system_plain": "system_plain: rule as system prompt, history without the rule's marker",
+    "no_system": "no_system: empty system turn, history obeys the rule",
+}
+SYSTEM_PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#8c564b", "#F0E442"]
+
+
+def _causal(res: Results, *path: str):
+    """summary.json's `causal.<path>`, or None when any level is missing or not an object."""
+    d = res.summary.get("causal")
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def _finite_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(float(x)))
+
+
+def _ci_pair(c) -> tuple[float, float] | None:
+    if isinstance(c, (list, tuple)) and len(c) == 2 and all(_finite_num(v) for v in c):
+        return float(c[0]), float(c[1])
+    return None
+
+
+def _num_cols(df: pd.DataFrame, cols) -> pd.DataFrame:
+    df = df.copy()
+    for c in cols:
+        if c in df.columns:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    return df
+
+
+def _band_line(ax, x, d: pd.DataFrame, value: str, color: str, label: str | None, linestyle: str = "-",
+               marker: str = "o", alpha: float = 0.2):
+    lo, hi = f"{value}_ci_low", f"{value}_ci_high"
+    if lo in d.columns and hi in d.columns:
+        ax.fill_between(x, d[lo], d[hi], color=color, alpha=alpha, linewidth=0)
+    return ax.plot(x, d[value], color=color, linestyle=linestyle, marker=marker, markersize=3.5, label=label)[0]
+
+
+def _site_axis(ax, sites, what: str = "site") -> None:
+    sites = np.asarray(sorted(set(int(v) for v in sites)))
+    if len(sites) == 0:
+        return
+    L = int(sites.max())
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    ax.set_xlim(sites.min() - 0.4, L + 0.4)
+    if what == "site":
+        ax.set_xlabel(f"site l  (l < {L}: input of layer l; l = {L}: final residual)")
+    else:
+        ax.set_xlabel(f"knockout in layers ≥ start  (start = {L}: no knockout)")
+
+
+def _mark_site(ax, site, ci, color: str, label: str) -> Line2D | None:
+    """A vertical line at `site` and a span over its CI; None (nothing drawn) when undefined."""
+    if not _finite_num(site):
+        return None
+    c = _ci_pair(ci)
+    if c is not None and c[1] > c[0]:
+        ax.axvspan(c[0] - 0.15, c[1] + 0.15, color=color, alpha=0.1, linewidth=0)
+    ax.axvline(float(site), color=color, linestyle="--", linewidth=1.3)
+    return Line2D([], [], color=color, linestyle="--", label=label)
+
+
+def _ci_text(ci) -> str:
+    c = _ci_pair(ci)
+    return f"95% CI {_f(c[0], 0) if c[0].is_integer() else _f(c[0])}–{_f(c[1], 0) if c[1].is_integer() else _f(c[1])}" \
+        if c else "CI undefined"
+
+
+def fig_causal_patching(res: Results) -> Figure:
+    pc = res.table("causal_patching_curve", ["mode", "site"], finite=["recovered_kl"])
+    pc = _num_cols(pc, [c for c in pc.columns if c.startswith("recovered")])
+    modes = [m for m in ("suffix", "last") if m in set(pc["mode"].astype(str))] + \
+        sorted(set(pc["mode"].astype(str)) - {"suffix", "last"})
+    has_lp = "recovered_lp" in pc.columns and np.isfinite(pc["recovered_lp"]).any()
+    fig = _fig(11.8 if has_lp else 7.2, 4.3)
+    axes = fig.subplots(1, 2 if has_lp else 1, squeeze=False, sharex=True)[0]
+    thr = _causal(res, "patching", "threshold")
+    thr = float(thr) if _finite_num(thr) else 0.5
+    handles, undefined = [], []
+    for mode in modes:
+        d = pc[pc["mode"].astype(str) == mode].sort_values("site")
+        col = MODE_COLORS.get(mode, NEUTRAL)
+        x = d["site"].to_numpy(int)
+        handles.append(_band_line(axes[0], x, d, "recovered_kl", col, MODE_LABELS.get(mode, mode)))
+        if has_lp:
+            _band_line(axes[1], x, d, "recovered_lp", col, None)
+        onset = _causal(res, "patching", "modes", mode, "onset") or {}
+        site = onset.get("site") if isinstance(onset, dict) else None
+        for ax in axes:
+            h = _mark_site(ax, site, onset.get("ci") if isinstance(onset, dict) else None, col,
+                           f"{mode}: onset at site {int(site)} ({_ci_text(onset.get('ci'))})"
+                           if _finite_num(site) else "")
+        if h is not None:
+            handles.append(h)
+        elif isinstance(_causal(res, "patching", "modes", mode), dict):
+            undefined.append(mode)
+    for ax in axes:
+        ax.axhline(0, color=NEUTRAL, linewidth=0.8)
+        ax.axhline(1, color=MUTED, linewidth=0.8, linestyle=":")
+        _site_axis(ax, pc["site"])
+    axes[0].axhline(thr, color=MUTED, linewidth=1.0, linestyle="-.")
+    axes[0].set_ylabel("recovered: 1 − ΣKL(v ‖ patched) / ΣKL(v ‖ b)")
+    axes[0].set_title("output change recovered (KL)")
+    if has_lp:
+        axes[1].set_ylabel("recovered log-prob of the variant's top-1 token")
+        axes[1].set_title("variant's top-1 token log-prob recovered")
+    handles.append(Line2D([], [], color=MUTED, linestyle="-.", label=f"onset threshold ({_f(thr)})"))
+    handles.append(Patch(color=NEUTRAL, alpha=0.2, label="95% bootstrap CI over user prompts"))
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 3), fontsize=8.5)
+    for mode in undefined:
+        _note(fig, f"Mode `{mode}` never reaches the onset threshold ({_f(thr)}) before the final residual: "
+                   "its onset is undefined in summary.json.")
+    if _causal(res, "patching") is None:
+        _note(fig, "summary.json has no `causal.patching` section: onsets are not marked.")
+    return fig
+
+
+def fig_causal_knockout(res: Results) -> Figure:
+    kc = res.table("causal_knockout_curve", ["start"], finite=["effect_left"])
+    kc = _num_cols(kc, [c for c in kc.columns if c != "start"]).sort_values("start")
+    fig = _fig(11.8, 4.2)
+    ax1, ax2 = fig.subplots(1, 2, sharex=True)
+    col = region_color("system")
+    x = kc["start"].to_numpy(int)
+    _band_line(ax1, x, kc, "effect_left", col, "effect left (95% CI)")
+    thr = _causal(res, "knockout", "threshold")
+    thr = float(thr) if _finite_num(thr) else 0.1
+    ax1.axhline(thr, color=MUTED, linestyle="-.", linewidth=1.0, label=f"threshold ({_f(thr)})")
+    ax1.axhline(0, color=NEUTRAL, linewidth=0.8)
+    stop = _causal(res, "knockout", "stops_mattering") or {}
+    site = stop.get("site") if isinstance(stop, dict) else None
+    h = _mark_site(ax1, site, stop.get("ci") if isinstance(stop, dict) else None, HIGHLIGHT,
+                   f"stops mattering from layer {int(site)} ({_ci_text(stop.get('ci'))})" if _finite_num(site) else "")
+    hs, ls = ax1.get_legend_handles_labels()
+    ax1.legend(handles=hs + ([h] if h is not None else []), loc="upper right", fontsize=8.5)
+    ax1.set_ylabel("effect left: ΣKL(v ‖ ko from start) / ΣKL(v ‖ ko from 0)")
+    ax1.set_title("how much of the full knockout's effect is left")
+    if "kl_mean" in kc.columns and (kc["kl_mean"] > 0).any():
+        ax2.plot(x, kc["kl_mean"].where(kc["kl_mean"] > 0), color=col, marker="o", markersize=3.5,
+                 label="mean KL(variant ‖ knocked-out)")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("mean KL (nats, log scale)")
+        ax2.set_title("distance of the knocked-out run from the variant")
+        if res.has("causal_knockout") and {"pair", "kl_vb"} <= set(res.table("causal_knockout").columns):
+            kb = res.table("causal_knockout").drop_duplicates("pair")
+            vb = float(pd.to_numeric(kb["kl_vb"], errors="coerce").mean())
+            if np.isfinite(vb) and vb > 0:
+                ax2.axhline(vb, color=NEUTRAL, linestyle="--", linewidth=1.2,
+                            label="mean KL(variant ‖ baseline)")
+        ax2.legend(loc="lower left", fontsize=8.5)
+    else:
+        _band_line(ax2, x, kc, "recovered_kl", col, "recovered (95% CI)")
+        ax2.set_ylabel("recovered: 1 − ΣKL(v ‖ ko) / ΣKL(v ‖ b)")
+        ax2.set_title("output change recovered")
+    for ax in (ax1, ax2):
+        _site_axis(ax, kc["start"], what="start")
+    if not isinstance(stop, dict) or not stop:
+        _note(fig, "summary.json has no `causal.knockout.stops_mattering`: the layer is not marked.")
+    elif not _finite_num(site):
+        _note(fig, "The effect left never stays below the threshold: `stops_mattering` is undefined.")
+    return fig
+
+
+def _phrase_selection(rank: pd.DataFrame, max_systems: int = 6, max_bars: int = 36) -> tuple[list[str], int]:
+    """The systems with the most phrases (ties: the largest single-phrase effect), at most
+    `max_systems` of them and about `max_bars` phrases in all; and how many were split."""
+    multi = rank[rank["n_phrases"] > 1]
+    g = multi.groupby("system", sort=False).agg(n=("phrase", "size"), top=("kl_removed", "max"))
+    g = g.sort_values(["n", "top"], ascending=[False, False])
+    chosen, bars = [], 0
+    for s, r in g.iterrows():
+        if len(chosen) >= max_systems or (chosen and bars + int(r["n"]) > max_bars):
+            break
+        chosen.append(str(s))
+        bars += int(r["n"])
+    return chosen, len(g)
+
+
+def fig_causal_phrases(res: Results) -> Figure:
+    rank = res.table("causal_phrase_rank", ["system", "phrase", "text", "n_phrases"], finite=["kl_removed"])
+    rank = _num_cols(rank, [c for c in rank.columns if c.startswith(("kl_removed", "importance"))])
+    rank["system"] = rank["system"].astype(str)
+    chosen, n_split = _phrase_selection(rank)
+    if not chosen:
+        raise NotAvailable("no system prompt in `causal_phrase_rank.parquet` has more than one phrase: there is "
+                           "nothing to rank within a prompt")
+    whole = None
+    if res.has("causal_phrases") and {"system", "kl_vb"} <= set(res.table("causal_phrases").columns):
+        ph = res.table("causal_phrases")
+        keys = [c for c in ("system", "user_id") if c in ph.columns]
+        whole = pd.to_numeric(ph.drop_duplicates(keys)["kl_vb"], errors="coerce").groupby(
+            ph.drop_duplicates(keys)["system"].astype(str)).mean()
+    tokens = None
+    if res.has("causal_tokens") and {"system", "token", "attribution"} <= set(res.table("causal_tokens").columns):
+        tokens = _num_cols(res.table("causal_tokens"), ["attribution", "ci_low", "ci_high"])
+        tokens = tokens[np.isfinite(tokens["attribution"])]
+        tokens = tokens if len(tokens) else None
+    sel = rank[rank["system"].isin(chosen)]
+    n_rows = len(sel) + len(chosen)
+    has_imp = {"importance_output", "importance_internal"} <= set(rank.columns)
+    height = max(4.2, 1.3 + 0.24 * n_rows) + (3.0 if tokens is not None else 0.0)
+    fig = _fig(11.8, height)
+    if tokens is not None:
+        gs = fig.add_gridspec(2, 2, width_ratios=[1.7, 1], height_ratios=[max(3.0, 0.24 * n_rows), 2.8])
+    else:
+        gs = fig.add_gridspec(1, 2, width_ratios=[1.7, 1])
+    ax = fig.add_subplot(gs[0, 0])
+    colors = {s: SYSTEM_PALETTE[i % len(SYSTEM_PALETTE)] for i, s in enumerate(chosen)}
+    y, yt, yl, bold = 0, [], [], []
+    for s in chosen:
+        d = sel[sel["system"] == s].sort_values("phrase")
+        yt.append(y)
+        yl.append(f"{short(s, 30)}  ({int(d['n_phrases'].iloc[0])} phrases)")
+        bold.append(True)
+        top = d["kl_removed"].max()
+        ys = np.arange(y + 1, y + 1 + len(d))
+        err = None
+        if {"kl_removed_ci_low", "kl_removed_ci_high"} <= set(d.columns):
+            err = np.vstack([(d["kl_removed"] - d["kl_removed_ci_low"]).clip(lower=0).fillna(0),
+                             (d["kl_removed_ci_high"] - d["kl_removed"]).clip(lower=0).fillna(0)])
+        ax.barh(ys, d["kl_removed"], color=colors[s], alpha=0.85, height=0.72, xerr=err,
+                error_kw=dict(ecolor=NEUTRAL, capsize=2, linewidth=0.9))
+        for yy, v in zip(ys, d["kl_removed"]):
+            if v == top:
+                ax.plot([v], [yy], marker="*", color=HIGHLIGHT, markersize=9, markeredgecolor="white", zorder=5,
+                        linestyle="")
+        if whole is not None and s in whole.index and np.isfinite(whole[s]):
+            ax.plot([whole[s]] * 2, [y + 0.6, y + len(d) + 0.4], color=NEUTRAL, linestyle=":", linewidth=1.4)
+        for yy, t in zip(ys, d["text"].astype(str)):
+            yt.append(yy)
+            yl.append(short(" ".join(t.split()), 44))
+            bold.append(False)
+        y += len(d) + 1
+    ax.set_yticks(yt, yl)
+    for lab, b in zip(ax.get_yticklabels(), bold):
+        if b:
+            lab.set_fontweight("bold")
+            lab.set_color(colors.get(next((s for s in chosen if lab.get_text().startswith(short(s, 30))), ""),
+                                     NEUTRAL))
+        else:
+            lab.set_fontsize(8)
+    ax.set_ylim(y - 0.5, -0.7)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("KL(variant ‖ variant without the phrase), mean over user prompts")
+    ax.set_title("remove one phrase: how far the output moves", fontsize=10)
+    ax.grid(axis="y", visible=False)
+    leg = [Patch(color=NEUTRAL, alpha=0.85, label="phrase removed (95% CI)"),
+           Line2D([], [], marker="*", color=HIGHLIGHT, linestyle="", markersize=9, label="largest in its prompt")]
+    if whole is not None:
+        leg.append(Line2D([], [], color=NEUTRAL, linestyle=":", label="whole prompt removed: KL(variant ‖ baseline)"))
+    ax.legend(handles=leg, loc="lower right", fontsize=8)
+    ax2 = fig.add_subplot(gs[0, 1])
+    if has_imp:
+        multi = rank[rank["n_phrases"] > 1]
+        other = multi[~multi["system"].isin(chosen)]
+        if len(other):
+            ax2.scatter(other["importance_internal"], other["importance_output"], s=18, color=MUTED,
+                        edgecolor="none", alpha=0.7, label="other split prompts")
+        for s in chosen:
+            d = multi[multi["system"] == s]
+            ax2.scatter(d["importance_internal"], d["importance_output"], s=26, color=colors[s], edgecolor="white",
+                        label=short(s, 18))
+        lim = np.nanpercentile(np.r_[multi["importance_internal"], multi["importance_output"]], [0, 100])
+        if np.all(np.isfinite(lim)):
+            lo, hi = min(lim[0], 0.0), max(lim[1], 1.0)
+            ax2.plot([lo, hi], [lo, hi], color=NEUTRAL, linewidth=0.9, linestyle="--")
+        ax2.axhline(0, color=MUTED, linewidth=0.6)
+        ax2.axvline(0, color=MUTED, linewidth=0.6)
+        ax2.set_xlabel("internal importance (last-token residual)")
+        ax2.set_ylabel("output importance (next-token KL)")
+        ax2.set_title("change lost without the phrase", fontsize=10)
+        ax2.legend(loc="best", fontsize=7.5)
+    else:
+        ax2.set_axis_off()
+    if tokens is not None:
+        top_sys = [s for s in chosen if s in set(tokens["system"].astype(str))][:3]
+        sub = gs[1, :].subgridspec(1, max(len(top_sys), 1))
+        for k, s in enumerate(top_sys):
+            axk = fig.add_subplot(sub[0, k])
+            t = tokens[tokens["system"].astype(str) == s]
+            t = t.loc[t["attribution"].abs().sort_values(ascending=False).index[:8]].iloc[::-1]
+            yy = np.arange(len(t))
+            err = None
+            if {"ci_low", "ci_high"} <= set(t.columns):
+                err = np.vstack([(t["attribution"] - t["ci_low"]).clip(lower=0).fillna(0),
+                                 (t["ci_high"] - t["attribution"]).clip(lower=0).fillna(0)])
+            axk.barh(yy, t["attribution"], color=np.where(t["attribution"] >= 0, colors[s], MUTED), height=0.7,
+                     xerr=err, error_kw=dict(ecolor=NEUTRAL, capsize=2, linewidth=0.8))
+            labels = [f"{short(repr(str(tok).strip() or str(tok))[1:-1], 14)}" +
+                      (f"  ·p{int(p)}" if "phrase" in t.columns and _finite_num(p) and p >= 0 else "")
+                      for tok, p in zip(t["token"], t["phrase"] if "phrase" in t.columns else [None] * len(t))]
+            axk.set_yticks(yy, labels, fontsize=8)
+            axk.axvline(0, color=NEUTRAL, linewidth=0.8)
+            axk.set_title(f"{short(s, 26)}: top tokens", fontsize=9.5, color=colors[s])
+            axk.set_xlabel("attribution (gradient × input)", fontsize=8.5)
+            axk.grid(axis="y", visible=False)
+            axk.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    if n_split > len(chosen):
+        _note(fig, f"{len(chosen)} of the {n_split} system prompts split into more than one phrase are shown (those "
+                   "with the most phrases); every phrase is in `causal_phrase_rank`.")
+    return fig
+
+
+def fig_causal_steering(res: Results) -> Figure:
+    sc = res.table("causal_steering_curve", ["site"], finite=["recovered_kl"])
+    sc = _num_cols(sc, [c for c in sc.columns if c.startswith("recovered")]).sort_values("site")
+    norms = None
+    if res.has("causal_steering_norms"):
+        norms = res.table("causal_steering_norms", ["system", "site"], finite=["norm"])
+    fig = _fig(11.8 if norms is not None else 7.0, 4.3)
+    axes = fig.subplots(1, 2 if norms is not None else 1, squeeze=False)[0]
+    ax = axes[0]
+    col = "#009E73"
+    x = sc["site"].to_numpy(int)
+    _band_line(ax, x, sc, "recovered_kl", col, "recovered, KL (95% CI)")
+    if "recovered_lp" in sc.columns and np.isfinite(sc["recovered_lp"]).any():
+        ax.plot(x, sc["recovered_lp"], color=col, linestyle="--", linewidth=1.2, alpha=0.8,
+                label="recovered, top-1 log-prob")
+    ax.axhline(0, color=NEUTRAL, linewidth=0.8)
+    ax.axhline(1, color=MUTED, linewidth=0.8, linestyle=":")
+    best = _causal(res, "steering", "best")
+    if isinstance(best, dict) and _finite_num(best.get("site")) and _finite_num(best.get("recovered")):
+        ax.plot([best["site"]], [best["recovered"]], marker="*", color=HIGHLIGHT, markersize=14,
+                markeredgecolor="white", zorder=5, linestyle="",
+                label=f"best site before the final residual: {int(best['site'])}")
+    ax.set_ylabel("recovered: 1 − ΣKL(v ‖ steered) / ΣKL(v ‖ b)")
+    ax.set_title("baseline + steering vector at one site")
+    _site_axis(ax, sc["site"])
+    ax.legend(loc="upper left", fontsize=8.5)
+    if norms is not None:
+        axn = axes[1]
+        systems = list(dict.fromkeys(norms["system"].astype(str)))
+        for i, s in enumerate(systems):
+            d = norms[norms["system"].astype(str) == s].sort_values("site")
+            axn.plot(d["site"], d["norm"], color=SYSTEM_PALETTE[i % len(SYSTEM_PALETTE)] if len(systems) <= 8
+                     else MUTED, linewidth=0.9, alpha=0.85, label=short(s, 20) if len(systems) <= 8 else None)
+        m = norms.groupby("site")["norm"].mean()
+        axn.plot(m.index, m.to_numpy(), color=NEUTRAL, linewidth=2.2, label="mean over system prompts")
+        axn.set_ylabel("‖steering vector‖ (residual units)")
+        axn.set_title("steering vector norm by site, one line per system prompt")
+        _site_axis(axn, norms["site"])
+        axn.legend(loc="upper left", fontsize=7.5, ncols=2 if len(systems) > 4 else 1)
+    return fig
+
+
+def fig_multiturn(res: Results) -> Figure:
+    import seaborn as sns
+
+    mt = res.table("multiturn_turns", ["condition", "turn"], finite=["obey_rate"])
+    mt = _num_cols(mt, [c for c in mt.columns if c not in ("condition",)])
+    conds = [c for c in ("system", "system_plain", "no_system") if c in set(mt["condition"].astype(str))] + \
+        sorted(set(mt["condition"].astype(str)) - set(CONDITION_COLORS))
+    heat = None
+    if res.has("multiturn_attention") and {"condition", "turn", "layer", "sys_mass"} <= \
+            set(res.table("multiturn_attention").columns):
+        ma = res.table("multiturn_attention")
+        ma = ma[(ma["condition"].astype(str) == "system")]
+        ma = _num_cols(ma, ["sys_mass"])
+        if np.isfinite(ma["sys_mass"]).any():
+            heat = ma.pivot_table(index="layer", columns="turn", values="sys_mass", aggfunc="mean") \
+                .sort_index(ascending=False)
+    fig = _fig(11.8, 4.4)
+    axes = fig.subplots(1, 3 if heat is not None else 2, width_ratios=[1, 1, 0.8] if heat is not None else None)
+    ax1, ax2 = axes[0], axes[1]
+    no_tokens = []
+    for cond in conds:
+        d = mt[mt["condition"].astype(str) == cond].sort_values("turn")
+        col = CONDITION_COLORS.get(cond, NEUTRAL)
+        x = d["turn"].to_numpy(int)
+        has_sys = "sys_mass" in d.columns and np.isfinite(d["sys_mass"]).any() and not (
+            "uniform_share" in d.columns and (d["uniform_share"].fillna(0) == 0).all())
+        if has_sys:
+            _band_line(ax1, x, d, "sys_mass", col, None)
+            if "uniform_share" in d.columns:
+                ax1.plot(x, d["uniform_share"], color=col, linestyle=":", linewidth=1.4)
+        else:
+            no_tokens.append(cond)
+        _band_line(ax2, x, d.assign(**{c: d[c] * 100 for c in ("obey_rate", "obey_rate_ci_low", "obey_rate_ci_high")
+                                      if c in d.columns}), "obey_rate", col, None)
+    ax1.set_ylabel("last token's attention share to system prompt")
+    ax1.set_title("attention to the system prompt (sink excluded)", fontsize=10)
+    ax1.set_ylim(bottom=0)
+    ax2.set_ylabel("rule obeyed (% of conversations)")
+    ax2.set_ylim(-3, 103)
+    ax2.set_title("rule adherence", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("turn (user messages so far)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if heat is not None:
+        ax3 = axes[2]
+        sns.heatmap(heat, ax=ax3, cmap="viridis", vmin=0, cbar_kws={"label": "share to system prompt", "shrink": 0.8})
+        ax3.set_title("condition `system`: layer × turn", fontsize=10)
+        ax3.set_xlabel("turn")
+        ax3.set_ylabel("layer")
+        ax3.tick_params(axis="y", rotation=0)
+        ax3.tick_params(axis="x", rotation=0)
+        ax3.grid(False)
+    handles = [Line2D([], [], color=CONDITION_COLORS.get(c, NEUTRAL), marker="o", markersize=3.5,
+                      label=CONDITION_LABELS.get(c, c) + (" (no system tokens)" if c in no_tokens else ""))
+               for c in conds]
+    handles += [Line2D([], [], color=NEUTRAL, linestyle=":", label="uniform attention over visible keys"),
+                Patch(color=NEUTRAL, alpha=0.2, label="95% bootstrap CI over conversations")]
+    fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=8)
+    rule = _causal(res, "multiturn", "rule")
+    if isinstance(rule, str) and rule:
+        _note(fig, f"Rule: {rule}")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
 
 FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
@@ -806,4 +1227,57 @@ FIGURES: tuple[FigureSpec, ...] = (
         "token, at each component's most affected layer, with 95% CI; shaded spans show the token region. Right: "
         "the same for one residual component at every layer.",
         fig_position),
+    FigureSpec(
+        "fig-causal-patching", "Where the system prompt's effect is carried: activation patching",
+        "The baseline run (no system prompt) is re-run with its residual stream replaced by the variant's at one "
+        "site; site l < L is the input of layer l and site L the final residual. The curve is the share of the "
+        "output change this recovers, 1 − ΣKL(variant ‖ patched) / ΣKL(variant ‖ baseline) over pairs (0: nothing, "
+        "1: the variant's next-token distribution), with a 95% bootstrap CI over user prompts; the right panel is "
+        "the same for the log-probability of the variant's top-1 token. One line per mode: `suffix` patches every "
+        "aligned position after the system prompt, `last` only the last prompt token. The dashed line and shaded "
+        "span mark the onset (first site reaching the threshold, dash-dotted) and its bootstrap CI. A `suffix` "
+        "curve high early means the effect has already been written into the user tokens; a `last` curve that "
+        "rises only late means the last token picks it up late.",
+        fig_causal_patching),
+    FigureSpec(
+        "fig-causal-knockout", "Until which layer the model reads the system prompt: attention knockout",
+        "The variant is re-run with attention from later tokens to the system-prompt tokens blocked in every layer "
+        "≥ start (start = L: no knockout). Left: effect left, the KL between the variant and the knocked-out run "
+        "relative to knocking out from layer 0, with a 95% bootstrap CI over user prompts; the red dashed line and "
+        "span mark the layer from which it stays below the threshold (the system prompt stops mattering through "
+        "attention) and its CI. Right: the mean KL(variant ‖ knocked-out) on a log scale, against the mean "
+        "KL(variant ‖ baseline) (dashed): a full knockout that lands near the dashed line removes the system "
+        "prompt's whole effect.",
+        fig_causal_knockout),
+    FigureSpec(
+        "fig-causal-phrases", "Which phrase of a system prompt matters: phrase ablation and token attribution",
+        "For system prompts made of more than one phrase (at most six shown, those with the most phrases): each "
+        "bar is KL(variant ‖ variant with that phrase removed), mean over user prompts, with a 95% bootstrap CI; "
+        "the star marks the largest in its prompt, the dotted line the KL when the whole prompt is removed "
+        "(the baseline). Right: per phrase, the share of the output change (next-token KL) and of the internal "
+        "change (last-token residual) lost without it; points on the dashed diagonal lose as much inside as on "
+        "the output. Bottom: for up to three of these prompts, the tokens with the largest |attribution| "
+        "(gradient × input of KL(variant ‖ baseline) at the token's embedding; ·pN = phrase N), with CIs.",
+        fig_causal_phrases),
+    FigureSpec(
+        "fig-causal-steering", "Can the system prompt be replaced by one vector? Steering",
+        "For each system prompt and site the steering vector is the mean last-token residual difference "
+        "(variant − baseline) over the other user prompts (leave one out); it is added to the baseline's last "
+        "token at one site (site l < L: input of layer l; site L: final residual). Left: the share of the output "
+        "change recovered, 1 − ΣKL(variant ‖ steered) / ΣKL(variant ‖ baseline), with a 95% bootstrap CI over "
+        "user prompts (dashed: the same for the top-1 log-probability); the star marks the best site before the "
+        "final residual, where steering edits the output directly. Right: the vector's norm by site, one thin "
+        "line per system prompt, and their mean.",
+        fig_causal_steering),
+    FigureSpec(
+        "fig-multiturn", "Does the system prompt fade over a conversation? Multi-turn decay",
+        "Scripted conversations under a rule, turn by turn. Left: share of the last prompt token's attention that "
+        "goes to the system prompt (sink excluded and renormalised, mean over layers and heads), with its 95% "
+        "bootstrap CI over conversations; dotted lines are what uniform attention over the visible keys would give, "
+        "so a solid line that falls with its dotted line only dilutes with length. Middle: share of conversations "
+        "whose reply obeys the rule, with 95% CI. Conditions: `system` (rule as system prompt, history obeys it), "
+        "`system_plain` (rule as system prompt, history without the rule's marker), `no_system` (empty system turn, "
+        "history obeys it: imitation alone). Right: attention to the system prompt per layer and turn, condition "
+        "`system`, mean over conversations.",
+        fig_multiturn),
 )

@@ -25,6 +25,14 @@ TABLES = (
     "position_change", "internal_vs_output",
 )
 
+# Written by the metrics stage only when the store holds the causal analyses
+# (`promptshift causal`); a results directory without them gets notes for their figures.
+CAUSAL_TABLES = (
+    "causal_patching", "causal_patching_curve", "causal_knockout", "causal_knockout_curve", "causal_steering",
+    "causal_steering_curve", "causal_steering_norms", "causal_phrases", "causal_phrase_rank", "causal_tokens",
+    "multiturn", "multiturn_attention", "multiturn_turns",
+)
+
 
 class ReportError(PromptShiftError):
     """The results directory cannot be reported on at all (it does not exist, or is not a folder)."""
