@@ -236,6 +236,8 @@ def slurm(
     templates: Optional[Path] = typer.Option(None, help="folder of edited *.sbatch templates"),
     extract_args: str = typer.Option("", help="extra arguments for every `promptshift extract`"),
     metrics_args: str = typer.Option("", help="extra arguments for `promptshift metrics`"),
+    causal: bool = typer.Option(False, help="run the causal analyses as a job between verify and metrics"),
+    causal_args: str = typer.Option("", help="extra arguments for `promptshift causal` (e.g. --users 8)"),
     dry_run: bool = typer.Option(False, help="print the scripts and what would be submitted"),
 ):
     """Submit plan -> extract array -> verify -> metrics as a SLURM dependency chain."""
@@ -245,7 +247,7 @@ def slurm(
                       time=time_limit, cpus_per_task=cpus_per_task, mem=mem,
                       results=str(results) if results else None, setup=setup,
                       templates=str(templates) if templates else None, extract_args=extract_args,
-                      metrics_args=metrics_args)
+                      metrics_args=metrics_args, causal=causal, causal_args=causal_args)
     submit(cfg, dry_run=dry_run, echo=typer.echo)
 
 
@@ -265,6 +267,8 @@ def causal(
     trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
     allow_pickle: bool = typer.Option(False, help="allow pickled .bin weights (they can run code)"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    skip_done: bool = typer.Option(False, help="skip the analyses already in the store for these user prompts "
+                                   "(resume after an interruption)"),
 ):
     """Causal analyses (activation patching, system-span knockout, phrase ablation, steering
     vectors, multi-turn decay) with the model, written into the store for `metrics`."""
@@ -272,6 +276,16 @@ def causal(
     from promptshift.sweep.config import load_sweep
 
     s = load_sweep(sweep, **_sweep_overrides(model, None, None, chat_template, trust_remote_code))
+    if skip_done:
+        from promptshift.causal import missing_analyses
+        from promptshift.store import open_store
+
+        wanted = CausalConfig(store=str(store), analyses=tuple(analysis)).analyses
+        left = [a for a in missing_analyses(open_store(store), s, users) if a in wanted]
+        if not left:
+            typer.echo(f"store {store}: {', '.join(wanted)} already done")
+            return
+        analysis = left
     cfg = CausalConfig(store=str(store), analyses=tuple(analysis), users=users, suite=suite,
                        max_new_tokens=max_new_tokens, device=device, dtype=dtype, allow_pickle=allow_pickle,
                        progress=progress)

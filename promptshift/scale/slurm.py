@@ -44,6 +44,8 @@ class SlurmConfig:
     results: str | None = None
     metrics_args: str = ""
     extract_args: str = ""
+    causal: bool = False  # add the causal analyses (`promptshift causal`) between verify and metrics
+    causal_args: str = ""
     signal_lead: int = 120  # seconds before the time limit SLURM sends USR1
     setup: str = ""  # shell lines run before each step (module load, conda activate, ...)
     templates: str | None = None  # folder with plan/extract/verify/metrics.sbatch to use instead
@@ -97,9 +99,10 @@ def render_scripts(cfg: SlurmConfig) -> dict[str, str]:
         signal_lead=str(cfg.signal_lead),
         extract_args=cfg.extract_args,
         metrics_args=cfg.metrics_args,
+        causal_args=cfg.causal_args,
     )
     out = {}
-    for stage in STAGES:
+    for stage in STAGES + (("causal",) if cfg.causal else ()):
         try:
             out[stage] = _template(cfg, stage).substitute(values)
         except (KeyError, ValueError) as e:
@@ -158,14 +161,15 @@ def submit(cfg: SlurmConfig, dry_run: bool = False, echo=print) -> dict:
     active = _active_array_tasks(prev_jobs.get("extract", ""))
     # A previous chain's verify/metrics still waiting would wait forever on a cancelled task
     # (afterok never satisfied); the new chain replaces them.
-    stale = [prev_jobs[k] for k in ("verify", "metrics") if prev_jobs.get(k)]
+    stale = [prev_jobs[k] for k in ("verify", "causal", "metrics") if prev_jobs.get(k)]
     need_plan = pending is None
     shards = list(range(cfg.tasks)) if pending is None else [i for i in pending if i not in active]
     if dry_run:
         for stage, text in scripts.items():
             echo(f"# ---- {wd / (stage + '.sbatch')}\n{text}")
         echo(f"# would submit: plan={'yes' if need_plan else 'no (store exists)'}, "
-             f"extract array={_array_spec(shards) or 'none'}, then verify and metrics")
+             f"extract array={_array_spec(shards) or 'none'}, then verify"
+             + (", causal" if cfg.causal else "") + " and metrics")
         return {}
     if stale and shutil.which("scancel"):
         subprocess.run(["scancel", *stale], capture_output=True)
@@ -189,7 +193,12 @@ def submit(cfg: SlurmConfig, dry_run: bool = False, echo=print) -> dict:
         dep = prev_jobs.get("extract")  # wait for the tasks still in the queue
     cmd = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{dep}"] if dep else [])
     jobs["verify"] = _run(cmd + [str(wd / "verify.sbatch")]).split(";")[0]
-    jobs["metrics"] = _run(["sbatch", "--parsable", f"--dependency=afterok:{jobs['verify']}",
+    dep = jobs["verify"]
+    if cfg.causal:
+        jobs["causal"] = _run(["sbatch", "--parsable", f"--dependency=afterok:{dep}",
+                               str(wd / "causal.sbatch")]).split(";")[0]
+        dep = jobs["causal"]
+    jobs["metrics"] = _run(["sbatch", "--parsable", f"--dependency=afterok:{dep}",
                             str(wd / "metrics.sbatch")]).split(";")[0]
     jobs["shards"] = shards
     if "extract" not in jobs and prev_jobs.get("extract") and active:
@@ -197,7 +206,8 @@ def submit(cfg: SlurmConfig, dry_run: bool = False, echo=print) -> dict:
     jobs_file.write_text(json.dumps(jobs))
     echo(f"scripts and logs: {wd}")
     echo(f"submitted: plan={jobs.get('plan', '-')} extract={jobs.get('extract', '-')} "
-         f"array={_array_spec(shards) or 'none'} verify={jobs['verify']} metrics={jobs['metrics']}")
+         f"array={_array_spec(shards) or 'none'} verify={jobs['verify']} "
+         + (f"causal={jobs['causal']} " if cfg.causal else "") + f"metrics={jobs['metrics']}")
     return jobs
 
 

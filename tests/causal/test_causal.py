@@ -193,8 +193,12 @@ def full(store, sweep, tok, model):
     return compute(store, None, workers=0, progress=False, n_boot=300)
 
 
-def test_all_analyses_stored(store, full):
+def test_all_analyses_stored(store, full, sweep):
+    from promptshift.causal import missing_analyses
+
     assert store.causal_analyses() == ["knockout", "multiturn", "patching", "phrases", "steering"]
+    assert missing_analyses(store, sweep) == ()  # what `promptshift run` skips when rerun
+    assert missing_analyses(store, sweep, users=2) == ("patching", "knockout", "phrases", "steering")
     pa, meta = store.read_causal("patching")
     n = len(store.plan.pairs)
     assert pa["kl"].shape == (n, 2, meta["n_layers"] + 1)

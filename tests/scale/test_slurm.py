@@ -130,3 +130,25 @@ def test_usr1_before_time_limit_requeues_and_resumes(sweep, reference, tmp_path)
     log = "".join(p.read_text() for p in (store.parent / (store.name + ".slurm") / "logs").glob("extract-*"))
     assert "stopped by signal" in log and "requeued" in log, log[-2000:]
     assert_same_arrays(reference, store)
+
+
+def test_causal_job_in_the_chain(sweep, reference, tmp_path):  # noqa: F811
+    """`--causal` adds a causal job between verify and metrics; on a complete store the
+    chain is verify -> causal -> metrics, and the results hold the causal tables."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(reference, store)
+    out = run_ok("slurm", sweep, "--store", store, "--tasks", "1", "--causal",
+                 "--causal-args", "--analysis knockout --analysis steering --users 2")
+    assert "causal=" in out and "array=none" in out
+    j = jobs_of(store)
+    wait_jobs([j["verify"], j["causal"], j["metrics"]])
+    assert open_store(store).causal_analyses() == ["knockout", "steering"]
+    curve = (tmp_path / "results" / "causal_knockout_curve.parquet")
+    assert curve.is_file() and (tmp_path / "results" / "causal_steering_curve.parquet").is_file()
+    # resubmitted, the causal job finds both analyses done and returns at once
+    run_ok("slurm", sweep, "--store", store, "--tasks", "1", "--causal",
+           "--causal-args", "--analysis knockout --analysis steering --users 2")
+    j = jobs_of(store)
+    wait_jobs([j["verify"], j["causal"], j["metrics"]])
+    log = next((store.parent / (store.name + ".slurm") / "logs").glob(f"causal-{j['causal']}.out")).read_text()
+    assert "knockout, steering already done" in log
