@@ -58,7 +58,10 @@ class Refs:
         self.first: dict[int, int] = {}  # first position held in resid
         suffix_from = {}
         for _, r in self.pairs.iterrows():
-            suffix_from[int(r.variant)] = int(r.v_suffix_start)
+            # variants: from the end of the system prompt (knockout reruns from there) or the suffix
+            reg = plan.prompt_regions(int(r.variant))
+            sys_end = int(np.flatnonzero(reg == SYSTEM)[-1]) + 1 if (reg == SYSTEM).any() else int(r.v_suffix_start)
+            suffix_from[int(r.variant)] = min(int(r.v_suffix_start), sys_end)
             suffix_from.setdefault(int(r.baseline), plan.prompts.iloc[int(r.baseline)].n_tokens - 1)
         rows = []
         for p in prompts:
@@ -125,9 +128,11 @@ def patching(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
         src = refs.resid[v][int(r.v_suffix_start) - refs.first[v] :]  # (n_al, L+1, H)
         bs = int(r.b_suffix_start)
         for site in range(L + 1):
-            rows.append(Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n_al), src[:, site])]))
+            # every tail position is replaced at `site`: the layers below it need not run
+            start = min(site, L - 1)
+            rows.append(Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n_al), src[:, site])], start=start))
             where.append((i, 0, site))
-            rows.append(Row(b_ids[:-1], b_ids[-1:], [Edit(site, np.array([0]), src[-1:, site])]))
+            rows.append(Row(b_ids[:-1], b_ids[-1:], [Edit(site, np.array([0]), src[-1:, site])], start=start))
             where.append((i, 1, site))
     bar = _bar(len(rows), "patching", scope.progress)
     outs = runner.run(rows, progress=bar)
@@ -164,8 +169,12 @@ def knockout(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
             raise CausalError(f"variant prompt {v} ({r.system}, {r.user_id}) has no system tokens to knock out")
         end = int(sys_pos[-1]) + 1
         keys = reg == SYSTEM
+        own = refs.resid[v][end - refs.first[v] :]  # (n - end, L+1, H): the unablated run's tail
         for start in range(L + 1):
-            rows.append(Row(ids[:end], ids[end:], knockout_keys=keys, knockout_start=start))
+            # below `start` the tail is the unablated variant's: inject it there, skip those layers
+            s0 = min(start, L - 1)
+            rows.append(Row(ids[:end], ids[end:], [Edit(s0, np.arange(len(ids) - end), own[:, s0])],
+                            knockout_keys=keys, knockout_start=start, start=s0))
             where.append((i, start))
     bar = _bar(len(rows), "knockout", scope.progress)
     outs = runner.run(rows, progress=bar)

@@ -42,6 +42,8 @@ class Row:
     knockout_keys: np.ndarray | None = None  # (P + S,) bool: keys hidden from tail queries
     knockout_start: int | None = None  # first knocked-out layer
     capture: np.ndarray | None = None  # tail positions whose residuals to return (default: the last)
+    start: int = 0  # first layer to run on the tail (below it the tail's states are never read): needs a
+    # replace edit of every tail position at a site >= start, and no capture
 
 
 @dataclass
@@ -79,6 +81,13 @@ class Runner:
         for i, layer in enumerate(self.arch.layers):
             self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
         self._handles.append(self.arch.layers[-1].register_forward_hook(self._post_hook, with_kwargs=True))
+        # Skipping the layers below a row's start runs the base model on a shorter layer list;
+        # every layer keeps its own layer_idx (cache slot). Only where the model's layer loop
+        # does not pick per-layer settings by list index (all layer types equal), and the
+        # layers live at `model.layers`; elsewhere rows run every layer (same results, slower).
+        types = getattr(cfg, "layer_types", None)
+        self._layer_owner = self.base if self.arch.spec.layers == "model.layers" and hasattr(self.base, "layers") else None
+        self.can_skip = self._layer_owner is not None and (not types or len(set(types)) == 1)
 
     # --- hooks ----------------------------------------------------------------------------
     def _apply(self, site: int, h: torch.Tensor) -> torch.Tensor:
@@ -141,10 +150,11 @@ class Runner:
     def run(self, rows: list[Row], capture: bool = False, progress=None) -> list[Out]:
         """Run every row; rows with the same head are batched under the token budget."""
         outs: list[Out | None] = [None] * len(rows)
-        groups: dict[bytes, list[int]] = {}
+        groups: dict[tuple[bytes, int], list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault(r.head.astype(np.int64).tobytes(), []).append(i)
-        for idx in groups.values():
+            start = r.start if self.can_skip else 0
+            groups.setdefault((r.head.astype(np.int64).tobytes(), start), []).append(i)
+        for (_, start), idx in groups.items():
             idx = sorted(idx, key=lambda i: -len(rows[i].tail))  # similar lengths together: little padding
             head = rows[idx[0]].head
             k = 0
@@ -152,14 +162,14 @@ class Runner:
                 size = max(1, self.token_budget // (len(head) + len(rows[idx[k]].tail)))
                 chunk = idx[k : k + size]
                 k += size
-                for i, o in zip(chunk, self._batch(head, [rows[i] for i in chunk], capture)):
+                for i, o in zip(chunk, self._batch(head, [rows[i] for i in chunk], capture, start)):
                     outs[i] = o
                 if progress is not None:
                     progress.update(len(chunk))
         return outs
 
     @torch.inference_mode()
-    def _batch(self, head: np.ndarray, rows: list[Row], capture: bool) -> list[Out]:
+    def _batch(self, head: np.ndarray, rows: list[Row], capture: bool, start: int = 0) -> list[Out]:
         from transformers import DynamicCache
 
         B, P, dev = len(rows), len(head), self.device
@@ -187,23 +197,34 @@ class Runner:
         ko = None
         if any(r.knockout_keys is not None for r in rows):
             keys = torch.zeros(B, P + S, dtype=torch.bool)
-            start = torch.full((B,), self.L, dtype=torch.long)
+            ko_start = torch.full((B,), self.L, dtype=torch.long)
             for b, r in enumerate(rows):
                 if r.knockout_keys is not None:
                     keys[b, : P + lens[b]] = torch.as_tensor(r.knockout_keys[: P + lens[b]])
-                    start[b] = r.knockout_start
-            ko = Knockout(keys.to(dev), start.to(dev))
+                    ko_start[b] = r.knockout_start
+            ko = Knockout(keys.to(dev), ko_start.to(dev))
         if capture:
             want = [np.asarray(r.capture if r.capture is not None else [lens[b] - 1]) for b, r in enumerate(rows)]
             self._capture = (torch.as_tensor(np.concatenate([np.full(len(w), b) for b, w in enumerate(want)]),
                                              dtype=torch.long, device=dev),
                              torch.as_tensor(np.concatenate(want), dtype=torch.long, device=dev))
         self._captured = [None] * (self.L + 1)
+        if start:
+            for b, r in enumerate(rows):
+                full = [e for e in r.edits if e.site >= start and not e.add and len(e.positions) == lens[b]]
+                if not full or capture:
+                    raise ValueError(f"a row starting at layer {start} must replace every tail position at a site "
+                                     ">= its start, and cannot capture the layers it skips")
+        layers = self._layer_owner.layers if start else None
         set_knockout(ko)
         try:
+            if start:
+                self._layer_owner.layers = layers[start:]
             out = self.base(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos, cache=cache,
                             use_cache=True)
         finally:
+            if start:
+                self._layer_owner.layers = layers
             set_knockout(None)
             self._edits = {}
             self._capture = None

@@ -334,3 +334,28 @@ def test_cli_on_a_zarr_store(tmp_path, tok):
     curve = pd.read_parquet(res / "causal_patching_curve.parquet")
     assert set(curve["mode"]) == {"suffix", "last"} and curve["n_pairs"].iloc[0] == 6
     assert json.loads((res / "summary.json").read_text())["causal"]["knockout"]["n_pairs"] == 6
+
+
+def test_skipping_layers_below_a_full_replacement_changes_nothing(store, model):
+    """Rows that start at a layer (their tail replaced there) give what running every layer gives."""
+    r, v_ids, b_ids, reg = _pair(store)
+    runner = Runner(model)
+    try:
+        assert runner.can_skip
+        vs, bs, n = int(r.v_suffix_start), int(r.b_suffix_start), int(r.suffix_len)
+        res, _ = runner.residuals(v_ids, np.arange(vs, len(v_ids)))
+        end = int(np.flatnonzero(reg == SYSTEM)[-1]) + 1
+        own, _ = runner.residuals(v_ids, np.arange(end, len(v_ids)))
+        for site in range(1, runner.L + 1):
+            s0 = min(site, runner.L - 1)
+            pairs = [(Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n), res[:, site])], start=start))
+                     for start in (0, s0)]
+            pairs += [Row(v_ids[:end], v_ids[end:], [Edit(s0, np.arange(len(v_ids) - end), own[:, s0])],
+                          knockout_keys=reg == SYSTEM, knockout_start=site, start=start) for start in (0, s0)]
+            o = runner.run(pairs)
+            assert torch.allclose(o[0].logprobs, o[1].logprobs, atol=1e-5)
+            assert torch.allclose(o[2].logprobs, o[3].logprobs, atol=1e-5)
+        with pytest.raises(ValueError, match="must replace every tail position"):
+            runner.run([Row(b_ids[:bs], b_ids[bs:], start=2)])
+    finally:
+        runner.close()
