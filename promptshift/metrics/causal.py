@@ -11,6 +11,8 @@ seed; an onset's interval is the spread of the onset of each resampled curve.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -247,7 +249,9 @@ def multiturn_tables(arrays, meta, n_boot: int, seed: int):
         "reply": meta["replies"],
     })
     sm = arrays["sys_mass"].astype(np.float64)  # (rows, L)
-    rows["sys_mass"] = np.nanmean(sm, axis=1) if np.isfinite(sm).any() else np.nan
+    with warnings.catch_warnings():  # rows without a system prompt are all-NaN: their mean is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rows["sys_mass"] = np.nanmean(sm, axis=1)
     attn = pd.DataFrame({
         "condition": np.repeat(rows["condition"].to_numpy(), sm.shape[1]),
         "conversation": np.repeat(rows["conversation"].to_numpy(), sm.shape[1]),

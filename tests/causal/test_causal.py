@@ -359,3 +359,38 @@ def test_skipping_layers_below_a_full_replacement_changes_nothing(store, model):
             runner.run([Row(b_ids[:bs], b_ids[bs:], start=2)])
     finally:
         runner.close()
+
+
+def test_phrase_ablation_and_attribution_against_plain_hf(store, full, tok, model, sweep):
+    """One phrase of the two-phrase prompt: KL(p_v || p_without) from a plain HF forward on
+    the text with the phrase cut out by hand; token attributions from plain autograd."""
+    from promptshift.sweep.chat import conversation, render
+
+    _eager(model)
+    ph = full["causal_phrases"]
+    row = ph[(ph["system"] == "pirate") & (ph["phrase"] == 1) & (ph["user_id"] == "add")].iloc[0]
+    user = next(u.text for u in sweep.user_prompts if u.id == "add")
+    pirate = next(s.text for s in sweep.system_prompts if s.name == "pirate")
+    assert row["text"] == "Speak like one in every answer, matey."
+    cut = pirate.replace(" Speak like one in every answer, matey.", "")
+    lp_a, _ = hf_logprobs(model, render(tok, conversation(tok, cut, user)).ids)
+    lp_v, _ = hf_logprobs(model, render(tok, conversation(tok, pirate, user)).ids)
+    assert row["kl_va"] == pytest.approx(float(kl(lp_v, lp_a)), rel=1e-3, abs=1e-7)
+    # gradient x input, recomputed with plain autograd on the HF model
+    arrays, meta = store.read_causal("phrases")
+    r = store.plan.pairs[(store.plan.pairs["system"] == "pirate") & (store.plan.pairs["user_id"] == "add")].iloc[0]
+    v_ids = store.plan.prompt_tokens(int(r.variant))
+    lp_b, _ = hf_logprobs(model, store.plan.prompt_tokens(int(r.baseline)))
+    e = model.get_input_embeddings()(torch.as_tensor(v_ids)[None]).detach().requires_grad_(True)
+    lp = torch.log_softmax(model(inputs_embeds=e).logits[0, -1].float(), -1)
+    (lp.exp() * (lp - lp_b)).sum().backward()
+    sys_idx = np.flatnonzero(store.plan.prompt_regions(int(r.variant)) == SYSTEM)
+    want = (e.grad[0, sys_idx] * e[0, sys_idx]).sum(-1).detach().numpy()
+    tokens = pd.DataFrame(meta["tokens"])
+    rows = np.flatnonzero(tokens["system"] == "pirate")
+    got = arrays["token_attr"][rows, meta["users"].index("add")]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7)
+    # every token of the left-out phrase is labelled with it
+    assert set(tokens.loc[rows, "phrase"]) == {0, 1}
+    text = "".join(tokens.loc[rows[tokens.loc[rows, "phrase"] == 1], "token"])
+    assert text.strip() == "Speak like one in every answer, matey."
