@@ -809,8 +809,10 @@ def _mark_site(ax, site, ci, color: str, label: str) -> Line2D | None:
 
 def _ci_text(ci) -> str:
     c = _ci_pair(ci)
-    return f"95% CI {_f(c[0], 0) if c[0].is_integer() else _f(c[0])}–{_f(c[1], 0) if c[1].is_integer() else _f(c[1])}" \
-        if c else "CI undefined"
+    if c is None:
+        return "CI undefined"
+    lo, hi = (_f(v, 0) if v.is_integer() else _f(v) for v in c)
+    return f"95% CI {lo}–{hi}"
 
 
 def fig_causal_patching(res: Results) -> Figure:
@@ -878,7 +880,7 @@ def fig_causal_knockout(res: Results) -> Figure:
     site = stop.get("site") if isinstance(stop, dict) else None
     h = _mark_site(ax1, site, stop.get("ci") if isinstance(stop, dict) else None, HIGHLIGHT,
                    f"stops mattering from layer {int(site)} ({_ci_text(stop.get('ci'))})" if _finite_num(site) else "")
-    hs, ls = ax1.get_legend_handles_labels()
+    hs, _ = ax1.get_legend_handles_labels()
     ax1.legend(handles=hs + ([h] if h is not None else []), loc="upper right", fontsize=8.5)
     ax1.set_ylabel("effect left: ΣKL(v ‖ ko from start) / ΣKL(v ‖ ko from 0)")
     ax1.set_title("how much of the full knockout's effect is left")
@@ -994,9 +996,13 @@ def fig_causal_phrases(res: Results) -> Figure:
     leg = [Patch(color=NEUTRAL, alpha=0.85, label="phrase removed (95% CI)"),
            Line2D([], [], marker="*", color=HIGHLIGHT, linestyle="", markersize=9, label="largest in its prompt")]
     if whole is not None:
-        leg.append(Line2D([], [], color=NEUTRAL, linestyle=":", label="whole prompt removed: KL(variant ‖ baseline)"))
-    ax.legend(handles=leg, loc="lower right", fontsize=8)
-    ax2 = fig.add_subplot(gs[0, 1])
+        leg.append(Line2D([], [], color=NEUTRAL, linestyle=":",
+                          label="whole prompt removed\n(KL(variant ‖ baseline))"))
+    right = gs[0, 1].subgridspec(2, 1, height_ratios=[1.0, max(0.35, 0.024 * n_rows)])
+    ax2 = fig.add_subplot(right[0])
+    axl = fig.add_subplot(right[1])
+    axl.set_axis_off()
+    axl.legend(handles=leg, loc="upper left", fontsize=8, title="left panel", title_fontsize=8)
     if has_imp:
         multi = rank[rank["n_phrases"] > 1]
         other = multi[~multi["system"].isin(chosen)]
@@ -1016,7 +1022,7 @@ def fig_causal_phrases(res: Results) -> Figure:
         ax2.set_xlabel("internal importance (last-token residual)")
         ax2.set_ylabel("output importance (next-token KL)")
         ax2.set_title("change lost without the phrase", fontsize=10)
-        ax2.legend(loc="best", fontsize=7.5)
+        ax2.legend(loc="upper left", fontsize=7.5)
     else:
         ax2.set_axis_off()
     if tokens is not None:
@@ -1231,10 +1237,10 @@ FIGURES: tuple[FigureSpec, ...] = (
         "fig-causal-patching", "Where the system prompt's effect is carried: activation patching",
         "The baseline run (no system prompt) is re-run with its residual stream replaced by the variant's at one "
         "site; site l < L is the input of layer l and site L the final residual. The curve is the share of the "
-        "output change this recovers, 1 − ΣKL(variant ‖ patched) / ΣKL(variant ‖ baseline) over pairs (0: nothing, "
-        "1: the variant's next-token distribution), with a 95% bootstrap CI over user prompts; the right panel is "
-        "the same for the log-probability of the variant's top-1 token. One line per mode: `suffix` patches every "
-        "aligned position after the system prompt, `last` only the last prompt token. The dashed line and shaded "
+        "output change this recovers, 1 − ΣKL(variant ‖ patched) / ΣKL(variant ‖ baseline) over pairs "
+        "(0: nothing, 1: the variant's next-token distribution), with a 95% bootstrap CI over user prompts; the "
+        "right panel is the same for the log-probability of the variant's top-1 token. One line per mode: "
+        "`suffix` patches every aligned position after the system prompt, `last` only the last prompt token. The dashed line and shaded "
         "span mark the onset (first site reaching the threshold, dash-dotted) and its bootstrap CI. A `suffix` "
         "curve high early means the effect has already been written into the user tokens; a `last` curve that "
         "rises only late means the last token picks it up late.",

@@ -215,7 +215,211 @@ def _lens(s: dict) -> list[str]:
     return []
 
 
-SECTIONS = (_overview, _layers, _above, _length, _tag, _attention, _internal_output, _output, _lens)
+# ---------------------------------------------------------------------------------------
+# causal analyses: summary.json's `causal` section (promptshift/metrics/causal.py)
+
+PATCH_MODES = {"suffix": "patching every aligned position after the system prompt",
+               "last": "patching the last prompt token only"}
+CONDITIONS = {
+    "system": "the rule as system prompt, with a history that obeys it",
+    "system_plain": "the rule as system prompt, with the rule's marker removed from the history",
+    "no_system": "an empty system turn, with a history that obeys the rule",
+}
+
+
+def _causal(s: dict, name: str) -> dict:
+    c = s.get("causal")
+    d = c.get(name) if isinstance(c, dict) else None
+    return d if isinstance(d, dict) else {}
+
+
+def _site_ci(d: dict, word: str = "site") -> str:
+    """`(95% CI of the site a to b)`, or why there is none."""
+    c = d.get("ci")
+    if _ci_ok(c):
+        text = f"95% CI of the {word} {layer(c[0]) if float(c[0]).is_integer() else fmt(c[0])} to " \
+               f"{layer(c[1]) if float(c[1]).is_integer() else fmt(c[1])}"
+    else:
+        text = "its CI is undefined: too few bootstrap resamples reach the threshold"
+    if _num(d.get("undefined_share")) and float(d["undefined_share"]) > 0:
+        text += f"; undefined in {pct(d['undefined_share'])} of resamples"
+    return f"({text})"
+
+
+def _value_ci(v, c) -> str:
+    """A share as a percentage with its CI in the same unit, or a note that the CI is undefined."""
+    if _ci_ok(c):
+        return f"{pct(v)} (95% CI {pct(c[0])} to {pct(c[1])})"
+    return f"{pct(v)} (CI undefined)"
+
+
+def _causal_patching(s: dict) -> list[str]:
+    d = _causal(s, "patching")
+    modes = d.get("modes")
+    if not isinstance(modes, dict):
+        return []
+    thr = float(d["threshold"]) if _num(d.get("threshold")) else None
+    n = int(d["n_layers"]) if _num(d.get("n_layers")) else None
+    out = []
+    for mode in [m for m in ("suffix", "last") if m in modes] + sorted(m for m in modes if m not in ("suffix", "last")):
+        m = modes[mode]
+        if not isinstance(m, dict) or not isinstance(m.get("onset"), dict):
+            continue
+        onset = m["onset"]
+        how = PATCH_MODES.get(mode, f"mode `{mode}`")
+        target = f"{pct(thr)} of the output change" if thr is not None else "the threshold share of the output change"
+        sites = "site l = input of layer l" + (f", site {n} = the final residual" if n is not None else "")
+        if _num(onset.get("site")):
+            text = (f"Activation patching (`{mode}`: {how}; {sites}): copying the variant's residual stream into the "
+                    f"baseline run first recovers at least {target} (1 − KL ratio) at site {layer(onset['site'])} "
+                    f"{_site_ci(onset)}")
+        elif "site" in onset:
+            text = (f"Activation patching (`{mode}`: {how}; {sites}) never recovers {target} at any site, so its "
+                    "onset is undefined")
+        else:
+            continue
+        extra = []
+        if _num(m.get("recovered_mid")):
+            extra.append(f"halfway through the depth it recovers {pct(m['recovered_mid'])}")
+        if _num(m.get("recovered_final")):
+            extra.append(f"at the final residual {pct(m['recovered_final'])}")
+        out.append(text + ("; " + ", ".join(extra) if extra else "") + ".")
+    return out
+
+
+def _causal_knockout(s: dict) -> list[str]:
+    d = _causal(s, "knockout")
+    out = []
+    stop = d.get("stops_mattering")
+    thr = pct(d["threshold"]) if _num(d.get("threshold")) else "the threshold"
+    if isinstance(stop, dict) and _num(stop.get("site")):
+        out.append(f"Blocking attention to the system-prompt tokens only in layers ≥ l leaves less than {thr} of the "
+                   f"full knockout's effect for every l from layer {layer(stop['site'])} on "
+                   f"{_site_ci(stop, 'layer')}: after that layer the system prompt no longer matters through "
+                   "attention to its tokens.")
+    elif isinstance(stop, dict) and "site" in stop:
+        out.append(f"Blocking attention to the system-prompt tokens keeps more than {thr} of the full knockout's "
+                   "effect up to the last layer, so no layer after which it stops mattering is defined.")
+    parts = []
+    if _num(d.get("full_knockout_kl_ratio")):
+        parts.append(f"KL(variant ‖ knocked-out) is {fmt(d['full_knockout_kl_ratio'])} × KL(variant ‖ baseline) "
+                     "(1 = the knockout undoes the system prompt's whole effect on the next token)")
+    if _num(d.get("full_knockout_vs_baseline")):
+        parts.append(f"KL(knocked-out ‖ baseline) is {fmt(d['full_knockout_vs_baseline'])} × "
+                     "KL(variant ‖ baseline) (0 = the knocked-out run is the baseline)")
+    if parts:
+        out.append("Blocking that attention in every layer: " + "; ".join(parts) + ".")
+    return out
+
+
+def _causal_steering(s: dict) -> list[str]:
+    d = _causal(s, "steering")
+    best, final = d.get("best"), d.get("final_site")
+    out = []
+    if isinstance(best, dict) and _num(best.get("site")) and _num(best.get("recovered")):
+        text = (f"A steering vector (the mean variant − baseline residual difference of the other user prompts) "
+                f"added to the baseline's last token works best at site {layer(best['site'])} (site l = input of "
+                f"layer l; the final residual excluded), where it recovers "
+                f"{_value_ci(best['recovered'], best.get('ci'))} of the output change (1 − KL ratio)")
+        if isinstance(final, dict) and _num(final.get("recovered")):
+            text += (f"; at the final residual, where it edits the output directly, "
+                     f"{_value_ci(final['recovered'], final.get('ci'))}")
+        out.append(text + ".")
+    return out
+
+
+def _causal_phrases(s: dict) -> list[str]:
+    d = _causal(s, "phrases")
+    out = []
+    top = [t for t in d.get("top_phrase_per_system") or [] if isinstance(t, dict) and isinstance(t.get("system"), str)
+           and isinstance(t.get("phrase"), str) and _num(t.get("kl_removed"))]
+    if top:
+        top = sorted(top, key=lambda t: -float(t["kl_removed"]))
+        items = []
+        for t in top[:6]:
+            phrase = " ".join(t["phrase"].split())
+            phrase = phrase if len(phrase) <= 60 else phrase[:59] + "…"
+            item = f"`{t['system']}`: “{phrase}” (KL(variant ‖ without it) = {fmt(t['kl_removed'])}"
+            if _ci_ok(t.get("ci")):
+                item += f", {ci(t['ci'])}"
+            if _num(t.get("importance_output")):
+                item += f"; {pct(t['importance_output'])} of the output change lost without it"
+            items.append(item + ")")
+        head = "Phrase ablation: the phrase whose removal moves the output most, per system prompt split into phrases"
+        if _num(d.get("n_systems_split")):
+            k = int(d["n_systems_split"])
+            head += f" ({k} such prompt{'' if k == 1 else 's'}"
+            head += (", the largest effects first)" if len(top) <= 6 else
+                     ", the six largest effects; the others are in the figure)")
+        out.append(head + ": " + "; ".join(items) + ".")
+    elif _num(d.get("n_systems_split")) and int(d["n_systems_split"]) == 0:
+        out.append("Phrase ablation: no system prompt was split into more than one phrase, so phrases were not ranked.")
+    agree = d.get("attribution_vs_occlusion")
+    if isinstance(agree, dict) and _num(agree.get("spearman_r")):
+        text = f"Token attribution summed per phrase ranks phrases like their removal does with Spearman r = " \
+               f"{fmt(agree['spearman_r'])}"
+        extra = []
+        if _num(agree.get("p")):
+            extra.append(f"p = {pval(agree['p'])}")
+        if _num(agree.get("n_phrases")):
+            extra.append(f"{int(agree['n_phrases'])} phrases")
+        out.append(text + (f" ({', '.join(extra)})" if extra else "") + ".")
+    elif "attribution_vs_occlusion" in d and agree is None and top:
+        out.append("Token attribution was not compared with phrase removal: fewer than three phrases had both "
+                   "(the correlation is undefined).")
+    return out
+
+
+def _causal_multiturn(s: dict) -> list[str]:
+    d = _causal(s, "multiturn")
+    conds = d.get("conditions")
+    if not isinstance(conds, dict):
+        return []
+    last_turn = f"the last turn (turn {int(d['n_turns'])})" if _num(d.get("n_turns")) else "the last turn"
+    out = []
+    if _num(d.get("n_conversations")):
+        rule = f" under the rule “{d['rule']}”" if isinstance(d.get("rule"), str) and d["rule"] else ""
+        out.append(f"Multi-turn decay is measured on {int(d['n_conversations'])} scripted conversations{rule}, "
+                   "with confidence intervals from a bootstrap over conversations.")
+    for cond in [c for c in CONDITIONS if c in conds] + sorted(c for c in conds if c not in CONDITIONS):
+        c = conds[cond]
+        if not isinstance(c, dict):
+            continue
+        label = f"`{cond}` ({CONDITIONS[cond]})" if cond in CONDITIONS else f"`{cond}`"
+        parts = []
+        has_sys = _num(c.get("sys_mass_first")) and _num(c.get("sys_mass_last")) and not (
+            _num(c.get("uniform_first")) and float(c["uniform_first"]) == 0 and float(c["sys_mass_first"]) == 0)
+        if has_sys:
+            a, b = float(c["sys_mass_first"]), float(c["sys_mass_last"])
+            verb = "falls" if b < a else "rises" if b > a else "stays"
+            text = (f"the last token's attention to the system prompt (sink excluded, renormalised, mean over layers "
+                    f"and heads) {verb} from {_value_ci(a, c.get('sys_mass_first_ci'))} at the first turn to "
+                    f"{_value_ci(b, c.get('sys_mass_last_ci'))} at {last_turn}")
+            if _num(c.get("uniform_first")) and _num(c.get("uniform_last")):
+                text += (f", against {pct(c['uniform_first'])} and {pct(c['uniform_last'])} under uniform attention "
+                         "over the visible keys")
+            if _num(c.get("turn_spearman")):
+                text += f" (Spearman r with the turn = {fmt(c['turn_spearman'])}"
+                text += f", p = {pval(c['turn_p'])})" if _num(c.get("turn_p")) else ")"
+            elif "turn_spearman" in c:
+                text += " (its Spearman correlation with the turn is undefined)"
+            parts.append(text)
+        elif (_num(c.get("uniform_first")) and float(c["uniform_first"]) == 0) or \
+                (cond == "no_system" and "sys_mass_first" not in c):
+            parts.append("there are no system-prompt tokens to attend to")
+        if _num(c.get("obey_first")) and _num(c.get("obey_last")):
+            text = (f"the rule is obeyed in {pct(c['obey_first'])} of conversations at the first turn and "
+                    f"{pct(c['obey_last'])} at the last")
+            if _num(c.get("obey_mean")):
+                text += f" ({pct(c['obey_mean'])} over all turns)"
+            parts.append(text)
+        if parts:
+            text = "; ".join(parts)
+            out.append(f"With {label}, {text}.")
+    return out
+
+SECTIONS = (_overview, _layers, _above, _length, _tag, _attention, _internal_output, _output, _lens,
+            _causal_patching, _causal_knockout, _causal_steering, _causal_phrases, _causal_multiturn)
 
 
 def findings(summary: dict) -> list[str]:
@@ -230,6 +434,6 @@ def findings(summary: dict) -> list[str]:
     for section in SECTIONS:
         try:
             out.extend(section(summary))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue
     return out

@@ -26,6 +26,11 @@ TABLE_NAMES = (  # every table of docs/RESULTS.md
     "output_change", "lens_change", "layer_ranking", "length_impact", "length_tests", "tag_impact",
     "position_change", "internal_vs_output",
 )
+CAUSAL_TABLE_NAMES = (  # written by metrics only when the store holds `promptshift causal` analyses
+    "causal_patching", "causal_patching_curve", "causal_knockout", "causal_knockout_curve", "causal_steering",
+    "causal_steering_curve", "causal_steering_norms", "causal_phrases", "causal_phrase_rank", "causal_tokens",
+    "multiturn", "multiturn_attention", "multiturn_turns",
+)
 CONTROL = "__control__"
 
 INTERPRETATIONS = {
@@ -113,12 +118,228 @@ def _write(df: pd.DataFrame, out: Path, name: str, csv: bool) -> None:
         df.to_csv(out / f"{name}.csv", index=False)
 
 
+_PHRASE_WORDS = ("always", "answer", "briefly", "politely", "in French", "with a joke", "as a pirate", "never",
+                 "reveal", "the rules", "use JSON", "cite sources", "step by step", "like a tutor", "matey")
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _curve_rows(rec: np.ndarray, rng, n_pairs: int, kl_vb: float, **keys) -> pd.DataFrame:
+    """One curve table (docs: metrics/causal.py `_curve_tables`) from a recovered-KL profile."""
+    half = 0.02 + 0.04 * rng.random(len(rec))
+    lp = np.clip(rec + 0.12 * rng.standard_normal(len(rec)), -0.5, 1.4)
+    lp[-1] = 1.0
+    d = pd.DataFrame(keys)
+    d["kl_mean"] = kl_vb * (1 - rec)
+    d["kl_ratio"] = 1 - rec
+    d["kl_ratio_ci_low"], d["kl_ratio_ci_high"] = 1 - rec - half, 1 - rec + half
+    d["recovered_kl"] = rec
+    d["recovered_kl_ci_low"], d["recovered_kl_ci_high"] = rec - half, rec + half
+    d["recovered_lp"] = lp
+    d["recovered_lp_ci_low"], d["recovered_lp_ci_high"] = lp - 2 * half, lp + 2 * half
+    d["n_pairs"] = n_pairs
+    return d
+
+
+def _long_rows(curve: pd.DataFrame, pairs: pd.DataFrame, kl_vb: np.ndarray, axes: list[str], rng) -> pd.DataFrame:
+    """The per-pair long table of a curve (pair, system, ..., <axes>, kl, lp_top1, recovered_kl, recovered_lp)."""
+    base = pairs[["pair", "system", "user_id", "category"]].copy()
+    base["kl_vb"] = kl_vb
+    base["lp_v"] = -rng.uniform(0.2, 3.0, len(base))
+    base["lp_b"] = base["lp_v"] - rng.uniform(0.1, 1.0, len(base))
+    base["top1_changed"] = kl_vb > np.median(kl_vb)
+    rows = []
+    for _, c in curve.iterrows():
+        d = base.copy()
+        for a in axes:
+            d[a] = c[a]
+        d["kl"] = kl_vb * np.clip(1 - c["recovered_kl"] + 0.05 * rng.standard_normal(len(d)), 0, None)
+        d["recovered_kl"] = 1 - d["kl"] / d["kl_vb"]
+        d["recovered_lp"] = np.clip(c["recovered_lp"] + 0.1 * rng.standard_normal(len(d)), -1, 2)
+        d["lp_top1"] = d["lp_b"] + d["recovered_lp"] * (d["lp_v"] - d["lp_b"])
+        rows.append(d)
+    return pd.concat(rows, ignore_index=True)
+
+
+def _onset(point, lo, hi) -> dict:
+    return {"site": point, "ci": [lo, hi], "undefined_share": 0.0}
+
+
+def _fake_causal(sys_df: pd.DataFrame, users: pd.DataFrame, pairs: pd.DataFrame, oc: pd.DataFrame, L: int,
+                 rng) -> tuple[dict[str, pd.DataFrame], dict]:
+    """The causal tables and summary.json's `causal` section, shaped like promptshift/metrics/causal.py writes
+    them (checked against a real run on a tiny model): patching onsets early for `suffix`, late for `last`;
+    a knockout that stops mattering in the last third; steering that works best late; phrases; multi-turn decay."""
+    tables: dict[str, pd.DataFrame] = {}
+    n_pairs = len(pairs)
+    kl_vb = oc.set_index("pair").loc[pairs["pair"], "kl"].to_numpy(float) + 1e-3
+    sites = np.arange(L + 1)
+    depth = sites / L
+    summ: dict = {}
+
+    # -- patching ------------------------------------------------------------------------------
+    curves, modes = [], {}
+    for mode, centre in (("suffix", 0.3), ("last", 0.7)):
+        rec = _sigmoid((depth - centre) * 12)
+        rec = (rec - rec[0]) / (rec[-1] - rec[0])
+        c = _curve_rows(rec, rng, n_pairs, float(kl_vb.mean()), mode=[mode] * (L + 1), site=sites)
+        curves.append(c)
+        onset = int(np.argmax(rec >= 0.5))
+        modes[mode] = {"onset": _onset(onset, float(max(onset - 1, 0)), float(min(onset + 2, L))),
+                       "recovered_mid": float(rec[(L + 1) // 2]), "recovered_final": float(rec[-1])}
+    pc = pd.concat(curves, ignore_index=True)
+    tables["causal_patching_curve"] = pc
+    tables["causal_patching"] = _long_rows(pc, pairs, kl_vb, ["mode", "site"], rng)
+    summ["patching"] = {"n_pairs": n_pairs, "n_layers": L, "threshold": 0.5, "modes": modes, "seconds": 12.5}
+
+    # -- knockout ------------------------------------------------------------------------------
+    left = np.exp(-sites / (0.22 * L))
+    left = (left - left[-1]) / (left[0] - left[-1])
+    full = 0.93
+    kc = _curve_rows(1 - full * left, rng, n_pairs, float(kl_vb.mean()), start=sites)
+    kc["kl_mean"] = np.clip(kc["kl_mean"], 1e-9, None)
+    kc["effect_left"] = left
+    kc["effect_left_ci_low"], kc["effect_left_ci_high"] = np.clip(left - 0.03, 0, None), left + 0.03
+    kc.loc[0, ["effect_left_ci_low", "effect_left_ci_high"]] = 1.0
+    tables["causal_knockout_curve"] = kc
+    tables["causal_knockout"] = _long_rows(kc, pairs, kl_vb, ["start"], rng)
+    below = left <= 0.1
+    stop = int(next(i for i in range(L + 1) if below[i:].all()))
+    summ["knockout"] = {"n_pairs": n_pairs, "n_layers": L, "threshold": 0.1,
+                        "stops_mattering": _onset(stop, float(stop - 1), float(min(stop + 1, L))),
+                        "full_knockout_kl_ratio": full, "full_knockout_vs_baseline": 0.041, "seconds": 8.0}
+
+    # -- steering ------------------------------------------------------------------------------
+    rec = 0.62 * depth ** 1.6
+    rec[-1] = 0.91
+    sc = _curve_rows(rec, rng, n_pairs, float(kl_vb.mean()), site=sites)
+    tables["causal_steering_curve"] = sc
+    tables["causal_steering"] = _long_rows(sc, pairs, kl_vb, ["site"], rng)
+    tables["causal_steering_norms"] = pd.DataFrame(
+        [{"system": s, "site": j, "norm": 0.0 if j == 0 else float(e * (1 + 3 * j / L) * 2.5)}
+         for s, e in zip(sys_df["system"], sys_df["effect"]) for j in sites])
+    best = int(np.argmax(rec[:-1]))
+    summ["steering"] = {"n_pairs": n_pairs, "n_layers": L,
+                        "best": {"site": best, "recovered": float(sc.loc[best, "recovered_kl"]),
+                                 "ci": [float(sc.loc[best, "recovered_kl_ci_low"]),
+                                        float(sc.loc[best, "recovered_kl_ci_high"])]},
+                        "final_site": {"recovered": float(sc.loc[L, "recovered_kl"]),
+                                       "ci": [float(sc.loc[L, "recovered_kl_ci_low"]),
+                                              float(sc.loc[L, "recovered_kl_ci_high"])]},
+                        "seconds": 3.2}
+
+    # -- phrases ---------------------------------------------------------------------------------
+    rank_rows, long_rows, tok_rows = [], [], []
+    kl_sys = oc.groupby("system")["kl"].mean()
+    for i, s in enumerate(sys_df["system"]):
+        n_ph = [1, 2, 3, 5, 6, 4][i % 6]
+        weights = rng.dirichlet(np.ones(n_ph) * 0.8)
+        kvb = float(kl_sys.get(s, 0.1)) + 1e-3
+        for k in range(n_ph):
+            words = [_PHRASE_WORDS[(i * 3 + k * 5 + j) % len(_PHRASE_WORDS)] for j in range(3 + (k + i) % 6)]
+            text = (" ".join(words)).capitalize() + "."
+            imp_o = float(np.clip(weights[k] * 1.4 + 0.05 * rng.standard_normal(), -0.2, 1.0)) if n_ph > 1 else 1.0
+            imp_i = float(np.clip(imp_o * 0.7 + 0.1 * rng.standard_normal(), -0.2, 1.0)) if n_ph > 1 else 1.0
+            kr = kvb * (weights[k] * 1.2 + 0.02) if n_ph > 1 else kvb
+            rank_rows.append(dict(system=s, phrase=k, text=text, n_phrases=n_ph, importance_output=imp_o,
+                                  importance_output_ci_low=imp_o - 0.08, importance_output_ci_high=imp_o + 0.06,
+                                  importance_internal=imp_i, importance_internal_ci_low=imp_i - 0.05,
+                                  importance_internal_ci_high=imp_i + 0.05, kl_removed=kr,
+                                  kl_removed_ci_low=kr * 0.8, kl_removed_ci_high=kr * 1.2))
+            for u in users["user_id"]:
+                f = float(rng.lognormal(0, 0.15))
+                iv = 0.3 * f
+                long_rows.append(dict(system=s, phrase=k, text=text, n_phrases=n_ph, user_id=u, kl_va=kr * f,
+                                      kl_ab=kvb * f * (1 - imp_o), kl_vb=kvb * f, internal_a=iv * (1 - imp_i),
+                                      internal_v=iv, importance_output=imp_o, importance_internal=imp_i))
+            for j, w in enumerate(text.rstrip(".").split(" ") + ["."]):
+                a = float(kr * 0.1 * (rng.standard_normal() + 0.6))
+                tok_rows.append(dict(system=s, index=len([t for t in tok_rows if t["system"] == s]),
+                                     token=(" " if j else "") + w, phrase=k, attribution=a,
+                                     ci_low=a - abs(a) * 0.3 - 1e-5, ci_high=a + abs(a) * 0.3 + 1e-5))
+    rank = pd.DataFrame(rank_rows)
+    rank["rank_in_system"] = rank.groupby("system")["kl_removed"].rank(ascending=False, method="min").astype(int)
+    tk = pd.DataFrame(tok_rows)
+    by_phrase = tk.groupby(["system", "phrase"])["attribution"].sum()
+    rank["token_attribution_sum"] = [by_phrase.get((s, p), np.nan) for s, p in zip(rank["system"], rank["phrase"])]
+    tables["causal_phrase_rank"] = rank
+    tables["causal_phrases"] = pd.DataFrame(long_rows)
+    tables["causal_tokens"] = tk
+    multi = rank[rank["n_phrases"] > 1]
+    top = []
+    for s, g in multi.groupby("system", sort=False):
+        r = g.sort_values("kl_removed", ascending=False).iloc[0]
+        top.append({"system": s, "phrase": r["text"], "kl_removed": float(r["kl_removed"]),
+                    "ci": [float(r["kl_removed_ci_low"]), float(r["kl_removed_ci_high"])],
+                    "importance_output": float(r["importance_output"]), "n_phrases": int(r["n_phrases"])})
+    summ["phrases"] = {"n_phrases": int(len(rank)), "n_systems_split": int(multi["system"].nunique()),
+                       "top_phrase_per_system": top,
+                       "attribution_vs_occlusion": {"spearman_r": 0.412, "p": 0.0031, "n_phrases": int(len(multi))},
+                       "attribution": "gradient x input of KL(p || p_baseline) at the variant, per system token "
+                                      "embedding", "seconds": 20.0}
+
+    # -- multi-turn --------------------------------------------------------------------------------
+    convs, n_turns = ["everyday_mix", "study_help", "travel", "cooking"], 8
+    rows, attn = [], []
+    for cond in ("system", "system_plain", "no_system"):
+        for ci_, conv in enumerate(convs):
+            n_tok = 30 + 4 * ci_
+            for t in range(1, n_turns + 1):
+                n_tok += int(rng.integers(25, 40))
+                uni = 0.0 if cond == "no_system" else 20 / n_tok
+                keep = {"system": 0.9, "system_plain": 0.65, "no_system": 0.5}[cond]
+                obeys = bool(rng.random() < keep * (1 - 0.05 * t))
+                per_layer = (np.full(L, np.nan) if cond == "no_system" else
+                             np.clip(uni * (1.6 + np.sin(np.arange(L) / 3)) * rng.lognormal(0, 0.1, L), 0, 1))
+                rows.append(dict(condition=cond, conversation=conv, turn=t, n_tokens=n_tok, obeys=obeys,
+                                 uniform_share=uni, reply=f"Ahoy! reply {t}" if obeys else f"Reply {t}",
+                                 sys_mass=float(np.nanmean(per_layer)) if cond != "no_system" else np.nan))
+                for lay in range(L):
+                    attn.append(dict(condition=cond, conversation=conv, turn=t, layer=lay, sys_mass=per_layer[lay]))
+    mrows = pd.DataFrame(rows)
+    tables["multiturn"] = mrows
+    tables["multiturn_attention"] = pd.DataFrame(attn)
+    turns = []
+    for (cond, t), g in mrows.groupby(["condition", "turn"], sort=False):
+        rec = {"condition": cond, "turn": int(t), "n_conversations": len(g)}
+        for name, v in (("obey_rate", g["obeys"].astype(float)), ("sys_mass", g["sys_mass"]),
+                        ("uniform_share", g["uniform_share"])):
+            m = float(v.mean())
+            rec[name], rec[f"{name}_ci_low"], rec[f"{name}_ci_high"] = (
+                (m, max(m - 0.15, 0.0), min(m + 0.15, 1.0)) if name == "obey_rate" else (m, m * 0.9, m * 1.1))
+        rec["n_tokens"] = float(g["n_tokens"].mean())
+        turns.append(rec)
+    turns = pd.DataFrame(turns)
+    tables["multiturn_turns"] = turns
+    conds = {}
+    for cond, d in turns.groupby("condition", sort=False):
+        d = d.sort_values("turn")
+        first, last = d.iloc[0], d.iloc[-1]
+        ent = {"obey_first": float(first["obey_rate"]), "obey_last": float(last["obey_rate"]),
+               "obey_mean": float(mrows.loc[mrows["condition"] == cond, "obeys"].mean())}
+        if d["sys_mass"].notna().any():
+            ent.update(sys_mass_first=float(first["sys_mass"]),
+                       sys_mass_first_ci=[float(first["sys_mass_ci_low"]), float(first["sys_mass_ci_high"])],
+                       sys_mass_last=float(last["sys_mass"]),
+                       sys_mass_last_ci=[float(last["sys_mass_ci_low"]), float(last["sys_mass_ci_high"])],
+                       uniform_first=float(first["uniform_share"]), uniform_last=float(last["uniform_share"]),
+                       turn_spearman=-0.912, turn_p=2.4e-12)
+        conds[cond] = ent
+    summ["multiturn"] = {"rule": "Every assistant reply must start with the exact word \"Ahoy\".",
+                         "n_conversations": len(convs), "n_turns": n_turns, "conditions": conds, "seconds": 40.0}
+    return tables, summ
+
+
 def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_layers: int = 6, seed: int = 0,
-                      csv: bool = False, omit: tuple[str, ...] = ()) -> Path:
+                      csv: bool = False, omit: tuple[str, ...] = (), causal: bool = True) -> Path:
     """Write every table of docs/RESULTS.md, summary.json and provenance.json into `directory`.
 
     `omit` names tables (file stems, or "summary"/"provenance") not to write, to test the
-    report's "not available" notes.
+    report's "not available" notes. `causal=False` writes neither the causal tables
+    (CAUSAL_TABLE_NAMES) nor summary.json's `causal` section, as for a store without
+    `promptshift causal`.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,6 +558,11 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
     iv = pd.DataFrame(iv_rows)
     tables["internal_vs_output"] = iv
 
+    causal_summary = None
+    if causal:
+        causal_tables, causal_summary = _fake_causal(sys_df, users, pairs, oc, L, rng)
+        tables.update(causal_tables)
+
     for name, df in tables.items():
         if name not in omit:
             _write(df.reset_index(drop=True), out, name, csv)
@@ -379,6 +605,8 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
         "lens_shift_layer": int(below.index.min()) if len(below) else None,
         "impact_component": "resid_post",
     }
+    if causal_summary is not None:
+        summary["causal"] = causal_summary
     if "summary" not in omit:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
 

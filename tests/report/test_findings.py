@@ -10,7 +10,7 @@ import re
 from promptshift.report import build_report, findings
 from promptshift.report.findings import fmt, layer, pct, pval
 
-from .conftest import TABLE_NAMES
+from .conftest import CAUSAL_TABLE_NAMES, TABLE_NAMES
 
 SUMMARY = {
     "n_pairs": 96, "n_controls": 4, "model": "SmolLM2-135M-Instruct",
@@ -131,6 +131,108 @@ def test_report_text_changes_with_summary(tmp_path):
 def test_fake_results_write_every_documented_table(fake_results):
     from promptshift.report.tables import TABLES
 
+    from promptshift.report.tables import CAUSAL_TABLES
+
     assert set(TABLE_NAMES) == set(TABLES)
+    assert set(CAUSAL_TABLE_NAMES) == set(CAUSAL_TABLES)
+    for name in CAUSAL_TABLE_NAMES:
+        assert (fake_results / f"{name}.parquet").is_file(), name
     for name in TABLE_NAMES:
         assert (fake_results / f"{name}.parquet").is_file(), name
+
+
+# summary.json's `causal` section as promptshift/metrics/causal.py writes it (values from a real
+# run on a tiny random model, a few changed so that every branch shows)
+CAUSAL = {
+    "patching": {"n_pairs": 9, "n_layers": 4, "threshold": 0.5, "seconds": 3.8,
+                 "modes": {"suffix": {"onset": {"site": 2, "ci": [2.0, 3.0], "undefined_share": 0.0},
+                                      "recovered_mid": 0.6636, "recovered_final": 0.9999},
+                           "last": {"onset": {"site": None, "ci": [None, None], "undefined_share": 0.75},
+                                    "recovered_mid": 0.2395, "recovered_final": 0.9999}}},
+    "knockout": {"n_pairs": 9, "n_layers": 4, "threshold": 0.1,
+                 "stops_mattering": {"site": 3, "ci": [3.0, 3.0], "undefined_share": 0.0},
+                 "full_knockout_kl_ratio": 0.9522, "full_knockout_vs_baseline": 0.01206, "seconds": 2.05},
+    "steering": {"n_pairs": 9, "n_layers": 4, "best": {"site": 3, "recovered": 0.5441, "ci": [0.5296, 0.5653]},
+                 "final_site": {"recovered": 0.9102, "ci": [None, 0.9383]}, "seconds": 0.14},
+    "phrases": {"n_phrases": 4, "n_systems_split": 1, "attribution_vs_occlusion": {"spearman_r": 0.7, "p": 0.04,
+                                                                                   "n_phrases": 9},
+                "top_phrase_per_system": [{"system": "pirate", "phrase": "You are a pirate.", "kl_removed": 0.003216,
+                                           "ci": [0.002822, 0.003495], "importance_output": 0.4307,
+                                           "n_phrases": 2}],
+                "attribution": "gradient x input", "seconds": 0.56},
+    "multiturn": {"rule": "Start with Ahoy.", "n_conversations": 3, "n_turns": 8, "seconds": 5.5, "conditions": {
+        "system": {"obey_first": 0.6667, "obey_last": 0.3333, "obey_mean": 0.5, "sys_mass_first": 0.4787,
+                   "sys_mass_first_ci": [0.4509, 0.5074], "sys_mass_last": 0.07298,
+                   "sys_mass_last_ci": [0.06908, 0.07560], "uniform_first": 0.4626, "uniform_last": 0.07274,
+                   "turn_spearman": -0.9878, "turn_p": 2.99e-19},
+        "system_plain": {"obey_first": 0.0, "obey_last": 0.0, "obey_mean": 0.0, "sys_mass_first": 0.4787,
+                         "sys_mass_first_ci": [0.4509, 0.5074], "sys_mass_last": 0.07997,
+                         "sys_mass_last_ci": [0.07011, 0.08563], "uniform_first": 0.4626, "uniform_last": 0.07869,
+                         "turn_spearman": None, "turn_p": None},
+        "no_system": {"obey_first": 0.3333, "obey_last": 0.3333, "obey_mean": 0.25, "sys_mass_first": 0.0,
+                      "sys_mass_first_ci": [0.0, 0.0], "sys_mass_last": 0.0, "sys_mass_last_ci": [0.0, 0.0],
+                      "uniform_first": 0.0, "uniform_last": 0.0, "turn_spearman": None, "turn_p": None}}},
+}
+
+
+def _causal_text(summary: dict) -> list[str]:
+    base = findings({k: v for k, v in summary.items() if k != "causal"})
+    return [x for x in findings(summary) if x not in base]
+
+
+def test_causal_findings_say_what_the_summary_says():
+    text = " ".join(_causal_text({**SUMMARY, "causal": CAUSAL}))
+    for needle in ("site l = input of layer l, site 4 = the final residual",
+                   "first recovers at least 50.0% of the output change (1 − KL ratio) at site 2 (95% CI of the site "
+                   "2 to 3)", "halfway through the depth it recovers 66.4%",
+                   "(`last`: patching the last prompt token only; site l = input of layer l, site 4 = the final "
+                   "residual) never recovers 50.0% of the output change at any site, so its onset is undefined",
+                   "leaves less than 10.0% of the full knockout's effect for every l from layer 3 on (95% CI of the "
+                   "layer 3 to 3)", "KL(variant ‖ knocked-out) is 0.952 × KL(variant ‖ baseline)",
+                   "KL(knocked-out ‖ baseline) is 0.0121 × KL(variant ‖ baseline)",
+                   "works best at site 3", "recovers 54.4% (95% CI 53.0% to 56.5%)",
+                   "at the final residual, where it edits the output directly, 91.0% (CI undefined)",
+                   "`pirate`: “You are a pirate.” (KL(variant ‖ without it) = 0.00322, "
+                   "95% CI 0.00282 to 0.00349; "
+                   "43.1% of the output change lost without it)", "(1 such prompt, ",
+                   "Spearman r = 0.7 (p = 0.04, 9 phrases)",
+                   "3 scripted conversations under the rule “Start with Ahoy.”",
+                   "falls from 47.9% (95% CI 45.1% to 50.7%) at the first turn to 7.3% (95% CI 6.9% to 7.6%) at the "
+                   "last turn (turn 8), against 46.3% and 7.3% under uniform attention",
+                   "Spearman r with the turn = -0.988, p = 3.0e-19",
+                   "its Spearman correlation with the turn is undefined",
+                   "the rule is obeyed in 66.7% of conversations at the first turn and 33.3% at the last (50.0% over "
+                   "all turns)",
+                   "With `no_system` (an empty system turn, with a history that obeys the rule), there are no "
+                   "system-prompt tokens to attend to; the rule is obeyed in 33.3%"):
+        assert needle in text, needle
+
+
+def test_every_number_in_causal_findings_comes_from_summary():
+    s = {**SUMMARY, "causal": CAUSAL}
+    allowed = _numbers_in_summary(s)
+    fixed = ("95% CI", "1 − KL ratio", "(1 = ", "(0 = ", "top-1")
+    sentences = _causal_text(s)
+    assert len(sentences) == 11  # patching 2, knockout 2, steering 1, phrases 2, multi-turn 1 + 3
+    for sentence in sentences:
+        stripped = sentence
+        for f in fixed:
+            stripped = stripped.replace(f, "")
+        for num in NUMBER.findall(stripped):
+            assert num.lstrip("-") in allowed or num in allowed, (num, sentence)
+
+
+def test_causal_findings_follow_the_values_and_survive_bad_input():
+    s = copy.deepcopy(CAUSAL)
+    s["multiturn"]["conditions"]["system"]["sys_mass_last"] = 0.9
+    s["knockout"]["stops_mattering"] = {"site": None, "ci": [None, None], "undefined_share": 1.0}
+    s["phrases"]["attribution_vs_occlusion"] = None
+    text = " ".join(findings({"causal": s}))
+    assert "rises from 47.9%" in text and "no layer after which it stops mattering is defined" in text
+    assert "Token attribution was not compared with phrase removal" in text
+    assert findings({"causal": {}}) == [] and findings({"causal": None}) == []
+    bad = {"patching": {"modes": {"suffix": None, "last": {"onset": "x"}}}, "knockout": [],
+           "steering": {"best": {"site": "a"}}, "phrases": {"top_phrase_per_system": [None, {"system": 1}]},
+           "multiturn": {"conditions": {"system": {"sys_mass_first": "a"}, "x": 3}}}
+    assert findings({"causal": bad}) == []
+    assert findings({"n_pairs": 3, "causal": bad}) == findings({"n_pairs": 3})

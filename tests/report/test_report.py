@@ -17,8 +17,10 @@ import pytest
 from promptshift.errors import PromptShiftError
 from promptshift.report import FIGURE_IDS, ReportError, Results, build_report
 
-from .conftest import TABLE_NAMES, make_fake_results
+from .conftest import CAUSAL_TABLE_NAMES, TABLE_NAMES, make_fake_results
 
+CAUSAL_FIGURES = ("fig-causal-patching", "fig-causal-knockout", "fig-causal-phrases", "fig-causal-steering",
+                  "fig-multiturn")
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"[^>]*data-figure="([^"]+)"')
 
 
@@ -30,7 +32,8 @@ def _figure_block(html: str, fid: str) -> str:
 def test_every_figure_is_embedded_and_written(built_report, fake_results):
     html = built_report.read_text(encoding="utf-8")
     assert built_report == fake_results / "report.html"
-    assert len(FIGURE_IDS) == 10 and len(set(FIGURE_IDS)) == 10
+    assert len(FIGURE_IDS) == 15 and len(set(FIGURE_IDS)) == 15
+    assert FIGURE_IDS[10:] == CAUSAL_FIGURES  # after the existing ones, in this order
     assert html.count("<img") == len(FIGURE_IDS)
     found = IMG.findall(html)
     assert [fid for _, fid in found] == list(FIGURE_IDS)
@@ -71,7 +74,7 @@ def test_provenance_and_findings_in_html(built_report, fake_results):
 
 
 def _all_but(*keep: str) -> tuple[str, ...]:
-    return tuple(t for t in TABLE_NAMES if t not in keep)
+    return tuple(t for t in TABLE_NAMES + CAUSAL_TABLE_NAMES if t not in keep)
 
 
 def test_missing_tables_become_notes_and_fallbacks_draw(tmp_path):
@@ -136,7 +139,7 @@ def test_unusable_inputs_raise_typed_errors(tmp_path):
 def test_provenance_flat_or_nested_reads_the_same(tmp_path):
     from promptshift.report.tables import flat_provenance, system_info
 
-    d = make_fake_results(tmp_path / "res", omit=TABLE_NAMES)
+    d = make_fake_results(tmp_path / "res", omit=TABLE_NAMES, causal=False)
     doc = json.loads((d / "provenance.json").read_text())  # the form docs/RESULTS.md describes
     extras = {k: doc[k] for k in ("plan_hash", "plan_meta", "store_path", "metrics")}
     store = {k: v for k, v in doc.items() if k not in extras}
@@ -171,3 +174,56 @@ def test_report_imports_no_torch_and_errors_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip().startswith("error: results directory") and "Traceback" not in r.stderr
+
+
+def test_causal_figures_mark_the_summary_and_say_how_they_were_cut(built_report):
+    html = built_report.read_text(encoding="utf-8")
+    # the onsets and the knockout layer of summary.json are in the legends (SVG text), the phrase cut is a note
+    summary = json.loads((built_report.parent / "summary.json").read_text())["causal"]
+    svg = (built_report.parent / "figures" / "fig-causal-patching.svg").read_text(encoding="utf-8")
+    for mode in ("suffix", "last"):
+        assert f"{mode}: onset at site {summary['patching']['modes'][mode]['onset']['site']}" in svg
+    svg = (built_report.parent / "figures" / "fig-causal-knockout.svg").read_text(encoding="utf-8")
+    assert f"stops mattering from layer {summary['knockout']['stops_mattering']['site']}" in svg
+    assert "6 of the 20 system prompts split into more than one phrase are shown" in \
+        _figure_block(html, "fig-causal-phrases")
+    assert "site l = input of layer l" in html and "Activation patching" in html
+
+
+def test_results_without_causal_tables_get_notes_for_the_causal_figures(tmp_path):
+    # a store without `promptshift causal`: no causal tables, no `causal` in summary.json
+    d = make_fake_results(tmp_path / "res", causal=False, omit=_all_but("lens_change"))
+    assert "causal" not in json.loads((d / "summary.json").read_text())
+    html = build_report(d, strict=True).read_text(encoding="utf-8")
+    expected = {"fig-causal-patching": "causal_patching_curve", "fig-causal-knockout": "causal_knockout_curve",
+                "fig-causal-phrases": "causal_phrase_rank", "fig-causal-steering": "causal_steering_curve",
+                "fig-multiturn": "multiturn_turns"}
+    for fid, table in expected.items():
+        block = _figure_block(html, fid)
+        assert f"not available: <code>{table}.parquet</code> is not in" in block and "<img" not in block, fid
+        assert not (d / "figures" / f"{fid}.png").exists()
+    assert "<img" in _figure_block(html, "fig-lens") and html.count("<img") == 1
+    start = html.index('<section id="findings">')
+    found = html[start:html.index("</section>", start)]
+    assert "<li>" in found  # the other findings are there,
+    assert "Activation patching" not in found and "Multi-turn" not in found  # the causal ones are not
+
+
+def test_causal_figures_without_summary_section_or_with_one_phrase_prompts(tmp_path):
+    d = make_fake_results(tmp_path / "res", n_systems=4, n_layers=5,
+                          omit=_all_but("causal_patching_curve", "causal_knockout_curve", "causal_phrase_rank",
+                                        "causal_steering_curve", "causal_steering_norms", "multiturn_turns"))
+    summary = json.loads((d / "summary.json").read_text())
+    del summary["causal"]  # tables from the causal analyses, summary from an older metrics run
+    (d / "summary.json").write_text(json.dumps(summary))
+    rank = pd.read_parquet(d / "causal_phrase_rank.parquet")
+    rank[rank["n_phrases"] == 1].to_parquet(d / "causal_phrase_rank.parquet")  # no prompt split into phrases
+    turns = pd.read_parquet(d / "multiturn_turns.parquet")
+    turns.drop(columns=["sys_mass", "sys_mass_ci_low", "sys_mass_ci_high"]).to_parquet(d / "multiturn_turns.parquet")
+    html = build_report(d, strict=True).read_text(encoding="utf-8")
+    for fid in ("fig-causal-patching", "fig-causal-knockout", "fig-causal-steering", "fig-multiturn"):
+        assert "<img" in _figure_block(html, fid), fid
+    assert "has no <code>causal.patching</code> section" in _figure_block(html, "fig-causal-patching")
+    assert "has no <code>causal.knockout.stops_mattering</code>" in _figure_block(html, "fig-causal-knockout")
+    assert "no system prompt in <code>causal_phrase_rank.parquet</code> has more than one phrase" in \
+        _figure_block(html, "fig-causal-phrases")
