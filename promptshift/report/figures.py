@@ -1240,8 +1240,8 @@ FIGURES: tuple[FigureSpec, ...] = (
         "output change this recovers, 1 − ΣKL(variant ‖ patched) / ΣKL(variant ‖ baseline) over pairs "
         "(0: nothing, 1: the variant's next-token distribution), with a 95% bootstrap CI over user prompts; the "
         "right panel is the same for the log-probability of the variant's top-1 token. One line per mode: "
-        "`suffix` patches every aligned position after the system prompt, `last` only the last prompt token. The dashed line and shaded "
-        "span mark the onset (first site reaching the threshold, dash-dotted) and its bootstrap CI. A `suffix` "
+        "`suffix` patches every aligned position after the system prompt, `last` only the last prompt token. "
+        "The dashed line and shaded span mark the onset (first site reaching the threshold, dash-dotted) and its bootstrap CI. A `suffix` "
         "curve high early means the effect has already been written into the user tokens; a `last` curve that "
         "rises only late means the last token picks it up late.",
         fig_causal_patching),
