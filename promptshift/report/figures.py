@@ -1235,15 +1235,15 @@ FIGURES: tuple[FigureSpec, ...] = (
         fig_position),
     FigureSpec(
         "fig-causal-patching", "Where the system prompt's effect is carried: activation patching",
-        "The baseline run (no system prompt) is re-run with its residual stream replaced by the variant's at one "
-        "site; site l < L is the input of layer l and site L the final residual. The curve is the share of the "
-        "output change this recovers, 1 − ΣKL(variant ‖ patched) / ΣKL(variant ‖ baseline) over pairs "
-        "(0: nothing, 1: the variant's next-token distribution), with a 95% bootstrap CI over user prompts; the "
-        "right panel is the same for the log-probability of the variant's top-1 token. One line per mode: "
-        "`suffix` patches every aligned position after the system prompt, `last` only the last prompt token. "
-        "The dashed line and shaded span mark the onset (first site reaching the threshold, dash-dotted) and its bootstrap CI. A `suffix` "
-        "curve high early means the effect has already been written into the user tokens; a `last` curve that "
-        "rises only late means the last token picks it up late.",
+        "The baseline run (no system prompt) is re-run with its residual stream replaced by the variant's at one site; "
+        "site l < L is the input of layer l and site L the final residual. The curve is the share of the output change "
+        "this recovers, 1 − ΣKL(variant ‖ patched) / ΣKL(variant ‖ baseline) over pairs (0: nothing, 1: the variant's "
+        "next-token distribution), with a 95% bootstrap CI over user prompts; the right panel is the same for the "
+        "log-probability of the variant's top-1 token. One line per mode: `suffix` patches every aligned position after"
+        " the system prompt, `last` only the last prompt token. The dashed line and shaded span mark the onset (first "
+        "site reaching the threshold, dash-dotted) and its bootstrap CI. A `suffix` curve high early means the effect "
+        "has already been written into the user tokens; a `last` curve that rises only late means the last token picks "
+        "it up late.",
         fig_causal_patching),
     FigureSpec(
         "fig-causal-knockout", "Until which layer the model reads the system prompt: attention knockout",
