@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from promptshift.extract.arch import resolve_arch
-from promptshift.extract.attention import Knockout, register, set_knockout
+from promptshift.extract.attention import Knockout, install, set_knockout
+from promptshift.extract.engine import unembed
 
 
 @dataclass
@@ -58,12 +59,7 @@ class Runner:
     ``promptshift.extract.arch``), on the fused attention path unless a knockout is set."""
 
     def __init__(self, model, token_budget: int = 4096):
-        register()
-        model.config._attn_implementation = "promptshift"
-        for m in model.modules():
-            cfg = getattr(m, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                cfg._attn_implementation = "promptshift"
+        install(model)
         self.model = model
         self.arch = resolve_arch(model)
         self.base = model.base_model
@@ -126,13 +122,7 @@ class Runner:
     # --- running --------------------------------------------------------------------------
     def logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """Log-softmax of the logits of final hidden states ``h`` (..., H) (after the final norm)."""
-        w = self.lm_head.weight
-        logits = (h.to(w.device, w.dtype) @ w.T).float()
-        if getattr(self.lm_head, "bias", None) is not None:
-            logits = logits + self.lm_head.bias.float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(unembed(self.lm_head, self.softcap, h), dim=-1)
 
     def _head_kv(self, head: np.ndarray):
         key = head.astype(np.int64).tobytes()

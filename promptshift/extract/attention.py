@@ -156,3 +156,14 @@ def register() -> str:
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, eager_mask)
         _registered = True
     return ATTN_NAME
+
+
+def install(model) -> None:
+    """Make ``model`` use the promptshift attention function: on its config and on every
+    sub-module config (some models cache the implementation per sub-config)."""
+    register()
+    model.config._attn_implementation = ATTN_NAME
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = ATTN_NAME

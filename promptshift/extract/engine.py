@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from promptshift.errors import ExtractError
 from promptshift.extract.arch import resolve_arch
-from promptshift.extract.attention import AttnStats, register, set_stats
+from promptshift.extract.attention import AttnStats, install, set_stats
 from promptshift.sweep.chat import REGIONS
 
 R = len(REGIONS)
@@ -75,12 +75,7 @@ class Engine:
             raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
         self.padding_side = padding_side
         self.full_layers = tuple(full_attention_layers)
-        register()
-        model.config._attn_implementation = "promptshift"
-        for m in model.modules():  # some models cache the implementation per sub-config
-            cfg = getattr(m, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                cfg._attn_implementation = "promptshift"
+        install(model)
         self.model = model
         self.arch = resolve_arch(model)
         self.base = model.base_model
@@ -211,14 +206,7 @@ class Engine:
         return comps, stats, last_resid, final_h, new_cache, lens, attn_mask, pad
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Unembed (…, H) float hidden states already after the final norm."""
-        w = self.lm_head.weight
-        logits = (h.to(w.device, w.dtype) @ w.T).float()
-        if getattr(self.lm_head, "bias", None) is not None:
-            logits = logits + self.lm_head.bias.float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return unembed(self.lm_head, self.softcap, h)
 
     @torch.inference_mode()
     def _output_stats(self, final_h, last_resid):
@@ -415,6 +403,17 @@ class Engine:
         return res
 
 
+def unembed(lm_head, softcap: float | None, h: torch.Tensor) -> torch.Tensor:
+    """float32 logits of (…, H) hidden states already after the final norm."""
+    w = lm_head.weight
+    logits = (h.to(w.device, w.dtype) @ w.T).float()
+    if getattr(lm_head, "bias", None) is not None:
+        logits = logits + lm_head.bias.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 @dataclass
 class _DecodeState:
     cache: object  # DynamicCache holding prefix + prompt keys/values, (B, NKV, T, D) per layer
@@ -470,4 +469,4 @@ def run_with_oom_retry(fn, batch: list) -> list:
         return run_with_oom_retry(fn, batch[:half]) + run_with_oom_retry(fn, batch[half:])
 
 
-__all__ = ["Engine", "Item", "Prefix", "Result", "check_fp16", "run_with_oom_retry"]
+__all__ = ["Engine", "Item", "Prefix", "Result", "check_fp16", "run_with_oom_retry", "unembed"]
