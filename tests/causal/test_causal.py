@@ -394,3 +394,38 @@ def test_phrase_ablation_and_attribution_against_plain_hf(store, full, tok, mode
     assert set(tokens.loc[rows, "phrase"]) == {0, 1}
     text = "".join(tokens.loc[rows[tokens.loc[rows, "phrase"] == 1], "token"])
     assert text.strip() == "Speak like one in every answer, matey."
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_causal_results_in_each_backend(fmt, tmp_path, tok):
+    """write_causal / read_causal on disk: a rerun replaces the analysis, an interrupted
+    rewrite (no meta) is not listed, and export carries the results to the other format."""
+    from promptshift.errors import StoreError
+    from promptshift.store import open_store
+    from promptshift.store.verify import export_store
+    from tests.metrics.synth import build
+
+    path = tmp_path / ("s.zarr" if fmt == "zarr" else "s.h5")
+    st, _ = build(str(path), fmt=fmt, tok=tok)
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    st.write_causal("patching", {"kl": (a, ("pair", "site")), "empty": (np.zeros((0, 2), np.float32),
+                                                                          ("system_token", "user"))},
+                    {"users": ["x"], "note": "é"})
+    st.close()
+    st = open_store(path, mode="r+")
+    arrays, meta = st.read_causal("patching")
+    np.testing.assert_array_equal(arrays["kl"], a)
+    assert arrays["empty"].shape == (0, 2) and meta == {"users": ["x"], "note": "é"}
+    st.write_causal("patching", {"kl": (a[:1], ("pair", "site"))}, {"users": []})
+    arrays, _ = st.read_causal("patching")
+    assert set(arrays) == {"kl"} and arrays["kl"].shape == (1, 4)
+    other = tmp_path / ("e.h5" if fmt == "zarr" else "e.zarr")
+    st.close()
+    export_store(path, other)
+    arrays, _ = open_store(other).read_causal("patching")
+    np.testing.assert_array_equal(arrays["kl"], a[:1])
+    st = open_store(path, mode="r+")
+    st.backend.remove("causal_patching_meta")  # as if a rewrite stopped before its meta
+    assert st.causal_analyses() == []
+    with pytest.raises(StoreError, match="no complete causal analysis 'patching'"):
+        st.read_causal("patching")
