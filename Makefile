@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.promptshift-installed
 OUT ?= runs/default
 SWEEP ?= quick
+# causal analyses on this many user prompts spread over the sweep (empty: all of them)
+CAUSAL_USERS ?= 9
 # CPU machines take the CPU build of torch (a file on this disk); GPU machines take the default build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/promptshift run --sweep $(SWEEP) --out $(OUT)
+	$(VENV)/bin/promptshift run --sweep $(SWEEP) --out $(OUT) $(if $(CAUSAL_USERS),--causal-users $(CAUSAL_USERS))
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -257,7 +257,7 @@ def causal(
     store: Path = typer.Option(..., help="store extracted from SWEEP (results are added to it)"),
     analysis: list[str] = typer.Option(["all"], help="patching, knockout, phrases, steering, multiturn or all "
                                        "(repeat the option for several)"),
-    users: Optional[int] = typer.Option(None, help="only the first N user prompts of the sweep (default: all)"),
+    users: Optional[int] = typer.Option(None, help="only N user prompts, spread evenly over the sweep (default: all)"),
     suite: str = typer.Option("multiturn", help="multi-turn suite (name or YAML) for the multiturn analysis"),
     max_new_tokens: int = typer.Option(16, help="reply length for the multi-turn rule check"),
     model: Optional[str] = typer.Option(None, help="model: HF id, local dir or .gguf (default: embedded SmolLM2)"),
@@ -312,7 +312,8 @@ def run(
     overwrite: bool = typer.Option(False, help="replace an existing store with a different plan"),
     causal: bool = typer.Option(True, help="run the causal analyses (patching, knockout, phrases, steering, "
                                 "multi-turn) between extract and metrics"),
-    causal_users: Optional[int] = typer.Option(None, help="causal analyses on the first N user prompts only"),
+    causal_users: Optional[int] = typer.Option(None, help="causal analyses on N user prompts spread evenly over "
+                                               "the sweep (default: all)"),
 ):
     """plan -> extract -> causal -> metrics -> report, in one go."""
     from promptshift import metrics as m

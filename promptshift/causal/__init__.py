@@ -19,6 +19,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from promptshift.causal.analyses import CausalError, Refs, Scope, knockout, patching, phrases, steering
 from promptshift.store.core import Store, open_store
 from promptshift.sweep.config import SweepConfig, load_sweep
@@ -30,7 +32,7 @@ ANALYSES = ("patching", "knockout", "phrases", "steering", "multiturn")
 class CausalConfig:
     store: str | Store  # path, or an open store (tests, notebooks)
     analyses: tuple[str, ...] = ANALYSES
-    users: int | None = None  # first N user prompts of the sweep (default: all)
+    users: int | None = None  # N user prompts spread evenly over the sweep (default: all); see scope_users
     suite: str = "multiturn"  # multi-turn suite for `multiturn`
     max_new_tokens: int = 16  # reply length for the multi-turn adherence check
     device: str | None = None
@@ -84,8 +86,7 @@ def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None
     if sha != store.provenance.get("weights_sha256"):
         raise CausalError(f"the model's weights (sha256 {sha[:16]}) are not the ones the store was extracted with "
                           f"({str(store.provenance.get('weights_sha256'))[:16]}); load the same model")
-    users = [u.id for u in sweep.user_prompts][: cfg.users or None]
-    scope = Scope(users=users, progress=cfg.progress)
+    scope = Scope(users=scope_users(sweep, cfg.users), progress=cfg.progress)
     runner = Runner(model, token_budget=cfg.token_budget)
     timings: dict[str, float] = {}
     refs = None
@@ -110,10 +111,21 @@ def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None
     return timings
 
 
+def scope_users(sweep: SweepConfig, n: int | None) -> list[str]:
+    """The user prompts the analyses cover: all, or ``n`` of them spread evenly over the
+    sweep's order (every k-th), so that a subset of a sweep ordered by category still
+    covers every category."""
+    ids = [u.id for u in sweep.user_prompts]
+    if n is None or n >= len(ids):
+        return ids
+    pick = np.unique(np.round(np.linspace(0, len(ids) - 1, n)).astype(int))
+    return [ids[i] for i in pick]
+
+
 def missing_analyses(store: Store, sweep: SweepConfig, users: int | None = None) -> tuple[str, ...]:
     """The analyses not yet in ``store`` for this scope (an analysis run on other user
     prompts counts as missing), in the order they run."""
-    want = [u.id for u in sweep.user_prompts][: users or None]
+    want = scope_users(sweep, users)
     done = set(store.causal_analyses())
     out = []
     for name in ANALYSES:
@@ -139,4 +151,4 @@ def _multiturn(model, tok, sweep: SweepConfig, cfg: CausalConfig):
         engine.remove_hooks()
 
 
-__all__ = ["ANALYSES", "CausalConfig", "CausalError", "missing_analyses", "run_causal"]
+__all__ = ["ANALYSES", "CausalConfig", "CausalError", "missing_analyses", "run_causal", "scope_users"]

@@ -429,3 +429,15 @@ def test_causal_results_in_each_backend(fmt, tmp_path, tok):
     assert st.causal_analyses() == []
     with pytest.raises(StoreError, match="no complete causal analysis 'patching'"):
         st.read_causal("patching")
+
+
+def test_scope_users_spread_over_the_sweep():
+    from promptshift.causal import scope_users
+
+    sw = load_sweep("quick")
+    ids = [u.id for u in sw.user_prompts]
+    assert scope_users(sw, None) == ids and scope_users(sw, 100) == ids
+    six = scope_users(sw, 6)
+    cats = {u.id: u.category for u in sw.user_prompts}
+    assert len(six) == 6 and len({cats[u] for u in six}) == 6  # one per category of the quick sweep
+    assert scope_users(sw, 1) == ids[:1]
