@@ -22,6 +22,7 @@ would give, and whether the model's greedy reply obeys the rule.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -153,9 +154,13 @@ def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(),
         if is_sys.any():
             row = res.last_row.astype(np.float64)  # (n_tokens, L, NH)
             sink_mass = row[r.regions == sink].sum(0)  # (L, NH)
+            rest = 1.0 - sink_mass
             with np.errstate(invalid="ignore", divide="ignore"):
-                m = row[is_sys].sum(0) / (1.0 - sink_mass)  # (L, NH) renormalised without the sink
-            sys_mass[i] = m.mean(-1)
+                # (L, NH) renormalised without the sink; undefined for a head that looks only at the sink
+                m = np.where(rest > 1e-6, row[is_sys].sum(0) / rest, np.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a layer whose heads all look at the sink
+                sys_mass[i] = np.nanmean(m, axis=-1)
             share[i] = is_sys.sum() / max(1, len(r.ids) - 1)
     arrays = {
         "condition": (np.asarray([CONDITIONS.index(c) for c, *_ in rows], np.int8), ("row",)),

@@ -270,9 +270,12 @@ def multiturn_tables(arrays, meta, n_boot: int, seed: int):
             rec = {"condition": cond, "turn": int(t), "n_conversations": int(sel.sum())}
             for name, vals in (("obey_rate", rows["obeys"].to_numpy(np.float64)), ("sys_mass", rows["sys_mass"].to_numpy()),
                                ("uniform_share", rows["uniform_share"].to_numpy())):
-                v = np.where(sel, vals, 0.0)
-                num = _per_unit(v, cidx, C)[:, None]
-                den = _per_unit(sel.astype(np.float64), cidx, C)[:, None]
+                ok = sel & np.isfinite(vals)  # no system tokens (no_system): no attention to them, NaN
+                if not ok.any():
+                    rec[name] = rec[f"{name}_ci_low"] = rec[f"{name}_ci_high"] = np.nan
+                    continue
+                num = _per_unit(np.where(ok, vals, 0.0), cidx, C)[:, None]
+                den = _per_unit(ok.astype(np.float64), cidx, C)[:, None]
                 est, boot = _ratio(num, den, w)
                 lo, hi = percentile_ci(boot)
                 rec[name], rec[f"{name}_ci_low"], rec[f"{name}_ci_high"] = float(est[0]), float(lo[0]), float(hi[0])
@@ -289,7 +292,7 @@ def multiturn_tables(arrays, meta, n_boot: int, seed: int):
         ent = {"obey_first": _num(first["obey_rate"]), "obey_last": _num(last["obey_rate"]),
                "obey_mean": _num(rows.loc[rows["condition"] == cond, "obeys"].mean())}
         if d["sys_mass"].notna().any():
-            r = rows[rows["condition"] == cond]
+            r = rows[(rows["condition"] == cond) & np.isfinite(rows["sys_mass"])]
             res = stats.spearmanr(r["turn"], r["sys_mass"]) if r["sys_mass"].nunique() > 1 else None
             ent.update(sys_mass_first=_num(first["sys_mass"]), sys_mass_first_ci=[_num(first["sys_mass_ci_low"]),
                        _num(first["sys_mass_ci_high"])], sys_mass_last=_num(last["sys_mass"]),
