@@ -38,6 +38,7 @@ class ExtractConfig:
     device: str | None = None
     dtype: str | None = None
     prefix_sharing: bool = True
+    min_shared: int = 8  # share a prefix only among at least this many prompts of a block
     selfcheck: bool = True
     progress: bool = True
     allow_pickle: bool = False
@@ -138,9 +139,14 @@ class _Writer(threading.Thread):
 class BlockRunner:
     """Computes the arrays of one block of the plan with an Engine."""
 
-    def __init__(self, engine, plan: Plan, tok, *, prefix_sharing: bool = True, selfcheck: bool = True):
+    def __init__(self, engine, plan: Plan, tok, *, prefix_sharing: bool = True, selfcheck: bool = True,
+                 min_shared: int = 8):
         self.engine, self.plan, self.tok = engine, plan, tok
         self.prefix_sharing, self.selfcheck = prefix_sharing, selfcheck
+        # A shared prefix is run once, but its prompts can only be batched with each other:
+        # a few prompts per prefix make batches too small to use the hardware (measured in
+        # docs/BENCHMARKS.md), so small groups are pooled into ordinary batches instead.
+        self.min_shared = max(2, int(min_shared))
         self.sweep = plan.sweep
         self.sdtype = np.float16 if self.sweep.storage_dtype == "float16" else np.float32
         self.tokens_done = 0  # prompt tokens actually run through the model (shared prefixes once)
@@ -167,7 +173,7 @@ class BlockRunner:
                 plen = int(self.plan.prompts.at[p, "prefix_len"])
                 groups.setdefault(tuple(items[p].ids[:plen].tolist()), []).append(p)
             for key, members in list(groups.items()):
-                if len(members) < 2:
+                if len(members) < self.min_shared:
                     singles += members
                     del groups[key]
         else:
@@ -300,7 +306,8 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     engine = Engine(model, components=sweep.components, top_k=sweep.top_k, lens_top_k=sweep.lens_top_k,
                     token_budget=sweep.token_budget, padding_side=cfg.padding_side,
                     full_attention_layers=sweep.full_attention_layers)
-    runner = BlockRunner(engine, plan, tok, prefix_sharing=cfg.prefix_sharing, selfcheck=cfg.selfcheck)
+    runner = BlockRunner(engine, plan, tok, prefix_sharing=cfg.prefix_sharing, selfcheck=cfg.selfcheck,
+                         min_shared=cfg.min_shared)
     n_prompts = int(sum(plan.blocks.iloc[b].prompt_end - plan.blocks.iloc[b].prompt_start for b in todo))
     writer = _Writer(store, cfg.queue_blocks)
     writer.start()

@@ -25,6 +25,9 @@ def sweep_path(tmp_path_factory):
 
 
 def _extract(sweep_path, tok, model, store, **kw):
+    """Extraction with prefix sharing from groups of 2 on (the tiny sweep has 3 user prompts
+    per system prompt), unless the test says otherwise."""
+    kw.setdefault("min_shared", 2)
     s = load_sweep(sweep_path, **{k: v for k, v in kw.items() if k in ("token_budget",)})
     cfg = ExtractConfig(store=store, progress=False, **{k: v for k, v in kw.items() if k != "token_budget"})
     return extract(s, cfg, model=model, tok=tok)
@@ -62,9 +65,16 @@ def test_prefix_sharing_is_used(sweep_path, tok, tiny_model):
     calls = []
     orig = eng.compute_prefix
     eng.compute_prefix = lambda *a, **k: calls.append(len(a[0])) or orig(*a, **k)
-    BlockRunner(eng, st.plan, tok).compute(1)
-    eng.remove_hooks()
+    BlockRunner(eng, st.plan, tok, min_shared=2).compute(1)
     assert calls, "no shared prefix was computed for a block of same-system prompts"
+    # groups smaller than min_shared (default 8) are pooled into ordinary batches, with the same values
+    calls.clear()
+    data, _, _ = BlockRunner(eng, st.plan, tok).compute(1)
+    eng.remove_hooks()
+    assert not calls
+    b = st.plan.blocks.iloc[1]
+    ref = np.asarray(st.array("resid_post")[int(b.kept_start) : int(b.kept_end)], np.float64)
+    assert np.nanmax(np.abs(ref - np.asarray(data["resid_post"], np.float64))) <= 1e-4
 
 
 def test_residual_sum_identity(batched):
@@ -167,7 +177,7 @@ def test_cuda_oom_halves_the_batch_and_retries(sweep_path, tok, tiny_model, batc
 def test_full_patterns_for_opted_in_layers(sweep_path, tok, tiny_model):
     """Shared prefix rows and suffix rows reassemble into the model's full pattern."""
     s = load_sweep(sweep_path, full_attention_layers=[0, 2])
-    st = extract(s, ExtractConfig(store=None, progress=False), model=tiny_model, tok=tok)
+    st = extract(s, ExtractConfig(store=None, progress=False, min_shared=2), model=tiny_model, tok=tok)
     plan = st.plan
     tiny_model.config._attn_implementation = "eager"
     try:
