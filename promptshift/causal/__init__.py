@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,7 +40,6 @@ class CausalConfig:
     allow_pickle: bool = False
     progress: bool = True
     token_budget: int = 4096
-    timings: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.analyses, str):

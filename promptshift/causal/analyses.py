@@ -212,17 +212,18 @@ def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=No
     U = len(users)
     key = {(r.system, r.user_id): r for r in pairs.itertuples()}
     phrase_rows, rows, where = [], [], []
+    user_text = {x.id: x.text for x in sweep.user_prompts}
     for s in systems:
-        for j, span in enumerate(split_phrases(s.text)):
+        spans = split_phrases(s.text)
+        for j, span in enumerate(spans):
             pi = len(phrase_rows)
             phrase_rows.append({"system": s.name, "index": j, "text": s.text[span[0] : span[1]],
-                                "start": span[0], "end": span[1], "n_phrases": len(split_phrases(s.text))})
+                                "start": span[0], "end": span[1], "n_phrases": len(spans)})
             text = without(s.text, span)
             for u_i, u in enumerate(users):
                 base = plan.prompt_tokens(int(key[(s.name, u)].baseline))
                 if text.strip():
-                    msgs = conversation(tok, text, next(x.text for x in sweep.user_prompts if x.id == u),
-                                        no_system_role=sweep.no_system_role)
+                    msgs = conversation(tok, text, user_text[u], no_system_role=sweep.no_system_role)
                     ids = render(tok, msgs).ids
                 else:  # the only phrase: leaving it out leaves the baseline
                     ids = base
