@@ -44,20 +44,14 @@ def versions(*mods: str) -> dict[str, str]:
     return out
 
 
-def batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Longest first, at most ``budget`` padded tokens per batch (promptshift's rule)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out, cur, cur_max = [], [], 0
-    for i in order:
-        m = max(cur_max, lengths[i])
-        if cur and (len(cur) + 1) * m > budget:
-            out.append(cur)
-            cur, m = [], lengths[i]
-        cur.append(i)
-        cur_max = m
-    if cur:
-        out.append(cur)
-    return out
+def batches(lengths: list[int], budget: int, n_heads: int) -> list[list[int]]:
+    """The same padded batches promptshift would cut for these prompts without shared
+    prefixes (its cost-minimising split under the token budget and attention-memory cap),
+    so batching is not what separates the modes."""
+    from promptshift.extract.batching import plan_batches
+    from promptshift.extract.engine import _ATTN_BYTES_BUDGET
+
+    return plan_batches(lengths, budget, bytes_per_qk=4 * n_heads, qk_budget=_ATTN_BYTES_BUDGET)
 
 
 class Batch:
@@ -194,7 +188,7 @@ def worker_nnsight(args, sweep_fn) -> dict:
     out = Outputs(args.check_prompts)
     lengths = plan.prompts.n_tokens.tolist()
     t0 = time.perf_counter()
-    for idx in batches(lengths, s.token_budget):
+    for idx in batches(lengths, s.token_budget, NH):
         bt = Batch(plan, idx, L, NH)
         bufs = {c: [None] * L for c in COMPS}
         last = [None] * L
@@ -258,7 +252,7 @@ def worker_tlens(args, sweep_fn) -> dict:
     out = Outputs(args.check_prompts)
     lengths = plan.prompts.n_tokens.tolist()
     t0 = time.perf_counter()
-    for idx in batches(lengths, s.token_budget):
+    for idx in batches(lengths, s.token_budget, NH):
         bt = Batch(plan, idx, L, NH)
         with torch.inference_mode():
             # stop after the last block: the final norm and unembedding run on the last positions only

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from promptshift.errors import ExtractError
 from promptshift.extract.arch import resolve_arch
 from promptshift.extract.attention import AttnStats, install, set_stats
+from promptshift.extract.batching import plan_batches
 from promptshift.sweep.chat import REGIONS
 
 R = len(REGIONS)
 _ATTN_BYTES_BUDGET = 1 << 29  # (B, NH, Sq, Sk) float32 probabilities of one layer
+_KV_BYTES_BUDGET = 1 << 30  # a batch's padded prefix key/value cache, all layers
 
 
 @dataclass
@@ -38,7 +40,8 @@ class Prefix:
     ids: np.ndarray
     regions: np.ndarray
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, NKV, P, D)
-    comps: dict[str, np.ndarray]  # component -> (P, L, H) at every prefix position
+    keep_from: int  # first prefix position whose components are kept
+    comps: dict[str, np.ndarray]  # component -> (P - keep_from, L, H)
     region_mass: np.ndarray  # (L, NH, R, R) sums over prefix queries
     entropy: np.ndarray  # (L, NH, R)
     sink: np.ndarray  # (L, NH)
@@ -92,6 +95,8 @@ class Engine:
         self._pending: list[tuple[_DecodeState, list[Result]]] = []
         # padding gaps inside a merged cache would shift sliding windows: merge only without them
         self._can_merge = not any(getattr(c, "sliding_window", None) for c in (cfg, model.config))
+        # for the same reason, rows of different prefix lengths share a batch only without them
+        self.mixed_prefixes = self._can_merge
         self._last: torch.Tensor | None = None
         self._buf: dict[str, list] = {}
         self._last_resid: list | None = None
@@ -136,9 +141,58 @@ class Engine:
             h.remove()
 
     # --- forward ------------------------------------------------------------------------
-    def _forward(self, ids_list, regions_list, offset: int, kv, prefix_regions, keep_local, want_output: bool,
+    def _context(self, prefixes: list[Prefix | None], S: int):
+        """The cached keys/values every row attends to before its own ``S`` tokens.
+
+        Rows may have different prefixes (or none): each row's prefix sits at the start of
+        the key axis, padded to the longest, and the mask hides the padding, so one batch
+        can mix suffixes of many system prompts. The keys and values are written once into
+        buffers with room for the batch's own tokens (:class:`_Prefilled`), instead of
+        being concatenated in every layer of every forward pass."""
+        B = len(prefixes)
+        offsets = [p.length if p is not None else 0 for p in prefixes]
+        P = max(offsets)
+        if P == 0:
+            return offsets, 0, None, None, None
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=self.model.config)
+        first = next(p for p in prefixes if p is not None)
+        k_reg = torch.full((B, P), -1, dtype=torch.long)
+        mask = torch.zeros(B, P, dtype=torch.long)
+        rows: dict[int, list[int]] = {}  # prefix -> its rows
+        for b, p in enumerate(prefixes):
+            if p is not None:
+                rows.setdefault(id(p), []).append(b)
+        groups = []
+        for bs in rows.values():
+            p = prefixes[bs[0]]
+            idx = slice(bs[0], bs[-1] + 1) if bs == list(range(bs[0], bs[-1] + 1)) else torch.as_tensor(bs)
+            k_reg[idx, : p.length] = torch.as_tensor(p.regions.astype(np.int64))
+            mask[idx, : p.length] = 1
+            groups.append((idx, p))
+        for i in range(len(first.kv)):
+            k0, v0 = first.kv[i]
+            if len(cache.layers) > i and type(cache.layers[i]) is DynamicLayer:
+                kb = k0.new_zeros(B, k0.shape[1], P + S, k0.shape[3])  # zeros: masked slots must be finite
+                vb = v0.new_zeros(B, v0.shape[1], P + S, v0.shape[3])
+                for idx, p in groups:
+                    k, v = p.kv[i]
+                    kb[idx, :, : p.length] = k
+                    vb[idx, :, : p.length] = v
+                cache.layers[i] = _Prefilled(kb, vb, P)
+            else:  # other layer types (sliding windows): their own update, on a padded copy
+                ks = [F.pad(p.kv[i][0], (0, 0, 0, P - p.length)) if p is not None
+                      else k0.new_zeros(1, k0.shape[1], P, k0.shape[3]) for p in prefixes]
+                vs = [F.pad(p.kv[i][1], (0, 0, 0, P - p.length)) if p is not None
+                      else v0.new_zeros(1, v0.shape[1], P, v0.shape[3]) for p in prefixes]
+                cache.update(torch.cat(ks), torch.cat(vs), i)
+        return offsets, P, cache, k_reg, mask
+
+    def _forward(self, ids_list, regions_list, prefixes: list[Prefix | None], keep_local, want_output: bool,
                  keep_cache: bool = False):
-        """Run one padded batch. ``offset`` = length of the shared prefix in ``kv``.
+        """Run one padded batch; row b continues ``prefixes[b]`` (None: starts at position 0).
 
         Returns comps {name: list of (n_keep_i, L, H)}, AttnStats, last-position resid
         (B, L, H) and final hidden at the last position (B, H)."""
@@ -146,6 +200,7 @@ class Engine:
         lens = [len(x) for x in ids_list]
         S = max(lens)
         dev = self.device
+        offsets, P, cache, pre_reg, pre_mask = self._context(prefixes, S)
         # pad[b]: padding slots before row b's tokens (left padding) -- 0 with right padding
         pad = [S - n if self.padding_side == "left" else 0 for n in lens]
         input_ids = torch.zeros(B, S, dtype=torch.long)
@@ -154,17 +209,15 @@ class Engine:
             input_ids[b, pad[b] : pad[b] + len(ids)] = torch.as_tensor(ids)
             q_reg[b, pad[b] : pad[b] + len(ids)] = torch.as_tensor(reg.astype(np.int64))
         real = q_reg >= 0  # (B, S)
-        attn_mask = torch.cat([torch.ones(B, offset, dtype=torch.long), real.long()], dim=1)  # (B, P+S)
-        # explicit positions: a row's tokens sit at offset..offset+n-1 wherever padding puts them
-        position_ids = (offset + torch.arange(S).unsqueeze(0) - torch.as_tensor(pad).unsqueeze(1)).clamp(min=0)
-        if offset:
-            pr = torch.as_tensor(prefix_regions.astype(np.int64)).unsqueeze(0).expand(B, offset)
-            k_reg = torch.cat([pr, q_reg], dim=1)  # (B, P+S)
-        else:
-            k_reg = q_reg
+        attn_mask = torch.cat([pre_mask, real.long()], dim=1) if P else real.long()  # (B, P+S)
+        # explicit positions: row b's tokens sit at offsets[b]..offsets[b]+n-1 wherever padding puts them
+        position_ids = (torch.as_tensor(offsets).unsqueeze(1) + torch.arange(S).unsqueeze(0)
+                        - torch.as_tensor(pad).unsqueeze(1)).clamp(min=0)
+        k_reg = torch.cat([pre_reg, q_reg], dim=1) if P else q_reg  # (B, P+S)
         last_q = torch.as_tensor([pad[b] + n - 1 for b, n in enumerate(lens)])
         keep_local = [k + pad[b] for b, k in enumerate(keep_local)]
-        sink_k = torch.as_tensor([0 if offset else p for p in pad])
+        # key index of absolute position 0: the prefix's first key, or the row's first token
+        sink_k = torch.as_tensor([0 if offsets[b] else P + pad[b] for b in range(B)])
         stats = AttnStats.allocate(q_reg.to(dev), k_reg.to(dev), position_ids.to(dev), last_q.to(dev),
                                    sink_k.to(dev), self.L, self.NH, R, self.full_layers)
         b_idx = torch.as_tensor(np.concatenate([np.full(len(k), b) for b, k in enumerate(keep_local)]),
@@ -174,19 +227,12 @@ class Engine:
         self._buf = {c: [None] * self.L for c in ("resid_pre", "attn_out", "mlp_out", "resid_post")}
         self._last = last_q.to(dev) if want_output else None
         self._last_resid = [None] * self.L
-        cache = None
-        if kv is not None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.model.config)
-            for i, (k, v) in enumerate(kv):
-                cache.update(k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:]), i)
         set_stats(stats)
         try:
             with torch.inference_mode():
                 out = self.base(input_ids=input_ids.to(dev), attention_mask=attn_mask.to(dev),
                                 position_ids=position_ids.to(dev), cache=cache,
-                                use_cache=keep_cache or (kv is None and not want_output))
+                                use_cache=keep_cache or (cache is None and not want_output))
         finally:
             set_stats(None)
             self._gather = None
@@ -203,7 +249,7 @@ class Engine:
             final_h = out.last_hidden_state[b, last_q.to(dev)].float()  # (B, H)
         new_cache = cache if cache is not None else out.get("cache", None)
         self._buf = {}
-        return comps, stats, last_resid, final_h, new_cache, lens, attn_mask, pad
+        return comps, stats, last_resid, final_h, new_cache, lens, attn_mask, pad, offsets, P
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return unembed(self.lm_head, self.softcap, h)
@@ -250,42 +296,58 @@ class Engine:
 
     # --- public -------------------------------------------------------------------------
     @torch.inference_mode()
+    def compute_prefixes(self, specs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[Prefix]:
+        """Run shared prefixes once, in padded batches, and keep each one's cache and its own
+        contributions. ``specs``: (token ids, region codes, first kept position) each."""
+        out: list[Prefix | None] = [None] * len(specs)
+        lengths = [len(ids) for ids, _, _ in specs]
+        for batch in self.batches(lengths):
+            ids_l = [specs[i][0] for i in batch]
+            regs_l = [specs[i][1] for i in batch]
+            keeps = [np.arange(min(specs[i][2], lengths[i]), lengths[i]) for i in batch]
+            comps, st, _, _, cache, lens, _, pad, _, _ = self._forward(ids_l, regs_l, [None] * len(batch), keeps,
+                                                                      want_output=False)
+            qc = st.q_onehot.sum(1).cpu().numpy()  # (B, R)
+            sc = st.q_notfirst.sum(1).cpu().numpy()
+            rm, en, sk = st.region_mass.cpu().numpy(), st.entropy.cpu().numpy(), st.sink.cpu().numpy()
+            for b, i in enumerate(batch):
+                n, o = lens[b], pad[b]
+                kv = [(layer.keys[b : b + 1, :, o : o + n], layer.values[b : b + 1, :, o : o + n])
+                      for layer in cache.layers]  # (1, NKV, P, D) views
+                out[i] = Prefix(
+                    length=n, ids=ids_l[b], regions=regs_l[b], kv=kv, keep_from=int(keeps[b][0]) if len(keeps[b]) else n,
+                    comps={c: v[b] for c, v in comps.items()},
+                    region_mass=rm[b], entropy=en[b], sink=sk[b], q_counts=qc[b], sink_count=float(sc[b]),
+                    patterns=(np.stack([st.patterns[la][b, :, o : o + n, o : o + n].numpy() for la in self.full_layers])
+                              if self.full_layers else None),
+                )
+        return out
+
     def compute_prefix(self, ids: np.ndarray, regions: np.ndarray, keep_from: int) -> Prefix:
-        """Run a shared prefix once (batch of one) and keep its cache and contributions."""
-        P = len(ids)
-        keep = np.arange(min(keep_from, P), P) if keep_from < P else np.arange(0)
-        comps, st, _, _, cache, _, _, _ = self._forward([ids], [regions], 0, None, None, [keep], want_output=False)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        qc = st.q_onehot[0].sum(0).cpu().numpy()
-        return Prefix(
-            length=P, ids=ids, regions=regions, kv=kv,
-            comps={c: v[0] for c, v in comps.items()},
-            region_mass=st.region_mass[0].cpu().numpy(), entropy=st.entropy[0].cpu().numpy(),
-            sink=st.sink[0].cpu().numpy(), q_counts=qc, sink_count=float(st.q_notfirst[0].sum()),
-            patterns=(np.stack([st.patterns[la][0].numpy() for la in self.full_layers])
-                      if self.full_layers else None),
-        )
+        """One shared prefix (see :meth:`compute_prefixes`)."""
+        return self.compute_prefixes([(ids, regions, keep_from)])[0]
 
     @torch.inference_mode()
-    def run(self, items: list[Item], prefix: Prefix | None = None, max_new_tokens: int = 0,
+    def run(self, items: list[Item], prefix: Prefix | list[Prefix | None] | None = None, max_new_tokens: int = 0,
             eos_ids: tuple[int, ...] = (), defer_decode: bool = False) -> list[Result]:
-        """Run a batch of prompts (all sharing ``prefix`` when given), reduce them, and
-        continue each greedily for ``max_new_tokens`` on the same key/value cache.
+        """Run a batch of prompts, each continuing its shared prefix when given (one for
+        all rows, or one per row), reduce them, and continue each greedily for
+        ``max_new_tokens`` on the same key/value cache.
 
         With ``defer_decode`` the continuation waits for :meth:`flush_decode`, which
         decodes the pending batches of a whole block together: one decode step costs
         nearly the same for 64 rows as for 16 on a CPU."""
-        P = prefix.length if prefix is not None else 0
-        seqs = [it.ids[P:] for it in items]
-        regs = [it.regions[P:] for it in items]
-        keep_local = [np.arange(max(it.keep_start, P), len(it.ids)) - P for it in items]
-        comps, st, last_resid, final_h, cache, lens, mask, pad = self._forward(
-            seqs, regs, P, prefix.kv if prefix else None, prefix.regions if prefix else None, keep_local, True,
-            keep_cache=max_new_tokens > 0,
+        prefixes = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * len(items)
+        offs = [p.length if p is not None else 0 for p in prefixes]
+        seqs = [it.ids[o:] for it, o in zip(items, offs)]
+        regs = [it.regions[o:] for it, o in zip(items, offs)]
+        keep_local = [np.arange(max(it.keep_start, o), len(it.ids)) - o for it, o in zip(items, offs)]
+        comps, st, last_resid, final_h, cache, lens, mask, pad, _, P = self._forward(
+            seqs, regs, prefixes, keep_local, True, keep_cache=max_new_tokens > 0,
         )
         outs = self._output_stats(final_h, last_resid)
         gens = [None] * len(items)
-        state = _DecodeState(cache, mask, final_h, [P + n for n in lens]) if max_new_tokens > 0 else None
+        state = _DecodeState(cache, mask, final_h, [o + n for o, n in zip(offs, lens)]) if max_new_tokens > 0 else None
         if state is not None and not defer_decode:
             gens = self._decode(state.cache, state.mask, state.final_h, state.next_pos, max_new_tokens, eos_ids)
         rm = st.region_mass.cpu().numpy()
@@ -298,28 +360,33 @@ class Engine:
         for b, it in enumerate(items):
             c_rm, c_en, c_sk, c_qc, c_sc = rm[b], en[b], sk[b], qc[b], sc[b]
             cps = {c: comps[c][b] for c in self.components}
-            if prefix is not None:
-                c_rm, c_en, c_sk = c_rm + prefix.region_mass, c_en + prefix.entropy, c_sk + prefix.sink
-                c_qc, c_sc = c_qc + prefix.q_counts, c_sc + prefix.sink_count
-                if it.keep_start < P:
-                    cps = {c: np.concatenate([prefix.comps[c][it.keep_start :], v]) for c, v in cps.items()}
+            pre, o = prefixes[b], offs[b]
+            if pre is not None:
+                c_rm, c_en, c_sk = c_rm + pre.region_mass, c_en + pre.entropy, c_sk + pre.sink
+                c_qc, c_sc = c_qc + pre.q_counts, c_sc + pre.sink_count
+                if it.keep_start < o:
+                    if it.keep_start < pre.keep_from:
+                        raise ValueError(f"prompt {it.prompt} keeps position {it.keep_start}, but its prefix kept "
+                                         f"only from {pre.keep_from}")
+                    cps = {c: np.concatenate([pre.comps[c][it.keep_start - pre.keep_from :], v])
+                           for c, v in cps.items()}
             with np.errstate(invalid="ignore", divide="ignore"):
                 denom = np.where(c_qc > 0, c_qc, np.nan)
                 region_mass = c_rm / denom[None, None, :, None]
                 entropy = c_en / denom[None, None, :]
                 sink = c_sk / (c_sc if c_sc > 0 else np.nan)
-            row = lr[b]  # (L, NH, P+S): keys are prefix, then this row's padded sequence
-            keys = np.concatenate([row[..., :P], row[..., P + pad[b] : P + pad[b] + lens[b]]], axis=-1)
+            row = lr[b]  # (L, NH, P+S): keys are the (padded) prefix, then this row's padded sequence
+            keys = np.concatenate([row[..., :o], row[..., P + pad[b] : P + pad[b] + lens[b]]], axis=-1)
             pattern = None
             if self.full_layers:
-                n, Lb = P + lens[b], lens[b]
+                n, Lb = o + lens[b], lens[b]
                 full = np.zeros((len(self.full_layers), self.NH, n, n), np.float16)  # (NFL, NH, q, k)
-                if prefix is not None:
-                    full[:, :, :P, :P] = prefix.patterns
+                if pre is not None:
+                    full[:, :, :o, :o] = pre.patterns
                 rows = np.stack([st.patterns[la][b].numpy() for la in self.full_layers])  # (NFL, NH, Sq, Sk)
                 rows = rows[:, :, pad[b] : pad[b] + Lb]
-                full[:, :, P:, :P] = rows[..., :P]
-                full[:, :, P:, P:] = rows[..., P + pad[b] : P + pad[b] + Lb]
+                full[:, :, o:, :o] = rows[..., :o]
+                full[:, :, o:, o:] = rows[..., P + pad[b] : P + pad[b] + Lb]
                 pattern = np.ascontiguousarray(full.transpose(2, 3, 0, 1)).reshape(n * n, *full.shape[:2])
             results.append(Result(
                 comps=cps, region_mass=region_mass.astype(np.float32), entropy=entropy.astype(np.float32),
@@ -334,22 +401,17 @@ class Engine:
             self._pending.append((state, results))
         return results
 
-    def batches(self, lengths: list[int], context: int = 0) -> list[list[int]]:
-        """Split indices into batches under the token budget, longest first, so that an
-        out-of-memory error happens at the first batch rather than near the end."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        out, cur, cur_max = [], [], 0
-        for i in order:
-            m = max(cur_max, lengths[i])
-            attn_bytes = (len(cur) + 1) * self.NH * m * (m + context) * 4
-            if cur and ((len(cur) + 1) * m > self.token_budget or attn_bytes > _ATTN_BYTES_BUDGET):
-                out.append(cur)
-                cur, m = [], lengths[i]
-            cur.append(i)
-            cur_max = m
-        if cur:
-            out.append(cur)
-        return out
+    def batches(self, lengths: list[int], contexts: list[int] | None = None) -> list[list[int]]:
+        """Indices of ``lengths`` in padded batches under the token budget and the memory
+        caps (see :func:`promptshift.extract.batching.plan_batches`); ``contexts``: the
+        length of the cached prefix each row continues."""
+        cfg = self.cfg
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        nkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        kv_bytes = 2 * self.L * nkv * hd * next(self.model.parameters()).element_size()
+        return plan_batches(lengths, self.token_budget, contexts=contexts, bytes_per_qk=4 * self.NH,
+                            qk_budget=_ATTN_BYTES_BUDGET, bytes_per_context=kv_bytes,
+                            context_budget=_KV_BYTES_BUDGET)
 
     @torch.inference_mode()
     def flush_decode(self, max_new_tokens: int, eos_ids: tuple[int, ...]) -> None:
@@ -401,6 +463,46 @@ class Engine:
                     break
             res.append(row[:n].astype(np.int32))
         return res
+
+
+def _prefilled_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class Prefilled(DynamicLayer):
+        """A layer's key/value cache whose prefix is already in a buffer with room for the
+        batch's own tokens: the forward pass writes its keys into the buffer instead of
+        concatenating (one copy of the prefix per batch rather than three). Beyond the
+        buffer (decoding) it grows by concatenation, like any dynamic layer."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+            super().__init__()
+            self._kbuf, self._vbuf = keys, values  # (B, NKV, T, D)
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+            self.device = keys.device
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n0 = self.keys.shape[-2]
+            n1 = n0 + key_states.shape[-2]
+            if self._kbuf is not None and n1 <= self._kbuf.shape[-2]:
+                self._kbuf[:, :, n0:n1] = key_states
+                self._vbuf[:, :, n0:n1] = value_states
+                self.keys, self.values = self._kbuf[:, :, :n1], self._vbuf[:, :, :n1]
+                return self.keys, self.values
+            self._kbuf = self._vbuf = None
+            return super().update(key_states, value_states, *args, **kwargs)
+
+    return Prefilled
+
+
+def _Prefilled(keys, values, length):  # noqa: N802 -- the class is built on first use (lazy transformers import)
+    global _PREFILLED
+    if _PREFILLED is None:
+        _PREFILLED = _prefilled_layer_class()
+    return _PREFILLED(keys, values, length)
+
+
+_PREFILLED = None
 
 
 def unembed(lm_head, softcap: float | None, h: torch.Tensor) -> torch.Tensor:

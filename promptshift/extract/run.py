@@ -38,7 +38,7 @@ class ExtractConfig:
     device: str | None = None
     dtype: str | None = None
     prefix_sharing: bool = True
-    min_shared: int = 8  # share a prefix only among at least this many prompts of a block
+    min_shared: int = 2  # share a prefix among at least this many prompts of a block
     selfcheck: bool = True
     progress: bool = True
     allow_pickle: bool = False
@@ -140,12 +140,11 @@ class BlockRunner:
     """Computes the arrays of one block of the plan with an Engine."""
 
     def __init__(self, engine, plan: Plan, tok, *, prefix_sharing: bool = True, selfcheck: bool = True,
-                 min_shared: int = 8):
+                 min_shared: int = 2):
         self.engine, self.plan, self.tok = engine, plan, tok
         self.prefix_sharing, self.selfcheck = prefix_sharing, selfcheck
-        # A shared prefix is run once, but its prompts can only be batched with each other:
-        # a few prompts per prefix make batches too small to use the hardware (measured in
-        # docs/BENCHMARKS.md), so small groups are pooled into ordinary batches instead.
+        # A prefix shared by at least ``min_shared`` prompts of a block is run once; its
+        # prompts then run only their own tokens, batched with any other prompts.
         self.min_shared = max(2, int(min_shared))
         self.sweep = plan.sweep
         self.sdtype = np.float16 if self.sweep.storage_dtype == "float16" else np.float32
@@ -173,28 +172,34 @@ class BlockRunner:
                 plen = int(self.plan.prompts.at[p, "prefix_len"])
                 groups.setdefault(tuple(items[p].ids[:plen].tolist()), []).append(p)
             for key, members in list(groups.items()):
-                if len(members) < self.min_shared:
+                if len(members) < self.min_shared or len(key) == 0:
                     singles += members
                     del groups[key]
         else:
             singles = prompts
 
-        for key, members in groups.items():
-            first = items[members[0]]
-            plen = len(key)
-            prefix = eng.compute_prefix(first.ids[:plen], first.regions[:plen], first.keep_start)
-            lengths = [len(items[p].ids) - plen for p in members]
-            for batch in eng.batches(lengths, context=plen):
-                ps = [members[i] for i in batch]
-                results.update(self._run(ps, items, prefix))
-            self.tokens_done += plen + sum(lengths)
-            self.attn_qk += plen * (plen + 1) // 2 + sum(n * plen + n * (n + 1) // 2 for n in lengths)
-        if singles:
-            lengths = [len(items[p].ids) for p in singles]
-            for batch in eng.batches(lengths):
-                results.update(self._run([singles[i] for i in batch], items, None))
+        keys = list(groups)
+        prefixes = eng.compute_prefixes([(items[groups[k][0]].ids[: len(k)], items[groups[k][0]].regions[: len(k)],
+                                          min(items[p].keep_start for p in groups[k])) for k in keys]) if keys else []
+        of = {p: pre for k, pre in zip(keys, prefixes) for p in groups[k]}
+        for pre in prefixes:
+            self.tokens_done += pre.length
+            self.attn_qk += pre.length * (pre.length + 1) // 2
+        if eng.mixed_prefixes:
+            # one pass over the block: rows of different prefixes (and rows without one)
+            # share batches, each attending to its own prefix's cached keys
+            rows = [p for k in keys for p in groups[k]] + singles
+            units = [(rows, [of.get(p) for p in rows])]
+        else:  # models whose masks cannot have gaps (sliding windows): one prefix per batch
+            units = [(groups[k], [pre] * len(groups[k])) for k, pre in zip(keys, prefixes)]
+            units += [(singles, [None] * len(singles))] if singles else []
+        for rows, pres in units:
+            ctx = [pre.length if pre is not None else 0 for pre in pres]
+            lengths = [len(items[p].ids) - c for p, c in zip(rows, ctx)]
+            for batch in eng.batches(lengths, contexts=ctx):
+                results.update(self._run([rows[i] for i in batch], items, [pres[i] for i in batch]))
             self.tokens_done += sum(lengths)
-            self.attn_qk += sum(n * (n + 1) // 2 for n in lengths)
+            self.attn_qk += sum(n * c + n * (n + 1) // 2 for n, c in zip(lengths, ctx))
 
         self.engine.flush_decode(self.sweep.max_new_tokens, self.eos)
         check = float("nan")
@@ -203,12 +208,14 @@ class BlockRunner:
 
         return self._assemble(block, prompts, results), results, check
 
-    def _run(self, ps: list[int], items, prefix) -> dict[int, object]:
+    def _run(self, ps: list[int], items, prefixes: list) -> dict[int, object]:
         from promptshift.extract.engine import run_with_oom_retry
 
-        def fn(sub):
-            return self.engine.run([items[p] for p in sub], prefix, self.sweep.max_new_tokens, self.eos,
-                                   defer_decode=True)
+        pre = dict(zip(ps, prefixes))
+
+        def fn(sub):  # an out-of-memory retry runs halves of the batch, each row with its prefix
+            return self.engine.run([items[p] for p in sub], [pre[p] for p in sub], self.sweep.max_new_tokens,
+                                   self.eos, defer_decode=True)
 
         return dict(zip(ps, run_with_oom_retry(fn, ps)))
 
@@ -219,20 +226,23 @@ class BlockRunner:
         return max_rel_diff(alone, results[p])
 
     def _assemble(self, block, prompts, results) -> dict[str, np.ndarray]:
+        import torch
+
         from promptshift.extract.engine import check_fp16
 
         plan, s = self.plan, self.sweep
         b = plan.blocks.iloc[block]
         data = empty_block(plan, block)
         gens = s.max_new_tokens > 0
+        # activations are cast by torch (numpy's float16 conversion is ~8x slower), then
+        # checked once per block; only a failing block is searched for the prompt to name
+        dst = {c: torch.from_numpy(data[c]) for c in s.components}
         for j, p in enumerate(prompts):
             r, row = results[p], plan.prompts.iloc[p]
             k0 = int(row.kept_start - b.kept_start)
             for c in s.components:
                 v = r.comps[c]
-                if self.sdtype == np.float16:
-                    check_fp16(f"{c} of prompt {p} ({row.system}, {row.user_id})", v)
-                data[c][k0 : k0 + len(v)] = v
+                dst[c][k0 : k0 + len(v)].copy_(torch.from_numpy(v))
             data["attn_region_mass"][j] = r.region_mass
             data["attn_entropy"][j] = r.entropy
             data["attn_sink"][j] = r.sink
@@ -254,6 +264,12 @@ class BlockRunner:
                 data["gen_ids"][j, : len(g)] = g
                 data["gen_len"][j] = len(g)
                 data["gen_text"][j] = self.tok.decode(g.tolist(), skip_special_tokens=True)
+        if self.sdtype == np.float16:
+            for c in s.components:
+                if not bool(torch.isfinite(dst[c]).all()):  # NaN, inf, or beyond float16's range
+                    for p in prompts:
+                        row = plan.prompts.iloc[p]
+                        check_fp16(f"{c} of prompt {p} ({row.system}, {row.user_id})", results[p].comps[c])
         return data
 
 

@@ -57,24 +57,76 @@ def test_batched_equals_one_prompt_at_a_time(sweep_path, tok, tiny_model, paddin
 
 
 def test_prefix_sharing_is_used(sweep_path, tok, tiny_model):
+    """Shared prefixes are computed once per block, and one batch mixes the suffixes of
+    different prefixes (each row attending to its own cached prefix), with the same values
+    as the stored extraction and as a run without sharing."""
     from promptshift.extract.engine import Engine
     from promptshift.extract.run import BlockRunner
 
     st = _extract(sweep_path, tok, tiny_model, None)
     eng = Engine(tiny_model, components=st.components, top_k=16, lens_top_k=4, token_budget=4096)
-    calls = []
-    orig = eng.compute_prefix
-    eng.compute_prefix = lambda *a, **k: calls.append(len(a[0])) or orig(*a, **k)
-    BlockRunner(eng, st.plan, tok, min_shared=2).compute(1)
-    assert calls, "no shared prefix was computed for a block of same-system prompts"
-    # groups smaller than min_shared (default 8) are pooled into ordinary batches, with the same values
-    calls.clear()
-    data, _, _ = BlockRunner(eng, st.plan, tok).compute(1)
-    eng.remove_hooks()
-    assert not calls
-    b = st.plan.blocks.iloc[1]
+    computed, batches = [], []
+    orig_prefixes, orig_run = eng.compute_prefixes, eng.run
+    eng.compute_prefixes = lambda specs: computed.extend(len(s[0]) for s in specs) or orig_prefixes(specs)
+    eng.run = lambda items, prefix=None, *a, **k: batches.append(prefix) or orig_run(items, prefix, *a, **k)
+    b = st.plan.blocks.iloc[0]
     ref = np.asarray(st.array("resid_post")[int(b.kept_start) : int(b.kept_end)], np.float64)
+    rows = st.plan.prompts.iloc[int(b.prompt_start) : int(b.prompt_end)]
+    n_groups = int((rows.groupby("system").size() >= 2).sum())
+    assert n_groups >= 2, "the test needs a block with two shared prefixes"
+
+    data, _, _ = BlockRunner(eng, st.plan, tok, min_shared=2).compute(0)
+    assert len(computed) == n_groups, "each shared prefix of the block is computed exactly once"
+    mixed = [pre for pre in batches if isinstance(pre, list) and len({id(x) for x in pre if x is not None}) >= 2]
+    assert mixed, "no batch mixed the suffixes of different prefixes"
     assert np.nanmax(np.abs(ref - np.asarray(data["resid_post"], np.float64))) <= 1e-4
+
+    # groups smaller than min_shared run whole, with the same values
+    computed.clear()
+    data, _, _ = BlockRunner(eng, st.plan, tok, min_shared=99).compute(0)
+    eng.remove_hooks()
+    assert not computed
+    assert np.nanmax(np.abs(ref - np.asarray(data["resid_post"], np.float64))) <= 1e-4
+
+
+def test_mixed_prefix_batch_equals_each_prompt_alone(tok, tiny_model):
+    """Rows continuing prefixes of different lengths, and rows with no prefix, in one batch,
+    against each prompt run alone: every output of the Result."""
+    from promptshift.extract.engine import Engine, Item
+    from promptshift.sweep.chat import REGION_CODE
+
+    rng = np.random.default_rng(0)
+    V = tiny_model.config.vocab_size
+    eng = Engine(tiny_model, components=("resid_pre", "attn_out", "mlp_out", "resid_post"), top_k=8, lens_top_k=3,
+                 token_budget=4096, full_attention_layers=(1,))
+    try:
+        def item(i, n_sys, n_user):
+            ids = rng.integers(5, V, n_sys + n_user)
+            reg = np.r_[np.full(n_sys, REGION_CODE["system"]), np.full(n_user, REGION_CODE["user"])].astype(np.int8)
+            return Item(i, ids, reg, n_sys - 2)
+
+        a, b = item(0, 9, 5), item(1, 4, 7)
+        pa, pb = eng.compute_prefixes([(a.ids[:9], a.regions[:9], 7), (b.ids[:4], b.regions[:4], 2)])
+        # a second prompt on each prefix, and one without a shared prefix
+        a2 = Item(2, np.r_[a.ids[:9], rng.integers(5, V, 3)], np.r_[a.regions[:9], np.full(3, 1, np.int8)], 7)
+        c = item(3, 6, 6)
+        items, pres = [a, b, a2, c], [pa, pb, pa, None]
+        got = eng.run(items, pres, max_new_tokens=4, eos_ids=())
+        for it, g in zip(items, got):
+            ref = eng.run([it], None, max_new_tokens=4, eos_ids=())[0]
+            for name in ("region_mass", "entropy", "sink", "last_row", "topk_logprobs", "lens_logprobs",
+                         "lens_entropy", "pattern"):
+                x, y = np.asarray(getattr(g, name), np.float64), np.asarray(getattr(ref, name), np.float64)
+                assert x.shape == y.shape, name
+                assert np.array_equal(np.isnan(x), np.isnan(y)), name
+                assert np.nanmax(np.abs(x - y)) <= 1e-4, (name, it.prompt)
+            for name in g.comps:
+                assert g.comps[name].shape == ref.comps[name].shape
+                assert np.abs(g.comps[name] - ref.comps[name]).max() <= 1e-4, name
+            assert np.array_equal(g.topk_ids, ref.topk_ids)
+            assert np.array_equal(g.gen_ids, ref.gen_ids)
+    finally:
+        eng.remove_hooks()
 
 
 def test_residual_sum_identity(batched):
