@@ -349,7 +349,7 @@ class Store:
             lo, hi = ranges[dim0]
             if value.shape[0] != hi - lo:
                 raise StoreError(f"block {block}: {name} has {value.shape[0]} rows, expected {hi - lo}")
-            self.array(name)[lo:hi] = value
+            self.backend.write(name, lo, value)
         self.array("block_selfcheck")[block : block + 1] = np.asarray([selfcheck], dtype=np.float32)
         if hasattr(self.backend, "flush"):
             self.backend.flush()

@@ -244,3 +244,17 @@ def test_full_patterns_for_opted_in_layers(sweep_path, tok, tiny_model):
         tiny_model.config._attn_implementation = "promptshift"
     with pytest.raises(Exception, match="no full attention patterns"):
         _extract(sweep_path, tok, tiny_model, None).attn_pattern(0)
+
+
+def test_float16_overflow_names_the_prompt(tmp_path, tok):
+    """Activations beyond float16's range stop the extraction with the component and the
+    prompt named, instead of storing inf."""
+    from promptshift.errors import ExtractError
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(tok)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e6)  # residual stream ~1e6 > 65504
+    path = write_sweep(tmp_path / "s.yaml", storage_dtype="float16", max_new_tokens=0)
+    with pytest.raises(ExtractError, match=r"resid_pre of prompt 0 \(.*\) has values up to .* beyond float16's range"):
+        extract(load_sweep(path), ExtractConfig(store=None, progress=False, selfcheck=False), model=model, tok=tok)
