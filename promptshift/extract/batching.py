@@ -20,7 +20,8 @@ BATCH_OVERHEAD_TOKENS = 64
 
 def plan_batches(lengths: list[int], token_budget: int, *, contexts: list[int] | None = None,
                  bytes_per_qk: int = 0, qk_budget: int = 0, bytes_per_context: int = 0,
-                 context_budget: int = 0, overhead: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
+                 context_budget: int = 0, overhead: int = BATCH_OVERHEAD_TOKENS,
+                 qk_weight: float = 0.0) -> list[list[int]]:
     """Indices of ``lengths`` in batches, longest first, so that an out-of-memory error
     happens at the first batch rather than near the end.
 
@@ -31,37 +32,57 @@ def plan_batches(lengths: list[int], token_budget: int, *, contexts: list[int] |
     attention probabilities) and ``rows x C x bytes_per_context <= context_budget`` (the
     padded key/value cache of the contexts, all layers), with S the longest row and C the
     longest context of the batch.
+
+    The cost minimised is ``rows x S + qk_weight x rows x S x (S + C) + overhead`` per
+    batch (``qk_weight``: the cost of one query-key pair, all layers and heads, in tokens).
+    Rows are cut in order of length and, when contexts differ, also in order of context
+    (padding a short prefix to a long one costs attention); the cheaper plan is returned.
     """
     n = len(lengths)
     if n == 0:
         return []
     ctx = list(contexts) if contexts is not None else [0] * n
-    order = sorted(range(n), key=lambda i: (-lengths[i], i))
+    orders = [sorted(range(n), key=lambda i: (-lengths[i], -ctx[i], i))]
+    if len(set(ctx)) > 1:
+        orders.append(sorted(range(n), key=lambda i: (-ctx[i], -lengths[i], i)))
+    best_plan, best_cost = None, float("inf")
+    for order in orders:
+        cost, plan = _split(order, lengths, ctx, token_budget, bytes_per_qk, qk_budget, bytes_per_context,
+                            context_budget, overhead, qk_weight)
+        if cost < best_cost:
+            best_plan, best_cost = plan, cost
+    # longest batch first (an out-of-memory error shows at once)
+    return sorted(best_plan, key=lambda b: -max(lengths[i] for i in b))
+
+
+def _split(order, lengths, ctx, token_budget, bytes_per_qk, qk_budget, bytes_per_context, context_budget,
+           overhead, qk_weight):
+    """Cheapest cut of ``order`` into contiguous batches, by dynamic programming."""
+    n = len(order)
     inf = float("inf")
     best = [0.0] + [inf] * n  # best[j]: cheapest split of order[:j]
     cut = [0] * (n + 1)
-    for i in range(n):  # batch starts at sorted position i ...
+    for i in range(n):  # a batch starts at position i ...
         if best[i] == inf:
             continue
-        s = lengths[order[i]]  # ... its longest row (sorted)
-        c = 0
+        s = c = 0
         for j in range(i + 1, n + 1):  # ... and ends before j
             rows = j - i
-            c = max(c, ctx[order[j - 1]])
+            s, c = max(s, lengths[order[j - 1]]), max(c, ctx[order[j - 1]])
             if rows > 1 and (
                 rows * s > token_budget
                 or (qk_budget and rows * s * (s + c) * bytes_per_qk > qk_budget)
                 or (context_budget and rows * c * bytes_per_context > context_budget)
             ):
                 break  # adding rows only grows every left-hand side
-            cost = best[i] + rows * s + overhead
+            cost = best[i] + rows * s + qk_weight * rows * s * (s + c) + overhead
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     out, j = [], n
     while j > 0:
         out.append(order[cut[j] : j])
         j = cut[j]
-    return out[::-1]
+    return best[n], out[::-1]
 
 
 __all__ = ["BATCH_OVERHEAD_TOKENS", "plan_batches"]

@@ -97,6 +97,11 @@ class Engine:
         self._can_merge = not any(getattr(c, "sliding_window", None) for c in (cfg, model.config))
         # for the same reason, rows of different prefix lengths share a batch only without them
         self.mixed_prefixes = self._can_merge
+        # cost of one query-key pair (all layers and heads: scores, softmax, statistics) in
+        # token-passes through the layers' weights; 400 fits SmolLM2-135M on a CPU (measured
+        # in docs/BENCHMARKS.md, batching), scaled by layers x heads over layer parameters
+        n_layer_params = sum(p.numel() for layer in self.arch.layers for p in layer.parameters())
+        self._qk_weight = 400.0 * self.L * self.NH / max(n_layer_params, 1)
         self._last: torch.Tensor | None = None
         self._buf: dict[str, list] = {}
         self._last_resid: list | None = None
@@ -411,7 +416,7 @@ class Engine:
         kv_bytes = 2 * self.L * nkv * hd * next(self.model.parameters()).element_size()
         return plan_batches(lengths, self.token_budget, contexts=contexts, bytes_per_qk=4 * self.NH,
                             qk_budget=_ATTN_BYTES_BUDGET, bytes_per_context=kv_bytes,
-                            context_budget=_KV_BYTES_BUDGET)
+                            context_budget=_KV_BYTES_BUDGET, qk_weight=self._qk_weight)
 
     @torch.inference_mode()
     def flush_decode(self, max_new_tokens: int, eos_ids: tuple[int, ...]) -> None:

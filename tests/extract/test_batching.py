@@ -15,15 +15,24 @@ def _feasible(batch, lengths, ctx, budget, qk, kv):
     return rows == 1 or (rows * s <= budget and rows * s * (s + c) * 4 <= qk and rows * c * 8 <= kv)
 
 
-def _brute(lengths, ctx, budget, qk, kv, overhead):
-    """Cheapest feasible split of the rows sorted longest first, by trying every set of cuts."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+def _cost(part, lengths, ctx, overhead, w):
+    s, c = max(lengths[i] for i in part), max(ctx[i] for i in part)
+    return len(part) * s + w * len(part) * s * (s + c) + overhead
+
+
+def _brute(lengths, ctx, budget, qk, kv, overhead, w):
+    """Cheapest feasible split of the rows sorted by length, or by context, trying every
+    set of cuts of each order."""
+    n = len(lengths)
+    orders = [sorted(range(n), key=lambda i: (-lengths[i], -ctx[i], i)),
+              sorted(range(n), key=lambda i: (-ctx[i], -lengths[i], i))]
     best = float("inf")
-    for k in range(len(order)):
-        for cuts in itertools.combinations(range(1, len(order)), k):
-            parts = [order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))]
-            if all(_feasible(p, lengths, ctx, budget, qk, kv) for p in parts):
-                best = min(best, sum(len(p) * max(lengths[i] for i in p) + overhead for p in parts))
+    for order in orders:
+        for k in range(n):
+            for cuts in itertools.combinations(range(1, n), k):
+                parts = [order[a:b] for a, b in zip((0, *cuts), (*cuts, n))]
+                if all(_feasible(p, lengths, ctx, budget, qk, kv) for p in parts):
+                    best = min(best, sum(_cost(p, lengths, ctx, overhead, w) for p in parts))
     return best
 
 
@@ -34,13 +43,14 @@ def test_plan_batches_is_the_cheapest_feasible_split(seed):
     lengths = [int(x) for x in rng.integers(1, 60, n)]
     ctx = [int(x) for x in rng.integers(0, 40, n)] if seed % 2 else [0] * n
     budget, qk, kv, overhead = int(rng.integers(40, 200)), int(rng.integers(20_000, 400_000)), 2_000, int(rng.integers(0, 80))
+    w = [0.0, 1e-3, 0.05][seed % 3]
     got = plan_batches(lengths, budget, contexts=ctx, bytes_per_qk=4, qk_budget=qk, bytes_per_context=8,
-                       context_budget=kv, overhead=overhead)
+                       context_budget=kv, overhead=overhead, qk_weight=w)
     assert sorted(i for b in got for i in b) == list(range(n))  # every row exactly once
     assert all(_feasible(b, lengths, ctx, budget, qk, kv) for b in got)
     assert [max(lengths[i] for i in b) for b in got] == sorted((max(lengths[i] for i in b) for b in got), reverse=True)
-    cost = sum(len(b) * max(lengths[i] for i in b) + overhead for b in got)
-    assert cost == _brute(lengths, ctx, budget, qk, kv, overhead)
+    cost = sum(_cost(b, lengths, ctx, overhead, w) for b in got)
+    assert cost == pytest.approx(_brute(lengths, ctx, budget, qk, kv, overhead, w), rel=1e-12)
 
 
 def test_plan_batches_cuts_padding_that_greedy_filling_keeps():
@@ -49,3 +59,12 @@ def test_plan_batches_cuts_padding_that_greedy_filling_keeps():
     got = plan_batches(lengths, 4096, overhead=64)
     assert [len(b) for b in got] == [1, 15]
     assert plan_batches([], 4096) == []
+
+
+def test_plan_batches_keeps_long_prefixes_apart_when_attention_costs():
+    # 4 rows continue a 200-token prefix, 60 rows a 20-token one: padding every row's
+    # prefix to 200 costs more attention than one extra forward pass
+    lengths, ctx = [16] * 64, [200] * 4 + [20] * 60
+    assert len(plan_batches(lengths, 4096, contexts=ctx)) == 1  # attention free: one batch
+    got = plan_batches(lengths, 4096, contexts=ctx, qk_weight=2e-3)
+    assert sorted(map(sorted, got)) == [list(range(4)), list(range(4, 64))]
