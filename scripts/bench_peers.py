@@ -90,31 +90,13 @@ class Batch:
         return t[self.rows, self.last_q].float()  # (B, H)
 
 
-@torch.inference_mode()
 def output_stats(logits: torch.Tensor, normed_last: torch.Tensor, unembed, top_k: int, lens_top_k: int) -> dict:
-    """logits (B, V) at the last position; normed_last (B, L, H): every layer's last-position
-    residual after the final norm; unembed: (N, H) -> (N, V). Same outputs as promptshift."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    top = logp.topk(top_k, dim=-1)
-    B, L, _ = normed_last.shape
-    rows = normed_last.reshape(B * L, -1)
-    t1 = top.indices[:, 0].repeat_interleave(L)
-    ids_c, lp_c, ent_c, t1_c = [], [], [], []
-    for i in range(0, rows.shape[0], 256):
-        lp = torch.log_softmax(unembed(rows[i : i + 256]).float(), dim=-1)
-        t = lp.topk(lens_top_k, dim=-1)
-        ids_c.append(t.indices)
-        lp_c.append(t.values)
-        ent_c.append(-(lp.exp() * lp).sum(-1))
-        t1_c.append(lp.gather(1, t1[i : i + 256, None])[:, 0])
-    return dict(
-        topk_ids=top.indices.numpy().astype(np.int32), topk_logprobs=top.values.numpy(),
-        entropy_out=(-(logp.exp() * logp).sum(-1)).numpy(), lse=torch.logsumexp(logits, -1).numpy(),
-        lens_ids=torch.cat(ids_c).view(B, L, -1).numpy().astype(np.int32),
-        lens_logprobs=torch.cat(lp_c).view(B, L, -1).numpy(),
-        lens_entropy=torch.cat(ent_c).view(B, L).numpy(), lens_final_top1=torch.cat(t1_c).view(B, L).numpy(),
-    )
+    """promptshift's own output-side reduction (top-k, entropy, log-sum-exp, logit lens of
+    every layer), so every mode does identical arithmetic there; ``unembed``: the model's
+    output embedding, (N, H) -> (N, V)."""
+    from promptshift.extract.engine import output_stats as reduce_outputs
+
+    return reduce_outputs(logits, normed_last, lambda r: unembed(r).float(), top_k, lens_top_k)
 
 
 class Outputs:
