@@ -20,6 +20,7 @@ class Backend:
     """Arrays are returned as objects with numpy-style ``__getitem__``/``__setitem__``."""
 
     format: str = ""
+    concurrent_create: bool = False  # arrays may be created from several threads at once
 
     def create_array(self, name, shape, dtype, chunks, dims, fill_value=0) -> Any: ...
     def array(self, name: str) -> Any: ...
@@ -40,6 +41,7 @@ class Backend:
 
 class ZarrBackend(Backend):
     format = "zarr"
+    concurrent_create = True
 
     def __init__(self, path: str | Path, mode: str = "r"):
         import zarr

@@ -226,15 +226,28 @@ class Store:
     @staticmethod
     def _fill(be: Backend, specs, plan, attrs) -> None:
         static = _static_values(plan)
-        for sp in specs:
-            arr = be.create_array(sp.name, sp.shape, sp.dtype, sp.chunks, sp.dims, sp.fill_value)
-            if sp.static and sp.shape[0]:
-                arr[...] = static[sp.name]
         blob = np.frombuffer(json.dumps(plan.to_json()).encode("utf-8"), dtype=np.uint8)
-        be.create_array("plan_json", blob.shape, np.uint8, (max(1, blob.size),), ("plan_byte",))[...] = blob
+        jobs = [(sp.name, sp.shape, sp.dtype, sp.chunks, sp.dims, sp.fill_value,
+                 static[sp.name] if sp.static and sp.shape[0] else None) for sp in specs]
+        jobs.append(("plan_json", blob.shape, np.uint8, (max(1, blob.size),), ("plan_byte",), 0, blob))
         for name, a in (("plan_token_ids", plan.token_ids), ("plan_token_region", plan.token_region),
                         ("plan_token_turn", plan.token_turn)):
-            be.create_array(name, a.shape, a.dtype, (max(1, min(a.size, 1 << 20)),), ("plan_token",))[...] = a
+            jobs.append((name, a.shape, a.dtype, (max(1, min(a.size, 1 << 20)),), ("plan_token",), 0, a))
+
+        def make(job):
+            name, shape, dtype, chunks, dims, fill, value = job
+            arr = be.create_array(name, shape, dtype, chunks, dims, fill)
+            if value is not None:
+                arr[...] = value
+
+        if be.concurrent_create:  # each array is its own files: create them side by side (I/O latency)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(make, jobs))
+        else:
+            for job in jobs:
+                make(job)
         be.set_attrs(attrs)
 
     # --- reading --------------------------------------------------------------------------
