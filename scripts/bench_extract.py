@@ -297,26 +297,31 @@ def main(argv=None):
     for mode, r in results.items():
         if "error" in r or "unavailable" in r:
             why = f"failed: {r['error']}" if "error" in r else f"not available: {r['unavailable']}"
-            rows.append(f"| {mode} | {why} | | | | | | | | |")
+            rows.append(f"| {mode} | {why} | | | | | | | | | |")
             continue
         pps, tps = r["pairs"] / r["seconds"], r["tokens"] / r["seconds"]
         ratio = (pps / (base["pairs"] / base["seconds"])) if "seconds" in base else float("nan")
         ratio_null = (pps / (null["pairs"] / null["seconds"])) if "seconds" in null else float("nan")
         flops = 2 * n_params_nonemb * r["computed_tokens"] + 4 * dims.n_layers * dims.hidden * r["attn_qk"]
         mfu = flops / r["seconds"] / max(peak, peak_after)
+        # the same plus the output side every mode computes: final logits and the logit lens
+        # of every layer at the last position (an unembedding per layer per prompt run)
+        n_out = 2 * r["pairs"] if mode == "loop" else len(plan.prompts)
+        flops_all = flops + 2 * dims.vocab * dims.hidden * (dims.n_layers + 1) * n_out
+        mfu_all = flops_all / r["seconds"] / max(peak, peak_after)
         bpt = r.get("bytes", 0) / r["kept_tokens"] if r.get("kept_tokens") and r.get("bytes") else float("nan")
         diff = r.get("max_rel_diff_vs_promptshift")
         rows.append(f"| {mode} | {r['pairs']} | {pps:.2f} | {tps:.0f} | {ratio:.2f} | {ratio_null:.2f} | "
-                    f"{r['peak_rss_mb']:.0f} | {bpt:.0f} | {100 * mfu:.1f}% | "
+                    f"{r['peak_rss_mb']:.0f} | {bpt:.0f} | {100 * mfu:.1f}% | {100 * mfu_all:.1f}% | "
                     f"{'–' if diff is None else f'{diff:.1e}'} |")
         r.update(pairs_per_s=pps, tokens_per_s=tps, ratio_to_promptshift=ratio, ratio_to_null=ratio_null, mfu=mfu,
-                 model_flops=flops)
+                 model_flops=flops, mfu_with_outputs=mfu_all, flops_with_outputs=flops_all)
     print(f"fp32 matmul peak: {max(peak, peak_after) / 1e9:.1f} GFLOP/s (before {peak / 1e9:.1f}, after "
           f"{peak_after / 1e9:.1f}); non-embedding parameters: {n_params_nonemb / 1e6:.1f} M; "
           f"check prompts {check}")
     print("| mode | pairs | pairs/s | tokens/s | x promptshift | x nowhere | peak RSS MB | bytes/kept token | MFU "
-          "| max rel diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| MFU with outputs | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if "seconds" in base and "seconds" in null:
         over = base["seconds"] / null["seconds"] - 1
