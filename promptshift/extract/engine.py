@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from promptshift.errors import ExtractError
 from promptshift.extract.arch import resolve_arch
@@ -160,7 +161,6 @@ class Engine:
         if P == 0:
             return offsets, 0, None, None, None
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
         cache = DynamicCache(config=self.model.config)
         first = next(p for p in prefixes if p is not None)
@@ -293,10 +293,6 @@ class Engine:
                               if self.full_layers else None),
                 )
         return out
-
-    def compute_prefix(self, ids: np.ndarray, regions: np.ndarray, keep_from: int) -> Prefix:
-        """One shared prefix (see :meth:`compute_prefixes`)."""
-        return self.compute_prefixes([(ids, regions, keep_from)])[0]
 
     @torch.inference_mode()
     def run(self, items: list[Item], prefix: Prefix | list[Prefix | None] | None = None, max_new_tokens: int = 0,
@@ -436,44 +432,29 @@ class Engine:
         return res
 
 
-def _prefilled_layer_class():
-    from transformers.cache_utils import DynamicLayer
+class _Prefilled(DynamicLayer):
+    """A layer's key/value cache whose prefix is already in a buffer with room for the
+    batch's own tokens: the forward pass writes its keys into the buffer instead of
+    concatenating (one copy of the prefix per batch rather than three). Beyond the buffer
+    (decoding) it grows by concatenation, like any dynamic layer."""
 
-    class Prefilled(DynamicLayer):
-        """A layer's key/value cache whose prefix is already in a buffer with room for the
-        batch's own tokens: the forward pass writes its keys into the buffer instead of
-        concatenating (one copy of the prefix per batch rather than three). Beyond the
-        buffer (decoding) it grows by concatenation, like any dynamic layer."""
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self._kbuf, self._vbuf = keys, values  # (B, NKV, T, D)
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self.device = keys.device
+        self.is_initialized = True
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-            super().__init__()
-            self._kbuf, self._vbuf = keys, values  # (B, NKV, T, D)
-            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
-            self.device = keys.device
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            n0 = self.keys.shape[-2]
-            n1 = n0 + key_states.shape[-2]
-            if self._kbuf is not None and n1 <= self._kbuf.shape[-2]:
-                self._kbuf[:, :, n0:n1] = key_states
-                self._vbuf[:, :, n0:n1] = value_states
-                self.keys, self.values = self._kbuf[:, :, :n1], self._vbuf[:, :, :n1]
-                return self.keys, self.values
-            self._kbuf = self._vbuf = None
-            return super().update(key_states, value_states, *args, **kwargs)
-
-    return Prefilled
-
-
-def _Prefilled(keys, values, length):  # noqa: N802 -- the class is built on first use (lazy transformers import)
-    global _PREFILLED
-    if _PREFILLED is None:
-        _PREFILLED = _prefilled_layer_class()
-    return _PREFILLED(keys, values, length)
-
-
-_PREFILLED = None
+    def update(self, key_states, value_states, *args, **kwargs):
+        n0 = self.keys.shape[-2]
+        n1 = n0 + key_states.shape[-2]
+        if self._kbuf is not None and n1 <= self._kbuf.shape[-2]:
+            self._kbuf[:, :, n0:n1] = key_states
+            self._vbuf[:, :, n0:n1] = value_states
+            self.keys, self.values = self._kbuf[:, :, :n1], self._vbuf[:, :, :n1]
+            return self.keys, self.values
+        self._kbuf = self._vbuf = None
+        return super().update(key_states, value_states, *args, **kwargs)
 
 
 # Rows of (rows, vocab) float32 temporaries per chunk of the logit lens: under 32 MiB,
