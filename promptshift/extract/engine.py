@@ -103,6 +103,9 @@ class Engine:
         # in docs/BENCHMARKS.md, batching), scaled by layers x heads over layer parameters
         n_layer_params = sum(p.numel() for layer in self.arch.layers for p in layer.parameters())
         self._qk_weight = 400.0 * self.L * self.NH / max(n_layer_params, 1)
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        nkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self._kv_bytes = 2 * self.L * nkv * hd * next(model.parameters()).element_size()  # per cached token
         self._last: torch.Tensor | None = None
         self._buf: dict[str, list] = {}
         self._last_resid: list | None = None
@@ -254,7 +257,7 @@ class Engine:
             final_h = out.last_hidden_state[b, last_q.to(dev)].float()  # (B, H)
         new_cache = cache if cache is not None else out.get("cache", None)
         self._buf = {}
-        return comps, stats, last_resid, final_h, new_cache, lens, attn_mask, pad, offsets, P
+        return comps, stats, last_resid, final_h, new_cache, lens, attn_mask, pad, P
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return unembed(self.lm_head, self.softcap, h)
@@ -276,7 +279,7 @@ class Engine:
             ids_l = [specs[i][0] for i in batch]
             regs_l = [specs[i][1] for i in batch]
             keeps = [np.arange(min(specs[i][2], lengths[i]), lengths[i]) for i in batch]
-            comps, st, _, _, cache, lens, _, pad, _, _ = self._forward(ids_l, regs_l, [None] * len(batch), keeps,
+            comps, st, _, _, cache, lens, _, pad, _ = self._forward(ids_l, regs_l, [None] * len(batch), keeps,
                                                                       want_output=False)
             qc = st.q_onehot.sum(1).cpu().numpy()  # (B, R)
             sc = st.q_notfirst.sum(1).cpu().numpy()
@@ -309,7 +312,7 @@ class Engine:
         seqs = [it.ids[o:] for it, o in zip(items, offs)]
         regs = [it.regions[o:] for it, o in zip(items, offs)]
         keep_local = [np.arange(max(it.keep_start, o), len(it.ids)) - o for it, o in zip(items, offs)]
-        comps, st, last_resid, final_h, cache, lens, mask, pad, _, P = self._forward(
+        comps, st, last_resid, final_h, cache, lens, mask, pad, P = self._forward(
             seqs, regs, prefixes, keep_local, True, keep_cache=max_new_tokens > 0,
         )
         outs = self._output_stats(final_h, last_resid)
@@ -372,12 +375,8 @@ class Engine:
         """Indices of ``lengths`` in padded batches under the token budget and the memory
         caps (see :func:`promptshift.extract.batching.plan_batches`); ``contexts``: the
         length of the cached prefix each row continues."""
-        cfg = self.cfg
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        nkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        kv_bytes = 2 * self.L * nkv * hd * next(self.model.parameters()).element_size()
         return plan_batches(lengths, self.token_budget, contexts=contexts, bytes_per_qk=4 * self.NH,
-                            qk_budget=_ATTN_BYTES_BUDGET, bytes_per_context=kv_bytes,
+                            qk_budget=_ATTN_BYTES_BUDGET, bytes_per_context=self._kv_bytes,
                             context_budget=_KV_BYTES_BUDGET, qk_weight=self._qk_weight)
 
     @torch.inference_mode()
