@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from promptshift.errors import ExtractError
+from promptshift.extract.alloc import tune_glibc_malloc
 from promptshift.extract.arch import resolve_arch
 from promptshift.extract.attention import AttnStats, install, set_stats
 from promptshift.extract.batching import plan_batches
@@ -92,6 +93,8 @@ class Engine:
         self.components = tuple(components)
         self.top_k, self.lens_top_k, self.token_budget = top_k, lens_top_k, token_budget
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            tune_glibc_malloc()
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pending: list[tuple[_DecodeState, list[Result]]] = []
         # padding gaps inside a merged cache would shift sliding windows: merge only without them

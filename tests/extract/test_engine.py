@@ -119,7 +119,10 @@ def test_mixed_prefix_batch_equals_each_prompt_alone(tok, tiny_model):
                 x, y = np.asarray(getattr(g, name), np.float64), np.asarray(getattr(ref, name), np.float64)
                 assert x.shape == y.shape, name
                 assert np.array_equal(np.isnan(x), np.isnan(y)), name
-                assert np.nanmax(np.abs(x - y)) <= 1e-4, (name, it.prompt)
+                # patterns are kept in float16: float32 noise of 1e-8 can round to the next
+                # float16 value, one unit in the last place (2**-11 relative) away
+                tol = 1e-4 + (2.0**-10 * np.abs(y) if name == "pattern" else 0.0)
+                assert np.all(np.nan_to_num(np.abs(x - y)) <= tol), (name, it.prompt)
             for name in g.comps:
                 assert g.comps[name].shape == ref.comps[name].shape
                 assert np.abs(g.comps[name] - ref.comps[name]).max() <= 1e-4, name
