@@ -93,10 +93,15 @@ class Batch:
 def output_stats(logits: torch.Tensor, normed_last: torch.Tensor, unembed, top_k: int, lens_top_k: int) -> dict:
     """promptshift's own output-side reduction (top-k, entropy, log-sum-exp, logit lens of
     every layer), so every mode does identical arithmetic there; ``unembed``: the model's
-    output embedding, (N, H) -> (N, V)."""
+    output embedding module (its weight and bias are used)."""
     from promptshift.extract.engine import output_stats as reduce_outputs
+    from promptshift.extract.engine import unembed as into
 
-    return reduce_outputs(logits, normed_last, lambda r: unembed(r).float(), top_k, lens_top_k)
+    return reduce_outputs(logits, normed_last, lambda r, out: into(unembed, None, r, out), top_k, lens_top_k,
+                          _LENS_WORKSPACE)
+
+
+_LENS_WORKSPACE: dict = {}  # the lens buffers, reused across batches as promptshift's engine does
 
 
 class Outputs:

@@ -96,6 +96,7 @@ class Engine:
         if self.device.type == "cpu":
             tune_glibc_malloc()
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lens_ws: dict = {}  # the logit lens's buffers, reused by every batch
         self._pending: list[tuple[_DecodeState, list[Result]]] = []
         # padding gaps inside a merged cache would shift sliding windows: merge only without them
         self._can_merge = not any(getattr(c, "sliding_window", None) for c in (cfg, model.config))
@@ -269,7 +270,11 @@ class Engine:
     def _output_stats(self, final_h, last_resid):
         nw = self.arch.final_norm.weight
         normed = self.arch.final_norm(last_resid.to(nw.device, nw.dtype)).float()  # (B, L, H)
-        return output_stats(self._logits(final_h), normed, self._logits, self.top_k, self.lens_top_k)
+        return output_stats(self._logits(final_h), normed, self._unembed_into, self.top_k, self.lens_top_k,
+                            self._lens_ws)
+
+    def _unembed_into(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return unembed(self.lm_head, self.softcap, h, out)
 
     # --- public -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -459,38 +464,54 @@ class _Prefilled(DynamicLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
 
-# Rows of (rows, vocab) float32 temporaries per chunk of the logit lens: under 32 MiB,
-# glibc's largest mmap threshold, freed chunks are reused instead of returned to the kernel
-# and page-faulted back in every time (measured: 1.10 s vs 1.58 s for 1,440 lens rows of
-# SmolLM2's 49,152-token vocabulary on 2 CPU cores); GPUs take bigger chunks.
-_LENS_CHUNK_BYTES_CPU = 24 << 20
+# Rows per chunk of the logit lens, as bytes of one (rows, vocab) float32 buffer. The lens
+# works in two such buffers, kept by the caller between batches (``workspace``), so large
+# chunks cost no page faults: on 2 CPU cores the (rows, 576) @ (576, 49,152) product ran at
+# 118 GFLOP/s with 128 rows into fresh memory and 154 with 512 rows into a reused buffer
+# (docs/BENCHMARKS.md, "Logit lens"); GPUs take bigger chunks.
+_LENS_CHUNK_BYTES_CPU = 96 << 20
 _LENS_CHUNK_BYTES_GPU = 1 << 30
 
 
 @torch.inference_mode()
-def output_stats(logits: torch.Tensor, normed_last: torch.Tensor, unembed_fn, top_k: int, lens_top_k: int) -> dict:
+def output_stats(logits: torch.Tensor, normed_last: torch.Tensor, unembed_fn, top_k: int, lens_top_k: int,
+                 workspace: dict | None = None) -> dict:
     """Last-position outputs of a batch, as numpy: ``logits`` (B, V); ``normed_last``
     (B, L, H): every layer's last-position residual after the final norm; ``unembed_fn``:
-    (N, H) -> (N, V) float32 logits. Top-k log-probs, entropy and log-sum-exp of the
-    output, and the logit lens of every layer (top-k, entropy, log-prob of the final
-    top-1), as one (rows, H) @ (H, V) product per chunk of rows: the unembedding matrix
-    is read once per chunk instead of once per layer."""
+    ``(rows (N, H), out (N, V) float32) -> out``, the logits written into ``out``. Top-k
+    log-probs, entropy and log-sum-exp of the output, and the logit lens of every layer
+    (top-k, entropy, log-prob of the final top-1), as one (rows, H) @ (H, V) product per
+    chunk of rows, so the unembedding matrix is read once per chunk instead of once per
+    layer. The lens is computed in place in two (chunk, V) buffers held in ``workspace``
+    (a dict the caller keeps between calls; None: buffers for this call only)."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     top = logp.topk(top_k, dim=-1)
     B, L, _ = normed_last.shape
     rows = normed_last.reshape(B * L, -1)  # (B*L, H)
     t1 = top.indices[:, 0].repeat_interleave(L)  # (B*L,)
-    per_row = 4 * logits.shape[-1]
-    chunk = max(8, (_LENS_CHUNK_BYTES_GPU if rows.is_cuda else _LENS_CHUNK_BYTES_CPU) // per_row)
+    V = logits.shape[-1]
+    n = rows.shape[0]
+    chunk = min(n, max(8, (_LENS_CHUNK_BYTES_GPU if rows.is_cuda else _LENS_CHUNK_BYTES_CPU) // (4 * V)))
+    ws = workspace if workspace is not None else {}
+    if "x" not in ws or ws["x"].shape[0] < chunk or ws["x"].shape[1] != V or ws["x"].device != rows.device:
+        ws["x"] = ws["e"] = None  # free the old pair before allocating the new one
+        ws["x"], ws["e"] = (torch.empty(chunk, V, dtype=torch.float32, device=rows.device) for _ in range(2))
     ids_c, lp_c, ent_c, t1_c = [], [], [], []
-    for i in range(0, rows.shape[0], chunk):
-        lp = torch.log_softmax(unembed_fn(rows[i : i + chunk]).float(), dim=-1)  # (rows, V)
-        t = lp.topk(lens_top_k, dim=-1)
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        x, e = ws["x"][:m], ws["e"][:m]
+        unembed_fn(rows[i : i + m], x)  # logits
+        x.sub_(x.amax(-1, keepdim=True))
+        torch.exp(x, out=e)
+        z = e.sum(-1, keepdim=True)
+        x.sub_(z.log())  # log-probabilities, as log_softmax computes them
+        e.div_(z)  # probabilities
+        t = x.topk(lens_top_k, dim=-1)
         ids_c.append(t.indices)
         lp_c.append(t.values)
-        ent_c.append(-(lp.exp() * lp).sum(-1))
-        t1_c.append(lp.gather(1, t1[i : i + chunk, None])[:, 0])
+        ent_c.append(-torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(m))
+        t1_c.append(x.gather(1, t1[i : i + m, None])[:, 0])
     np_ = lambda t: t.cpu().numpy()  # noqa: E731
     return dict(
         topk_ids=np_(top.indices).astype(np.int32), topk_logprobs=np_(top.values),
@@ -501,14 +522,21 @@ def output_stats(logits: torch.Tensor, normed_last: torch.Tensor, unembed_fn, to
     )
 
 
-def unembed(lm_head, softcap: float | None, h: torch.Tensor) -> torch.Tensor:
-    """float32 logits of (…, H) hidden states already after the final norm."""
+def unembed(lm_head, softcap: float | None, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 logits of (…, H) hidden states already after the final norm; written into
+    ``out`` (float32, on the weights' device) when given."""
     w = lm_head.weight
-    logits = (h.to(w.device, w.dtype) @ w.T).float()
+    h = h.to(w.device, w.dtype)
+    if out is not None and w.dtype == torch.float32 and h.dim() == 2:
+        logits = torch.mm(h, w.T, out=out)
+    else:
+        logits = (h @ w.T).float()
+        if out is not None:
+            logits = out.copy_(logits)
     if getattr(lm_head, "bias", None) is not None:
-        logits = logits + lm_head.bias.float()
+        logits.add_(lm_head.bias.float())
     if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+        logits.div_(softcap).tanh_().mul_(softcap)
     return logits
 
 

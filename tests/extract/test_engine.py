@@ -261,3 +261,43 @@ def test_float16_overflow_names_the_prompt(tmp_path, tok):
     path = write_sweep(tmp_path / "s.yaml", storage_dtype="float16", max_new_tokens=0)
     with pytest.raises(ExtractError, match=r"resid_pre of prompt 0 \(.*\) has values up to .* beyond float16's range"):
         extract(load_sweep(path), ExtractConfig(store=None, progress=False, selfcheck=False), model=model, tok=tok)
+
+
+@pytest.mark.parametrize("softcap", [None, 7.0])
+def test_output_stats_against_numpy(monkeypatch, softcap):
+    """The in-place logit lens (chunked, buffers reused across calls of different sizes)
+    against a float64 numpy formula: top-k, entropy, log-prob of the final top-1."""
+    import torch
+
+    from promptshift.extract import engine as E
+
+    monkeypatch.setattr(E, "_LENS_CHUNK_BYTES_CPU", 4 * 97 * 9)  # 9-row chunks: several per call
+    rng = np.random.default_rng(1)
+    H, V = 12, 97
+    head = torch.nn.Linear(H, V, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(rng.normal(size=(V, H)) * 2.0))
+        head.bias.copy_(torch.from_numpy(rng.normal(size=V)))
+    W, bias = head.weight.detach().double().numpy(), head.bias.detach().double().numpy()
+
+    def ref_logits(h):
+        z = h @ W.T + bias
+        return np.tanh(z / softcap) * softcap if softcap else z
+
+    ws = {}
+    for B, L in ((1, 4), (2, 9), (4, 2)):  # the second call needs bigger buffers, the third reuses them
+        normed = rng.normal(size=(B, L, H)).astype(np.float32)
+        final = rng.normal(size=(B, H)).astype(np.float32)
+        fn = lambda r, out: E.unembed(head, softcap, r, out)  # noqa: E731
+        logits = E.unembed(head, softcap, torch.from_numpy(final))
+        got = E.output_stats(logits, torch.from_numpy(normed), fn, 3, 4, ws)
+        z = ref_logits(normed.astype(np.float64))  # (B, L, V)
+        lp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+        order = np.argsort(-lp, axis=-1)[..., :4]
+        assert np.array_equal(got["lens_ids"], order)
+        assert np.allclose(got["lens_logprobs"], np.take_along_axis(lp, order, -1), atol=1e-5)
+        assert np.allclose(got["lens_entropy"], -(np.exp(lp) * lp).sum(-1), atol=1e-5)
+        zf = ref_logits(final.astype(np.float64))
+        top1 = zf.argmax(-1)
+        assert np.allclose(got["lens_final_top1"], lp[np.arange(B), :, top1], atol=1e-5)
+        assert ws["x"].shape == (4 if B == 1 else 9, V)
