@@ -6,6 +6,7 @@ tests and in-process use."""
 from __future__ import annotations
 
 import json
+import uuid
 import os
 import shutil
 from pathlib import Path
@@ -141,12 +142,41 @@ def _raw_chunk_writer(arr, value: np.ndarray):
             and tuple(arr.chunks[1:]) == tuple(arr.shape[1:]) and tuple(value.shape[1:]) == tuple(arr.shape[1:])):
         return None
     store, path, buffer = arr.store_path.store, arr.store_path.path, default_buffer_prototype().buffer
+    local = _local_root(store)
+    if local is not None:
+        # a local store: the chunk file is written here, in the writer thread, as zarr's
+        # LocalStore writes it (a temporary file renamed into place), without the hop to
+        # zarr's event-loop thread and its copy (~5% of the zarr run's time at 276 pairs)
+        def put_local(i: int, chunk: np.ndarray) -> None:
+            dst = local / path / arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_suffix(f".{uuid.uuid4().hex}.partial")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+                os.replace(tmp, dst)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+        return put_local
 
     def put(i: int, chunk: np.ndarray) -> None:
         key = f"{path}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}"
         sync(store.set(key, buffer.from_bytes(np.ascontiguousarray(chunk).view(np.uint8).reshape(-1))))
 
     return put
+
+
+def _local_root(store) -> Path | None:
+    """The directory of a writable zarr LocalStore, else None."""
+    try:
+        from zarr.storage import LocalStore
+    except ImportError:
+        return None
+    if type(store) is not LocalStore or getattr(store, "read_only", False):
+        return None
+    return Path(str(store.root))
 
 
 class _H5Array:

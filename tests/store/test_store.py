@@ -172,6 +172,14 @@ def test_zarr_whole_chunk_writes_equal_zarr_writes(tmp_path, lo, n):
         stores[kind] = np.asarray(zarr.open_array(str(tmp_path / f"{kind}.zarr" / "x"))[...])
     assert np.array_equal(stores["fast"], stores["zarr"])
     assert np.array_equal(stores["fast"][lo : lo + n], value)
+    # the local store's chunk files are written directly: same files, same bytes, no leftovers
+    from promptshift.store.backends import _local_root
+
+    assert _local_root(ZarrBackend(tmp_path / "fast.zarr", mode="r+").array("x").store_path.store) is not None
+    assert _local_root(ZarrBackend(tmp_path / "fast.zarr", mode="r").array("x").store_path.store) is None
+    files = {k: {p.relative_to(tmp_path / f"{k}.zarr"): p.read_bytes() for p in (tmp_path / f"{k}.zarr").rglob("*")
+                 if p.is_file() and "zarr.json" not in p.name} for k in stores}
+    assert files["fast"] == files["zarr"] and files["fast"]
     # compressed arrays are never written raw
     be = ZarrBackend(tmp_path / "c.zarr", mode="w")
     be.create_array("ids", (10, 3), np.int32, (4, 3), ("prompt", "k"), -1)
