@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from promptshift.extract.arch import resolve_arch
+from promptshift.extract.arch import bind_model
 from promptshift.extract.attention import Knockout, install, set_knockout
 from promptshift.extract.engine import unembed
 
@@ -60,14 +60,7 @@ class Runner:
 
     def __init__(self, model, token_budget: int = 4096):
         install(model)
-        self.model = model
-        self.arch = resolve_arch(model)
-        self.base = model.base_model
-        self.lm_head = model.get_output_embeddings()
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        self.L = len(self.arch.layers)
-        self.device = next(model.parameters()).device
+        bind_model(self, model)
         self.token_budget = token_budget
         self._edits: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]] = {}
         self._capture: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, tail positions) to keep
@@ -81,7 +74,7 @@ class Runner:
         # every layer keeps its own layer_idx (cache slot). Only where the model's layer loop
         # does not pick per-layer settings by list index (all layer types equal), and the
         # layers live at `model.layers`; elsewhere rows run every layer (same results, slower).
-        types = getattr(cfg, "layer_types", None)
+        types = getattr(self.cfg, "layer_types", None)
         self._layer_owner = self.base if self.arch.spec.layers == "model.layers" and hasattr(self.base, "layers") else None
         self.can_skip = self._layer_owner is not None and (not types or len(set(types)) == 1)
 

@@ -83,3 +83,18 @@ def resolve_arch(model) -> Arch:
     if mt == "gpt_neox" and not getattr(model.config, "use_parallel_residual", True):
         pass  # sequential residual: attn output then mlp output, both still added to the stream
     return Arch(spec, layers, final_norm, mt)
+
+
+def bind_model(obj, model) -> None:
+    """Give ``obj`` (an engine or runner) the handles it works with: ``model``, ``arch``,
+    ``base`` (the decoder stack), ``lm_head``, ``cfg`` (the text config), ``softcap``
+    (final logit soft-capping or None), ``L`` (layers) and ``device``. The caller
+    installs the attention function first."""
+    obj.model = model
+    obj.arch = resolve_arch(model)
+    obj.base = model.base_model
+    obj.lm_head = model.get_output_embeddings()
+    obj.cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    obj.softcap = getattr(obj.cfg, "final_logit_softcapping", None)
+    obj.L = len(obj.arch.layers)
+    obj.device = next(model.parameters()).device

@@ -14,7 +14,7 @@ from transformers.cache_utils import DynamicLayer
 
 from promptshift.errors import ExtractError
 from promptshift.extract.alloc import tune_glibc_malloc
-from promptshift.extract.arch import resolve_arch
+from promptshift.extract.arch import bind_model
 from promptshift.extract.attention import AttnStats, install, set_stats
 from promptshift.extract.batching import plan_batches
 from promptshift.sweep.chat import REGIONS
@@ -81,18 +81,11 @@ class Engine:
         self.padding_side = padding_side
         self.full_layers = tuple(full_attention_layers)
         install(model)
-        self.model = model
-        self.arch = resolve_arch(model)
-        self.base = model.base_model
-        self.lm_head = model.get_output_embeddings()
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.cfg = cfg
-        self.L = len(self.arch.layers)
+        bind_model(self, model)
+        cfg = self.cfg
         self.NH = cfg.num_attention_heads
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.components = tuple(components)
         self.top_k, self.lens_top_k, self.token_budget = top_k, lens_top_k, token_budget
-        self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             tune_glibc_malloc()
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -146,11 +146,13 @@ def test_planted_knockout_onset(sweep, tok):
     run_causal(sweep, CausalConfig(store=st, analyses=("knockout",), progress=False), model=m, tok=tok)
     arrays, _ = st.read_causal("knockout")
     klko = arrays["kl"]  # (pairs, L+1)
-    # from layer k on, knocking out is the same run as not knocking out (start L): the values
-    # are equal, and only the float32 floor of the tail run vs the full reference run is left
-    np.testing.assert_allclose(klko[:, k:], np.repeat(klko[:, -1:], klko.shape[1] - k, 1), rtol=0, atol=1e-9)
-    assert np.all(klko[:, -1] < 1e-6)
-    assert np.all(klko[:, k - 1] > 100 * klko[:, -1].max())
+    # from layer k on, knocking out changes nothing: only the float32 floor is left (rows
+    # whose runs start at different layers are batched differently, and some CPUs' matmul
+    # kernels round differently with the batch size: ~1e-7 on an AMD EPYC, 0 on a Xeon),
+    # hundreds of times below the effect of knocking out from layer k-1
+    assert np.all(klko[:, k:] < 1e-6) and np.all(klko[:, -1] < 1e-6)
+    np.testing.assert_allclose(klko[:, k:], np.repeat(klko[:, -1:], klko.shape[1] - k, 1), rtol=0, atol=1e-6)
+    assert klko[:, k - 1].min() > 100 * klko[:, k:].max()
     tables = compute(st, None, workers=0, progress=False, n_boot=200)
     summ = _summary(st, tables)
     assert summ["knockout"]["stops_mattering"]["site"] == k
