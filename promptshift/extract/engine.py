@@ -461,7 +461,7 @@ class _Prefilled(DynamicLayer):
 # works in two such buffers, kept by the caller between batches (``workspace``), so large
 # chunks cost no page faults: on 2 CPU cores the (rows, 576) @ (576, 49,152) product ran at
 # 118 GFLOP/s with 128 rows into fresh memory and 154 with 512 rows into a reused buffer
-# (docs/BENCHMARKS.md, "Logit lens"); GPUs take bigger chunks.
+# (docs/BENCHMARKS.md, "Allocator, in-place logit lens, ..."); GPUs take bigger chunks.
 _LENS_CHUNK_BYTES_CPU = 96 << 20
 _LENS_CHUNK_BYTES_GPU = 1 << 30
 
