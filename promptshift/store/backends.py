@@ -6,9 +6,9 @@ tests and in-process use."""
 from __future__ import annotations
 
 import json
-import uuid
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +142,18 @@ def _raw_chunk_writer(arr, value: np.ndarray):
             and tuple(arr.chunks[1:]) == tuple(arr.shape[1:]) and tuple(value.shape[1:]) == tuple(arr.shape[1:])):
         return None
     store, path, buffer = arr.store_path.store, arr.store_path.path, default_buffer_prototype().buffer
+
+    def key(i: int) -> str:  # the store key of whole chunk i along the first axis
+        k = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+        return f"{path}/{k}" if path else k
+
     local = _local_root(store)
     if local is not None:
         # a local store: the chunk file is written here, in the writer thread, as zarr's
         # LocalStore writes it (a temporary file renamed into place), without the hop to
         # zarr's event-loop thread and its copy (~5% of the zarr run's time at 276 pairs)
         def put_local(i: int, chunk: np.ndarray) -> None:
-            dst = local / path / arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+            dst = local / key(i)
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_suffix(f".{uuid.uuid4().hex}.partial")
             try:
@@ -162,8 +167,7 @@ def _raw_chunk_writer(arr, value: np.ndarray):
         return put_local
 
     def put(i: int, chunk: np.ndarray) -> None:
-        key = f"{path}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}"
-        sync(store.set(key, buffer.from_bytes(np.ascontiguousarray(chunk).view(np.uint8).reshape(-1))))
+        sync(store.set(key(i), buffer.from_bytes(np.ascontiguousarray(chunk).view(np.uint8).reshape(-1))))
 
     return put
 
