@@ -75,7 +75,8 @@ class Result:
 
 class Engine:
     def __init__(self, model, *, components, top_k: int, lens_top_k: int, token_budget: int,
-                 padding_side: str = "right", full_attention_layers: tuple[int, ...] = ()):
+                 padding_side: str = "right", full_attention_layers: tuple[int, ...] = (),
+                 resid_pre_layers: int | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
         self.padding_side = padding_side
@@ -85,6 +86,9 @@ class Engine:
         cfg = self.cfg
         self.NH = cfg.num_attention_heads
         self.components = tuple(components)
+        # resid_pre is captured at the first ``resid_pre_layers`` layers only (1: the store
+        # derives the rest from resid_post, see check_residual_chain); None: every layer
+        self._pre_layers = self.L if resid_pre_layers is None else int(resid_pre_layers)
         self.top_k, self.lens_top_k, self.token_budget = top_k, lens_top_k, token_budget
         if self.device.type == "cpu":
             tune_glibc_malloc()
@@ -127,8 +131,9 @@ class Engine:
             pre, post = take("resid_pre", i), take("resid_post", i)
             attn, mlp = take("attn_out", i), take("mlp_out", i)
 
-            def pre_hook(mod, args, kwargs, pre=pre):
-                pre(args[0] if args else kwargs["hidden_states"])
+            def pre_hook(mod, args, kwargs, pre=pre, i=i):
+                if i < len(self._buf.get("resid_pre", ())):
+                    pre(args[0] if args else kwargs["hidden_states"])
 
             def post_hook(mod, args, kwargs, out, post=post, i=i):
                 h = first(out)
@@ -141,6 +146,33 @@ class Engine:
             self._handles.append(layer.register_forward_hook(post_hook, with_kwargs=True))
             self._handles.append(self.arch.attn_add(i).register_forward_hook(lambda m, a, o, f=attn: f(first(o))))
             self._handles.append(self.arch.mlp_add(i).register_forward_hook(lambda m, a, o, f=mlp: f(first(o))))
+
+    @torch.inference_mode()
+    def check_residual_chain(self, n_tokens: int = 8) -> None:
+        """Check that the input of layer l+1 is bit for bit the output of layer l, which is
+        what lets a store keep ``resid_pre`` at layer 0 only. True of every decoder stack
+        that feeds each layer's output straight to the next; a model that changes the
+        residual stream between layers is refused here, before anything is written."""
+        from promptshift.errors import ExtractError
+
+        vocab = int(self.cfg.vocab_size)
+        n = max(2, min(n_tokens, vocab - 1))
+        ids = (np.arange(1, n + 1, dtype=np.int64) * 7919) % vocab
+        item = Item(-1, ids, np.zeros(n, np.int8), 0)
+        saved, comps = self._pre_layers, self.components
+        self._pre_layers, self.components = self.L, tuple(dict.fromkeys((*comps, "resid_pre", "resid_post")))
+        try:
+            r = self.run([item])[0]
+        finally:
+            self._pre_layers, self.components = saved, comps
+        pre, post = r.comps["resid_pre"], r.comps["resid_post"]
+        bad = [la for la in range(1, self.L) if not np.array_equal(pre[:, la], post[:, la - 1])]
+        if bad:
+            raise ExtractError(
+                f"{type(self.model).__name__} changes the residual stream between layers (resid_pre of layer "
+                f"{bad[0]} differs from resid_post of layer {bad[0] - 1}), so resid_pre cannot be derived from "
+                "resid_post; extract resid_pre and resid_post in separate sweeps (`components`)"
+            )
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -229,7 +261,8 @@ class Engine:
                                 dtype=torch.long)
         s_idx = torch.as_tensor(np.concatenate(keep_local), dtype=torch.long)
         self._gather = (b_idx.to(dev), s_idx.to(dev))
-        self._buf = {c: [None] * self.L for c in ("resid_pre", "attn_out", "mlp_out", "resid_post")}
+        self._buf = {c: [None] * self.L for c in ("attn_out", "mlp_out", "resid_post")}
+        self._buf["resid_pre"] = [None] * self._pre_layers
         self._last = last_q.to(dev) if want_output else None
         self._last_resid = [None] * self.L
         set_stats(stats)

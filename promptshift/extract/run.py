@@ -22,7 +22,7 @@ from importlib import metadata
 import numpy as np
 
 from promptshift.errors import StoreError
-from promptshift.store.core import Store, empty_block
+from promptshift.store.core import Store, array_specs, empty_block, resid_pre_derived, stored_name
 from promptshift.sweep.config import SweepConfig, load_sweep
 from promptshift.sweep.plan import Plan, build_plan, load_plan_inputs, parse_shard
 
@@ -236,12 +236,15 @@ class BlockRunner:
         gens = s.max_new_tokens > 0
         # activations are cast by torch (numpy's float16 conversion is ~8x slower), then
         # checked once per block; only a failing block is searched for the prompt to name
-        dst = {c: torch.from_numpy(data[c]) for c in s.components}
+        dst = {}
+        for c in s.components:  # a derived resid_pre is stored at layer 0 only: (tokens, 1, hidden)
+            a = data[stored_name(plan, c)]
+            dst[c] = torch.from_numpy(a if a.ndim == 3 else a[:, None, :])
         for j, p in enumerate(prompts):
             r, row = results[p], plan.prompts.iloc[p]
             k0 = int(row.kept_start - b.kept_start)
             for c in s.components:
-                v = r.comps[c]
+                v = r.comps[c][:, : dst[c].shape[1]]  # an engine that captured every layer: keep what is stored
                 dst[c][k0 : k0 + len(v)].copy_(torch.from_numpy(v))
             data["attn_region_mass"][j] = r.region_mass
             data["attn_entropy"][j] = r.entropy
@@ -314,17 +317,26 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     if model is None:
         model = load_model(sweep.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=sweep.trust_remote_code,
                            allow_pickle=cfg.allow_pickle)
-    store = Store.create(cfg.store, plan, provenance(model, tok, sweep, plan), cfg.format, cfg.overwrite)
+    array_specs(plan)  # the schema's own checks (e.g. full_attention_layers in range) before the model runs
+    derived = resid_pre_derived(plan)
+    engine = Engine(model, components=sweep.components, top_k=sweep.top_k, lens_top_k=sweep.lens_top_k,
+                    token_budget=sweep.token_budget, padding_side=cfg.padding_side,
+                    full_attention_layers=sweep.full_attention_layers, resid_pre_layers=1 if derived else None)
+    try:
+        if derived:  # before anything is written: the store will keep resid_pre at layer 0 only
+            engine.check_residual_chain()
+        store = Store.create(cfg.store, plan, provenance(model, tok, sweep, plan), cfg.format, cfg.overwrite)
+    except BaseException:
+        engine.remove_hooks()
+        raise
     if cfg.init_only:
+        engine.remove_hooks()
         store.run_stats = {"tokens": 0, "attn_qk": 0, "blocks": 0, "seconds": 0.0, "stopped_by": None}
         return store
     plan = store.plan  # the persisted plan is the one every worker follows
     blocks = plan.shard_blocks(cfg.shard_index, cfg.n_shards)
     done = store.done()
     todo = [b for b in blocks if not done[b]]
-    engine = Engine(model, components=sweep.components, top_k=sweep.top_k, lens_top_k=sweep.lens_top_k,
-                    token_budget=sweep.token_budget, padding_side=cfg.padding_side,
-                    full_attention_layers=sweep.full_attention_layers)
     runner = BlockRunner(engine, plan, tok, prefix_sharing=cfg.prefix_sharing, selfcheck=cfg.selfcheck,
                          min_shared=cfg.min_shared)
     n_prompts = int(sum(plan.blocks.iloc[b].prompt_end - plan.blocks.iloc[b].prompt_start for b in todo))

@@ -128,7 +128,22 @@ def lazy(ref: StoreRef, name: str, target_bytes: int = 64 << 20):
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize or 1
     c0 = max(1, int(storage[0]))
     mult = max(1, target_bytes // max(1, row_bytes * c0))
-    chunks = (min(max(shape[0], 1), c0 * mult), *shape[1:])
+    rows = min(max(shape[0], 1), c0 * mult)
+    if name in store.derived:  # resid_pre of a schema-2 store: layer 0, then resid_post shifted by one layer
+        d = store.derived[name]
+        layer0 = _lazy_rows(ref, store, d["layer0"], rows)[:, None, :]
+        post = _lazy_rows(ref, store, d["from_layer1"], rows)
+        return da.concatenate([layer0, post[:, :-1]], axis=1).rechunk({1: -1})  # one chunk per row range
+    return _lazy_rows(ref, store, name, rows)
+
+
+def _lazy_rows(ref: StoreRef, store: Store, name: str, rows: int):
+    """Stored array ``name`` as a dask array of ``rows`` rows per chunk."""
+    import dask.array as da
+
+    arr = store.array(name)
+    shape = tuple(arr.shape)
+    chunks = (rows, *shape[1:])
     fmt = store.backend.format
     if fmt == "zarr":
         return da.from_zarr(ref.path, component=name, chunks=chunks)

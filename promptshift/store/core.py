@@ -26,7 +26,7 @@ from promptshift.errors import StoreError
 from promptshift.store.backends import Backend, MemoryBackend, NullBackend, open_backend, remove_path
 from promptshift.sweep.chat import REGIONS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: resid_pre stored at layer 0 only when resid_post is stored (``resid_pre_0``)
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 N_REGIONS = len(REGIONS)
 
@@ -40,6 +40,17 @@ class ArraySpec:
     dims: tuple[str, ...]
     fill_value: Any = 0
     static: bool = False  # written once at creation (from the plan), never by workers
+
+
+def resid_pre_derived(plan) -> bool:
+    """Whether this plan's store keeps ``resid_pre`` at layer 0 only (``resid_pre_0``) and
+    reads layers 1.. from ``resid_post`` (plans of schema-1 stores keep every layer)."""
+    return bool(plan.meta.get("resid_pre_layer0_only", False))
+
+
+def stored_name(plan, component: str) -> str:
+    """The array that holds ``component`` in this plan's store."""
+    return "resid_pre_0" if component == "resid_pre" and resid_pre_derived(plan) else component
 
 
 def array_specs(plan) -> list[ArraySpec]:
@@ -63,7 +74,9 @@ def array_specs(plan) -> list[ArraySpec]:
         ArraySpec("block_done", (B,), np.uint8, (1,), ("block",), 0),
         ArraySpec("block_selfcheck", (B,), np.float32, (1,), ("block",), np.nan),
         # activations at kept positions
-        *[ArraySpec(c, (T, L, H), sd, (ct, L, H), ("token", "layer", "hidden"), 0) for c in s.components],
+        *[ArraySpec(c, (T, L, H), sd, (ct, L, H), ("token", "layer", "hidden"), 0)
+          if stored_name(plan, c) == c else ArraySpec(stored_name(plan, c), (T, H), sd, (ct, H), ("token", "hidden"), 0)
+          for c in s.components],
         # attention statistics, reduced inside each layer
         ArraySpec("attn_region_mass", (P, L, NH, R, R), np.float32, (cp, L, NH, R, R),
                   ("prompt", "layer", "head", "qregion", "kregion"), np.nan),
@@ -183,6 +196,9 @@ class Store:
             "components": list(plan.sweep.components),
             "keep": plan.sweep.keep,
             "n_blocks": plan.n_blocks,
+            # components not stored whole: name -> how a reader assembles it
+            "derived": {"resid_pre": {"layer0": "resid_pre_0", "from_layer1": "resid_post"}}
+            if resid_pre_derived(plan) else {},
         }
         if path is None or fmt == "null":
             be = NullBackend() if fmt == "null" else MemoryBackend()
@@ -285,7 +301,16 @@ class Store:
     def pairs(self) -> pd.DataFrame:
         return self.plan.pairs.copy()
 
+    @property
+    def derived(self) -> dict:
+        """Components assembled on read (schema 2: ``resid_pre`` from ``resid_pre_0`` and
+        ``resid_post``); empty for stores that keep every component whole."""
+        return dict(self.attrs.get("derived", {}))
+
     def array(self, name: str):
+        if name in self.derived:
+            d = self.derived[name]
+            return ShiftedResidual(self.array(d["layer0"]), self.array(d["from_layer1"]))
         if not self.backend.has(name):
             raise StoreError(f"no array {name!r} in store {self.path}; arrays: {', '.join(self.backend.names())}")
         return self.backend.array(name)
@@ -294,9 +319,13 @@ class Store:
         return self.backend.names()
 
     def dims(self, name: str) -> tuple[str, ...]:
+        if name in self.derived:
+            return self.backend.dims(self.derived[name]["from_layer1"])
         return self.backend.dims(name)
 
     def chunks(self, name: str) -> tuple[int, ...]:
+        if name in self.derived:
+            return self.backend.chunks(self.derived[name]["from_layer1"])
         return self.backend.chunks(name)
 
     def done(self) -> np.ndarray:
@@ -409,6 +438,43 @@ class Store:
 
     def close(self) -> None:
         self.backend.close()
+
+
+class ShiftedResidual:
+    """``resid_pre`` of a schema-2 store, read only: layer 0 from ``resid_pre_0`` (token,
+    hidden) and layer l > 0 from ``resid_post`` layer l - 1 (token, layer, hidden), which the
+    extractor checked to be bit for bit equal. Indexable like the stored arrays; only the
+    rows asked for are read."""
+
+    def __init__(self, layer0, post):
+        self.layer0, self.post = layer0, post
+        self.shape, self.dtype = tuple(post.shape), post.dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[...]
+        return out.astype(dtype, copy=False) if dtype is not None else out
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key[1:]) or len(key) > self.ndim:
+            raise IndexError("resid_pre (derived) takes an index along tokens, then plain indices")
+        first = slice(None) if key[0] is Ellipsis else key[0]
+        rest = key[1:] if key[0] is not Ellipsis else ()
+        if isinstance(first, (int, np.integer)):
+            return self[first : first + 1 if first != -1 else None][(0, *rest)]
+        if not isinstance(first, slice):
+            raise IndexError("resid_pre (derived) takes a slice or an integer along tokens")
+        lo, hi, step = first.indices(self.shape[0])
+        post = np.asarray(self.post[lo:hi])
+        out = np.empty_like(post)
+        out[:, 0] = np.asarray(self.layer0[lo:hi])
+        out[:, 1:] = post[:, :-1]
+        out = out[::step] if step != 1 else out
+        return out[(slice(None), *rest)] if rest else out
 
 
 def open_store(path: str | Path, mode: str = "r") -> Store:

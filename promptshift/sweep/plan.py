@@ -121,7 +121,11 @@ class Plan:
         else:
             kept = int((n - self.prompts["suffix_start"].to_numpy()).sum())
         bytes_per = 2 if self.sweep.storage_dtype == "float16" else 4
-        acts = kept * self.dims.n_layers * self.dims.hidden * bytes_per * len(self.sweep.components)
+        comps = self.sweep.components
+        layers = self.dims.n_layers * len(comps)
+        if self.meta.get("resid_pre_layer0_only"):
+            layers -= self.dims.n_layers - 1  # resid_pre: layer 0 only, the rest is resid_post
+        acts = kept * layers * self.dims.hidden * bytes_per
         attn = len(n) * self.dims.n_layers * self.dims.n_heads * (len(REGIONS) ** 2 + 2 * len(REGIONS) + 4) * 4
         last_rows = int(n.sum()) * self.dims.n_layers * self.dims.n_heads * 2
         return int(acts + attn + last_rows)
@@ -341,6 +345,9 @@ def build_plan(sweep: SweepConfig, tok, dims: ModelDims) -> Plan:
         pattern_chunk=pchunk,
         regions=list(REGIONS),
         bos_token_id=tok.bos_token_id,
+        # resid_pre of layer l > 0 is resid_post of layer l - 1 (the engine checks this bit
+        # for bit before extracting): the store keeps layer 0 only and derives the rest
+        resid_pre_layer0_only="resid_pre" in sweep.components and "resid_post" in sweep.components,
     )
     if meta["baseline_carries_default"]:
         warnings.warn(

@@ -139,7 +139,39 @@ def test_residual_sum_identity(batched):
     pre, post, attn, mlp = pre[real], post[real], attn[real], mlp[real]  # (T, L, H)
     rel = np.linalg.norm(post - (pre + attn + mlp), axis=-1) / np.linalg.norm(post, axis=-1)
     assert rel.max() <= 1e-5
-    assert np.array_equal(pre[:, 1:], post[:, :-1]) or np.abs(pre[:, 1:] - post[:, :-1]).max() <= 1e-6
+
+
+def test_residual_chain_is_checked_before_writing(sweep_path, tok, tiny_model, tmp_path):
+    """The store keeps resid_pre at layer 0 only because a layer's input is bit for bit the
+    previous layer's output. Captured at every layer, that holds; a model that changes the
+    residual stream between layers is refused before a store exists."""
+    from promptshift.errors import ExtractError
+    from promptshift.extract.engine import Engine, Item
+
+    plan = load_sweep(sweep_path)
+    eng = Engine(tiny_model, components=("resid_pre", "resid_post"), top_k=4, lens_top_k=2, token_budget=256)
+    try:
+        ids = np.array([1, 50, 70, 90, 110, 130], np.int64)
+        r = eng.run([Item(0, ids, np.zeros(len(ids), np.int8), 0)])[0]
+        pre, post = r.comps["resid_pre"], r.comps["resid_post"]  # (6, L, H), every layer captured
+        assert pre.shape == post.shape and np.array_equal(pre[:, 1:], post[:, :-1])
+        eng.check_residual_chain()
+        # a pre-hook that shifts layer 1's input: the input of layer 1 is no longer layer 0's output
+        h = eng.arch.layers[1].register_forward_pre_hook(lambda m, a: (a[0] + 1e-3, *a[1:]), prepend=True)
+        try:
+            with pytest.raises(ExtractError, match="resid_pre of layer 1 differs from resid_post of layer 0"):
+                eng.check_residual_chain()
+        finally:
+            h.remove()
+    finally:
+        eng.remove_hooks()
+    h = tiny_model.model.layers[2].register_forward_pre_hook(lambda m, a: (a[0] * 1.01, *a[1:]), prepend=True)
+    try:
+        with pytest.raises(ExtractError, match="changes the residual stream between layers"):
+            extract(plan, ExtractConfig(store=tmp_path / "s.zarr", progress=False), model=tiny_model, tok=tok)
+    finally:
+        h.remove()
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_matches_hf_hidden_states_logits_and_attentions(batched, tiny_model):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptshift.store.core import Store, empty_block
+from promptshift.store.core import Store, empty_block, resid_pre_derived, stored_name
 from promptshift.sweep.chat import REGIONS
 from promptshift.sweep.config import SweepConfig, SystemPrompt, UserPrompt
 from promptshift.sweep.plan import ModelDims, build_plan
@@ -92,7 +92,7 @@ def build(path: str | Path | None, keep: str = "suffix", fmt: str = "zarr", seed
         ps = list(range(int(blk.prompt_start), int(blk.prompt_end)))
         data = empty_block(plan, b)
         for c in sweep.components:
-            data[c][:] = 7.0  # padding rows: garbage the metrics must never read
+            data[stored_name(plan, c)][:] = 7.0  # padding rows: garbage the metrics must never read
         for j, p in enumerate(ps):
             row = pr.iloc[p]
             n, ks = int(row.n_tokens), int(row.keep_start)
@@ -100,11 +100,16 @@ def build(path: str | Path | None, keep: str = "suffix", fmt: str = "zarr", seed
             reg = plan.prompt_regions(p).astype(np.int64)
             kept = np.arange(ks, n)
             k0 = int(row.kept_start - blk.kept_start)
-            for ci, c in enumerate(sweep.components):
-                x = rng.normal(size=(len(kept), L, H)) + direction[None]
+            xs = {}
+            for c in sweep.components:
+                xs[c] = rng.normal(size=(len(kept), L, H)) + direction[None]
                 if c == "resid_pre":  # layer 0 input is the token embedding: equal at aligned tokens
-                    x[:, 0] = emb[ids[kept]]
-                data[c][k0 : k0 + len(kept)] = x.astype(np.float32)
+                    xs[c][:, 0] = emb[ids[kept]]
+            if resid_pre_derived(plan):  # a layer's input is the previous layer's output
+                xs["resid_pre"][:, 1:] = xs["resid_post"][:, :-1]
+            for c, x in xs.items():
+                name = stored_name(plan, c)
+                data[name][k0 : k0 + len(kept)] = (x if name == c else x[:, 0]).astype(np.float32)
             A = _attention(rng, n, L, NH)
             truth["attn"][p] = A
             rm, ent, sink = _reduce(A, reg)

@@ -75,6 +75,24 @@ class TestStoreBackends:
                 else:
                     assert np.array_equal(np.asarray(got), v), name
         assert np.allclose(st.array("block_selfcheck")[...], 1e-7)
+        # resid_pre is stored at layer 0 only; readers see layer l > 0 as resid_post of layer l - 1
+        assert "resid_pre" in st.derived and "resid_pre" not in st.names() and "resid_pre_0" in st.names()
+        pre0, post = np.asarray(st.array("resid_pre_0")[...]), np.asarray(st.array("resid_post")[...])
+        want = np.concatenate([pre0[:, None], post[:, :-1]], axis=1)  # (T, L, H)
+        pre = st.array("resid_pre")
+        assert pre.shape == want.shape and pre.dtype == want.dtype and st.dims("resid_pre") == st.dims("resid_post")
+        assert np.array_equal(pre[...], want) and np.array_equal(np.asarray(pre), want)
+        assert np.array_equal(pre[5:17], want[5:17]) and np.array_equal(pre[3:40:7, 1:, 2], want[3:40:7, 1:, 2])
+        assert np.array_equal(pre[7], want[7]) and np.array_equal(pre[-1, 2], want[-1, 2])
+        p = int(plan.pairs.iloc[0].variant)
+        r = plan.prompts.iloc[p]
+        assert np.array_equal(st.component("resid_pre", p), want[r.kept_start : r.kept_start + r.n_kept])
+        from promptshift.metrics.io import StoreRef, lazy, read_rows
+
+        lz = lazy(StoreRef.of(st), "resid_pre", target_bytes=4096)  # several chunks along tokens
+        assert lz.numblocks[0] > 1 and np.array_equal(lz.compute(), want)
+        rows = np.array([0, 3, 40, 41, want.shape[0] - 1])
+        assert np.array_equal(read_rows(st, "resid_pre", rows), want[rows])
 
     def test_static_layout_and_tables(self, kind, plan, tmp_path):
         st = _make(kind, plan, tmp_path)
@@ -134,6 +152,10 @@ def test_xarray_named_dims(plan, tmp_path):
     assert ds["attn_region_mass"].dims == ("prompt", "layer", "head", "qregion", "kregion")
     assert ds.sizes["prompt"] == plan.n_prompts
     np.testing.assert_array_equal(ds["n_tokens"].values, st.array("n_tokens")[...])
+    # the recipe in docs/STORE.md rebuilds the derived resid_pre in xarray
+    pre = xr.concat([ds.resid_pre_0.expand_dims("layer", axis=1), ds.resid_post[:, :-1]], "layer")
+    assert pre.dims == ("token", "layer", "hidden")
+    np.testing.assert_array_equal(pre.values, st.array("resid_pre")[...])
 
 
 def test_not_a_store(tmp_path):
@@ -184,3 +206,12 @@ def test_zarr_whole_chunk_writes_equal_zarr_writes(tmp_path, lo, n):
     be = ZarrBackend(tmp_path / "c.zarr", mode="w")
     be.create_array("ids", (10, 3), np.int32, (4, 3), ("prompt", "k"), -1)
     assert _raw_chunk_writer(be.array("ids"), np.zeros((4, 3), np.int32)) is None
+
+
+def test_resid_pre_kept_whole_without_resid_post(tok, tmp_path):
+    """Only a store that also keeps resid_post derives resid_pre from it."""
+    p = write_sweep(tmp_path / "s.yaml", storage_dtype="float32", components=["resid_pre", "attn_out"])
+    plan = build_plan(load_sweep(p), tok, DIMS)
+    st = Store.create(tmp_path / "s.zarr", plan, {"model_id": "test"})
+    assert st.derived == {} and "resid_pre" in st.names() and "resid_pre_0" not in st.names()
+    assert st.array("resid_pre").shape == (plan.kept_size, DIMS.n_layers, DIMS.hidden)
