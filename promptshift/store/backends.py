@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from promptshift.errors import StoreError
+from promptshift.store.directio import write_file
 
 
 class Backend:
@@ -157,8 +158,7 @@ def _raw_chunk_writer(arr, value: np.ndarray):
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_suffix(f".{uuid.uuid4().hex}.partial")
             try:
-                with open(tmp, "wb") as f:
-                    f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+                write_file(tmp, memoryview(np.ascontiguousarray(chunk)).cast("B"))  # past the page cache
                 os.replace(tmp, dst)
             except BaseException:
                 tmp.unlink(missing_ok=True)

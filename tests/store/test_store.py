@@ -172,8 +172,9 @@ def test_plan_blob_is_json(plan, tmp_path):
     assert json.loads(blob)["plan_version"] == 1
 
 
+@pytest.mark.parametrize("h", [5, 45_000])  # 45,000: 1.08 MB chunks, written past the page cache (directio)
 @pytest.mark.parametrize("lo,n", [(0, 8), (2, 7), (8, 2), (1, 2), (0, 10)])
-def test_zarr_whole_chunk_writes_equal_zarr_writes(tmp_path, lo, n):
+def test_zarr_whole_chunk_writes_equal_zarr_writes(tmp_path, lo, n, h):
     """Uncompressed arrays get whole chunks written as raw bytes; what zarr reads back
     equals what zarr's own writes store, for aligned, unaligned and edge-chunk slices."""
     import zarr
@@ -181,11 +182,11 @@ def test_zarr_whole_chunk_writes_equal_zarr_writes(tmp_path, lo, n):
     from promptshift.store.backends import ZarrBackend, _raw_chunk_writer
 
     rng = np.random.default_rng(lo * 10 + n)
-    value = rng.standard_normal((n, 3, 5)).astype(np.float16)
+    value = rng.standard_normal((n, 3, h)).astype(np.float16)
     stores = {}
     for kind in ("fast", "zarr"):
         be = ZarrBackend(tmp_path / f"{kind}.zarr", mode="w")
-        be.create_array("x", (10, 3, 5), np.float16, (4, 3, 5), ("token", "layer", "hidden"), 0)
+        be.create_array("x", (10, 3, h), np.float16, (4, 3, h), ("token", "layer", "hidden"), 0)
         if kind == "fast":
             assert _raw_chunk_writer(be.array("x"), value) is not None
             be.write("x", lo, value)
