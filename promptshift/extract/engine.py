@@ -158,14 +158,13 @@ class Engine:
         vocab = int(self.cfg.vocab_size)
         n = max(2, min(n_tokens, vocab - 1))
         ids = (np.arange(1, n + 1, dtype=np.int64) * 7919) % vocab
-        item = Item(-1, ids, np.zeros(n, np.int8), 0)
         saved, comps = self._pre_layers, self.components
         self._pre_layers, self.components = self.L, tuple(dict.fromkeys((*comps, "resid_pre", "resid_post")))
-        try:
-            r = self.run([item])[0]
+        try:  # one pass, every layer's resid_pre captured, no output side
+            got = self._forward([ids], [np.zeros(n, np.int8)], [None], [np.arange(n)], want_output=False)[0]
         finally:
             self._pre_layers, self.components = saved, comps
-        pre, post = r.comps["resid_pre"], r.comps["resid_post"]
+        pre, post = got["resid_pre"][0], got["resid_post"][0]
         bad = [la for la in range(1, self.L) if not np.array_equal(pre[:, la], post[:, la - 1])]
         if bad:
             raise ExtractError(
