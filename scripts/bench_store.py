@@ -5,11 +5,16 @@ reports each pair of runs' overhead and the median. Model loading and imports ha
 before timing.
 
     python scripts/bench_store.py --max-user 12 --reps 4
+    python scripts/bench_store.py --max-user 12 --reps 4 --page-cache   # also zarr without O_DIRECT
+
+With ``--page-cache`` a third mode writes the zarr store through the page cache
+(``PROMPTSHIFT_DIRECT_IO=0``), in the same alternation, to price direct I/O side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -23,6 +28,7 @@ def main(argv=None):
     ap.add_argument("--max-user", type=int, default=12)
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--tmp", default=None, help="directory for the temporary store")
+    ap.add_argument("--page-cache", action="store_true", help="add zarr written through the page cache")
     args = ap.parse_args(argv)
 
     import zarr  # noqa: F401 -- a one-time cost per process, not per extraction
@@ -41,20 +47,28 @@ def main(argv=None):
         path = Path(d) / "bench.zarr"
         cfg = {"nowhere": lambda: ExtractConfig(store=None, format="null", progress=False, selfcheck=False),
                "zarr": lambda: ExtractConfig(store=str(path), overwrite=True, progress=False, selfcheck=False)}
+        modes = ["nowhere", "zarr"]
+        if args.page_cache:
+            cfg["zarr (page cache)"] = cfg["zarr"]
+            modes.append("zarr (page cache)")
         extract(s, cfg["nowhere"](), model=model, tok=tok)  # warm-up
-        times = {k: [] for k in cfg}
+        times = {k: [] for k in modes}
         for r in range(args.reps):
-            for k in ("nowhere", "zarr") if r % 2 == 0 else ("zarr", "nowhere"):
+            for k in modes if r % 2 == 0 else modes[::-1]:
+                os.environ["PROMPTSHIFT_DIRECT_IO"] = "0" if k == "zarr (page cache)" else "1"
                 t = time.perf_counter()
                 extract(s, cfg[k](), model=model, tok=tok)
                 times[k].append(time.perf_counter() - t)
                 shutil.rmtree(path, ignore_errors=True)
+        os.environ.pop("PROMPTSHIFT_DIRECT_IO", None)
     pairs = len(s.system_prompts) * len(s.user_prompts)
     print(f"{pairs} pairs, {args.reps} runs each, alternating")
     for k, v in times.items():
         print(f"{k}: median {statistics.median(v):.2f} s  runs {[round(x, 2) for x in v]}")
-    over = [z / n - 1 for z, n in zip(times["zarr"], times["nowhere"])]
-    print(f"overhead per pair of runs: {[f'{100 * x:+.1f}%' for x in over]}; median {100 * statistics.median(over):+.1f}%")
+    for k in modes[1:]:
+        over = [z / n - 1 for z, n in zip(times[k], times["nowhere"])]
+        print(f"{k} overhead per pair of runs: {[f'{100 * x:+.1f}%' for x in over]}; "
+              f"median {100 * statistics.median(over):+.1f}%")
 
 
 if __name__ == "__main__":
