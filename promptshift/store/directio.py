@@ -37,8 +37,8 @@ def _staging(n: int) -> memoryview:
     """A page-aligned buffer of at least ``n`` bytes, reused by this thread."""
     buf = getattr(_local, "buf", None)
     if buf is None or len(buf) < n:
-        if buf is not None:
-            buf.close()
+        # the old mapping is dropped, not closed: a view of it may still be alive (e.g. in a
+        # traceback), and closing a mapping with live views raises
         buf = mmap.mmap(-1, max(n, 1))  # anonymous mappings start on a page boundary
         _local.buf = buf
     return memoryview(buf)

@@ -38,6 +38,11 @@ def test_direct_write_is_exact(tmp_path, n):
         directio.write_file(str(path), d)
         assert path.read_bytes() == d.tobytes()
     assert not directio._unsupported
+    # a larger chunk after a smaller one grows the staging buffer, even with a view of the old one alive
+    held = directio._staging(1)
+    bigger = _payload(n + directio.ALIGN * 3, 3)
+    directio.write_file(str(path), bigger)
+    assert path.read_bytes() == bigger.tobytes() and len(held) >= 1
 
 
 def test_refused_o_direct_falls_back_once_per_device(tmp_path, monkeypatch):
