@@ -22,7 +22,7 @@ from importlib import metadata
 import numpy as np
 
 from promptshift.errors import StoreError
-from promptshift.store.core import Store, array_specs, empty_block, resid_pre_derived, stored_name
+from promptshift.store.core import Store, check_layout, empty_block, resid_pre_derived, stored_name
 from promptshift.sweep.config import SweepConfig, load_sweep
 from promptshift.sweep.plan import Plan, build_plan, load_plan_inputs, parse_shard
 
@@ -317,7 +317,7 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     if model is None:
         model = load_model(sweep.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=sweep.trust_remote_code,
                            allow_pickle=cfg.allow_pickle)
-    array_specs(plan)  # the schema's own checks (e.g. full_attention_layers in range) before the model runs
+    check_layout(plan)  # e.g. full_attention_layers in range, before the model runs
     derived = resid_pre_derived(plan)
     engine = Engine(model, components=sweep.components, top_k=sweep.top_k, lens_top_k=sweep.lens_top_k,
                     token_budget=sweep.token_budget, padding_side=cfg.padding_side,

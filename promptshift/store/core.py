@@ -53,6 +53,14 @@ def stored_name(plan, component: str) -> str:
     return "resid_pre_0" if component == "resid_pre" and resid_pre_derived(plan) else component
 
 
+def check_layout(plan) -> None:
+    """The plan's settings that the schema cannot hold, refused before anything runs."""
+    L = plan.dims.n_layers
+    for layer in plan.sweep.full_attention_layers:
+        if not 0 <= layer < L:
+            raise StoreError(f"full_attention_layers has layer {layer}, but the model has layers 0..{L - 1}")
+
+
 def array_specs(plan) -> list[ArraySpec]:
     """Every array in a store for this plan: the schema, in one place."""
     s, d = plan.sweep, plan.dims
@@ -103,9 +111,7 @@ def array_specs(plan) -> list[ArraySpec]:
             ArraySpec("gen_len", (P,), np.int32, (cp,), ("prompt",), -1),
             ArraySpec("gen_text", (P,), str, (cp,), ("prompt",), ""),
         ]
-    for layer in s.full_attention_layers:
-        if not 0 <= layer < L:
-            raise StoreError(f"full_attention_layers has layer {layer}, but the model has layers 0..{L - 1}")
+    check_layout(plan)
     if s.full_attention_layers:
         NFL, cq = len(s.full_attention_layers), plan.meta["pattern_chunk"]
         specs += [

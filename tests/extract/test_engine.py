@@ -148,7 +148,7 @@ def test_residual_chain_is_checked_before_writing(sweep_path, tok, tiny_model, t
     from promptshift.errors import ExtractError
     from promptshift.extract.engine import Engine, Item
 
-    plan = load_sweep(sweep_path)
+    sweep = load_sweep(sweep_path)
     eng = Engine(tiny_model, components=("resid_pre", "resid_post"), top_k=4, lens_top_k=2, token_budget=256)
     try:
         ids = np.array([1, 50, 70, 90, 110, 130], np.int64)
@@ -168,7 +168,7 @@ def test_residual_chain_is_checked_before_writing(sweep_path, tok, tiny_model, t
     h = tiny_model.model.layers[2].register_forward_pre_hook(lambda m, a: (a[0] * 1.01, *a[1:]), prepend=True)
     try:
         with pytest.raises(ExtractError, match="changes the residual stream between layers"):
-            extract(plan, ExtractConfig(store=tmp_path / "s.zarr", progress=False), model=tiny_model, tok=tok)
+            extract(sweep, ExtractConfig(store=tmp_path / "s.zarr", progress=False), model=tiny_model, tok=tok)
     finally:
         h.remove()
     assert not (tmp_path / "s.zarr").exists()
