@@ -91,6 +91,8 @@ def extract(
     storage_dtype: Optional[str] = typer.Option(None, help="float16 (default) or float32 on disk"),
     max_new_tokens: Optional[int] = typer.Option(None, help="greedy continuation length (0 to skip)"),
     prefix_sharing: bool = typer.Option(True, help="compute each shared system prefix once"),
+    packing: bool = typer.Option(True, help="run each batch's real tokens as one packed sequence outside "
+                                 "attention (models without sliding windows); --no-packing pads every module"),
     chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file for models without one"),
     trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
     allow_pickle: bool = typer.Option(False, help="allow pickled .bin weights (they can run code)"),
@@ -111,8 +113,8 @@ def extract(
     s = load_sweep(sweep, **_sweep_overrides(model, keep, storage_dtype, chat_template, trust_remote_code,
                                              max_new_tokens))
     cfg = ExtractConfig(store=str(store), shard=shard, format=format, overwrite=overwrite, device=device,
-                        dtype=dtype, prefix_sharing=prefix_sharing, progress=progress, allow_pickle=allow_pickle,
-                        init_only=init_only, requeue=requeue)
+                        dtype=dtype, prefix_sharing=prefix_sharing, packing=packing, progress=progress,
+                        allow_pickle=allow_pickle, init_only=init_only, requeue=requeue)
     t0 = time.perf_counter()
     st = run_extract(s, cfg)
     d = st.done()

@@ -9,6 +9,8 @@ before timing.
 
 With ``--page-cache`` a third mode writes the zarr store through the page cache
 (``PROMPTSHIFT_DIRECT_IO=0``), in the same alternation, to price direct I/O side by side.
+With ``--padded`` another mode extracts to nowhere with padded batches
+(``ExtractConfig(packing=False)``), to price packed batches the same way.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--tmp", default=None, help="directory for the temporary store")
     ap.add_argument("--page-cache", action="store_true", help="add zarr written through the page cache")
+    ap.add_argument("--padded", action="store_true", help="add nowhere with padded (not packed) batches")
+    ap.add_argument("--nowhere-only", action="store_true", help="leave out the zarr mode (with --padded)")
     args = ap.parse_args(argv)
 
     import zarr  # noqa: F401 -- a one-time cost per process, not per extraction
@@ -47,7 +51,11 @@ def main(argv=None):
         path = Path(d) / "bench.zarr"
         cfg = {"nowhere": lambda: ExtractConfig(store=None, format="null", progress=False, selfcheck=False),
                "zarr": lambda: ExtractConfig(store=str(path), overwrite=True, progress=False, selfcheck=False)}
-        modes = ["nowhere", "zarr"]
+        modes = ["nowhere"] if args.nowhere_only else ["nowhere", "zarr"]
+        if args.padded:
+            cfg["nowhere (padded)"] = lambda: ExtractConfig(store=None, format="null", progress=False,
+                                                            selfcheck=False, packing=False)
+            modes.append("nowhere (padded)")
         if args.page_cache:
             cfg["zarr (page cache)"] = cfg["zarr"]
             modes.append("zarr (page cache)")
@@ -67,7 +75,7 @@ def main(argv=None):
         print(f"{k}: median {statistics.median(v):.2f} s  runs {[round(x, 2) for x in v]}")
     for k in modes[1:]:
         over = [z / n - 1 for z, n in zip(times[k], times["nowhere"])]
-        print(f"{k} overhead per pair of runs: {[f'{100 * x:+.1f}%' for x in over]}; "
+        print(f"{k} vs nowhere, per pair of runs: {[f'{100 * x:+.1f}%' for x in over]}; "
               f"median {100 * statistics.median(over):+.1f}%")
 
 

@@ -4,6 +4,11 @@ ever alive. Registered with transformers' AttentionInterface as ``promptshift``.
 
 When no statistics are being collected (generation, self-checks) it runs PyTorch's fused
 scaled-dot-product attention instead.
+
+Packed batches (:class:`Packing`): the rows of a batch travel through the model as one
+sequence of their real tokens, (1, N), so every per-token module (projections, MLP,
+norms) does no work on padding; only here, for the scores, are queries unpacked into the
+padded (B, heads, S, P + S) layout, and the output packed again.
 """
 
 from __future__ import annotations
@@ -77,6 +82,39 @@ def set_stats(stats: AttnStats | None) -> None:
 
 
 @dataclass
+class Packing:
+    """The rows of a batch packed into one sequence of their real tokens.
+
+    ``index[k]`` is the slot ``b * S + s`` of packed token ``k`` in the padded (B, S)
+    layout the attention works in; ``mask`` the additive (B, 1, S, P + S) mask of that
+    layout (prefix keys, then the row's own keys causally, padding hidden)."""
+
+    index: torch.Tensor  # (N,) long
+    B: int
+    S: int
+    mask: torch.Tensor  # (B, 1, S, P+S)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, heads, N, D) -> (B, heads, S, D), zeros in the padding slots."""
+        _, H, _, D = x.shape
+        out = x.new_zeros(self.B * self.S, H, D)
+        out.index_copy_(0, self.index, x[0].transpose(0, 1))
+        return out.view(self.B, self.S, H, D).transpose(1, 2)
+
+    def pack(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, S, heads, D) -> (1, N, heads, D): the real tokens only."""
+        return y.reshape(self.B * self.S, *y.shape[2:]).index_select(0, self.index).unsqueeze(0)
+
+
+def set_packing(packing: Packing | None) -> None:
+    _local.packing = packing
+
+
+def get_packing() -> Packing | None:
+    return getattr(_local, "packing", None)
+
+
+@dataclass
 class Knockout:
     """Attention knockout for causal analyses: in every layer ``>= start[b]``, the queries of
     row ``b`` cannot attend to the keys where ``keys[b]`` is true."""
@@ -109,6 +147,9 @@ def promptshift_attention(module, query, key, value, attention_mask, scaling=Non
 
     Grouped-query heads are handled by folding the ``rep`` query heads of each key/value
     head into the query axis, so keys and values are never copied per head."""
+    pk = get_packing()
+    if pk is not None:  # a packed batch: its keys are already padded (the cache wrote them so)
+        query, attention_mask = pk.unpack(query), pk.mask
     B, NH, Sq, D = query.shape
     NKV, Sk = key.shape[1], key.shape[2]
     rep = NH // NKV
@@ -122,7 +163,7 @@ def promptshift_attention(module, query, key, value, attention_mask, scaling=Non
             mask = torch.zeros(B, 1, Sq, Sk, dtype=query.dtype, device=query.device).masked_fill(
                 ~causal, torch.finfo(query.dtype).min)
         mask = ko.apply(module.layer_idx, mask)
-    if stats is None and softcap is None:
+    if stats is None and softcap is None and pk is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                              is_causal=mask is None and Sq > 1, enable_gqa=rep > 1)
         return out.transpose(1, 2).contiguous(), None
@@ -139,7 +180,17 @@ def promptshift_attention(module, query, key, value, attention_mask, scaling=Non
     if stats is not None:
         stats.reduce(module.layer_idx, probs)
     out = (probs.to(value.dtype).view(B, NKV, rep * Sq, Sk) @ value).view(B, NH, Sq, D)  # (B, NH, Sq, D)
+    if pk is not None:
+        return pk.pack(out.transpose(1, 2)), None  # (1, N, NH, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _mask(*args, **kwargs):
+    """transformers' eager additive mask, except for packed batches, whose attention builds
+    its own padded-layout mask (:class:`Packing`)."""
+    from transformers.masking_utils import eager_mask
+
+    return None if get_packing() is not None else eager_mask(*args, **kwargs)
 
 
 _registered = False
@@ -150,10 +201,10 @@ def register() -> str:
     global _registered
     if not _registered:
         from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
         AttentionInterface.register(ATTN_NAME, promptshift_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, eager_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, _mask)
         _registered = True
     return ATTN_NAME
 

@@ -21,7 +21,7 @@ BATCH_OVERHEAD_TOKENS = 64
 def plan_batches(lengths: list[int], token_budget: int, *, contexts: list[int] | None = None,
                  bytes_per_qk: int = 0, qk_budget: int = 0, bytes_per_context: int = 0,
                  context_budget: int = 0, overhead: int = BATCH_OVERHEAD_TOKENS,
-                 qk_weight: float = 0.0) -> list[list[int]]:
+                 qk_weight: float = 0.0, slot_weight: float = 1.0) -> list[list[int]]:
     """Indices of ``lengths`` in batches, longest first, so that an out-of-memory error
     happens at the first batch rather than near the end.
 
@@ -33,8 +33,12 @@ def plan_batches(lengths: list[int], token_budget: int, *, contexts: list[int] |
     padded key/value cache of the contexts, all layers), with S the longest row and C the
     longest context of the batch.
 
-    The cost minimised is ``rows x S + qk_weight x rows x S x (S + C) + overhead`` per
-    batch (``qk_weight``: the cost of one query-key pair, all layers and heads, in tokens).
+    The cost minimised is ``slot_weight x rows x S + (1 - slot_weight) x tokens + qk_weight
+    x rows x S x (S + C) + overhead`` per batch (``tokens``: the batch's real tokens;
+    ``qk_weight``: the cost of one query-key pair, all layers and heads, in tokens).
+    ``slot_weight`` is what a padding slot costs outside attention, as a share of a real
+    token: 1 for padded batches, small for packed ones, whose per-token modules see only
+    real tokens.
     Rows are cut in order of length and, when contexts differ, also in order of context
     (padding a short prefix to a long one costs attention); the cheaper plan is returned.
     """
@@ -48,7 +52,7 @@ def plan_batches(lengths: list[int], token_budget: int, *, contexts: list[int] |
     best_plan, best_cost = None, float("inf")
     for order in orders:
         cost, plan = _split(order, lengths, ctx, token_budget, bytes_per_qk, qk_budget, bytes_per_context,
-                            context_budget, overhead, qk_weight)
+                            context_budget, overhead, qk_weight, slot_weight)
         if cost < best_cost:
             best_plan, best_cost = plan, cost
     # longest batch first (an out-of-memory error shows at once)
@@ -56,7 +60,7 @@ def plan_batches(lengths: list[int], token_budget: int, *, contexts: list[int] |
 
 
 def _split(order, lengths, ctx, token_budget, bytes_per_qk, qk_budget, bytes_per_context, context_budget,
-           overhead, qk_weight):
+           overhead, qk_weight, slot_weight):
     """Cheapest cut of ``order`` into contiguous batches, by dynamic programming."""
     n = len(order)
     inf = float("inf")
@@ -65,17 +69,19 @@ def _split(order, lengths, ctx, token_budget, bytes_per_qk, qk_budget, bytes_per
     for i in range(n):  # a batch starts at position i ...
         if best[i] == inf:
             continue
-        s = c = 0
+        s = c = tokens = 0
         for j in range(i + 1, n + 1):  # ... and ends before j
             rows = j - i
             s, c = max(s, lengths[order[j - 1]]), max(c, ctx[order[j - 1]])
+            tokens += lengths[order[j - 1]]
             if rows > 1 and (
                 rows * s > token_budget
                 or (qk_budget and rows * s * (s + c) * bytes_per_qk > qk_budget)
                 or (context_budget and rows * c * bytes_per_context > context_budget)
             ):
                 break  # adding rows only grows every left-hand side
-            cost = best[i] + rows * s + qk_weight * rows * s * (s + c) + overhead
+            cost = (best[i] + slot_weight * rows * s + (1 - slot_weight) * tokens + qk_weight * rows * s * (s + c)
+                    + overhead)
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     out, j = [], n

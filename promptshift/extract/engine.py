@@ -15,13 +15,16 @@ from transformers.cache_utils import DynamicLayer
 from promptshift.errors import ExtractError
 from promptshift.extract.alloc import tune_glibc_malloc
 from promptshift.extract.arch import bind_model
-from promptshift.extract.attention import AttnStats, install, set_stats
+from promptshift.extract.attention import AttnStats, Packing, get_packing, install, set_packing, set_stats
 from promptshift.extract.batching import plan_batches
 from promptshift.sweep.chat import REGIONS
 
 R = len(REGIONS)
 _ATTN_BYTES_BUDGET = 1 << 29  # (B, NH, Sq, Sk) float32 probabilities of one layer
 _KV_BYTES_BUDGET = 1 << 30  # a batch's padded prefix key/value cache, all layers
+# what a padding slot of a packed batch costs outside attention (unpacking queries, keys and
+# values into the padded layout), as a share of a real token's pass through the layers
+_PACKED_SLOT_WEIGHT = 0.1
 
 
 @dataclass
@@ -76,7 +79,7 @@ class Result:
 class Engine:
     def __init__(self, model, *, components, top_k: int, lens_top_k: int, token_budget: int,
                  padding_side: str = "right", full_attention_layers: tuple[int, ...] = (),
-                 resid_pre_layers: int | None = None):
+                 resid_pre_layers: int | None = None, packed: bool | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
         self.padding_side = padding_side
@@ -106,7 +109,16 @@ class Engine:
         self._qk_weight = 400.0 * self.L * self.NH / max(n_layer_params, 1)
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         nkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self._nkv, self._hd, self._dtype = nkv, hd, next(model.parameters()).dtype
         self._kv_bytes = 2 * self.L * nkv * hd * next(model.parameters()).element_size()  # per cached token
+        # packed batches (real tokens only through every per-token module): for models whose
+        # cache layers are all plain ones, the same condition as for mixing prefixes
+        if packed is None:
+            from transformers import DynamicCache
+
+            packed = self._can_merge and all(type(la) is DynamicLayer
+                                             for la in DynamicCache(config=model.config).layers)
+        self.packed = bool(packed)
         self._last: torch.Tensor | None = None
         self._buf: dict[str, list] = {}
         self._last_resid: list | None = None
@@ -185,18 +197,18 @@ class Engine:
         the key axis, padded to the longest, and the mask hides the padding, so one batch
         can mix suffixes of many system prompts. The keys and values are written once into
         buffers with room for the batch's own tokens (:class:`_Prefilled`), instead of
-        being concatenated in every layer of every forward pass."""
+        being concatenated in every layer of every forward pass. Packed batches get such
+        buffers even without a prefix: their cache is where the keys are unpacked."""
+        from transformers import DynamicCache
+
         B = len(prefixes)
         offsets = [p.length if p is not None else 0 for p in prefixes]
         P = max(offsets)
-        if P == 0:
-            return offsets, 0, None, None, None
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        first = next(p for p in prefixes if p is not None)
         k_reg = torch.full((B, P), -1, dtype=torch.long)
         mask = torch.zeros(B, P, dtype=torch.long)
+        if P == 0 and not self.packed:
+            return offsets, 0, None, None, None
+        cache = DynamicCache(config=self.model.config)
         rows: dict[int, list[int]] = {}  # prefix -> its rows
         for b, p in enumerate(prefixes):
             if p is not None:
@@ -208,21 +220,19 @@ class Engine:
             k_reg[idx, : p.length] = torch.as_tensor(p.regions.astype(np.int64))
             mask[idx, : p.length] = 1
             groups.append((idx, p))
-        for i in range(len(first.kv)):
-            k0, v0 = first.kv[i]
-            if len(cache.layers) > i and type(cache.layers[i]) is DynamicLayer:
-                kb = k0.new_zeros(B, k0.shape[1], P + S, k0.shape[3])  # zeros: masked slots must be finite
-                vb = v0.new_zeros(B, v0.shape[1], P + S, v0.shape[3])
+        for i in range(self.L):
+            if type(cache.layers[i]) is DynamicLayer:
+                kb = torch.zeros(B, self._nkv, P + S, self._hd, dtype=self._dtype, device=self.device)  # zeros:
+                vb = torch.zeros_like(kb)  # masked slots must be finite
                 for idx, p in groups:
                     k, v = p.kv[i]
                     kb[idx, :, : p.length] = k
                     vb[idx, :, : p.length] = v
                 cache.layers[i] = _Prefilled(kb, vb, P)
             else:  # other layer types (sliding windows): their own update, on a padded copy
-                ks = [F.pad(p.kv[i][0], (0, 0, 0, P - p.length)) if p is not None
-                      else k0.new_zeros(1, k0.shape[1], P, k0.shape[3]) for p in prefixes]
-                vs = [F.pad(p.kv[i][1], (0, 0, 0, P - p.length)) if p is not None
-                      else v0.new_zeros(1, v0.shape[1], P, v0.shape[3]) for p in prefixes]
+                z = torch.zeros(1, self._nkv, P, self._hd, dtype=self._dtype, device=self.device)
+                ks = [F.pad(p.kv[i][0], (0, 0, 0, P - p.length)) if p is not None else z for p in prefixes]
+                vs = [F.pad(p.kv[i][1], (0, 0, 0, P - p.length)) if p is not None else z for p in prefixes]
                 cache.update(torch.cat(ks), torch.cat(vs), i)
         return offsets, P, cache, k_reg, mask
 
@@ -259,19 +269,39 @@ class Engine:
         b_idx = torch.as_tensor(np.concatenate([np.full(len(k), b) for b, k in enumerate(keep_local)]),
                                 dtype=torch.long)
         s_idx = torch.as_tensor(np.concatenate(keep_local), dtype=torch.long)
+        packing = None
+        if self.packed:
+            # the real tokens as one sequence (1, N); slot[b, s]: packed index of padded slot (b, s)
+            flat = (torch.arange(B) * S).unsqueeze(1) + torch.arange(S).unsqueeze(0)  # (B, S)
+            index = flat[real]  # (N,) row-major: row 0's tokens, then row 1's, ...
+            slot = torch.full((B, S), -1, dtype=torch.long)
+            slot[real] = torch.arange(len(index))
+            allowed = attn_mask.bool()[:, None, :] & (
+                torch.arange(P + S)[None, None, :] <= P + torch.arange(S)[None, :, None])  # (B, S, P+S)
+            mask = torch.zeros(B, 1, S, P + S, dtype=self._dtype).masked_fill(
+                ~allowed[:, None], torch.finfo(self._dtype).min)
+            packing = Packing(index.to(dev), B, S, mask.to(dev))
+            input_ids, position_ids = input_ids[real][None], position_ids[real][None]  # (1, N)
+            b_idx, s_idx = torch.zeros_like(s_idx), slot[b_idx, s_idx]
+            last_q_h = slot[torch.arange(B), last_q]  # where each row's last token is in the packed sequence
+            fwd_mask, use_cache = None, True
+        else:
+            last_q_h = last_q
+            fwd_mask, use_cache = attn_mask.to(dev), keep_cache or (cache is None and not want_output)
         self._gather = (b_idx.to(dev), s_idx.to(dev))
         self._buf = {c: [None] * self.L for c in ("attn_out", "mlp_out", "resid_post")}
         self._buf["resid_pre"] = [None] * self._pre_layers
-        self._last = last_q.to(dev) if want_output else None
+        self._last = last_q_h.to(dev) if want_output else None
         self._last_resid = [None] * self.L
         set_stats(stats)
+        set_packing(packing)
         try:
             with torch.inference_mode():
-                out = self.base(input_ids=input_ids.to(dev), attention_mask=attn_mask.to(dev),
-                                position_ids=position_ids.to(dev), cache=cache,
-                                use_cache=keep_cache or (cache is None and not want_output))
+                out = self.base(input_ids=input_ids.to(dev), attention_mask=fwd_mask,
+                                position_ids=position_ids.to(dev), cache=cache, use_cache=use_cache)
         finally:
             set_stats(None)
+            set_packing(None)
             self._gather = None
             self._last = None
         comps = {}
@@ -282,8 +312,8 @@ class Engine:
         last_resid = torch.stack(self._last_resid, dim=1) if want_output else None  # (B, L, H)
         final_h = None
         if want_output:
-            b = torch.arange(B, device=dev)
-            final_h = out.last_hidden_state[b, last_q.to(dev)].float()  # (B, H)
+            h = out.last_hidden_state  # (B, S, H), or (1, N, H) packed
+            final_h = h[torch.arange(h.shape[0], device=dev), last_q_h.to(dev)].float()  # (B, H)
         new_cache = cache if cache is not None else out.get("cache", None)
         self._buf = {}
         return comps, stats, last_resid, final_h, new_cache, lens, attn_mask, pad, P
@@ -410,7 +440,8 @@ class Engine:
         length of the cached prefix each row continues."""
         return plan_batches(lengths, self.token_budget, contexts=contexts, bytes_per_qk=4 * self.NH,
                             qk_budget=_ATTN_BYTES_BUDGET, bytes_per_context=self._kv_bytes,
-                            context_budget=_KV_BYTES_BUDGET, qk_weight=self._qk_weight)
+                            context_budget=_KV_BYTES_BUDGET, qk_weight=self._qk_weight,
+                            slot_weight=_PACKED_SLOT_WEIGHT if self.packed else 1.0)
 
     @torch.inference_mode()
     def flush_decode(self, max_new_tokens: int, eos_ids: tuple[int, ...]) -> None:
@@ -478,6 +509,14 @@ class _Prefilled(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
+        pk = get_packing()
+        if pk is not None:  # a packed batch's keys (1, NKV, N, D): into the padded layout
+            n0 = self.keys.shape[-2]
+            n1 = n0 + pk.S
+            self._kbuf[:, :, n0:n1] = pk.unpack(key_states)
+            self._vbuf[:, :, n0:n1] = pk.unpack(value_states)
+            self.keys, self.values = self._kbuf[:, :, :n1], self._vbuf[:, :, :n1]
+            return self.keys, self.values
         n0 = self.keys.shape[-2]
         n1 = n0 + key_states.shape[-2]
         if self._kbuf is not None and n1 <= self._kbuf.shape[-2]:

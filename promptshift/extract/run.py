@@ -38,6 +38,7 @@ class ExtractConfig:
     device: str | None = None
     dtype: str | None = None
     prefix_sharing: bool = True
+    packing: bool = True  # packed batches where the model allows (False: padded, for comparison)
     min_shared: int = 2  # share a prefix among at least this many prompts of a block
     selfcheck: bool = True
     progress: bool = True
@@ -321,7 +322,8 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     derived = resid_pre_derived(plan)
     engine = Engine(model, components=sweep.components, top_k=sweep.top_k, lens_top_k=sweep.lens_top_k,
                     token_budget=sweep.token_budget, padding_side=cfg.padding_side,
-                    full_attention_layers=sweep.full_attention_layers, resid_pre_layers=1 if derived else None)
+                    full_attention_layers=sweep.full_attention_layers, resid_pre_layers=1 if derived else None,
+                    packed=None if cfg.packing else False)
     try:
         if derived:  # before anything is written: the store will keep resid_pre at layer 0 only
             engine.check_residual_chain()

@@ -1,6 +1,6 @@
 """The architecture matrix: tiny random models from real config classes of each family.
 Each must give batched == one-at-a-time, the residual sum identity, and hidden states
-equal to the model's own ``output_hidden_states``."""
+equal to the model's own ``output_hidden_states`` (for packed and padded batches alike)."""
 
 from __future__ import annotations
 
@@ -64,8 +64,15 @@ def sweep_file(tmp_path_factory):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_architecture(family, tok, sweep_file):
+    from promptshift.extract.engine import Engine
+
     torch.manual_seed(0)
     model = _build(family, len(tok)).float().eval()
+    # batches are packed (real tokens only outside attention) except under sliding windows,
+    # so the comparisons below check the packed path for five families, the padded for three
+    eng = Engine(model, components=("resid_post",), top_k=2, lens_top_k=2, token_budget=64)
+    eng.remove_hooks()
+    assert eng.packed == (family not in ("mistral", "gemma2", "gemma3")), family
     s = load_sweep(sweep_file)
     a = extract(s, ExtractConfig(store=None, progress=False), model=model, tok=tok)
     b = extract(load_sweep(sweep_file, token_budget=16), ExtractConfig(store=None, progress=False,

@@ -15,12 +15,12 @@ def _feasible(batch, lengths, ctx, budget, qk, kv):
     return rows == 1 or (rows * s <= budget and rows * s * (s + c) * 4 <= qk and rows * c * 8 <= kv)
 
 
-def _cost(part, lengths, ctx, overhead, w):
+def _cost(part, lengths, ctx, overhead, w, sw=1.0):
     s, c = max(lengths[i] for i in part), max(ctx[i] for i in part)
-    return len(part) * s + w * len(part) * s * (s + c) + overhead
+    return sw * len(part) * s + (1 - sw) * sum(lengths[i] for i in part) + w * len(part) * s * (s + c) + overhead
 
 
-def _brute(lengths, ctx, budget, qk, kv, overhead, w):
+def _brute(lengths, ctx, budget, qk, kv, overhead, w, sw=1.0):
     """Cheapest feasible split of the rows sorted by length, or by context, trying every
     set of cuts of each order."""
     n = len(lengths)
@@ -32,11 +32,11 @@ def _brute(lengths, ctx, budget, qk, kv, overhead, w):
             for cuts in itertools.combinations(range(1, n), k):
                 parts = [order[a:b] for a, b in zip((0, *cuts), (*cuts, n))]
                 if all(_feasible(p, lengths, ctx, budget, qk, kv) for p in parts):
-                    best = min(best, sum(_cost(p, lengths, ctx, overhead, w) for p in parts))
+                    best = min(best, sum(_cost(p, lengths, ctx, overhead, w, sw) for p in parts))
     return best
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_plan_batches_is_the_cheapest_feasible_split(seed):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 10))
@@ -44,13 +44,14 @@ def test_plan_batches_is_the_cheapest_feasible_split(seed):
     ctx = [int(x) for x in rng.integers(0, 40, n)] if seed % 2 else [0] * n
     budget, qk, kv, overhead = int(rng.integers(40, 200)), int(rng.integers(20_000, 400_000)), 2_000, int(rng.integers(0, 80))
     w = [0.0, 1e-3, 0.05][seed % 3]
+    sw = [1.0, 0.1, 0.0, 0.5][seed % 4]  # what a padding slot costs (packed batches: little)
     got = plan_batches(lengths, budget, contexts=ctx, bytes_per_qk=4, qk_budget=qk, bytes_per_context=8,
-                       context_budget=kv, overhead=overhead, qk_weight=w)
+                       context_budget=kv, overhead=overhead, qk_weight=w, slot_weight=sw)
     assert sorted(i for b in got for i in b) == list(range(n))  # every row exactly once
     assert all(_feasible(b, lengths, ctx, budget, qk, kv) for b in got)
     assert [max(lengths[i] for i in b) for b in got] == sorted((max(lengths[i] for i in b) for b in got), reverse=True)
-    cost = sum(_cost(b, lengths, ctx, overhead, w) for b in got)
-    assert cost == pytest.approx(_brute(lengths, ctx, budget, qk, kv, overhead, w), rel=1e-12)
+    cost = sum(_cost(b, lengths, ctx, overhead, w, sw) for b in got)
+    assert cost == pytest.approx(_brute(lengths, ctx, budget, qk, kv, overhead, w, sw), rel=1e-12)
 
 
 def test_plan_batches_cuts_padding_that_greedy_filling_keeps():
@@ -59,6 +60,13 @@ def test_plan_batches_cuts_padding_that_greedy_filling_keeps():
     got = plan_batches(lengths, 4096, overhead=64)
     assert [len(b) for b in got] == [1, 15]
     assert plan_batches([], 4096) == []
+
+
+def test_plan_batches_merges_when_padding_is_cheap():
+    # packed batches pay for padding only in attention: the long and short rows share a pass
+    lengths = [200] + [20] * 15
+    assert len(plan_batches(lengths, 4096, overhead=64, slot_weight=0.0)) == 1
+    assert len(plan_batches(lengths, 4096, overhead=64, slot_weight=0.0, qk_weight=5e-3)) == 2
 
 
 def test_plan_batches_keeps_long_prefixes_apart_when_attention_costs():

@@ -132,6 +132,57 @@ def test_mixed_prefix_batch_equals_each_prompt_alone(tok, tiny_model):
         eng.remove_hooks()
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_packed_batch_equals_padded_batch(tok, tiny_model, padding_side):
+    """Packed batches (the real tokens as one sequence outside attention) against the same
+    batches padded: every output of the Result, with mixed prefixes, rows without one,
+    opted-in full patterns and greedy continuations on the packed pass's cache."""
+    from promptshift.extract.engine import Engine, Item
+    from promptshift.sweep.chat import REGION_CODE
+
+    rng = np.random.default_rng(1)
+    V = tiny_model.config.vocab_size
+
+    def item(i, n_sys, n_user, keep):
+        ids = rng.integers(5, V, n_sys + n_user)
+        reg = np.r_[np.full(n_sys, REGION_CODE["system"]), np.full(n_user, REGION_CODE["user"])].astype(np.int8)
+        return Item(i, ids, reg, keep)
+
+    a, b, c = item(0, 11, 4, 9), item(1, 5, 9, 3), item(2, 7, 2, 0)
+    a2 = Item(3, np.r_[a.ids[:11], rng.integers(5, V, 6)], np.r_[a.regions[:11], np.full(6, 1, np.int8)], 9)
+    seen = []
+    h = tiny_model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    got = {}
+    try:
+        for packed in (False, True):
+            eng = Engine(tiny_model, components=("resid_pre", "attn_out", "mlp_out", "resid_post"), top_k=8,
+                         lens_top_k=3, token_budget=4096, full_attention_layers=(1,), padding_side=padding_side,
+                         packed=None if packed else False)
+            try:
+                assert eng.packed is packed
+                pa, pb = eng.compute_prefixes([(a.ids[:11], a.regions[:11], 9), (b.ids[:5], b.regions[:5], 3)])
+                seen.clear()
+                got[packed] = eng.run([a, b, c, a2], [pa, pb, None, pa], max_new_tokens=4, eos_ids=())
+                # the batch's first forward: padded (4 rows x longest) or packed (1 x real tokens)
+                assert seen[0] == ((1, 4 + 9 + 9 + 6) if packed else (4, 9))
+            finally:
+                eng.remove_hooks()
+    finally:
+        h.remove()
+    for x, y in zip(got[True], got[False]):
+        for name in ("region_mass", "entropy", "sink", "last_row", "topk_logprobs", "lens_logprobs", "lens_entropy",
+                     "lens_final_top1", "pattern"):
+            u, v = np.asarray(getattr(x, name), np.float64), np.asarray(getattr(y, name), np.float64)
+            assert u.shape == v.shape and np.array_equal(np.isnan(u), np.isnan(v)), name
+            tol = 1e-4 + (2.0**-10 * np.abs(v) if name == "pattern" else 0.0)  # patterns: float16
+            assert np.all(np.nan_to_num(np.abs(u - v)) <= tol), name
+        for name in x.comps:
+            assert x.comps[name].shape == y.comps[name].shape
+            assert np.abs(x.comps[name] - y.comps[name]).max() <= 1e-4, name
+        assert np.array_equal(x.topk_ids, y.topk_ids) and np.array_equal(x.lens_ids, y.lens_ids)
+        assert np.array_equal(x.gen_ids, y.gen_ids)
+
+
 def test_residual_sum_identity(batched):
     pre, post = batched.array("resid_pre")[...], batched.array("resid_post")[...]
     attn, mlp = batched.array("attn_out")[...], batched.array("mlp_out")[...]
