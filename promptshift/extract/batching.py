@@ -8,6 +8,11 @@ the default suite that was 46% more token-passes than real tokens. :func:`plan_b
 instead finds the cut points that minimise ``sum(rows x longest + overhead)`` under the
 same limits, exactly, by dynamic programming over the sorted rows (O(n^2), n = prompts of
 one block).
+
+Packed batches (the engine's default where the model allows) run only the real tokens
+through the linear layers; their padding costs attention and a little unpacking, so the
+engine prices a padding slot at ``slot_weight`` of a real token and the same search then
+prefers fewer, fuller passes.
 """
 
 from __future__ import annotations
