@@ -67,7 +67,7 @@ class AttnStats:
         """probs: (B, NH, Sq, Sk) float32 attention probabilities of one layer."""
         to_region = probs @ self.k_onehot.unsqueeze(1)  # (B, NH, Sq, R)
         self.region_mass[:, layer] = torch.einsum("bhqr,bqs->bhsr", to_region, self.q_onehot)
-        ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (B, NH, Sq)
+        ent = torch.special.entr(probs).sum(-1)  # (B, NH, Sq): -p log p, 0 where p = 0
         self.entropy[:, layer] = torch.einsum("bhq,bqs->bhs", ent, self.q_onehot)
         b = torch.arange(probs.shape[0], device=probs.device)
         to_sink = probs[b, :, :, self.sink_k]  # (B, NH, Sq)
@@ -85,25 +85,26 @@ def set_stats(stats: AttnStats | None) -> None:
 class Packing:
     """The rows of a batch packed into one sequence of their real tokens.
 
-    ``index[k]`` is the slot ``b * S + s`` of packed token ``k`` in the padded (B, S)
-    layout the attention works in; ``mask`` the additive (B, 1, S, P + S) mask of that
-    layout (prefix keys, then the row's own keys causally, padding hidden)."""
+    Packed token ``k`` sits at row ``b[k]``, slot ``s[k]`` of the padded (B, S) layout the
+    attention works in; ``mask`` is the additive (B, 1, S, P + S) mask of that layout
+    (prefix keys, then the row's own keys causally, padding hidden)."""
 
-    index: torch.Tensor  # (N,) long
+    b: torch.Tensor  # (N,) long
+    s: torch.Tensor  # (N,) long
     B: int
     S: int
     mask: torch.Tensor  # (B, 1, S, P+S)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, heads, N, D) -> (B, heads, S, D), zeros in the padding slots."""
+        """(1, heads, N, D) -> (B, heads, S, D), contiguous, zeros in the padding slots."""
         _, H, _, D = x.shape
-        out = x.new_zeros(self.B * self.S, H, D)
-        out.index_copy_(0, self.index, x[0].transpose(0, 1))
-        return out.view(self.B, self.S, H, D).transpose(1, 2)
+        out = x.new_zeros(self.B, H, self.S, D)
+        out[self.b, :, self.s] = x[0].transpose(0, 1)  # (N, heads, D)
+        return out
 
     def pack(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, S, heads, D) -> (1, N, heads, D): the real tokens only."""
-        return y.reshape(self.B * self.S, *y.shape[2:]).index_select(0, self.index).unsqueeze(0)
+        """(B, heads, S, D) -> (1, N, heads, D): the real tokens only."""
+        return y[self.b, :, self.s].unsqueeze(0)
 
 
 def set_packing(packing: Packing | None) -> None:
@@ -167,12 +168,14 @@ def promptshift_attention(module, query, key, value, attention_mask, scaling=Non
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                              is_causal=mask is None and Sq > 1, enable_gqa=rep > 1)
         return out.transpose(1, 2).contiguous(), None
-    q = query.reshape(B, NKV, rep * Sq, D)  # (B, NKV, rep*Sq, D): head h = kv*rep + r
-    scores = (q @ key.transpose(2, 3)).view(B, NH, Sq, Sk) * scaling  # (B, NH, Sq, Sk)
+    # the scale goes on the queries (Sq x D) rather than the scores (Sq x Sk): a power of two
+    # for most head sizes, so the same scores, one pass less over the largest tensor
+    q = (query * scaling).reshape(B, NKV, rep * Sq, D)  # (B, NKV, rep*Sq, D): head h = kv*rep + r
+    scores = (q @ key.transpose(2, 3)).view(B, NH, Sq, Sk)  # (B, NH, Sq, Sk)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
-        scores = scores + mask
+        scores.add_(mask)
     elif Sq > 1:
         causal = torch.ones(Sq, Sk, dtype=torch.bool, device=query.device).tril(Sk - Sq)
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
@@ -181,7 +184,7 @@ def promptshift_attention(module, query, key, value, attention_mask, scaling=Non
         stats.reduce(module.layer_idx, probs)
     out = (probs.to(value.dtype).view(B, NKV, rep * Sq, Sk) @ value).view(B, NH, Sq, D)  # (B, NH, Sq, D)
     if pk is not None:
-        return pk.pack(out.transpose(1, 2)), None  # (1, N, NH, D)
+        return pk.pack(out), None  # (1, N, NH, D)
     return out.transpose(1, 2).contiguous(), None
 
 

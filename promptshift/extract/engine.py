@@ -272,15 +272,14 @@ class Engine:
         packing = None
         if self.packed:
             # the real tokens as one sequence (1, N); slot[b, s]: packed index of padded slot (b, s)
-            flat = (torch.arange(B) * S).unsqueeze(1) + torch.arange(S).unsqueeze(0)  # (B, S)
-            index = flat[real]  # (N,) row-major: row 0's tokens, then row 1's, ...
+            rows, slots = real.nonzero(as_tuple=True)  # (N,) each, row-major: row 0's tokens, then row 1's, ...
             slot = torch.full((B, S), -1, dtype=torch.long)
-            slot[real] = torch.arange(len(index))
+            slot[real] = torch.arange(len(rows))
             allowed = attn_mask.bool()[:, None, :] & (
                 torch.arange(P + S)[None, None, :] <= P + torch.arange(S)[None, :, None])  # (B, S, P+S)
             mask = torch.zeros(B, 1, S, P + S, dtype=self._dtype).masked_fill(
                 ~allowed[:, None], torch.finfo(self._dtype).min)
-            packing = Packing(index.to(dev), B, S, mask.to(dev))
+            packing = Packing(rows.to(dev), slots.to(dev), B, S, mask.to(dev))
             input_ids, position_ids = input_ids[real][None], position_ids[real][None]  # (1, N)
             b_idx, s_idx = torch.zeros_like(s_idx), slot[b_idx, s_idx]
             last_q_h = slot[torch.arange(B), last_q]  # where each row's last token is in the packed sequence
@@ -513,8 +512,8 @@ class _Prefilled(DynamicLayer):
         if pk is not None:  # a packed batch's keys (1, NKV, N, D): into the padded layout
             n0 = self.keys.shape[-2]
             n1 = n0 + pk.S
-            self._kbuf[:, :, n0:n1] = pk.unpack(key_states)
-            self._vbuf[:, :, n0:n1] = pk.unpack(value_states)
+            self._kbuf[pk.b, :, n0 + pk.s] = key_states[0].transpose(0, 1)  # (N, NKV, D) into the padded slots
+            self._vbuf[pk.b, :, n0 + pk.s] = value_states[0].transpose(0, 1)
             self.keys, self.values = self._kbuf[:, :, :n1], self._vbuf[:, :, :n1]
             return self.keys, self.values
         n0 = self.keys.shape[-2]
