@@ -111,13 +111,14 @@ class Engine:
         nkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self._nkv, self._hd, self._dtype = nkv, hd, next(model.parameters()).dtype
         self._kv_bytes = 2 * self.L * nkv * hd * next(model.parameters()).element_size()  # per cached token
+        self._layer_dev = [next(layer.parameters()).device for layer in self.arch.layers]  # (split models)
         # packed batches (real tokens only through every per-token module): for models whose
-        # cache layers are all plain ones, the same condition as for mixing prefixes
+        # cache layers are all plain ones (the same condition as for mixing prefixes), on one device
         if packed is None:
             from transformers import DynamicCache
 
-            packed = self._can_merge and all(type(la) is DynamicLayer
-                                             for la in DynamicCache(config=model.config).layers)
+            packed = (self._can_merge and len(set(self._layer_dev)) == 1
+                      and all(type(la) is DynamicLayer for la in DynamicCache(config=model.config).layers))
         self.packed = bool(packed)
         self._last: torch.Tensor | None = None
         self._buf: dict[str, list] = {}
@@ -222,7 +223,7 @@ class Engine:
             groups.append((idx, p))
         for i in range(self.L):
             if type(cache.layers[i]) is DynamicLayer:
-                kb = torch.zeros(B, self._nkv, P + S, self._hd, dtype=self._dtype, device=self.device)  # zeros:
+                kb = torch.zeros(B, self._nkv, P + S, self._hd, dtype=self._dtype, device=self._layer_dev[i])  # zeros:
                 vb = torch.zeros_like(kb)  # masked slots must be finite
                 for idx, p in groups:
                     k, v = p.kv[i]
@@ -230,7 +231,7 @@ class Engine:
                     vb[idx, :, : p.length] = v
                 cache.layers[i] = _Prefilled(kb, vb, P)
             else:  # other layer types (sliding windows): their own update, on a padded copy
-                z = torch.zeros(1, self._nkv, P, self._hd, dtype=self._dtype, device=self.device)
+                z = torch.zeros(1, self._nkv, P, self._hd, dtype=self._dtype, device=self._layer_dev[i])
                 ks = [F.pad(p.kv[i][0], (0, 0, 0, P - p.length)) if p is not None else z for p in prefixes]
                 vs = [F.pad(p.kv[i][1], (0, 0, 0, P - p.length)) if p is not None else z for p in prefixes]
                 cache.update(torch.cat(ks), torch.cat(vs), i)
