@@ -205,10 +205,10 @@ class Engine:
         B = len(prefixes)
         offsets = [p.length if p is not None else 0 for p in prefixes]
         P = max(offsets)
-        k_reg = torch.full((B, P), -1, dtype=torch.long)
-        mask = torch.zeros(B, P, dtype=torch.long)
         if P == 0 and not self.packed:
             return offsets, 0, None, None, None
+        k_reg = torch.full((B, P), -1, dtype=torch.long)
+        mask = torch.zeros(B, P, dtype=torch.long)
         cache = DynamicCache(config=self.model.config)
         rows: dict[int, list[int]] = {}  # prefix -> its rows
         for b, p in enumerate(prefixes):
@@ -509,19 +509,16 @@ class _Prefilled(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        pk = get_packing()
-        if pk is not None:  # a packed batch's keys (1, NKV, N, D): into the padded layout
-            n0 = self.keys.shape[-2]
-            n1 = n0 + pk.S
-            self._kbuf[pk.b, :, n0 + pk.s] = key_states[0].transpose(0, 1)  # (N, NKV, D) into the padded slots
-            self._vbuf[pk.b, :, n0 + pk.s] = value_states[0].transpose(0, 1)
-            self.keys, self.values = self._kbuf[:, :, :n1], self._vbuf[:, :, :n1]
-            return self.keys, self.values
+        pk = get_packing()  # a packed batch's keys are (1, NKV, N, D): they go to its padded slots
         n0 = self.keys.shape[-2]
-        n1 = n0 + key_states.shape[-2]
+        n1 = n0 + (pk.S if pk is not None else key_states.shape[-2])
         if self._kbuf is not None and n1 <= self._kbuf.shape[-2]:
-            self._kbuf[:, :, n0:n1] = key_states
-            self._vbuf[:, :, n0:n1] = value_states
+            if pk is not None:
+                self._kbuf[pk.b, :, n0 + pk.s] = key_states[0].transpose(0, 1)  # (N, NKV, D)
+                self._vbuf[pk.b, :, n0 + pk.s] = value_states[0].transpose(0, 1)
+            else:
+                self._kbuf[:, :, n0:n1] = key_states
+                self._vbuf[:, :, n0:n1] = value_states
             self.keys, self.values = self._kbuf[:, :, :n1], self._vbuf[:, :, :n1]
             return self.keys, self.values
         self._kbuf = self._vbuf = None
