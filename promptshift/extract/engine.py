@@ -110,7 +110,7 @@ class Engine:
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         nkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self._nkv, self._hd, self._dtype = nkv, hd, next(model.parameters()).dtype
-        self._kv_bytes = 2 * self.L * nkv * hd * next(model.parameters()).element_size()  # per cached token
+        self._kv_bytes = 2 * self.L * nkv * hd * self._dtype.itemsize  # per cached token
         self._layer_dev = [next(layer.parameters()).device for layer in self.arch.layers]  # (split models)
         # packed batches (real tokens only through every per-token module): for models whose
         # cache layers are all plain ones (the same condition as for mixing prefixes), on one device
