@@ -29,9 +29,11 @@ import numpy as np
 import yaml
 
 from promptshift.errors import SweepError
+from promptshift.sweep.behaviour import Check, evaluate, parse_check
 from promptshift.sweep.chat import REGION_CODE, render
 
 CONDITIONS = ("system", "system_plain", "no_system")
+# rules whose marker can be taken out of a scripted reply (`system_plain`)
 CHECKS = ("startswith", "contains", "regex")
 
 
@@ -55,14 +57,10 @@ def load_multiturn(arg: str | Path) -> dict:
     rule = d["rule"]
     if not isinstance(rule, dict) or not str(rule.get("system", "")).strip():
         raise SweepError(f"{where}: `rule.system` must be a non-empty system prompt")
-    check = rule.get("check")
-    if not isinstance(check, dict) or check.get("type") not in CHECKS or not str(check.get("value", "")):
-        raise SweepError(f"{where}: `rule.check` must be {{type: {' | '.join(CHECKS)}, value: TEXT}}")
-    if check["type"] == "regex":
-        try:
-            re.compile(str(check["value"]))
-        except re.error as e:
-            raise SweepError(f"{where}: `rule.check.value` is not a valid regex: {e}") from e
+    check = parse_check(rule.get("check"), f"{where}: `rule.check`")
+    if check.type not in CHECKS:
+        raise SweepError(f"{where}: `rule.check` must be one of {', '.join(CHECKS)} (a marker the history can drop), "
+                         f"got {check.type}")
     convs = d["conversations"]
     if not isinstance(convs, list) or not convs:
         raise SweepError(f"{where}: `conversations` must be a non-empty list")
@@ -76,29 +74,28 @@ def load_multiturn(arg: str | Path) -> dict:
             if j < len(turns) - 1 and not str(t.get("assistant", "")).strip():
                 raise SweepError(f"{where}: conversations[{i}].turns[{j}] needs an `assistant` reply (only the "
                                  "last turn may leave it out)")
-    return {"name": d.get("name", path.stem), "rule": rule, "conversations": convs, "path": str(path)}
+    return {"name": d.get("name", path.stem), "rule": {**rule, "check": check.to_dict()}, "check": check,
+            "conversations": convs, "path": str(path)}
 
 
-def obeys(reply: str, check: dict) -> bool:
-    """Whether a reply satisfies the rule's check (leading whitespace ignored)."""
-    text, value = reply.strip(), str(check["value"])
-    if check["type"] == "startswith":
-        return text.startswith(value)
-    if check["type"] == "contains":
-        return value in text
-    return re.search(value, text) is not None
+def obeys(reply: str, check: Check | dict) -> bool:
+    """Whether a reply satisfies the rule's check (:func:`promptshift.sweep.behaviour.evaluate`,
+    the same judgement as the sweep's declared checks; the reply is taken as finished)."""
+    check = check if isinstance(check, Check) else parse_check(check, "a multi-turn rule")
+    return evaluate(check, reply, finished=True) is True
 
 
-def plain(reply: str, check: dict) -> str:
-    """A scripted reply with the rule's marker removed (``startswith``/``contains`` rules)."""
-    value = str(check["value"])
-    if check["type"] == "startswith" and reply.strip().startswith(value):
+def plain(reply: str, check: Check | dict) -> str:
+    """A scripted reply with the rule's marker removed."""
+    check = check if isinstance(check, Check) else parse_check(check, "a multi-turn rule")
+    value = str(check.value)
+    if check.type == "startswith" and reply.strip().startswith(value):
         rest = reply.strip()[len(value) :].lstrip(" ,!.:;-")
         return rest[:1].upper() + rest[1:]
-    if check["type"] == "contains":
+    if check.type == "contains":
         return re.sub(r"\s+", " ", reply.replace(value, "")).strip()
-    if check["type"] == "regex":
-        return re.sub(r"\s+", " ", re.sub(str(check["value"]), "", reply)).strip()
+    if check.type == "regex":
+        return re.sub(r"\s+", " ", re.sub(value, "", reply)).strip()
     return reply
 
 
@@ -111,7 +108,7 @@ def messages(suite: dict, conv: dict, t: int, condition: str) -> list[dict]:
         if j < t - 1:
             reply = str(turn["assistant"])
             out.append({"role": "assistant",
-                        "content": plain(reply, rule["check"]) if condition == "system_plain" else reply})
+                        "content": plain(reply, suite["check"]) if condition == "system_plain" else reply})
     return out
 
 
@@ -121,7 +118,7 @@ def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(),
     from promptshift.causal.analyses import _bar
     from promptshift.extract.engine import Item
 
-    check = suite["rule"]["check"]
+    check = suite["check"]
     rows = []
     for cond in CONDITIONS:
         for ci, conv in enumerate(suite["conversations"]):

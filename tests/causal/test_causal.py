@@ -16,6 +16,7 @@ from promptshift.causal.phrases import split_phrases, without
 from promptshift.causal.runner import Edit, Row, Runner, kl
 from promptshift.extract.run import ExtractConfig, extract
 from promptshift.metrics import compute
+from promptshift.sweep.behaviour import Check
 from promptshift.sweep.chat import REGION_CODE
 from promptshift.sweep.config import load_sweep
 from tests.conftest import tiny_llama, write_sweep
@@ -277,12 +278,13 @@ def test_split_phrases():
 
 
 def test_multiturn_rules():
-    check = {"type": "startswith", "value": "Ahoy"}
+    check = {"type": "startswith", "value": "Ahoy"}  # the suite's older syntax still reads
     assert obeys("  Ahoy, matey", check) and not obeys("Hello, Ahoy", check)
-    assert obeys("x Ahoy", {"type": "contains", "value": "Ahoy"})
+    assert obeys("x Ahoy", {"contains": "Ahoy"}) and not obeys("x ahoy", {"contains": "Ahoy"})
     assert obeys("ahoy!", {"type": "regex", "value": "(?i)^ahoy"})
     assert plain("Ahoy, the capital is Tokyo.", check) == "The capital is Tokyo."
     suite = load_multiturn("multiturn")
+    assert suite["check"] == Check("startswith", "Ahoy")  # one parser for the suite and the sweeps
     conv = suite["conversations"][0]
     m = messages(suite, conv, 3, "system_plain")
     assert [x["role"] for x in m] == ["system", "user", "assistant", "user", "assistant", "user"]
