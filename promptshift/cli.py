@@ -20,9 +20,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 SweepArg = typer.Argument(None, help="sweep YAML, JSON prompt file, or built-in suite name (default: default)")
 
 
-def _sweep_overrides(model, keep, storage_dtype, chat_template, trust_remote_code, max_new_tokens=None):
+def _sweep_overrides(model, keep, storage_dtype, chat_template, trust_remote_code, max_new_tokens=None,
+                     baseline=None):
     return dict(model=model, keep=keep, storage_dtype=storage_dtype, chat_template=chat_template,
-                trust_remote_code=True if trust_remote_code else None, max_new_tokens=max_new_tokens)
+                trust_remote_code=True if trust_remote_code else None, max_new_tokens=max_new_tokens,
+                baseline=baseline)
+
+
+def _baseline_option():
+    return typer.Option(None, help="baseline condition: no_system_turn, empty_system or a system prompt's name "
+                        "(default: the sweep's; no_system_turn for a JSON prompt file, empty_system for YAML)")
 
 
 @app.command()
@@ -56,12 +63,14 @@ def plan(
     chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file for models without one"),
     trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
     out: Optional[Path] = typer.Option(None, help="also write the plan as JSON here"),
+    baseline: Optional[str] = _baseline_option(),
 ):
     """Render every prompt, pair and align them, and print counts and store-size estimates."""
     from promptshift.sweep.config import load_sweep
     from promptshift.sweep.plan import build_plan, load_plan_inputs
 
-    s = load_sweep(sweep, **_sweep_overrides(model, keep, None, chat_template, trust_remote_code))
+    s = load_sweep(sweep, **_sweep_overrides(model, keep, None, chat_template, trust_remote_code,
+                                             baseline=baseline))
     tok, dims = load_plan_inputs(s)
     p = build_plan(s, tok, dims)
     typer.echo(p.summary())
@@ -99,6 +108,7 @@ def extract(
     progress: bool = typer.Option(True, help="show a progress bar"),
     init_only: bool = typer.Option(False, help="only create the store from the plan"),
     requeue: bool = typer.Option(True, help="under SLURM, requeue this task when stopped by SIGTERM/SIGUSR1"),
+    baseline: Optional[str] = _baseline_option(),
 ):
     """Run the model over the sweep and fill (this shard of) the activation store."""
     if devices:
@@ -111,7 +121,7 @@ def extract(
     from promptshift.sweep.config import load_sweep
 
     s = load_sweep(sweep, **_sweep_overrides(model, keep, storage_dtype, chat_template, trust_remote_code,
-                                             max_new_tokens))
+                                             max_new_tokens, baseline))
     cfg = ExtractConfig(store=str(store), shard=shard, format=format, overwrite=overwrite, device=device,
                         dtype=dtype, prefix_sharing=prefix_sharing, packing=packing, progress=progress,
                         allow_pickle=allow_pickle, init_only=init_only, requeue=requeue)
@@ -271,13 +281,14 @@ def causal(
     progress: bool = typer.Option(True, help="show progress bars"),
     skip_done: bool = typer.Option(False, help="skip the analyses already in the store for these user prompts "
                                    "(resume after an interruption)"),
+    baseline: Optional[str] = _baseline_option(),
 ):
     """Causal analyses (activation patching, system-span knockout, phrase ablation, steering
     vectors, multi-turn decay) with the model, written into the store for `metrics`."""
     from promptshift.causal import CausalConfig, run_causal
     from promptshift.sweep.config import load_sweep
 
-    s = load_sweep(sweep, **_sweep_overrides(model, None, None, chat_template, trust_remote_code))
+    s = load_sweep(sweep, **_sweep_overrides(model, None, None, chat_template, trust_remote_code, baseline=baseline))
     if skip_done:
         from promptshift.causal import missing_analyses
         from promptshift.store import open_store
@@ -316,6 +327,7 @@ def run(
                                 "multi-turn) between extract and metrics"),
     causal_users: Optional[int] = typer.Option(None, help="causal analyses on N user prompts spread evenly over "
                                                "the sweep (default: all)"),
+    baseline: Optional[str] = _baseline_option(),
 ):
     """plan -> extract -> causal -> metrics -> report, in one go."""
     from promptshift import metrics as m
@@ -326,7 +338,7 @@ def run(
     from promptshift.sweep.config import load_sweep
 
     out.mkdir(parents=True, exist_ok=True)
-    s = load_sweep(sweep or "quick", model=model)
+    s = load_sweep(sweep or "quick", model=model, baseline=baseline)
     store = out / "store.zarr"
     n = 4 if causal else 3
     t0 = time.perf_counter()

@@ -157,8 +157,20 @@ def _concat(frames: list[pd.DataFrame | None]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _user_attributes(plan) -> pd.DataFrame:
+    """One row per user prompt (index user_id), one column per attribute of the sweep's
+    user prompts (the prompt file's extra fields), as text; missing values are None."""
+    from promptshift.sweep.config import attribute_text
+
+    users = plan.sweep.user_prompts
+    names = list(dict.fromkeys(k for u in users for k in u.attributes))
+    return pd.DataFrame({n: [attribute_text(u.attributes.get(n)) for u in users] for n in names},
+                        index=pd.Index([u.id for u in users], name="user_id"), dtype=object)
+
+
 def _pair_meta(plan) -> pd.DataFrame:
-    """pair, system, user_id, category for pairs and controls (control c is pair -1-c)."""
+    """pair, system, user_id, category and the user prompt's attributes for pairs and
+    controls (control c is pair -1-c)."""
     pairs = plan.pairs[["pair", "system", "user_id", "category"]]
     pr = plan.prompts
     cat = {u.id: u.category for u in plan.sweep.user_prompts}
@@ -169,16 +181,22 @@ def _pair_meta(plan) -> pd.DataFrame:
         "user_id": pr["user_id"].to_numpy()[ctrl["prompt_a"].to_numpy()] if len(ctrl) else [],
     })
     cm["category"] = cm["user_id"].map(cat)
-    return pd.concat([pairs, cm], ignore_index=True)
+    meta = pd.concat([pairs, cm], ignore_index=True)
+    attrs = _user_attributes(plan)
+    return meta.join(attrs, on="user_id") if len(attrs.columns) else meta
 
 
 def _with_pairs(df: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
-    """Insert the common pair columns after ``pair``."""
+    """Insert the common pair columns (and any user prompt attributes) after ``pair``."""
     if df.empty:
         return df
     m = meta.set_index("pair").reindex(df["pair"].to_numpy())
+    clash = sorted(set(m.columns) & set(df.columns))
+    if clash:  # an attribute named like a column this table has (the sweep check lists the known ones)
+        raise MetricsError(f"user prompt attribute(s) {clash} have the names of result columns; rename them in the "
+                           "prompt file")
     out = df.copy()
-    for i, c in enumerate(("system", "user_id", "category")):
+    for i, c in enumerate(m.columns):
         out.insert(1 + i, c, m[c].to_numpy())
     return out
 

@@ -25,6 +25,12 @@ NO_SYSTEM_ROLE_POLICIES = ("error", "prepend_to_user")
 USER_CATEGORIES_HINT = ("factual", "reasoning", "classification", "creative", "instruction", "edge")
 
 
+# An attribute is a field of a prompt entry that promptshift does not interpret (the
+# notebook's `difficulty`, `type`, `note`): kept as written, shown as a column in the
+# tables, usable in `select.attributes`. Scalars or lists of scalars.
+Attributes = dict[str, Any]
+
+
 @dataclass(frozen=True)
 class SystemPrompt:
     name: str
@@ -33,6 +39,7 @@ class SystemPrompt:
     description: str = ""
     family: str | None = None
     level: str | None = None
+    attributes: Attributes = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class UserPrompt:
     text: str
     category: str = "uncategorized"
     expected: str | None = None
+    attributes: Attributes = field(default_factory=dict, hash=False)
 
 
 @dataclass
@@ -64,6 +72,7 @@ class SweepConfig:
     block_prompts: int = 64
     storage_dtype: str = "float16"
     full_attention_layers: tuple[int, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)  # the prompt file's own `metadata`, kept as is
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -105,6 +114,12 @@ class SweepConfig:
         for u in self.user_prompts:
             if not u.text.strip():
                 raise SweepError(f"user prompt `{u.id}` has empty or whitespace-only text")
+        if not isinstance(self.metadata, dict):
+            raise SweepError(f"`metadata` must be a mapping, got {type(self.metadata).__name__}")
+        for u in self.user_prompts:
+            _check_attributes(u.attributes, f"user prompt `{u.id}`", RESERVED_USER_ATTRIBUTES)
+        for s in self.system_prompts:
+            _check_attributes(s.attributes, f"system prompt `{s.name}`", RESERVED_SYSTEM_ATTRIBUTES)
         names = {s.name for s in self.system_prompts}
         if self.baseline not in BASELINE_BUILTINS and self.baseline not in names:
             raise SweepError(
@@ -118,9 +133,16 @@ class SweepConfig:
         return [s for s in self.system_prompts if s.name != self.baseline]
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict. Empty `attributes` and `metadata` are left out, so a sweep
+        without them serialises (and hashes into its plan) as it did before they existed."""
         d = dataclasses.asdict(self)
         d["components"] = list(self.components)
         d["full_attention_layers"] = list(self.full_attention_layers)
+        for it in d["system_prompts"] + d["user_prompts"]:
+            if not it["attributes"]:
+                del it["attributes"]
+        if not d["metadata"]:
+            del d["metadata"]
         return d
 
     @classmethod
@@ -129,6 +151,49 @@ class SweepConfig:
         d["system_prompts"] = [SystemPrompt(**{**s, "tags": tuple(s.get("tags", ()))}) for s in d["system_prompts"]]
         d["user_prompts"] = [UserPrompt(**u) for u in d["user_prompts"]]
         return cls(**d)
+
+
+# Columns of the result tables an attribute is shown next to (per pair / per user prompt,
+# and per system prompt): an attribute may not take one of these names, or it would
+# overwrite the column.
+RESERVED_USER_ATTRIBUTES = frozenset({
+    "id", "prompt", "text", "expected", "category", "pair", "system", "user_id", "role", "kind", "layer",
+    "component", "position", "region", "head", "scope", "placement", "instruction", "is_control",
+    # columns of the per-pair tables the attributes are added to (docs/RESULTS.md)
+    "cosine", "cosine_centered", "l2", "rel_change", "norm_variant", "norm_baseline", "tv_aligned",
+    "mass_system_variant", "mass_user_variant", "mass_user_baseline", "kl", "js", "top1_changed", "topk_overlap",
+    "entropy_variant", "entropy_baseline", "gen_edit_distance", "first_divergence", "len_change", "gen_variant",
+    "gen_baseline", "kl_lens", "top1_lens_variant", "top1_lens_baseline", "top1_agree",
+    "final_top1_logprob_variant", "final_top1_logprob_baseline",
+})
+RESERVED_SYSTEM_ATTRIBUTES = frozenset({
+    "name", "system", "text", "tags", "description", "family", "level", "category", "placement", "instruction",
+    "n_system_tokens", "n_words", "impact", "kl", "n_pairs",
+})
+
+
+def _check_attributes(attrs: Any, where: str, reserved: frozenset[str]) -> None:
+    if not isinstance(attrs, dict):
+        raise SweepError(f"`attributes` of {where} must be a mapping of name -> value")
+    for k, v in attrs.items():
+        if not isinstance(k, str) or not k:
+            raise SweepError(f"attribute names of {where} must be non-empty strings, got {k!r}")
+        if k in reserved or k.startswith("kw_"):
+            raise SweepError(f"attribute `{k}` of {where} clashes with a column of the result tables; rename it "
+                             f"(reserved: {', '.join(sorted(reserved))} and names starting with kw_)")
+        vals = v if isinstance(v, list) else [v]
+        if not all(x is None or isinstance(x, (str, int, float, bool)) for x in vals):
+            raise SweepError(f"attribute `{k}` of {where} must be a string, number, boolean or a list of them, "
+                             f"got {type(v).__name__}")
+
+
+def attribute_text(v: Any) -> str | None:
+    """An attribute value as one table cell: lists comma-joined, None stays None."""
+    if v is None:
+        return None
+    if isinstance(v, list):
+        return ",".join("" if x is None else str(x) for x in v)
+    return str(v)
 
 
 def _unique(values: list[str], where: str, key: str) -> None:
@@ -151,10 +216,15 @@ def builtin_sweeps() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
 
 
-_SYSTEM_KEYS = {"name", "text", "tags", "description", "family", "level"}
-_USER_KEYS = {"id", "text", "category", "expected"}
+_SYSTEM_KEYS = {"name", "text", "tags", "description", "family", "level", "attributes"}
+_USER_KEYS = {"id", "text", "category", "expected", "attributes"}
 _SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)} | {"suite", "prompts", "description", "select"}
-_SELECT_KEYS = {"system_prompts", "user_prompts", "categories", "max_user_prompts"}
+_SELECT_KEYS = {"system_prompts", "user_prompts", "categories", "max_user_prompts", "attributes"}
+# the notebook's JSON prompt file: top-level keys, and the keys of a system prompt entry
+# that mean something to promptshift (any other key of an entry is an attribute)
+_JSON_KEYS = {"test_prompts", "system_prompts", "metadata"}
+_JSON_SYSTEM_KEYS = {"text", "description", "category", "tags", "family", "level"}
+_JSON_USER_KEYS = {"id", "prompt", "expected", "category"}
 
 
 def _read_text(path: Path) -> str:
@@ -219,6 +289,7 @@ def _parse_system(items: Any, where: str) -> list[SystemPrompt]:
                 description=_str_field(s, "description", w, False) or "",
                 family=_str_field(s, "family", w, False),
                 level=_str_field(s, "level", w, False),
+                attributes=s.get("attributes") or {},
             )
         )
     return out
@@ -239,22 +310,35 @@ def _parse_user(items: Any, where: str) -> list[UserPrompt]:
                 text=_str_field(u, "text", w),
                 category=_str_field(u, "category", w, False) or "uncategorized",
                 expected=_str_field(u, "expected", w, False),
+                attributes=u.get("attributes") or {},
             )
         )
     return out
 
 
+def _json_attributes(it: dict, known: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in it.items() if k not in known}
+
+
 def _parse_prompt_json(data: Any, where: str) -> dict[str, Any]:
-    """The notebook's prompt file: ``test_prompts`` (category -> list) and ``system_prompts``
-    (name -> {text, description}); an entry with empty text marks the baseline."""
+    """The notebook's prompt file, read as it is: ``test_prompts`` (category -> list of
+    {id, prompt, expected, ...}), ``system_prompts`` (name -> {text, description, category,
+    ...}), and optionally ``metadata`` (kept in the store's provenance) and
+    ``instruction_prefixes``. An entry with empty text is the notebook's "no system
+    prompt": it selects the baseline ``no_system_turn`` (no system message at all), which is
+    this format's default baseline with or without such an entry. A system prompt's
+    ``category`` becomes a tag; any other field of an entry is kept as an attribute."""
     if not isinstance(data, dict):
         raise SweepError(f"{where} must be a JSON object with `test_prompts` and `system_prompts`")
-    _check_keys(data, {"test_prompts", "system_prompts"}, where)
+    _check_keys(data, _JSON_KEYS, where)
     tp, sp = data.get("test_prompts"), data.get("system_prompts")
     if not isinstance(tp, dict):
         raise SweepError(f"`test_prompts` in {where} must map category -> list of prompts")
     if not isinstance(sp, dict):
         raise SweepError(f"`system_prompts` in {where} must map name -> {{text, description}}")
+    meta = data.get("metadata", {})
+    if not isinstance(meta, dict):
+        raise SweepError(f"`metadata` in {where} must be an object, got {type(meta).__name__}")
     users = []
     for cat, items in tp.items():
         if not isinstance(items, list):
@@ -263,12 +347,16 @@ def _parse_prompt_json(data: Any, where: str) -> dict[str, Any]:
             w = f"{where}: test_prompts.{cat}[{i}]"
             if not isinstance(it, dict):
                 raise SweepError(f"{w} must be an object with id and prompt")
+            own = it.get("category", cat)
+            if str(own) != str(cat):
+                raise SweepError(f"{w} has `category` {own!r} but sits under {cat!r}; drop the field or move the entry")
             users.append(
                 UserPrompt(
                     id=_str_field(it, "id", w),
                     text=_str_field(it, "prompt", w),
                     category=str(cat),
                     expected=_str_field(it, "expected", w, False),
+                    attributes=_json_attributes(it, _JSON_USER_KEYS),
                 )
             )
     systems, baseline = [], None
@@ -283,11 +371,16 @@ def _parse_prompt_json(data: Any, where: str) -> dict[str, Any]:
             baseline = name
             continue
         tags = it.get("tags") or []
-        systems.append(SystemPrompt(name=str(name), text=text, tags=tuple(tags), description=it.get("description", "")))
-    out: dict[str, Any] = {"system_prompts": systems, "user_prompts": users}
-    if baseline is not None:
-        out["baseline"] = "empty_system"
-    return out
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise SweepError(f"`tags` in {w} must be a list of strings")
+        category = _str_field(it, "category", w, False)
+        if category and category not in tags:
+            tags = [*tags, category]
+        systems.append(SystemPrompt(
+            name=str(name), text=text, tags=tuple(tags), description=_str_field(it, "description", w, False) or "",
+            family=_str_field(it, "family", w, False), level=_str_field(it, "level", w, False),
+            attributes=_json_attributes(it, _JSON_SYSTEM_KEYS)))
+    return {"system_prompts": systems, "user_prompts": users, "baseline": "no_system_turn", "metadata": meta}
 
 
 def _load_suite(name: str) -> dict[str, Any]:
@@ -325,8 +418,24 @@ def _apply_select(d: dict[str, Any], select: Any, where: str) -> None:
         if missing:
             raise SweepError(f"`select.user_prompts` names unknown user prompt(s) {missing}")
         d["user_prompts"] = [known_u[i] for i in ids]
+    if (attrs := select.get("attributes")) is not None:
+        if not isinstance(attrs, dict):
+            raise SweepError(f"`select.attributes` in {where} must map an attribute name to a value or list of values")
+        for name, want in attrs.items():
+            want = {attribute_text(x) for x in (want if isinstance(want, list) else [want])}
+            if not any(name in u.attributes for u in d["user_prompts"]):
+                known = sorted({k for u in d["user_prompts"] for k in u.attributes})
+                raise SweepError(f"`select.attributes` names {name!r}, which no user prompt has; attributes: "
+                                 f"{', '.join(known) or 'none'}")
+            d["user_prompts"] = [u for u in d["user_prompts"] if _attr_matches(u.attributes.get(name), want)]
     if (n := select.get("max_user_prompts")) is not None:
         d["user_prompts"] = d["user_prompts"][: int(n)]
+
+
+def _attr_matches(value: Any, want: set[str | None]) -> bool:
+    """A value (or any element of a list value) is one of the wanted ones, compared as text."""
+    vals = value if isinstance(value, list) else [value]
+    return any(attribute_text(v) in want for v in vals)
 
 
 def load_sweep(arg: str | Path | None = None, **overrides: Any) -> SweepConfig:
@@ -361,7 +470,8 @@ def load_sweep(arg: str | Path | None = None, **overrides: Any) -> SweepConfig:
             if not pf.is_absolute():
                 pf = path.parent / pf
             sub = load_sweep(pf)
-            d.update(system_prompts=sub.system_prompts, user_prompts=sub.user_prompts, baseline=sub.baseline)
+            d.update(system_prompts=sub.system_prompts, user_prompts=sub.user_prompts, baseline=sub.baseline,
+                     metadata=sub.metadata)
         if "system_prompts" in raw:
             d["system_prompts"] = _parse_system(raw["system_prompts"], str(path))
         if "user_prompts" in raw:

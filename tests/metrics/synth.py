@@ -30,8 +30,9 @@ def sweep_config(keep: str = "suffix", max_new_tokens: int = 5) -> SweepConfig:
                          "and never add a closing remark.", ("concise", "constraint"), family="concise", level="long"),
         ],
         user_prompts=[
-            UserPrompt("capital", "What is the capital of France?", "factual"),
-            UserPrompt("add", "What is 2 + 3?", "reasoning"),
+            # attributes: the extra fields of a notebook prompt file (a missing one is None)
+            UserPrompt("capital", "What is the capital of France?", "factual", attributes={"difficulty": "easy"}),
+            UserPrompt("add", "What is 2 + 3?", "reasoning", attributes={"difficulty": 2, "type": ["math", "sum"]}),
             UserPrompt("poem", "Write a short poem about rain.", "creative"),
             UserPrompt("color", "Name a color.", "factual"),
         ],

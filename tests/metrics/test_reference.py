@@ -285,6 +285,22 @@ def test_output_and_lens_match_reference(synth_store, synth_tables):
                    "final_top1_logprob_baseline"])
 
 
+def test_user_attributes_are_pair_columns(synth_tables):
+    """The prompt file's extra fields ride along as columns of every per-pair table, for
+    pairs and controls alike (a control takes its first prompt's), as text."""
+    want = {"capital": ("easy", None), "add": ("2", "math,sum"), "poem": (None, None), "color": (None, None)}
+    for name in ("component_change", "attention_change", "output_change", "lens_change"):
+        t = synth_tables[0][name]
+        assert list(t.columns[:6]) == ["pair", "system", "user_id", "category", "difficulty", "type"], name
+        for u, values in want.items():
+            rows = t[t["user_id"] == u]
+            assert len(rows), (name, u)
+            for col, v in zip(("difficulty", "type"), values):
+                assert rows[col].isna().all() if v is None else (rows[col] == v).all(), (name, u, col)
+    cc = synth_tables[0]["component_change"]
+    assert cc.loc[cc["is_control"] & (cc["user_id"] == "capital"), "difficulty"].eq("easy").all()
+
+
 def test_topk_kl_approximates_exact_kl():
     """Against the exact KL of full distributions, when the top-k holds most of the mass."""
     from promptshift.metrics.output import topk_kl_js

@@ -50,7 +50,7 @@ def test_json_prompt_file(tmp_path):
                            "brief": {"text": "Be brief.", "description": "short"}},
     }))
     s = load_sweep(p)
-    assert [x.name for x in s.system_prompts] == ["brief"] and s.baseline == "empty_system"
+    assert [x.name for x in s.system_prompts] == ["brief"] and s.baseline == "no_system_turn"
     assert {u.id: u.category for u in s.user_prompts} == {"f1": "factual", "c1": "creative"}
 
 

@@ -1,0 +1,130 @@
+"""The notebook's JSON prompt format read as it is: `metadata`, extra per-prompt fields
+(attributes), system prompt `category` as a tag, its baseline (`no_system_turn`) by
+default, `--baseline` for any format, and errors that name the allowed keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from promptshift.errors import SweepError
+from promptshift.sweep.config import SweepConfig, load_sweep
+from tests.conftest import write_sweep
+
+NOTEBOOK = {
+    "metadata": {"version": "2.1", "description": "test file", "n": 3},
+    "test_prompts": {
+        "factual": [
+            {"id": "f1", "prompt": "Capital of Italy?", "expected": "Rome", "difficulty": "easy", "type": "short"},
+            {"id": "f2", "prompt": "Largest planet?", "expected": "Jupiter", "difficulty": "hard",
+             "note": "astronomy", "tags": ["space", "science"]},
+        ],
+        "creative": [{"id": "c1", "prompt": "A haiku please.", "difficulty": "easy"}],
+    },
+    "system_prompts": {
+        "none": {"text": "", "description": "baseline"},
+        "brief": {"text": "Be brief.", "description": "short", "category": "constraint"},
+        "pirate": {"text": "You are a pirate.", "category": "persona", "tags": ["tone"], "source": "web"},
+    },
+}
+
+
+def _write(tmp_path, data, name="prompts.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return p
+
+
+def test_notebook_file_read_as_it_is(tmp_path):
+    s = load_sweep(_write(tmp_path, NOTEBOOK))
+    assert s.baseline == "no_system_turn"  # the notebook's `none` entry: no system message at all
+    assert s.metadata == NOTEBOOK["metadata"]
+    assert [x.name for x in s.system_prompts] == ["brief", "pirate"]
+    by = {x.name: x for x in s.system_prompts}
+    assert by["brief"].tags == ("constraint",) and by["pirate"].tags == ("tone", "persona")
+    assert by["pirate"].attributes == {"source": "web"} and by["brief"].description == "short"
+    u = {x.id: x for x in s.user_prompts}
+    assert u["f1"].attributes == {"difficulty": "easy", "type": "short"} and u["f1"].expected == "Rome"
+    assert u["f2"].attributes == {"difficulty": "hard", "note": "astronomy", "tags": ["space", "science"]}
+    assert u["c1"].category == "creative"
+    # the resolved sweep (what the store's provenance keeps) round-trips with metadata and attributes
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["metadata"] == NOTEBOOK["metadata"]
+    back = SweepConfig.from_dict(d)
+    assert back.user_prompts == s.user_prompts and back.system_prompts == s.system_prompts
+    assert back.metadata == s.metadata
+
+
+def test_notebook_baseline_without_empty_entry_and_overrides(tmp_path):
+    data = {**NOTEBOOK, "system_prompts": {k: v for k, v in NOTEBOOK["system_prompts"].items() if k != "none"}}
+    p = _write(tmp_path, data)
+    assert load_sweep(p).baseline == "no_system_turn"
+    assert load_sweep(p, baseline="empty_system").baseline == "empty_system"
+    assert load_sweep(p, baseline="brief").baseline == "brief"
+    with pytest.raises(SweepError, match="unknown `baseline` 'nope'"):
+        load_sweep(p, baseline="nope")
+    # the YAML format keeps its own default, and takes the override too
+    y = write_sweep(tmp_path / "s.yaml")
+    assert load_sweep(y).baseline == "empty_system"
+    assert load_sweep(y, baseline="no_system_turn").baseline == "no_system_turn"
+    # a YAML sweep over a notebook file takes the file's baseline unless it sets its own
+    (tmp_path / "a.yaml").write_text("prompts: prompts.json\n")
+    (tmp_path / "b.yaml").write_text("prompts: prompts.json\nbaseline: empty_system\n")
+    a, b = load_sweep(tmp_path / "a.yaml"), load_sweep(tmp_path / "b.yaml")
+    assert a.baseline == "no_system_turn" and a.metadata == NOTEBOOK["metadata"] and b.baseline == "empty_system"
+
+
+def test_select_by_attribute(tmp_path):
+    _write(tmp_path, NOTEBOOK)
+    (tmp_path / "s.yaml").write_text("prompts: prompts.json\nselect: {attributes: {difficulty: easy}}\n")
+    assert [u.id for u in load_sweep(tmp_path / "s.yaml").user_prompts] == ["f1", "c1"]
+    (tmp_path / "t.yaml").write_text("prompts: prompts.json\nselect: {attributes: {tags: [science]}}\n")
+    assert [u.id for u in load_sweep(tmp_path / "t.yaml").user_prompts] == ["f2"]
+    (tmp_path / "u.yaml").write_text("prompts: prompts.json\nselect: {attributes: {level: [x]}}\n")
+    with pytest.raises(SweepError, match="names 'level', which no user prompt has; attributes: difficulty, note"):
+        load_sweep(tmp_path / "u.yaml")
+
+
+def test_yaml_attributes_and_empty_ones_leave_the_dict_unchanged(tmp_path):
+    users = [{"id": "a", "text": "Hi there", "attributes": {"difficulty": 2}}, {"id": "b", "text": "Hello"}]
+    s = load_sweep(write_sweep(tmp_path / "s.yaml", users=users))
+    assert s.user_prompts[0].attributes == {"difficulty": 2}
+    d = s.to_dict()
+    # no `attributes`/`metadata` keys where there are none: older sweeps keep their plan hash
+    assert "attributes" not in d["user_prompts"][1] and "attributes" not in d["system_prompts"][0]
+    assert "metadata" not in d
+
+
+@pytest.mark.parametrize(
+    "patch, match",
+    [
+        ({"extra_section": {}}, r"unknown key\(s\) \['extra_section'\] in .*allowed: metadata, system_prompts, test_prompts"),
+        ({"metadata": "v1"}, "`metadata` in .* must be an object"),
+        ({"test_prompts": {"factual": [{"id": "x", "prompt": "q", "category": "other"}]}},
+         "has `category` 'other' but sits under 'factual'"),
+        ({"test_prompts": {"factual": [{"id": "x", "prompt": "q", "difficulty": {"a": 1}}]}},
+         "attribute `difficulty` of user prompt `x` must be a string, number"),
+        ({"test_prompts": {"factual": [{"id": "x", "prompt": "q", "system": "s"}]}},
+         "attribute `system` of user prompt `x` clashes with a column"),
+        ({"system_prompts": {"a": {"text": "  "}, "b": {"text": ""}, "c": {"text": "Hi."}}},
+         "two baseline entries with empty text: 'a' and 'b'"),
+        ({"system_prompts": {"a": {"text": "Hi.", "tags": "x"}}}, "`tags` in .* must be a list of strings"),
+    ],
+)
+def test_notebook_errors_name_the_field(tmp_path, patch, match):
+    with pytest.raises(SweepError, match=match):
+        load_sweep(_write(tmp_path, {**NOTEBOOK, **patch}))
+
+
+def test_plan_command_names_the_baseline_and_takes_baseline_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptshift.cli import app
+
+    p = _write(tmp_path, NOTEBOOK)
+    r = CliRunner().invoke(app, ["plan", str(p)])
+    assert r.exit_code == 0, r.output
+    assert "baseline: no_system_turn (template injects default system prompt: 'You are a helpful AI" in r.output
+    r = CliRunner().invoke(app, ["plan", str(p), "--baseline", "empty_system"])
+    assert r.exit_code == 0 and "baseline: empty_system\n" in r.output, r.output
