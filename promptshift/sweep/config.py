@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,6 +18,9 @@ from typing import Any
 import yaml
 
 from promptshift.errors import SweepError
+from promptshift.sweep.behaviour import (
+    DEFAULT_LANGUAGES, MATCHERS, REFUSAL_MARKERS, Check, check_expected, parse_check, parse_checks,
+)
 
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 KEEP_CHOICES = ("last", "suffix", "all")
@@ -40,6 +44,7 @@ class SystemPrompt:
     family: str | None = None
     level: str | None = None
     attributes: Attributes = field(default_factory=dict, hash=False)
+    checks: tuple[Check, ...] = ()  # declared checks of the instruction (promptshift.sweep.behaviour)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,27 @@ class UserPrompt:
     category: str = "uncategorized"
     expected: str | None = None
     attributes: Attributes = field(default_factory=dict, hash=False)
+    match: str | None = None  # matcher of `expected` (None: the sweep's `behaviour.match`)
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How replies are judged (``behaviour:`` in a sweep YAML; promptshift/sweep/behaviour.py
+    defines each judgement).
+
+    ``max_new_tokens`` lengthens the greedy continuation for behaviour only: extraction
+    generates this many tokens, the output-change distances keep using the sweep's
+    ``max_new_tokens`` first tokens, and the behaviour tables read the whole continuation
+    (None: the sweep's ``max_new_tokens``). ``match`` is the default matcher of ``expected``
+    answers, ``languages`` the ISO 639 codes replies are identified among (None: every
+    language py3langid knows; a sweep writes ``all``), ``refusal_markers`` the phrases that
+    flag a refusal. Only ``max_new_tokens`` changes what a store holds; the rest (and the
+    declared checks and matchers) can change after extraction."""
+
+    max_new_tokens: int | None = None
+    match: str = "contains"
+    languages: tuple[str, ...] | None = DEFAULT_LANGUAGES
+    refusal_markers: tuple[str, ...] = REFUSAL_MARKERS
 
 
 @dataclass
@@ -73,11 +99,14 @@ class SweepConfig:
     storage_dtype: str = "float16"
     full_attention_layers: tuple[int, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)  # the prompt file's own `metadata`, kept as is
+    behaviour: Behaviour = field(default_factory=Behaviour)
     source: str = ""
 
     def __post_init__(self) -> None:
         self.components = tuple(self.components)
         self.full_attention_layers = tuple(self.full_attention_layers)
+        if not isinstance(self.behaviour, Behaviour):
+            self.behaviour = parse_behaviour(self.behaviour, "the sweep")
         if self.keep not in KEEP_CHOICES:
             raise SweepError(f"`keep` must be one of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
         bad = [c for c in self.components if c not in COMPONENTS]
@@ -120,6 +149,7 @@ class SweepConfig:
             _check_attributes(u.attributes, f"user prompt `{u.id}`", RESERVED_USER_ATTRIBUTES)
         for s in self.system_prompts:
             _check_attributes(s.attributes, f"system prompt `{s.name}`", RESERVED_SYSTEM_ATTRIBUTES)
+        self._check_behaviour()
         names = {s.name for s in self.system_prompts}
         if self.baseline not in BASELINE_BUILTINS and self.baseline not in names:
             raise SweepError(
@@ -127,14 +157,42 @@ class SweepConfig:
                 f"prompt in the sweep ({', '.join(sorted(names))})"
             )
 
+    def _check_behaviour(self) -> None:
+        b = self.behaviour
+        if b.max_new_tokens is not None and b.max_new_tokens < self.max_new_tokens:
+            raise SweepError(f"`behaviour.max_new_tokens` ({b.max_new_tokens}) is shorter than `max_new_tokens` "
+                             f"({self.max_new_tokens}); it lengthens the continuation for behaviour, so it must be at "
+                             "least as long (or left out)")
+        for sp in self.system_prompts:
+            for c in sp.checks:  # language codes against this sweep's candidate languages
+                parse_check(c.to_dict(), f"system prompt `{sp.name}`", b.languages)
+                if c.type == "max_words" and c.value >= self.gen_tokens:
+                    warnings.warn(f"system prompt `{sp.name}` declares max_words: {c.value}, but replies are cut at "
+                                  f"{self.gen_tokens} new tokens, so an unfinished reply can never exceed it and "
+                                  "stays undecided; set `behaviour.max_new_tokens` above the word limit",
+                                  stacklevel=3)
+        for u in self.user_prompts:
+            if u.match is not None and u.match not in MATCHERS:
+                raise SweepError(f"unknown `match` {u.match!r} of user prompt `{u.id}`; matchers: "
+                                 f"{', '.join(MATCHERS)}")
+            if u.expected is not None:
+                check_expected(u.expected, u.match or b.match, f"user prompt `{u.id}`")
+
+    @property
+    def gen_tokens(self) -> int:
+        """Greedy continuation length extraction generates: the longer of ``max_new_tokens``
+        and ``behaviour.max_new_tokens``."""
+        return max(self.max_new_tokens, self.behaviour.max_new_tokens or 0)
+
     @property
     def variants(self) -> list[SystemPrompt]:
         """System prompts compared against the baseline (a named baseline is not compared with itself)."""
         return [s for s in self.system_prompts if s.name != self.baseline]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict. Empty `attributes` and `metadata` are left out, so a sweep
-        without them serialises (and hashes into its plan) as it did before they existed."""
+        """Plain JSON-able dict. Empty `attributes` and `metadata`, and behaviour declarations
+        at their defaults (no checks, no matcher, default ``behaviour``), are left out, so a
+        sweep without them serialises (and hashes into its plan) as it did before they existed."""
         d = dataclasses.asdict(self)
         d["components"] = list(self.components)
         d["full_attention_layers"] = list(self.full_attention_layers)
@@ -143,21 +201,90 @@ class SweepConfig:
                 del it["attributes"]
         if not d["metadata"]:
             del d["metadata"]
+        for sp, it in zip(self.system_prompts, d["system_prompts"]):
+            if sp.checks:
+                it["checks"] = [c.to_dict() for c in sp.checks]
+            else:
+                del it["checks"]
+        for it in d["user_prompts"]:
+            if it["match"] is None:
+                del it["match"]
+        default = Behaviour()
+        b = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.behaviour).items()
+             if v != getattr(default, k)}
+        if b:
+            d["behaviour"] = b
+        else:
+            del d["behaviour"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
         d = dict(d)
-        d["system_prompts"] = [SystemPrompt(**{**s, "tags": tuple(s.get("tags", ()))}) for s in d["system_prompts"]]
+        d["system_prompts"] = [SystemPrompt(**{**s, "tags": tuple(s.get("tags", ())),
+                                               "checks": parse_checks(s.get("checks"), f"system prompt `{s['name']}`",
+                                                                      None)})
+                               for s in d["system_prompts"]]
         d["user_prompts"] = [UserPrompt(**u) for u in d["user_prompts"]]
+        if "behaviour" in d:
+            d["behaviour"] = parse_behaviour(d["behaviour"], "the stored sweep")
         return cls(**d)
+
+
+def parse_behaviour(raw: Any, where: str) -> Behaviour:
+    """The ``behaviour:`` mapping of a sweep, validated."""
+    if isinstance(raw, Behaviour):
+        return raw
+    if raw is None:
+        return Behaviour()
+    if not isinstance(raw, dict):
+        raise SweepError(f"`behaviour` in {where} must be a mapping (max_new_tokens, match, languages, "
+                         "refusal_markers)")
+    _check_keys(raw, {f.name for f in dataclasses.fields(Behaviour)}, f"{where}: behaviour")
+    out: dict[str, Any] = {}
+    if (n := raw.get("max_new_tokens")) is not None:
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4096:
+            raise SweepError(f"`behaviour.max_new_tokens` in {where} must be an integer in [1, 4096], got {n!r}")
+        out["max_new_tokens"] = n
+    if (m := raw.get("match")) is not None:
+        if m not in MATCHERS:
+            raise SweepError(f"`behaviour.match` in {where} must be one of {', '.join(MATCHERS)}, got {m!r}")
+        out["match"] = m
+    if "languages" in raw:
+        langs = raw["languages"]
+        if langs == "all" or langs is None:
+            out["languages"] = None
+        elif (isinstance(langs, (list, tuple)) and langs
+              and all(isinstance(x, str) and x.strip().isalpha() for x in langs)):
+            out["languages"] = tuple(sorted({x.strip().lower() for x in langs}))
+        else:
+            raise SweepError(f"`behaviour.languages` in {where} must be a list of ISO 639 codes or `all`, "
+                             f"got {langs!r}")
+    if (rm := raw.get("refusal_markers")) is not None:
+        if not isinstance(rm, (list, tuple)) or not all(isinstance(x, str) and x.strip() for x in rm):
+            raise SweepError(f"`behaviour.refusal_markers` in {where} must be a list of phrases")
+        out["refusal_markers"] = tuple(rm)
+    return Behaviour(**out)
+
+
+def content_dict(sweep: dict[str, Any]) -> dict[str, Any]:
+    """A serialised sweep without what only judges replies (declared checks, matchers,
+    behaviour settings other than the continuation length): what decides a store's content,
+    and so its plan hash. Changing a check does not call for a new extraction."""
+    d = dict(sweep)
+    d["system_prompts"] = [{k: v for k, v in s.items() if k != "checks"} for s in d.get("system_prompts", [])]
+    d["user_prompts"] = [{k: v for k, v in u.items() if k != "match"} for u in d.get("user_prompts", [])]
+    b = {k: v for k, v in (d.pop("behaviour", None) or {}).items() if k == "max_new_tokens"}
+    if b:
+        d["behaviour"] = b
+    return d
 
 
 # Columns of the result tables an attribute is shown next to (per pair / per user prompt,
 # and per system prompt): an attribute may not take one of these names, or it would
 # overwrite the column.
 RESERVED_USER_ATTRIBUTES = frozenset({
-    "id", "prompt", "text", "expected", "category", "pair", "system", "user_id", "role", "kind", "layer",
+    "id", "prompt", "text", "expected", "match", "category", "pair", "system", "user_id", "role", "kind", "layer",
     "component", "position", "region", "head", "scope", "placement", "instruction", "is_control",
     # columns of the per-pair tables the attributes are added to (docs/RESULTS.md)
     "cosine", "cosine_centered", "l2", "rel_change", "norm_variant", "norm_baseline", "tv_aligned",
@@ -168,7 +295,7 @@ RESERVED_USER_ATTRIBUTES = frozenset({
 })
 RESERVED_SYSTEM_ATTRIBUTES = frozenset({
     "name", "system", "text", "tags", "description", "family", "level", "category", "placement", "instruction",
-    "n_system_tokens", "n_words", "impact", "kl", "n_pairs",
+    "n_system_tokens", "n_words", "impact", "kl", "n_pairs", "checks",
 })
 
 
@@ -216,15 +343,15 @@ def builtin_sweeps() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
 
 
-_SYSTEM_KEYS = {"name", "text", "tags", "description", "family", "level", "attributes"}
-_USER_KEYS = {"id", "text", "category", "expected", "attributes"}
+_SYSTEM_KEYS = {"name", "text", "tags", "description", "family", "level", "attributes", "checks"}
+_USER_KEYS = {"id", "text", "category", "expected", "attributes", "match"}
 _SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)} | {"suite", "prompts", "description", "select"}
 _SELECT_KEYS = {"system_prompts", "user_prompts", "categories", "max_user_prompts", "attributes"}
 # the notebook's JSON prompt file: top-level keys, and the keys of a system prompt entry
 # that mean something to promptshift (any other key of an entry is an attribute)
 _JSON_KEYS = {"test_prompts", "system_prompts", "metadata"}
-_JSON_SYSTEM_KEYS = {"text", "description", "category", "tags", "family", "level"}
-_JSON_USER_KEYS = {"id", "prompt", "expected", "category"}
+_JSON_SYSTEM_KEYS = {"text", "description", "category", "tags", "family", "level", "checks"}
+_JSON_USER_KEYS = {"id", "prompt", "expected", "category", "match"}
 
 
 def _read_text(path: Path) -> str:
@@ -290,6 +417,7 @@ def _parse_system(items: Any, where: str) -> list[SystemPrompt]:
                 family=_str_field(s, "family", w, False),
                 level=_str_field(s, "level", w, False),
                 attributes=s.get("attributes") or {},
+                checks=parse_checks(s.get("checks"), w, None),  # languages: checked against the sweep's
             )
         )
     return out
@@ -311,6 +439,7 @@ def _parse_user(items: Any, where: str) -> list[UserPrompt]:
                 category=_str_field(u, "category", w, False) or "uncategorized",
                 expected=_str_field(u, "expected", w, False),
                 attributes=u.get("attributes") or {},
+                match=_str_field(u, "match", w, False),
             )
         )
     return out
@@ -357,6 +486,7 @@ def _parse_prompt_json(data: Any, where: str) -> dict[str, Any]:
                     category=str(cat),
                     expected=_str_field(it, "expected", w, False),
                     attributes=_json_attributes(it, _JSON_USER_KEYS),
+                    match=_str_field(it, "match", w, False),
                 )
             )
     systems, baseline = [], None
@@ -379,7 +509,7 @@ def _parse_prompt_json(data: Any, where: str) -> dict[str, Any]:
         systems.append(SystemPrompt(
             name=str(name), text=text, tags=tuple(tags), description=_str_field(it, "description", w, False) or "",
             family=_str_field(it, "family", w, False), level=_str_field(it, "level", w, False),
-            attributes=_json_attributes(it, _JSON_SYSTEM_KEYS)))
+            attributes=_json_attributes(it, _JSON_SYSTEM_KEYS), checks=parse_checks(it.get("checks"), w, None)))
     return {"system_prompts": systems, "user_prompts": users, "baseline": "no_system_turn", "metadata": meta}
 
 

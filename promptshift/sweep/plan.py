@@ -19,7 +19,7 @@ import pandas as pd
 
 from promptshift.errors import ShardSpecError, SweepError, TemplateError
 from promptshift.sweep.chat import REGION_CODE, REGIONS, Rendered, conversation, injected_default_system, render
-from promptshift.sweep.config import SweepConfig
+from promptshift.sweep.config import SweepConfig, content_dict
 
 PLAN_VERSION = 1
 EXECUTION_ONLY = ("token_budget", "source")
@@ -134,7 +134,7 @@ class Plan:
         """Identity of what the store holds; execution-only settings (batch budget, how the
         sweep was named on the command line) do not change it."""
         d = self.to_json()
-        d["sweep"] = {k: v for k, v in d["sweep"].items() if k not in EXECUTION_ONLY}
+        d["sweep"] = {k: v for k, v in content_dict(d["sweep"]).items() if k not in EXECUTION_ONLY}
         h = hashlib.sha256()
         h.update(json.dumps(d, sort_keys=True).encode())
         for a in (self.token_ids, self.token_region, self.token_turn):

@@ -147,3 +147,89 @@ def test_bad_shard_specs(spec):
     with pytest.raises(ShardSpecError):
         parse_shard(spec)
     assert parse_shard("1/3") == (1, 3)
+
+
+# --- behaviour declarations ------------------------------------------------------------------
+def test_declared_checks_and_matchers(tmp_path, tok):
+    from promptshift.sweep.behaviour import Check
+    from promptshift.sweep.config import SweepConfig
+
+    p = write_sweep(tmp_path / "b.yaml", systems=[
+        {"name": "brief", "text": "Be brief.", "checks": [{"max_words": 10}]},
+        {"name": "french", "text": "Answer in French.", "checks": {"language": "fr"}},
+        {"name": "plain", "text": "Be nice."},
+    ], users=[
+        {"id": "a", "text": "What is 2 + 3?", "expected": "5", "match": "number"},
+        {"id": "b", "text": "Capital of France?", "expected": "Paris"},
+    ], behaviour={"max_new_tokens": 48, "match": "exact", "languages": ["fr", "en"]})
+    s = load_sweep(p)
+    assert s.system_prompts[0].checks == (Check("max_words", 10),)
+    assert s.system_prompts[1].checks == (Check("language", "fr"),) and s.system_prompts[2].checks == ()
+    assert [u.match for u in s.user_prompts] == ["number", None]
+    assert s.behaviour.max_new_tokens == 48 and s.behaviour.match == "exact"
+    assert s.behaviour.languages == ("en", "fr") and s.gen_tokens == 48
+    assert SweepConfig.from_dict(s.to_dict()) == s  # the store's copy reads back the same
+    # judging settings do not change the plan (no new extraction); the continuation length does
+    base = build_plan(s, tok, DIMS).hash()
+    d = s.to_dict()
+    d["system_prompts"][0]["checks"] = [{"max_words": 3}]
+    d["user_prompts"][0]["match"] = "contains"
+    d["behaviour"]["match"] = "contains"
+    assert build_plan(SweepConfig.from_dict(d), tok, DIMS).hash() == base
+    d["behaviour"]["max_new_tokens"] = 64
+    assert build_plan(SweepConfig.from_dict(d), tok, DIMS).hash() != base
+
+
+def test_sweep_without_behaviour_serialises_as_before(tmp_path):
+    s = load_sweep(write_sweep(tmp_path / "plain.yaml"))
+    d = s.to_dict()
+    assert "behaviour" not in d and all("checks" not in x for x in d["system_prompts"])
+    assert all("match" not in x for x in d["user_prompts"]) and s.gen_tokens == s.max_new_tokens
+
+
+def test_default_suite_declares_checks():
+    s = {p.name: p for p in load_sweep("default").system_prompts}
+    assert [c.label for c in s["answer_french"].checks] == ["language:fr"]
+    assert [c.label for c in s["json_only"].checks] == ["json"]
+    assert {c.label for c in s["concise_short"].checks} == {c.label for c in s["concise_long"].checks}
+    assert not s["nonsense_control"].checks
+    assert sum(bool(p.checks) for p in s.values()) >= 12
+
+
+@pytest.mark.parametrize("systems, users, settings, match", [
+    ([{"name": "a", "text": "x", "checks": [{"max_wordz": 3}]}], None, {}, "unknown check 'max_wordz'"),
+    ([{"name": "a", "text": "x", "checks": [{"language": "de"}]}], None, {"behaviour": {"languages": ["fr"]}},
+     "not among the languages"),
+    (None, [{"id": "u", "text": "x", "expected": "five", "match": "number"}], {}, "not one number"),
+    (None, [{"id": "u", "text": "x", "expected": "5", "match": "fuzzy"}], {}, "unknown `match`"),
+    (None, [{"id": "u", "text": "x", "expected": "(", "match": "regex"}], {}, "not a valid regular expression"),
+    (None, None, {"behaviour": {"max_new_tokens": 8}}, "shorter than `max_new_tokens`"),
+    (None, None, {"behaviour": {"max_tokens": 8}}, "unknown key"),
+    (None, None, {"behaviour": {"languages": "fr"}}, "list of ISO 639 codes"),
+    (None, None, {"behaviour": {"match": "fuzzy"}}, "must be one of"),
+])
+def test_behaviour_errors(tmp_path, systems, users, settings, match):
+    with pytest.raises(SweepError, match=match):
+        load_sweep(write_sweep(tmp_path / "bad.yaml", systems=systems, users=users, **settings))
+
+
+def test_max_words_beyond_the_continuation_warns(tmp_path):
+    p = write_sweep(tmp_path / "w.yaml", systems=[{"name": "a", "text": "x", "checks": [{"max_words": 50}]}],
+                    max_new_tokens=32)
+    with pytest.warns(UserWarning, match="stays undecided"):
+        load_sweep(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_sweep(write_sweep(tmp_path / "w2.yaml", systems=[{"name": "a", "text": "x",
+                                                                 "checks": [{"max_words": 50}]}],
+                               max_new_tokens=32, behaviour={"max_new_tokens": 96}))
+
+
+def test_json_prompt_file_checks_and_match(tmp_path):
+    p = tmp_path / "prompts.json"
+    p.write_text(json.dumps({
+        "test_prompts": {"reasoning": [{"id": "r1", "prompt": "2+2?", "expected": "4", "match": "number"}]},
+        "system_prompts": {"fr": {"text": "Réponds en français.", "checks": [{"language": "fr"}]}},
+    }))
+    s = load_sweep(p)
+    assert s.system_prompts[0].checks[0].label == "language:fr" and s.user_prompts[0].match == "number"
