@@ -4,6 +4,7 @@ plain Hugging Face forward passes (no promptshift machinery) and plain numpy."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -20,13 +21,16 @@ from promptshift.sweep.behaviour import Check
 from promptshift.sweep.chat import REGION_CODE
 from promptshift.sweep.config import load_sweep
 from tests.conftest import tiny_llama, write_sweep
+from tests.tolerance import assert_below, assert_within, entropy_of, forward_bound, kl_floor, logprob_bound
 
 SYSTEM = REGION_CODE["system"]
 
 
 def hf_logprobs(model, ids, *, attention_mask=None, pre_hooks=()) -> torch.Tensor:
     """Reference: one plain forward of the Hugging Face model, eager attention, optional
-    forward pre-hooks (layer, fn(hidden) -> hidden)."""
+    forward pre-hooks (layer, fn(hidden) -> hidden). Returns the last position's
+    log-probabilities and every layer's hidden states; ``hf_logprobs.logit_scale`` holds
+    the largest |logit| of the last call (the scale of the logits' float32 rounding)."""
     handles = []
     for layer, fn in pre_hooks:
         def hook(mod, args, kwargs, fn=fn):
@@ -44,7 +48,20 @@ def hf_logprobs(model, ids, *, attention_mask=None, pre_hooks=()) -> torch.Tenso
     finally:
         for h in handles:
             h.remove()
+    hf_logprobs.logit_scale = float(out.logits[0, -1].abs().max())
     return torch.log_softmax(out.logits[0, -1].float(), -1), [h[0] for h in out.hidden_states]
+
+
+def _lp_bound(model, ids, ref) -> float:
+    """Largest float32 difference of one token's log-probability between two runs of
+    ``ids`` (tests/tolerance.py), ``ref`` the reference log-probabilities just computed by
+    :func:`hf_logprobs`."""
+    return logprob_bound(model.config, len(ids), hf_logprobs.logit_scale, float(ref.abs().max()), len(ref))
+
+
+def _kl_floor(ref) -> float:
+    """The float32 floor of KL(ref || a second run of the same distribution)."""
+    return kl_floor(entropy_of(ref), len(ref))
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +108,13 @@ def test_suffix_patching_matches_a_hooked_full_forward(store, model):
         vs, bs, n = int(r.v_suffix_start), int(r.b_suffix_start), int(r.suffix_len)
         res, _ = runner.residuals(v_ids, np.arange(vs, len(v_ids)))
         for site in range(runner.L):
-            assert torch.allclose(res[:, site], v_hidden[site][vs:], atol=1e-5)
+            assert_within(res[:, site], v_hidden[site][vs:],
+                          forward_bound(model.config, len(v_ids), v_hidden[site].abs().max(), site), f"site {site}")
             ref, _ = hf_logprobs(model, b_ids, pre_hooks=[(site, lambda h, s=site: torch.cat(
                 [h[:, :bs], v_hidden[s][None, vs:]], dim=1))])
             out = runner.run([Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n), res[:, site])])])[0]
-            assert float(kl(ref, out.logprobs)) < 1e-6  # float32 noise over 49k tokens
-            assert torch.allclose(out.logprobs, ref, atol=2e-5)
+            assert_below(kl(ref, out.logprobs), _kl_floor(ref), f"KL at site {site}")
+            assert_within(out.logprobs, ref, _lp_bound(model, b_ids, ref), f"log-probs at site {site}")
     finally:
         runner.close()
 
@@ -110,8 +128,8 @@ def test_patching_a_prompt_with_itself_recovers_everything(store, model):
         rows = [Row(v_ids[:vs], v_ids[vs:], [Edit(s, np.arange(len(v_ids) - vs), res[:, s])])
                 for s in range(runner.L + 1)]
         rows += [Row(v_ids[:-1], v_ids[-1:], [Edit(s, [0], res[-1:, s])]) for s in range(runner.L + 1)]
-        for o in runner.run(rows):
-            assert float(kl(lp_v, o.logprobs)) < 1e-7
+        for o in runner.run(rows):  # the same distribution, through other batch shapes: the float32 floor
+            assert_below(kl(lp_v, o.logprobs), _kl_floor(lp_v), "KL of a self-patch")
     finally:
         runner.close()
 
@@ -127,9 +145,9 @@ def test_knockout_from_layer_zero_matches_masking_the_system_keys(store, model):
         end = int(np.flatnonzero(reg == SYSTEM)[-1]) + 1
         out = runner.run([Row(v_ids[:end], v_ids[end:], knockout_keys=reg == SYSTEM, knockout_start=0),
                           Row(v_ids[:end], v_ids[end:], knockout_keys=reg == SYSTEM, knockout_start=runner.L)])
-        assert torch.allclose(out[0].logprobs, ref, atol=2e-5)
+        assert_within(out[0].logprobs, ref, _lp_bound(model, v_ids, ref), "knockout from layer 0")
         _, lp_v = runner.residuals(v_ids, [len(v_ids) - 1])
-        assert float(kl(lp_v, out[1].logprobs)) < 1e-7  # start L: nothing blocked
+        assert_below(kl(lp_v, out[1].logprobs), _kl_floor(lp_v), "knockout from layer L")  # nothing blocked
     finally:
         runner.close()
 
@@ -149,11 +167,11 @@ def test_planted_knockout_onset(sweep, tok):
     klko = arrays["kl"]  # (pairs, L+1)
     # from layer k on, knocking out changes nothing: only the float32 floor is left (rows
     # whose runs start at different layers are batched differently, and some CPUs' matmul
-    # kernels round differently with the batch size: ~1e-7 on an AMD EPYC, 0 on a Xeon),
-    # hundreds of times below the effect of knocking out from layer k-1
-    assert np.all(klko[:, k:] < 1e-6) and np.all(klko[:, -1] < 1e-6)
-    np.testing.assert_allclose(klko[:, k:], np.repeat(klko[:, -1:], klko.shape[1] - k, 1), rtol=0, atol=1e-6)
-    assert klko[:, k - 1].min() > 100 * klko[:, k:].max()
+    # kernels round differently with the batch size), while knocking out from layer k-1
+    # changes the output by more than that floor can
+    floor = _stored_kl_floor(st)[:, None]  # (pairs, 1)
+    assert_below(klko[:, k:], floor, "knockout from layer k on")
+    assert np.all(klko[:, k - 1 : k] > floor), (klko[:, k - 1], floor[:, 0])
     tables = compute(st, None, workers=0, progress=False, n_boot=200)
     summ = _summary(st, tables)
     assert summ["knockout"]["stops_mattering"]["site"] == k
@@ -161,8 +179,15 @@ def test_planted_knockout_onset(sweep, tok):
     # the same layers, planted, make suffix patching exact from layer k on
     run_causal(sweep, CausalConfig(store=st, analyses=("patching",), progress=False), model=m, tok=tok)
     pa, _ = st.read_causal("patching")
-    assert np.all(pa["kl"][:, 0, k:] < 1e-6)
-    assert np.all(pa["kl"][:, 0, 1] > 1e-5)
+    assert_below(pa["kl"][:, 0, k:], floor, "suffix patching from layer k on")
+    assert np.all(pa["kl"][:, 0, 1:2] > floor)
+
+
+def _stored_kl_floor(st) -> np.ndarray:
+    """(pairs,) the float32 floor of a KL from each pair's variant distribution, from the
+    entropy the store holds for the variant."""
+    ent = np.asarray(st.array("logits_entropy")[...], np.float64)[st.plan.pairs["variant"].to_numpy()]
+    return np.array([kl_floor(h, st.plan.dims.vocab) for h in ent])
 
 
 def _summary(st, tables):
@@ -183,8 +208,8 @@ def test_steering_with_its_own_difference_reproduces_the_variant(store, model):
         rows = [Row(b_ids[:-1], b_ids[-1:], [Edit(s, [0], diff[s][None], add=True)]) for s in range(runner.L + 1)]
         outs = runner.run(rows, capture=True)
         for s, o in enumerate(outs):
-            assert torch.allclose(o.resid[s], hv[0, s], atol=1e-5)
-        assert float(kl(lp_v, outs[-1].logprobs)) < 1e-7
+            assert_within(o.resid[s], hv[0, s], forward_bound(model.config, len(v_ids), hv[0].abs().max()), s)
+        assert_below(kl(lp_v, outs[-1].logprobs), _kl_floor(lp_v), "steering at site L")
     finally:
         runner.close()
 
@@ -196,7 +221,7 @@ def full(store, sweep, tok, model):
     return compute(store, None, workers=0, progress=False, n_boot=300)
 
 
-def test_all_analyses_stored(store, full, sweep):
+def test_all_analyses_stored(store, full, sweep, model):
     from promptshift.causal import missing_analyses
 
     assert store.causal_analyses() == ["knockout", "multiturn", "patching", "phrases", "steering"]
@@ -205,9 +230,15 @@ def test_all_analyses_stored(store, full, sweep):
     pa, meta = store.read_causal("patching")
     n = len(store.plan.pairs)
     assert pa["kl"].shape == (n, 2, meta["n_layers"] + 1)
-    # fixed points: suffix site 0 patches identical embeddings, site L the final residual
-    np.testing.assert_allclose(pa["kl"][:, 0, 0], pa["kl_vb"], rtol=1e-3, atol=1e-9)
-    assert np.all(pa["kl"][:, :, -1] < 1e-6)  # float32 floor over 49k tokens
+    # fixed points: suffix site 0 patches identical embeddings (so it is the baseline run
+    # again, in another batch: KL(v || b) moves by at most the baseline log-probs' float32
+    # difference), site L the final residual (the variant again: the float32 floor)
+    lp_b = 0.0
+    for p in store.plan.pairs["baseline"].unique():
+        ids = store.plan.prompt_tokens(int(p))
+        lp_b = max(lp_b, _lp_bound(model, ids, hf_logprobs(model, ids)[0]))
+    assert_within(pa["kl"][:, 0, 0], pa["kl_vb"], lp_b, "suffix patching at site 0")
+    assert_below(pa["kl"][:, :, -1], _stored_kl_floor(store)[:, None], "patching at site L")
 
 
 def test_curves_are_ratios_of_sums(full):
@@ -233,7 +264,8 @@ def test_phrase_and_multiturn_tables(store, full, sweep):
         assert r["importance_output"] == pytest.approx(1 - g["kl_ab"].sum() / g["kl_vb"].sum())
     # single-phrase prompts: leaving the phrase out is the baseline
     single = ph[ph["n_phrases"] == 1]
-    np.testing.assert_allclose(single["kl_ab"], 0, atol=1e-6)
+    V = store.plan.dims.vocab
+    assert_below(single["kl_ab"], kl_floor(math.log(V), V), "KL(a || b) of a single phrase")  # H(P) <= ln V
     tk = full["causal_tokens"]
     n_sys = sum(int((store.plan.prompt_regions(int(v)) == SYSTEM).sum())
                 for v in store.plan.pairs.drop_duplicates("system")["variant"])
@@ -261,7 +293,10 @@ def test_multiturn_attention_against_output_attentions(store, tok, model):
         att = model(torch.as_tensor(r.ids)[None], output_attentions=True).attentions  # L x (1, NH, S, S)
     row = torch.stack([a[0, :, -1] for a in att]).double().numpy()  # (L, NH, S)
     sysm = row[..., r.regions == SYSTEM].sum(-1) / (1 - row[..., 0])
-    np.testing.assert_allclose(arrays["sys_mass"][i], sysm.mean(-1), rtol=1e-4)
+    # probabilities (scale 1) through every layer; a / (1 - p0) moves by (da + a dp0 / (1 - p0)) / (1 - p0)
+    dp = 2 * forward_bound(model.config, len(r.ids), 1.0)  # softmax: |dp| <= 2 max|d score| for p <= 1
+    bound = (dp * (1 + sysm / (1 - row[..., 0])) / (1 - row[..., 0])).max(-1)  # (L,)
+    assert_within(arrays["sys_mass"][i], sysm.mean(-1), bound, "system mass")
 
 
 # --- pieces ------------------------------------------------------------------------------------
@@ -350,6 +385,8 @@ def test_skipping_layers_below_a_full_replacement_changes_nothing(store, model):
         res, _ = runner.residuals(v_ids, np.arange(vs, len(v_ids)))
         end = int(np.flatnonzero(reg == SYSTEM)[-1]) + 1
         own, _ = runner.residuals(v_ids, np.arange(end, len(v_ids)))
+        _eager(model)
+        bound = max(_lp_bound(model, ids, hf_logprobs(model, ids)[0]) for ids in (v_ids, b_ids))
         for site in range(1, runner.L + 1):
             s0 = min(site, runner.L - 1)
             pairs = [(Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n), res[:, site])], start=start))
@@ -357,8 +394,8 @@ def test_skipping_layers_below_a_full_replacement_changes_nothing(store, model):
             pairs += [Row(v_ids[:end], v_ids[end:], [Edit(s0, np.arange(len(v_ids) - end), own[:, s0])],
                           knockout_keys=reg == SYSTEM, knockout_start=site, start=start) for start in (0, s0)]
             o = runner.run(pairs)
-            assert torch.allclose(o[0].logprobs, o[1].logprobs, atol=1e-5)
-            assert torch.allclose(o[2].logprobs, o[3].logprobs, atol=1e-5)
+            assert_within(o[0].logprobs, o[1].logprobs, bound, f"patching from site {site}")
+            assert_within(o[2].logprobs, o[3].logprobs, bound, f"knockout from site {site}")
         with pytest.raises(ValueError, match="must replace every tail position"):
             runner.run([Row(b_ids[:bs], b_ids[bs:], start=2)])
     finally:
@@ -377,9 +414,13 @@ def test_phrase_ablation_and_attribution_against_plain_hf(store, full, tok, mode
     pirate = next(s.text for s in sweep.system_prompts if s.name == "pirate")
     assert row["text"] == "Speak like one in every answer, matey."
     cut = pirate.replace(" Speak like one in every answer, matey.", "")
-    lp_a, _ = hf_logprobs(model, render(tok, conversation(tok, cut, user)).ids)
-    lp_v, _ = hf_logprobs(model, render(tok, conversation(tok, pirate, user)).ids)
-    assert row["kl_va"] == pytest.approx(float(kl(lp_v, lp_a)), rel=1e-3, abs=1e-7)
+    a_ids, v_ids = render(tok, conversation(tok, cut, user)).ids, render(tok, conversation(tok, pirate, user)).ids
+    lp_a, _ = hf_logprobs(model, a_ids)
+    db = _lp_bound(model, a_ids, lp_a)
+    lp_v, _ = hf_logprobs(model, v_ids)
+    db = max(db, _lp_bound(model, v_ids, lp_v))
+    # KL = sum p_v (lp_v - lp_a) moves by at most db (lp_v) + db (lp_a) + db max|lp_v - lp_a| (p_v)
+    assert_within(row["kl_va"], float(kl(lp_v, lp_a)), db * (2 + float((lp_v - lp_a).abs().max())), "KL(v || a)")
     # gradient x input, recomputed with plain autograd on the HF model
     arrays, meta = store.read_causal("phrases")
     r = store.plan.pairs[(store.plan.pairs["system"] == "pirate") & (store.plan.pairs["user_id"] == "add")].iloc[0]
@@ -389,11 +430,14 @@ def test_phrase_ablation_and_attribution_against_plain_hf(store, full, tok, mode
     lp = torch.log_softmax(model(inputs_embeds=e).logits[0, -1].float(), -1)
     (lp.exp() * (lp - lp_b)).sum().backward()
     sys_idx = np.flatnonzero(store.plan.prompt_regions(int(r.variant)) == SYSTEM)
-    want = (e.grad[0, sys_idx] * e[0, sys_idx]).sum(-1).detach().numpy()
+    terms = (e.grad[0, sys_idx] * e[0, sys_idx]).detach()  # (n_sys, H)
+    want = terms.sum(-1).numpy()
     tokens = pd.DataFrame(meta["tokens"])
     rows = np.flatnonzero(tokens["system"] == "pirate")
     got = arrays["token_attr"][rows, meta["users"].index("add")]
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7)
+    # the gradient runs the forward chain twice (forward and backward), each term at its own scale
+    bound = 2 * forward_bound(model.config, len(v_ids), 1.0) * terms.abs().sum(-1).numpy()
+    assert_within(got, want, bound, "gradient x input")
     # every token of the left-out phrase is labelled with it
     assert set(tokens.loc[rows, "phrase"]) == {0, 1}
     text = "".join(tokens.loc[rows[tokens.loc[rows, "phrase"] == 1], "token"])

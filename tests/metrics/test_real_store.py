@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import write_sweep
+from tests.tolerance import U16, forward_bound
 
 
 @pytest.mark.slow
@@ -48,7 +49,12 @@ def test_last_token_resid_post_cosine_matches_hf_hidden_states(tmp_path, tok):
             cos = v @ b / (np.linalg.norm(v) * np.linalg.norm(b))
             rel = np.linalg.norm(v - b) / np.linalg.norm(b)
             row = cc.loc[(int(pa.pair), layer)]
-            assert abs(row["cosine"] - cos) <= 1e-3, (pa.pair, layer)
-            assert abs(row["rel_change"] - rel) <= 1e-3 * max(1.0, rel), (pa.pair, layer)
+            # the store holds float16 (each element within u16 |x|, so each vector within u16
+            # of its norm) of float32 activations from batched runs (within rho of HF's, as a
+            # share of the norm): a cosine moves by at most the two vectors' relative errors,
+            # |v - b| / |b| by (u16 + rho) (|v| / |b| + 1 + rel) <= (u16 + rho)(2 + 2 rel)
+            rho = forward_bound(model.config, int(plan.prompts.n_tokens.max()), 1.0, layer + 1, statistical=True)
+            assert abs(row["cosine"] - cos) <= 2 * (U16 + rho), (pa.pair, layer)
+            assert abs(row["rel_change"] - rel) <= (U16 + rho) * (2 + 2 * rel), (pa.pair, layer)
     s = metrics.load_summary(tmp_path / "out")
     assert s["n_pairs"] == 4 and s["model"]
