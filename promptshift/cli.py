@@ -213,6 +213,8 @@ def metrics(
     scheduler: Optional[str] = typer.Option(None, help="address of a running dask scheduler (tcp://host:port)"),
     workers: Optional[int] = typer.Option(None, help="local dask workers (default 1)"),
     slurm_workers: Optional[int] = typer.Option(None, help="start this many dask workers as Slurm jobs"),
+    recent_k: int = typer.Option(5, help="\"recent tokens\": attention share of the last K keys of the last "
+                                 "query row (attention_layers.recent_mass)"),
 ):
     """Compute similarity, attention and output-change tables and the analyses from a store."""
     from promptshift import metrics as m
@@ -226,7 +228,7 @@ def metrics(
         cluster = start_slurm_cluster(slurm_workers)
         scheduler = cluster.scheduler_address
     try:
-        m.compute(str(store), str(out), scheduler=scheduler, workers=workers)
+        m.compute(str(store), str(out), scheduler=scheduler, workers=workers, recent_k=recent_k)
     finally:
         if cluster is not None:
             cluster.close()

@@ -65,8 +65,11 @@ class MetricsConfig:
     n_boot: int = 1000
     seed: int = 0
     progress: bool = True
+    recent_k: int = 5  # "recent tokens": the last k keys of the last query's row (attention_layers)
 
     def __post_init__(self):
+        if not isinstance(self.recent_k, int) or isinstance(self.recent_k, bool) or self.recent_k < 1:
+            raise MetricsError(f"`--recent-k` must be a positive integer, got {self.recent_k!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise MetricsError(f"`--workers` must be an integer >= 0, got {self.workers!r}")
         if not isinstance(self.n_boot, int) or self.n_boot < 1:
@@ -213,13 +216,25 @@ def _with_prompts(df: pd.DataFrame, plan) -> pd.DataFrame:
 
 
 def _systems(plan) -> pd.DataFrame:
+    """One row per system prompt compared: length in tokens and words, declared tags, the
+    keyword features of its text (``kw_*``, :mod:`promptshift.metrics.features`), and the
+    share of the last token's visible keys its tokens hold (the uniform-attention reference
+    for attention to the system region)."""
+    from promptshift.metrics.features import FEATURES, keyword_features, n_words
+
     pr = plan.prompts[plan.prompts["kind"] == "variant"]
     ntok = pr.groupby("system")["n_system_tokens"].median()
+    uniform = (pr["n_system_tokens"] / pr["n_tokens"]).groupby(pr["system"]).mean()
     rows = []
     for s in plan.sweep.variants:
-        rows.append(dict(name=s.name, n_system_tokens=int(ntok.get(s.name, 0)), family=s.family, level=s.level,
-                         tags=",".join(s.tags), tag_list=tuple(s.tags)))
-    return pd.DataFrame(rows, columns=["name", "n_system_tokens", "family", "level", "tags", "tag_list"])
+        kw = keyword_features(s.text)
+        rows.append(dict(name=s.name, n_system_tokens=int(ntok.get(s.name, 0)), n_words=n_words(s.text),
+                         family=s.family, level=s.level, tags=",".join(s.tags), tag_list=tuple(s.tags),
+                         **{f"kw_{k}": kw[k] for k in FEATURES}, kw_list=tuple(k for k in FEATURES if kw[k]),
+                         system_uniform=float(uniform.get(s.name, np.nan))))
+    cols = ["name", "n_system_tokens", "n_words", "family", "level", "tags", "tag_list",
+            *(f"kw_{k}" for k in FEATURES), "kw_list", "system_uniform"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _index_regions(plan) -> dict[int, str]:
@@ -261,7 +276,7 @@ def _pair_blocks(plan) -> list[pd.DataFrame]:
     return [pairs[blk == b] for b in np.unique(blk)]
 
 
-def _tasks(plan, ref: StoreRef, mu: dict[str, np.ndarray]) -> dict[str, list[tuple]]:
+def _tasks(plan, ref: StoreRef, mu: dict[str, np.ndarray], recent_k: int) -> dict[str, list[tuple]]:
     pr = plan.prompts
     comps = list(plan.sweep.components)
     off = pr["token_offset"].to_numpy(np.int64)
@@ -274,7 +289,8 @@ def _tasks(plan, ref: StoreRef, mu: dict[str, np.ndarray]) -> dict[str, list[tup
         p0, p1 = int(b.prompt_start), int(b.prompt_end)
         if p1 > p0:
             ps = np.arange(p0, p1)
-            attn_calls.append((attention_task, ref, PromptBlock(p0, p1, kst[ps], ntok[ps], [regions(p) for p in ps])))
+            attn_calls.append((attention_task, ref, PromptBlock(p0, p1, kst[ps], ntok[ps], [regions(p) for p in ps],
+                                                                  recent_k)))
     pair_calls, out_calls = [], []
     has_gen = plan.sweep.max_new_tokens > 0
     for g in _pair_blocks(plan):
@@ -290,14 +306,14 @@ def _tasks(plan, ref: StoreRef, mu: dict[str, np.ndarray]) -> dict[str, list[tup
 
 
 def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: int | None = None,
-            n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict[str, pd.DataFrame]:
+            n_boot: int = 1000, seed: int = 0, progress: bool = True, recent_k: int = 5) -> dict[str, pd.DataFrame]:
     """Compute every table of docs/RESULTS.md from a complete store; write them to ``out_dir``
     (default: ``<store>_results`` beside a store on disk; nothing is written for an
     in-memory store unless ``out_dir`` is given) and return them."""
     store = store_path if isinstance(store_path, Store) else open_store(store_path)
     cfg = MetricsConfig(store=None if store.path is None else str(store.path),
                         out=None if out_dir is None else str(out_dir), scheduler=scheduler, workers=workers,
-                        n_boot=n_boot, seed=seed, progress=progress)
+                        n_boot=n_boot, seed=seed, progress=progress, recent_k=recent_k)
     store.require_complete()
     plan = store.plan
     if out_dir is None and store.path is not None:
@@ -312,7 +328,7 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
     try:
         valid = np.asarray(store.array("token_prompt")[...]) >= 0  # (T,) kept rows that belong to a prompt
         mu = sweep_means(ref, comps, valid, runner.compute)
-        calls = _tasks(plan, ref, mu)
+        calls = _tasks(plan, ref, mu, recent_k)
         # one submission for every task: workers never idle between kinds of tasks
         flat = [c for kind in calls.values() for c in kind]
         res = runner.map(flat, "tasks")
@@ -349,7 +365,7 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
         impact_component="resid_post" if "resid_post" in comps else comps[-1],
     )
     cct = tables["component_change"]
-    imp = an.pair_impact(cct, tables["output_change"], ctx)
+    imp = an.pair_impact(cct, tables["output_change"], ctx, tables["attention_change"])
     tables["layer_ranking"] = an.layer_ranking(cct, ctx)
     tables["length_impact"], tables["length_tests"] = an.length_tables(imp, ctx)
     tables["tag_impact"] = an.tag_impact(imp, ctx)
@@ -367,7 +383,7 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
             "plan_hash": store.attrs.get("plan_hash"),
             "plan_meta": plan.meta,
             "store_path": cfg.store,
-            "metrics": {"n_boot": n_boot, "seed": seed, "impact_component": ctx.impact_component,
+            "metrics": {"n_boot": n_boot, "seed": seed, "impact_component": ctx.impact_component, "recent_k": recent_k,
                         "versions": _versions()},
         }
         _finish(out, tables, summ, prov)
@@ -470,9 +486,10 @@ def load_summary(out_dir) -> dict:
 
 
 def cli_main(store, out=None, scheduler=None, workers=None, n_boot: int = 1000, seed: int = 0,
-             progress: bool = True) -> Path:
+             progress: bool = True, recent_k: int = 5) -> Path:
     """Thin entry for the CLI: compute, then return where the outputs went."""
-    compute(store, out, scheduler=scheduler, workers=workers, n_boot=n_boot, seed=seed, progress=progress)
+    compute(store, out, scheduler=scheduler, workers=workers, n_boot=n_boot, seed=seed, progress=progress,
+            recent_k=recent_k)
     if out is None:
         p = Path(store)
         out = p.with_name(f"{p.stem}_results")

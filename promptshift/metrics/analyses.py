@@ -22,6 +22,11 @@ from promptshift.sweep.chat import REGIONS
 RANK_METRICS = {"rel_change": False, "cosine_centered": True}  # metric -> smaller means more changed
 INTERNAL = ("rel_change", "cosine_centered")
 OUTPUTS = ("kl", "top1_changed")
+# per-pair quantities set against system prompt length (length_tests) and compared with and
+# without a tag or keyword feature (tag_impact; attention to the system tokens is a
+# property of length more than of content, so it is tested against length only)
+LENGTH_TARGETS = ("impact", "kl", "top1_changed", "attn_system")
+TAG_TARGETS = ("impact", "kl")
 
 
 @dataclass
@@ -31,7 +36,8 @@ class Context:
     w: np.ndarray  # (B, U) user-prompt multiplicities per resample
     users: list[str]  # user ids in sweep order (columns of w)
     pairs: pd.DataFrame  # pair, system, user_id, category (variants only)
-    systems: pd.DataFrame  # name, n_system_tokens, family, level, tags (variants only)
+    systems: pd.DataFrame  # name, n_system_tokens, n_words, family, level, tags, tag_list, kw_*, kw_list,
+    # system_uniform (variants only)
     impact_component: str
 
     def user_index(self, user_ids) -> np.ndarray:
@@ -52,11 +58,17 @@ def grouped_ci(df: pd.DataFrame, keys: list[str], value: str, ctx: Context) -> p
     return _ci_from_sums(sums, keys, ctx)[cols]
 
 
-def pair_impact(cc: pd.DataFrame, out: pd.DataFrame, ctx: Context) -> pd.DataFrame:
-    """Per pair: impact (mean over layers of resid_post rel_change at last) and kl."""
+def pair_impact(cc: pd.DataFrame, out: pd.DataFrame, ctx: Context, ach: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per pair: impact (mean over layers of resid_post rel_change at last), kl,
+    top1_changed and attn_system (mean over layers of the last row's attention mass to the
+    variant's system tokens, from ``attention_change``; NaN without it)."""
     sel = cc[(~cc["is_control"]) & (cc["position"] == "last") & (cc["component"] == ctx.impact_component)]
     imp = sel.groupby("pair", sort=True)["rel_change"].mean().rename("impact")
     res = ctx.pairs.set_index("pair").join(imp).join(out.set_index("pair")[["kl", "top1_changed"]])
+    if ach is not None and len(ach):
+        res = res.join(ach.groupby("pair", sort=True)["mass_system_variant"].mean().rename("attn_system"))
+    else:
+        res["attn_system"] = np.nan
     return res.reset_index()
 
 
@@ -134,15 +146,21 @@ def _per_system(imp: pd.DataFrame, target: str, ctx: Context):
 
 def length_tables(imp: pd.DataFrame, ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     sy = ctx.systems
-    means = {t: _per_system(imp, t, ctx) for t in ("impact", "kl")}
+    means = {t: _per_system(imp, t, ctx) for t in LENGTH_TARGETS}
+    kw = [c for c in sy.columns if c.startswith("kw_") and c != "kw_list"]
     li = pd.DataFrame({
         "system": sy["name"].to_numpy(),
         "n_system_tokens": sy["n_system_tokens"].to_numpy(np.int64),
+        "n_words": sy["n_words"].to_numpy(np.int64),
         "family": sy["family"].to_numpy(),
         "level": sy["level"].to_numpy(),
         "tags": sy["tags"].to_numpy(),
+        **{c: sy[c].to_numpy(bool) for c in kw},
         "impact": means["impact"][0],
         "kl": means["kl"][0],
+        "top1_change_rate": means["top1_changed"][0],
+        "attn_system": means["attn_system"][0],
+        "attn_system_uniform": sy["system_uniform"].to_numpy(np.float64),
         "n_pairs": imp.groupby("system").size().reindex(sy["name"]).fillna(0).to_numpy(np.int64),
     })
     x = sy["n_system_tokens"].to_numpy(np.float64)
@@ -154,7 +172,7 @@ def length_tables(imp: pd.DataFrame, ctx: Context) -> tuple[pd.DataFrame, pd.Dat
             groups.append((f, m))
     rows = []
     for family, m in groups:
-        for target in ("impact", "kl"):
+        for target in LENGTH_TARGETS:
             mean, boot = means[target]
             res = across_ci(x[m], boot[m], mean[m])
             for method in ("pearson", "spearman"):
@@ -164,15 +182,20 @@ def length_tables(imp: pd.DataFrame, ctx: Context) -> tuple[pd.DataFrame, pd.Dat
 
 
 def tag_impact(imp: pd.DataFrame, ctx: Context) -> pd.DataFrame:
-    cols = ["tag", "target", "with_mean", "without_mean", "diff", "ci_low", "ci_high", "n_with", "n_without"]
-    tags_of = dict(zip(ctx.systems["name"], ctx.systems["tag_list"]))
-    all_tags = sorted({t for ts in ctx.systems["tag_list"] for t in ts})
+    """Per declared tag (``source`` tag) and per keyword feature of the text (``source``
+    keyword, :mod:`promptshift.metrics.features`): mean over pairs with and without it."""
+    cols = ["tag", "source", "target", "with_mean", "without_mean", "diff", "ci_low", "ci_high", "n_with",
+            "n_without"]
     u = ctx.user_index(imp["user_id"])
     U = len(ctx.users)
     rows = []
-    for tag in all_tags:
-        has = imp["system"].map(lambda s: tag in tags_of.get(s, ())).to_numpy(bool)
-        for target in ("impact", "kl"):
+    features = []
+    for source, col in (("tag", "tag_list"), ("keyword", "kw_list")):
+        of = dict(zip(ctx.systems["name"], ctx.systems[col]))
+        features += [(source, t, of) for t in sorted({t for ts in ctx.systems[col] for t in ts})]
+    for source, tag, of in features:
+        has = imp["system"].map(lambda s: tag in of.get(s, ())).to_numpy(bool)
+        for target in TAG_TARGETS:
             v = imp[target].to_numpy(np.float64)
             ok = np.isfinite(v)
             stats = []
@@ -182,7 +205,7 @@ def tag_impact(imp: pd.DataFrame, ctx: Context) -> pd.DataFrame:
                 stats.append(mean_ci(S, N, ctx.w))
             (mw, bw), (mo, bo) = stats
             lo, hi = percentile_ci(bw[0] - bo[0])
-            rows.append(dict(tag=tag, target=target, with_mean=float(mw[0]), without_mean=float(mo[0]),
+            rows.append(dict(tag=tag, source=source, target=target, with_mean=float(mw[0]), without_mean=float(mo[0]),
                              diff=float(mw[0] - mo[0]), ci_low=float(lo), ci_high=float(hi),
                              n_with=int((has & ok).sum()), n_without=int((~has & ok).sum())))
     return pd.DataFrame(rows, columns=cols)
@@ -265,14 +288,20 @@ def summary(tables: dict[str, pd.DataFrame], ctx: Context, n_controls: int, mode
     }
     ti = tables["tag_impact"]
     ti = ti[(ti["target"] == "impact") & ti["diff"].notna()]
+    # declared tags when the sweep has any, else the keyword features of the texts
+    ti = ti[ti["source"] == ("tag" if (ti["source"] == "tag").any() else "keyword")]
     top_tag = None
     if len(ti):
         r = ti.sort_values(["diff", "tag"], ascending=[False, True], kind="stable").iloc[0]
-        top_tag = {"tag": r["tag"], "diff": _num(r["diff"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])]}
+        top_tag = {"tag": r["tag"], "source": r["source"], "diff": _num(r["diff"]),
+                   "ci": [_num(r["ci_low"]), _num(r["ci_high"])]}
     ar = tables["attention_regions"]
     sel = ar[(ar["role"] == "variant") & (ar["scope"] == "last")]
     shares = {reg: _num(sel.loc[sel["region"] == reg, "mass"].mean()) for reg in
               ("sink", "system", "user", "gen_prompt", "template")}
+    al = tables["attention_layers"]
+    if "recent_mass" in al.columns:
+        shares["recent"] = _num(al.loc[al["role"] == "variant", "recent_mass"].mean())
     io = tables["internal_vs_output"]
     io = io[(io["method"] == "pearson") & io["r"].notna()]
     strongest = None

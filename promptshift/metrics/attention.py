@@ -33,6 +33,7 @@ class PromptBlock:
     key_start: np.ndarray  # (n,) first attn_last row of each prompt
     n_tokens: np.ndarray  # (n,)
     regions: list[np.ndarray]  # n arrays (n_tokens_i,) of region codes
+    recent_k: int = 5  # "recent tokens": the last k keys of the last query's row
 
 
 def _onehot(reg: np.ndarray) -> np.ndarray:
@@ -81,10 +82,15 @@ def attention_task(ref: StoreRef, blk: PromptBlock):
     nosink = np.empty((n, 2, L, NH, R))
     uniform = np.empty((n, 2, R))
     entropy = np.empty((n, 2, L, NH))
+    recent = np.empty((n, L, NH))
+    recent_uniform = np.empty(n)
     for j in range(n):
         a = int(blk.key_start[j]) - k0
         last = rows[a : a + int(blk.n_tokens[j])]  # (n_tokens, L, NH)
         mass[j], nosink[j], uniform[j], entropy[j] = prompt_stats(last, rm_all[j], ent_all[j], blk.regions[j])
+        k = min(blk.recent_k, len(last))
+        recent[j] = last[len(last) - k :].sum(0)  # (L, NH) mass on the last k keys (the query itself included)
+        recent_uniform[j] = k / len(last)
 
     idx = np.indices((n, 2, L, NH, R)).reshape(5, -1)  # (5, n*2*L*NH*R) prompt, scope, layer, head, region
     heads = pd.DataFrame({
@@ -121,6 +127,8 @@ def attention_task(ref: StoreRef, blk: PromptBlock):
         "sink_mass": sink.mean(-1).reshape(-1),
         "entropy": entropy[:, 1].mean(-1).reshape(-1),
         "entropy_last": entropy[:, 0].mean(-1).reshape(-1),
+        "recent_mass": recent.mean(-1).reshape(-1),
+        "recent_uniform": np.repeat(recent_uniform, L),
     })
     return regions, heads, layers
 

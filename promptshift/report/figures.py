@@ -258,6 +258,51 @@ def fig_component_system(res: Results) -> Figure:
     return fig
 
 
+def fig_system_layer(res: Results) -> Figure:
+    """System prompt x layer: relative change and raw cosine of one residual component at
+    the last token, with the control floor as the last row."""
+    import seaborn as sns
+
+    cc = at_position(res.table("component_change", ["system", "component", "layer", "cosine"],
+                               finite=["rel_change"]), "last")
+    comp = res.summary.get("impact_component") or ("resid_post" if "resid_post" in set(cc["component"]) else None)
+    d = cc[cc["component"].astype(str) == str(comp)] if comp else cc.iloc[:0]
+    var = not_control(d)
+    if var.empty:
+        raise NotAvailable(f"`component_change.parquet` has no system-prompt rows for {comp} at `last`")
+    panels = []
+    for value in ("rel_change", "cosine"):
+        grid = var.pivot_table(index="system", columns="layer", values=value, aggfunc="mean")
+        ctrl = only_control(d)
+        if len(ctrl):
+            grid.loc["[control: other user prompt]"] = ctrl.groupby("layer")[value].mean()
+        panels.append(grid)
+    order = _systems_order(panels[0].drop(index="[control: other user prompt]", errors="ignore").mean(axis=1))
+    order += [i for i in panels[0].index if i not in order]
+    n_layers = panels[0].shape[1]
+    fig = _fig(MAX_WIDTH_IN, _heat_height(len(order)))
+    axes = fig.subplots(1, 2, sharey=True)
+    titles = (f"relative change ‖v − b‖ / ‖b‖ of {comp}", f"raw cosine cos(v, b) of {comp} (as the notebook reports)")
+    cmaps = ("rocket_r", "mako")
+    for ax, grid, title, cmap, digits in zip(axes, panels, titles, cmaps, (2, 3)):
+        grid = grid.loc[order]
+        grid.index = [short(str(i), 28) for i in grid.index]
+        annot = (grid.map(lambda v, d=digits: "" if not np.isfinite(v) else f"{v:.{d}f}") if n_layers <= 12
+                 else False)
+        sns.heatmap(grid, ax=ax, cmap=cmap, annot=annot, fmt="", annot_kws={"fontsize": 7}, linewidths=0,
+                    cbar_kws={"shrink": 0.7})
+        if "[control: other user prompt]" in order:
+            ax.axhline(len(order) - 1, color="white", linewidth=3)
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("")
+        ax.tick_params(axis="y", rotation=0)
+        ax.tick_params(axis="x", rotation=0)
+        ax.grid(False)
+    axes[0].set_ylabel("system prompt (by mean relative change)")
+    return fig
+
+
 # ---------------------------------------------------------------------------------------
 # 3. length vs impact
 
@@ -383,6 +428,47 @@ def fig_length_impact(res: Results) -> Figure:
     return fig
 
 
+def fig_length_output_attention(res: Results) -> Figure:
+    """The notebook's other two length views: top-1 change rate and attention to the
+    system tokens against system prompt length, one point per system prompt."""
+    li = not_control(res.table("length_impact", ["system", "n_system_tokens"]).copy())
+    li["system"] = li["system"].astype(str)
+    panels = [(t, col) for t, col in (("top1_changed", "top1_change_rate"), ("attn_system", "attn_system"))
+              if col in li.columns and np.isfinite(pd.to_numeric(li[col], errors="coerce").astype(float)).any()]
+    if not panels:
+        raise NotAvailable("`length_impact.parquet` has no top1_change_rate or attn_system column (metrics from an "
+                           "earlier version)")
+    fig = _fig(5.9 * len(panels), 4.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (target, col) in zip(axes, panels):
+        d = li.dropna(subset=["n_system_tokens", col])
+        x, y = d["n_system_tokens"].to_numpy(float), d[col].to_numpy(float)
+        ax.scatter(x, y, s=34, color=region_color("system"), edgecolor="white", zorder=3,
+                   label="system prompt (mean over user prompts)")
+        if col == "attn_system" and "attn_system_uniform" in d.columns:
+            ax.scatter(x, d["attn_system_uniform"].to_numpy(float), s=26, facecolor="none", edgecolor=MUTED,
+                       zorder=2, label="its share of the visible keys (uniform attention)")
+        if len(d) >= 3 and np.std(x) > 0:
+            fit = np.polyfit(x, y, 1)
+            grid = np.linspace(x.min(), x.max(), 50)
+            ax.plot(grid, np.polyval(fit, grid), color=NEUTRAL, linewidth=1.2, label="least-squares fit")
+        if len(d) <= 12:
+            for _, r in d.iterrows():
+                ax.annotate(short(r["system"], 22), (r["n_system_tokens"], r[col]), textcoords="offset points",
+                            xytext=(5, 3), fontsize=7.5, color="#444444")
+        overall, _ = _length_tests(res, target)
+        line = (f"all system prompts: {_test_text(overall)}" if overall else
+                f"Pearson r = {_f(_pearson(x, y))} (computed here; length_tests has no {target} rows)")
+        what = ("top-1 change rate (share of user prompts whose next token changes)" if col == "top1_change_rate"
+                else "attention from the last token to the system tokens")
+        ax.set_title(what + "\n" + line, fontsize=9, loc="left", fontweight="normal")
+        ax.set_xlabel("system prompt length (tokens)")
+        ax.set_ylabel("top-1 change rate" if col == "top1_change_rate" else "attention mass (mean over layers, heads)")
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="best", fontsize=8)
+    return fig
+
+
 def _family_palette(n: int) -> list[str]:
     base = ["#E69F00", "#0072B2", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#8c564b", "#F0E442"]
     return [base[i % len(base)] for i in range(n)]
@@ -396,6 +482,8 @@ def fig_tag_impact(res: Results) -> Figure:
     ti = res.table("tag_impact", ["tag", "ci_low", "ci_high"], finite=["diff"]).copy()
     ti["ci_low"], ti["ci_high"] = ti["ci_low"].fillna(ti["diff"]), ti["ci_high"].fillna(ti["diff"])
     ti["tag"] = ti["tag"].astype(str)
+    if "source" in ti.columns:  # declared tags and keyword features of the text, told apart
+        ti["tag"] = ti["tag"] + np.where(ti["source"].astype(str) == "keyword", " (keyword)", " (tag)")
     if "target" not in ti.columns:
         ti["target"] = "impact"
     targets = [t for t in ("impact", "kl") if t in set(ti["target"])] + \
@@ -427,7 +515,7 @@ def fig_tag_impact(res: Results) -> Figure:
         else:
             labels.append(short(t, 24))
     axes[0].set_yticks(range(len(order)), labels)
-    axes[0].set_ylabel("tag  (n system prompts with vs without)")
+    axes[0].set_ylabel("tag or keyword  (n pairs with vs without)")
     axes[0].set_ylim(-0.7, len(order) - 0.3)
     return fig
 
@@ -453,8 +541,27 @@ def fig_attention_regions(res: Results) -> Figure:
     regions = [r for r in ("sink", "system", "user", "gen_prompt") if r in set(ar["region"].astype(str))]
     if not regions:
         raise NotAvailable("`attention_regions.parquet` has none of the regions sink, system, user, gen_prompt")
-    fig = _fig(3.3 * len(regions) + 0.4, 3.6)
-    axes = fig.subplots(1, len(regions), squeeze=False, sharex=True)[0]
+    al = res.raw("attention_layers")
+    recent = al is not None and "recent_mass" in al.columns and al["recent_mass"].notna().any()
+    fig = _fig(3.3 * (len(regions) + recent) + 0.4, 3.6)
+    axes = fig.subplots(1, len(regions) + recent, squeeze=False, sharex=True)[0]
+    if recent:
+        # the notebook's "recent tokens": the last k keys, whatever region they belong to
+        ax = axes[-1]
+        k = res.provenance.get("metrics_recent_k")
+        for role, ls in (("variant", "-"), ("baseline", "--")):
+            r = al[al["role"].astype(str) == role]
+            if r.empty:
+                continue
+            m = _mean_se(r, ["layer"], "recent_mass")
+            ax.fill_between(m["layer"], m["ci_low"], m["ci_high"], color=NEUTRAL, alpha=0.2, linewidth=0)
+            ax.plot(m["layer"], m["mean"], color=NEUTRAL, linestyle=ls)
+        u = al[al["role"].astype(str) == "variant"].groupby("layer")["recent_uniform"].mean()
+        ax.plot(u.index, u.to_numpy(), color=MUTED, linestyle=":", linewidth=1.3)
+        ax.set_title(f"→ last {k if k else 'k'} tokens (recent)", color=NEUTRAL)
+        ax.set_xlabel("layer")
+        ax.set_ylim(bottom=0)
+        _layer_ticks(ax, al["layer"])
     for ax, region in zip(axes, regions):
         d = ar[ar["region"].astype(str) == region]
         col = region_color(region)
@@ -1179,6 +1286,15 @@ FIGURES: tuple[FigureSpec, ...] = (
         "column (value / column maximum), so compare colours down a column and numbers across columns.",
         fig_component_system),
     FigureSpec(
+        "fig-system-layer", "Which system prompts change which layer",
+        "Rows are system prompts (sorted by their mean relative change), columns layers; each cell is the mean "
+        "over user prompts, at the last prompt token, of the relative change (left) and of the raw cosine "
+        "similarity (right) between the residual stream with the system prompt (v) and the baseline (b). The last "
+        "row, under the white line, is the control: two unrelated user prompts. Raw cosine is the notebook's "
+        "measure and is shown so numbers compare with it; it stays near 1 for unrelated inputs (anisotropy), so "
+        "read differences between rows and against the control row, not its distance from 1.",
+        fig_system_layer),
+    FigureSpec(
         "fig-length-impact", "Does a longer system prompt change more?",
         "One point per system prompt: its length in tokens against its impact (mean relative change of resid_post "
         "at the last token, averaged over layers; left) and its next-token KL (right). Points of one length family "
@@ -1188,17 +1304,31 @@ FIGURES: tuple[FigureSpec, ...] = (
         "bootstrap band; the title gives the correlation and its 95% CI from the metrics stage.",
         fig_length_impact),
     FigureSpec(
-        "fig-tag-impact", "Which kinds of system prompt matter (tags)",
-        "For each tag: mean over system prompts with the tag minus mean over those without, with a 95% bootstrap "
-        "CI over user prompts. Tags are sorted by the left panel. Red: the CI excludes zero; grey: it does not. "
-        "The numbers beside a tag count the system prompts with and without it.",
+        "fig-length-output-attention", "Does a longer system prompt change the output more, and get more attention?",
+        "One point per system prompt against its length in tokens. Left: the top-1 change rate, the share of user "
+        "prompts whose most likely next token differs from the baseline's. Right: the attention mass from the last "
+        "prompt token to the system prompt's tokens (mean over layers, heads and user prompts), with hollow circles "
+        "at the share of the visible keys those tokens hold, i.e. what uniform attention would give: a longer "
+        "prompt gets more attention by being longer, so compare each point with its circle. Titles give the "
+        "correlation with its 95% bootstrap CI from the metrics stage.",
+        fig_length_output_attention),
+    FigureSpec(
+        "fig-tag-impact", "Which kinds of system prompt matter (tags and keyword features)",
+        "For each declared tag (tag) and each keyword feature found in the texts (keyword: persona, format, "
+        "thinking, constraint, brevity; docs/RESULTS.md lists the patterns): mean over pairs whose system prompt "
+        "has it minus mean over those without, with a 95% bootstrap CI over user prompts. Sorted by the left "
+        "panel. Red: the CI excludes zero; grey: it does not. The numbers beside a name count the pairs with and "
+        "without it.",
         fig_tag_impact),
     FigureSpec(
         "fig-attention-regions", "Where the last token looks: attention to each region by layer",
         "Attention mass from the last prompt token (the one that predicts the first answer token) to each key "
         "region, averaged over heads and prompts. Solid: with a system prompt; dashed: the baseline; dotted: what "
         "uniform attention would give. The sink is the first token, which soaks up attention in most layers; "
-        "mass to `system` exists in the baseline only when the template injects a default system prompt.",
+        "mass to `system` exists in the baseline only when the template injects a default system prompt. The last "
+        "panel (grey) is the notebook's \"recent tokens\": the mass on the last k keys whatever their region "
+        "(k = `metrics --recent-k`, default 5; with a chat template these are mostly the assistant header), with "
+        "mean ± 1.96 SE across user prompts.",
         fig_attention_regions),
     FigureSpec(
         "fig-attention-system", "How much each system prompt is attended to, layer by layer",

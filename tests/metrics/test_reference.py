@@ -132,8 +132,11 @@ def ref_attention(store, truth):
             sinks = [A[layer, h, 1:, 0].mean() for h in range(NH)]
             ent_all = np.mean([np.mean([-sum(x * math.log(x) for x in A[layer, h, i, : i + 1] if x > 0)
                                         for i in range(n)]) for h in range(NH)])
+            k = min(5, n)  # the notebook's "recent tokens": the last 5 keys of the last query's row
             layers.append(dict(prompt=p, layer=layer, sink_rate=np.mean([s > 0.3 for s in sinks]),
-                               sink_mass=np.mean(sinks), entropy=ent_all))
+                               sink_mass=np.mean(sinks), entropy=ent_all,
+                               recent_mass=np.mean([last[n - k :, layer, h].sum() for h in range(NH)]),
+                               recent_uniform=k / n))
     return pd.DataFrame(heads), pd.DataFrame(layers)
 
 
@@ -219,7 +222,8 @@ def test_attention_matches_reference(synth_store, synth_tables):
     regions.loc[regions.region == "sink", "mass_nosink"] = np.nan
     _assert_close(tables["attention_regions"], regions, ["prompt", "scope", "layer", "region"],
                   ["mass", "mass_nosink", "uniform", "entropy"])
-    _assert_close(tables["attention_layers"], layers, ["prompt", "layer"], ["sink_rate", "sink_mass", "entropy"])
+    _assert_close(tables["attention_layers"], layers, ["prompt", "layer"],
+                  ["sink_rate", "sink_mass", "entropy", "recent_mass", "recent_uniform"])
     ar = tables["attention_regions"]
     assert set(ar["role"]) == {"baseline", "variant"}
     assert 0 < tables["attention_layers"]["sink_rate"].mean() < 1  # head 1 sinks, head 0 does not
@@ -397,11 +401,37 @@ def test_analyses_against_plain_loops(synth_store, synth_tables):
     assert set(lt["family"]) == {"all", "concise"}  # the concise family has 3 members
 
     # tags: with/without means over pairs
-    ti = tables["tag_impact"].set_index(["tag", "target"])
-    has = pairs.loc[imp.index, "system"].isin(["pirate"]).to_numpy()
-    r = ti.loc[("persona", "impact")]
-    assert abs(r["with_mean"] - imp[has].mean()) <= 1e-12 and abs(r["without_mean"] - imp[~has].mean()) <= 1e-12
-    assert r["n_with"] == has.sum()
+    ti = tables["tag_impact"].set_index(["source", "tag", "target"])
+    system_of = pairs.loc[imp.index, "system"]
+    for key, members in ((("tag", "persona"), ["pirate"]), (("tag", "concise"), ["brief", "brief_long", "brief_longer"]),
+                         # keyword features of the texts: "You are a pirate" (persona), "Be brief" (brevity),
+                         # "never explain" (constraint)
+                         (("keyword", "persona"), ["pirate"]),
+                         (("keyword", "brevity"), ["brief", "brief_long", "brief_longer"]),
+                         (("keyword", "constraint"), ["brief_long", "brief_longer"])):
+        has = system_of.isin(members).to_numpy()
+        r = ti.loc[(*key, "impact")]
+        assert abs(r["with_mean"] - imp[has].mean()) <= 1e-12 and abs(r["without_mean"] - imp[~has].mean()) <= 1e-12
+        assert r["n_with"] == has.sum(), key
+    assert set(ti.loc["keyword"].index.get_level_values("tag")) == {"persona", "brevity", "constraint"}
+    # length vs top-1 change rate and vs attention to the system tokens: plain per-system means
+    oc = tables["output_change"].set_index("pair")
+    top1 = oc.loc[imp.index, "top1_changed"].astype(float).groupby(system_of.to_numpy()).mean()
+    assert np.allclose(li.loc[top1.index, "top1_change_rate"], top1, atol=1e-12)
+    ach = tables["attention_change"]
+    att = ach.groupby("pair")["mass_system_variant"].mean()
+    att = att.loc[imp.index].groupby(system_of.to_numpy()).mean()
+    assert np.allclose(li.loc[att.index, "attn_system"], att, atol=1e-12)
+    pr = plan.prompts[plan.prompts.kind == "variant"]
+    uni = (pr.n_system_tokens / pr.n_tokens).groupby(pr.system).mean()
+    assert np.allclose(li.loc[uni.index, "attn_system_uniform"], uni, atol=1e-12)
+    assert list(li.loc[["brief", "pirate"], "n_words"]) == [2, 11]
+    for target, col in (("top1_changed", "top1_change_rate"), ("attn_system", "attn_system")):
+        row = lt[(lt.family == "all") & (lt.target == target) & (lt.method == "spearman")].iloc[0]
+        if li[col].nunique() == 1:  # every synthetic pair changes its top-1: r is undefined
+            assert np.isnan(row["r"]), target
+        else:
+            assert abs(row["r"] - stats.spearmanr(li["n_system_tokens"], li[col]).statistic) <= 1e-9, target
 
     # position change: region rows are means of component_change region rows; index 0 is `last`
     pc = tables["position_change"]
@@ -436,7 +466,10 @@ def test_summary(synth_tables):
     assert s["control_floor"]["resid_post"] == pytest.approx(best["control_mean"])
     assert s["effects_above_control"] == bool(best["mean"] > best["control_mean"])
     assert ("NOT above control" in s["effects_note"]) == (not s["effects_above_control"])
-    assert set(s["attention_shares"]) == {"sink", "system", "user", "gen_prompt", "template"}
+    assert set(s["attention_shares"]) == {"sink", "system", "user", "gen_prompt", "template", "recent"}
+    al = tables["attention_layers"]
+    assert s["attention_shares"]["recent"] == pytest.approx(al.loc[al.role == "variant", "recent_mass"].mean())
+    assert s["top_tag"]["source"] == "tag"  # declared tags win over keyword features when a sweep has them
     assert s["output"]["mean_kl"] == pytest.approx(tables["output_change"]["kl"].mean())
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["model_id"] == "synthetic" and prov["plan_hash"] and prov["metrics"]["n_boot"] == 200

@@ -464,7 +464,8 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
                                         uniform=n[region] / total, entropy=ent))
             al_rows.append(dict(prompt=p["prompt"], role=p["role"], system=p["system"], user_id=p["user_id"],
                                 layer=lay, sink_rate=float(np.clip(sink + 0.1 * rng.standard_normal(), 0, 1)),
-                                sink_mass=sink, entropy=ent + 0.4, entropy_last=ent))
+                                sink_mass=sink, entropy=ent + 0.4, entropy_last=ent,
+                                recent_mass=float((1 - sink) * (0.3 + 0.3 * depth)), recent_uniform=5 / total))
     ar = pd.DataFrame(ar_rows)
     tables["attention_regions"] = ar
     heads = ar[ar["scope"] == "last"].merge(pd.DataFrame({"head": range(2)}), how="cross")
@@ -488,6 +489,9 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
     li["tags"] = sys_df["tags"].map(",".join)
     li["impact"] = li["system"].map(last_post.groupby("system")["rel_change"].mean())
     li["kl"] = li["system"].map(oc.groupby("system")["kl"].mean())
+    li["top1_change_rate"] = li["system"].map(oc.groupby("system")["top1_changed"].mean())
+    li["attn_system"] = li["system"].map(ac.groupby("system")["mass_system_variant"].mean())
+    li["attn_system_uniform"] = li["n_system_tokens"] / (li["n_system_tokens"] + 26)
     li["n_pairs"] = n_users
     tables["length_impact"] = li
     lt_rows = []
@@ -497,8 +501,9 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
         if m.sum() >= 3:
             groups.append((f, m))
     for family, m in groups:
-        for target in ("impact", "kl"):
-            x, y = li["n_system_tokens"].to_numpy(float)[m], li[target].to_numpy(float)[m]
+        for target, col in (("impact", "impact"), ("kl", "kl"), ("top1_changed", "top1_change_rate"),
+                            ("attn_system", "attn_system")):
+            x, y = li["n_system_tokens"].to_numpy(float)[m], li[col].to_numpy(float)[m]
             for method in ("pearson", "spearman"):
                 r = _corr(x, y, method)
                 p = float(np.exp(-abs(r) * np.sqrt(len(x)) * 1.2))  # stand-in: the report only prints it
@@ -510,9 +515,10 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
 
     # -- tags ----------------------------------------------------------------------------------
     tag_rows = []
-    all_tags = sorted({t for ts in sys_df["tags"] for t in ts})
-    for tag in all_tags:
-        has = sys_df["tags"].map(lambda ts, tag=tag: tag in ts)
+    all_tags = [("tag", t) for t in sorted({t for ts in sys_df["tags"] for t in ts})]
+    all_tags += [("keyword", "persona"), ("keyword", "brevity")]  # keyword features of the texts
+    for source, tag in all_tags:
+        has = sys_df["tags"].map(lambda ts, tag=tag: tag in ts or (tag == "brevity" and "concise" in ts))
         for target in ("impact", "kl"):
             v = li.set_index("system")[target]
             w, wo = v[has.to_numpy()], v[~has.to_numpy()]
@@ -520,11 +526,12 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
                 continue
             diff = w.mean() - wo.mean()
             se = np.sqrt(w.var(ddof=0) / len(w) + wo.var(ddof=0) / len(wo)) + 0.01
-            tag_rows.append(dict(tag=tag, target=target, with_mean=w.mean(), without_mean=wo.mean(), diff=diff,
+            tag_rows.append(dict(tag=tag, source=source, target=target, with_mean=w.mean(), without_mean=wo.mean(),
+                                 diff=diff,
                                  ci_low=diff - 1.96 * se, ci_high=diff + 1.96 * se, n_with=len(w),
                                  n_without=len(wo)))
-    tables["tag_impact"] = pd.DataFrame(tag_rows, columns=["tag", "target", "with_mean", "without_mean", "diff",
-                                                           "ci_low", "ci_high", "n_with", "n_without"])
+    tables["tag_impact"] = pd.DataFrame(tag_rows, columns=["tag", "source", "target", "with_mean", "without_mean",
+                                                           "diff", "ci_low", "ci_high", "n_with", "n_without"])
 
     # -- position_change -------------------------------------------------------------------------
     pos_rows = []
@@ -634,7 +641,7 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
         "plan_meta": {"baseline": "no_system_turn", "baseline_carries_default": True,
                       "injected_system": store_provenance["injected_system"]},
         "store_path": "/runs/fake/store.zarr",
-        "metrics": {"n_boot": 1000, "seed": 0, "impact_component": "resid_post",
+        "metrics": {"n_boot": 1000, "seed": 0, "impact_component": "resid_post", "recent_k": 5,
                     "versions": {"dask": "2026.1.0", "pandas": "3.1.1"}},
     }
     if "provenance" not in omit:

@@ -32,8 +32,9 @@ def _figure_block(html: str, fid: str) -> str:
 def test_every_figure_is_embedded_and_written(built_report, fake_results):
     html = built_report.read_text(encoding="utf-8")
     assert built_report == fake_results / "report.html"
-    assert len(FIGURE_IDS) == 15 and len(set(FIGURE_IDS)) == 15
-    assert FIGURE_IDS[10:] == CAUSAL_FIGURES  # after the existing ones, in this order
+    assert len(FIGURE_IDS) == 17 and len(set(FIGURE_IDS)) == 17
+    assert FIGURE_IDS[12:] == CAUSAL_FIGURES  # after the existing ones, in this order
+    assert {"fig-system-layer", "fig-length-output-attention"} <= set(FIGURE_IDS)  # the notebook's views
     assert html.count("<img") == len(FIGURE_IDS)
     found = IMG.findall(html)
     assert [fid for _, fid in found] == list(FIGURE_IDS)
@@ -84,7 +85,8 @@ def test_missing_tables_become_notes_and_fallbacks_draw(tmp_path):
     (d / "figures").mkdir()
     (d / "figures" / "fig-lens.png").write_bytes(b"stale")  # from an earlier run: must not survive
     html = build_report(d, strict=True).read_text(encoding="utf-8")
-    drawn = {"fig-component-layer", "fig-component-system", "fig-length-impact", "fig-internal-output"}
+    drawn = {"fig-component-layer", "fig-component-system", "fig-system-layer", "fig-length-impact",
+             "fig-length-output-attention", "fig-internal-output"}
     for fid in FIGURE_IDS:
         block = _figure_block(html, fid)
         if fid in drawn:
