@@ -392,7 +392,7 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = True, *,
         char_turn[cursor:start] = scaffold_turn
         char_region[start:end] = REGION_CODE[region]
         char_turn[start:end] = turn
-        if is_content(region):
+        if is_content(region) and end > start:
             char_content[start:end] = True
             spans.append(Span(region, int(turn), mi, start, end, a))
         seen_turn |= turn >= 0
