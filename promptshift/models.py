@@ -210,6 +210,16 @@ def weights_hash(location: str) -> str:
     return h.hexdigest()
 
 
+def eos_ids(model, tok) -> tuple[int, ...]:
+    """Token ids that end a greedy continuation: the model's generation config's
+    ``eos_token_id`` (one or several) and the tokenizer's EOS token."""
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    return tuple(int(e) for e in eos)
+
+
 def auto_device(device: str | None = None) -> str:
     import torch
 

@@ -139,12 +139,12 @@ def missing_analyses(store: Store, sweep: SweepConfig, users: int | None = None)
 def _multiturn(model, tok, sweep: SweepConfig, cfg: CausalConfig):
     from promptshift.causal.multiturn import load_multiturn, multiturn
     from promptshift.extract.engine import Engine
-    from promptshift.extract.run import _eos_ids
+    from promptshift.models import eos_ids
 
     suite = load_multiturn(cfg.suite)
     engine = Engine(model, components=(), top_k=1, lens_top_k=1, token_budget=cfg.token_budget)
     try:
-        return multiturn(engine, tok, suite, max_new_tokens=cfg.max_new_tokens, eos_ids=_eos_ids(model, tok),
+        return multiturn(engine, tok, suite, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids(model, tok),
                          progress=cfg.progress)
     finally:
         engine.remove_hooks()

@@ -19,8 +19,24 @@ import numpy as np
 import torch
 
 from promptshift.extract.arch import bind_model
-from promptshift.extract.attention import Knockout, install, set_knockout
+from promptshift.extract.attention import install, register_mask_hook
 from promptshift.extract.engine import unembed
+
+
+@dataclass
+class Knockout:
+    """Attention knockout: in every layer ``>= start[b]``, the queries of row ``b`` cannot
+    attend to the keys where ``keys[b]`` is true (an additive -inf on those keys)."""
+
+    keys: torch.Tensor  # (B, Sk) bool
+    start: torch.Tensor  # (B,) long: first knocked-out layer of each row (n_layers: none)
+
+    def __call__(self, module, mask: torch.Tensor) -> torch.Tensor:
+        """A mask hook (:func:`promptshift.extract.attention.register_mask_hook`): the
+        additive mask (B, 1, Sq, Sk) with this layer's knocked-out keys at -inf."""
+        rows = (self.start <= module.layer_idx).to(mask.device)  # (B,)
+        hide = (self.keys.to(mask.device) & rows[:, None])[:, None, None, :mask.shape[-1]]  # (B, 1, 1, Sk)
+        return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
 
 
 @dataclass
@@ -66,10 +82,11 @@ class Runner:
         self._capture: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, tail positions) to keep
         self._captured: list[torch.Tensor | None] = []
         self._heads: dict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._handles = []
-        for i, layer in enumerate(self.arch.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
-        self._handles.append(self.arch.layers[-1].register_forward_hook(self._post_hook, with_kwargs=True))
+        self._knockout: Knockout | None = None
+        self._handles = [self.arch.hook("resid_pre", i, lambda h, i=i: self._apply(i, h)) for i in range(self.L)]
+        self._handles.append(self.arch.hook("resid_post", self.L - 1, lambda h: self._apply(self.L, h)))
+        attn = self.arch.spec.attn_module
+        self._handles += [register_mask_hook(getattr(layer, attn), self._mask) for layer in self.arch.layers]
         # Skipping the layers below a row's start runs the base model on a shorter layer list;
         # every layer keeps its own layer_idx (cache slot). Only where the model's layer loop
         # does not pick per-layer settings by list index (all layer types equal), and the
@@ -92,20 +109,8 @@ class Runner:
             self._captured[site] = h[self._capture].float()  # (N, H)
         return h
 
-    def _pre_hook(self, i: int):
-        def hook(mod, args, kwargs):
-            if args:
-                return (self._apply(i, args[0]), *args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = self._apply(i, kwargs["hidden_states"])
-            return args, kwargs
-
-        return hook
-
-    def _post_hook(self, mod, args, kwargs, out):
-        if isinstance(out, tuple):
-            return (self._apply(self.L, out[0]), *out[1:])
-        return self._apply(self.L, out)
+    def _mask(self, module, mask: torch.Tensor) -> torch.Tensor:
+        return mask if self._knockout is None else self._knockout(module, mask)
 
     def close(self) -> None:
         for h in self._handles:
@@ -199,7 +204,7 @@ class Runner:
                     raise ValueError(f"a row starting at layer {start} must replace every tail position at a site "
                                      ">= its start, and cannot capture the layers it skips")
         layers = self._layer_owner.layers if start else None
-        set_knockout(ko)
+        self._knockout = ko
         try:
             if start:
                 self._layer_owner.layers = layers[start:]
@@ -208,7 +213,7 @@ class Runner:
         finally:
             if start:
                 self._layer_owner.layers = layers
-            set_knockout(None)
+            self._knockout = None
             self._edits = {}
             self._capture = None
         h = out.last_hidden_state[torch.arange(B, device=dev), last]  # (B, H)

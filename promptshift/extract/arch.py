@@ -5,13 +5,21 @@ residual stream.
 so that ``resid_post = resid_pre + attn_out + mlp_out`` holds. For most families these
 are the attention and MLP module outputs; Gemma 2/3 normalise both before adding, so
 there the hooks sit on the post-norms instead.
+
+:meth:`Arch.hook` is the one way anything hooks the stack: named points
+(``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_post`` of a layer, the component
+names) that extraction reads and causal interventions read or replace.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from promptshift.errors import ExtractError
 
@@ -63,6 +71,33 @@ class Arch:
 
     def mlp_add(self, i: int) -> nn.Module:
         return _get(self.layers[i], self.spec.mlp_add)
+
+    def hook(self, point: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> RemovableHandle:
+        """Call ``fn(h)`` in every forward pass with the tensor at a named point of
+        ``layer``: ``resid_pre`` (the layer's input), ``attn_out`` / ``mlp_out`` (what
+        attention / the MLP add to the residual stream), ``resid_post`` (the layer's
+        output); ``h`` is (B, S, H), or (1, N, H) for a packed batch. If ``fn`` returns a
+        tensor, it replaces ``h`` downstream (an intervention); None leaves it. Remove
+        with the handle's ``remove()``."""
+        if point == "resid_pre":
+            def pre(mod, args, kwargs):
+                new = fn(args[0] if args else kwargs["hidden_states"])
+                if new is None:
+                    return None
+                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+            return self.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
+        owners = {"attn_out": self.attn_add, "mlp_out": self.mlp_add, "resid_post": lambda i: self.layers[i]}
+        if point not in owners:
+            raise ValueError(f"unknown hook point {point!r}; choose from resid_pre, {', '.join(owners)}")
+
+        def post(mod, args, out):
+            new = fn(out[0] if isinstance(out, tuple) else out)
+            if new is None:
+                return None
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        return owners[point](layer).register_forward_hook(post)
 
 
 def resolve_arch(model) -> Arch:

@@ -9,15 +9,20 @@ Packed batches (:class:`Packing`): the rows of a batch travel through the model 
 sequence of their real tokens, (1, N), so every per-token module (projections, MLP,
 norms) does no work on padding; only here, for the scores, are queries unpacked into the
 padded (B, heads, S, P + S) layout, and the output packed again.
+
+Mask hooks (:func:`register_mask_hook`) are the one opening this function offers to
+interventions: a hook may change which keys each query sees. Extraction registers none.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 
 ATTN_NAME = "promptshift"
 _local = threading.local()
@@ -115,31 +120,28 @@ def get_packing() -> Packing | None:
     return getattr(_local, "packing", None)
 
 
-@dataclass
-class Knockout:
-    """Attention knockout for causal analyses: in every layer ``>= start[b]``, the queries of
-    row ``b`` cannot attend to the keys where ``keys[b]`` is true."""
-
-    keys: torch.Tensor  # (B, Sk) bool
-    start: torch.Tensor  # (B,) long: first knocked-out layer of each row (n_layers: none)
-
-    def apply(self, layer: int, mask: torch.Tensor) -> torch.Tensor:
-        """Additive mask (B, 1, Sq, Sk) with this layer's knocked-out keys set to -inf."""
-        rows = (self.start <= layer).to(mask.device)  # (B,)
-        hide = (self.keys.to(mask.device) & rows[:, None])[:, None, None, :]  # (B, 1, 1, Sk)
-        return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
-
-
-def set_knockout(ko: Knockout | None) -> None:
-    _local.knockout = ko
-
-
-def get_knockout() -> Knockout | None:
-    return getattr(_local, "knockout", None)
-
-
 def get_stats() -> AttnStats | None:
     return getattr(_local, "stats", None)
+
+
+_MASK_HOOKS = "_promptshift_mask_hooks"
+
+
+def register_mask_hook(module, fn) -> RemovableHandle:
+    """Let ``fn(module, mask) -> mask`` decide which keys each query of ``module`` (one
+    attention module, with its ``layer_idx``) may see: it gets the additive mask
+    (B, 1, Sq, Sk) before the scores are masked (the causal mask when the model passed
+    none) and returns the one to use. How interventions such as attention knockout
+    (:mod:`promptshift.causal`) reach into attention without extraction knowing of them;
+    a forward pass with no hook registered runs exactly as before. Remove with the
+    returned handle's ``remove()``."""
+    hooks = module.__dict__.get(_MASK_HOOKS)
+    if hooks is None:
+        hooks = OrderedDict()  # weakly referenced by the handles, as torch keeps its own hooks
+        setattr(module, _MASK_HOOKS, hooks)
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = fn
+    return handle
 
 
 def promptshift_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -157,13 +159,14 @@ def promptshift_attention(module, query, key, value, attention_mask, scaling=Non
     scaling = scaling if scaling is not None else D**-0.5
     stats = get_stats()
     mask = attention_mask[:, :, :, :Sk] if attention_mask is not None else None
-    ko = get_knockout()
-    if ko is not None:
+    hooks = getattr(module, _MASK_HOOKS, None)
+    if hooks:
         if mask is None:
             causal = torch.ones(Sq, Sk, dtype=torch.bool, device=query.device).tril(Sk - Sq)
             mask = torch.zeros(B, 1, Sq, Sk, dtype=query.dtype, device=query.device).masked_fill(
                 ~causal, torch.finfo(query.dtype).min)
-        mask = ko.apply(module.layer_idx, mask)
+        for fn in hooks.values():
+            mask = fn(module, mask)  # (B, 1, Sq, Sk)
     if stats is None and softcap is None and pk is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                              is_causal=mask is None and Sq > 1, enable_gqa=rep > 1)

@@ -136,29 +136,23 @@ class Engine:
 
             return fn
 
-        def first(x):
-            return x[0] if isinstance(x, tuple) else x
-
         self._handles = []
-        for i, layer in enumerate(self.arch.layers):
+        for i in range(self.L):
             pre, post = take("resid_pre", i), take("resid_post", i)
-            attn, mlp = take("attn_out", i), take("mlp_out", i)
 
-            def pre_hook(mod, args, kwargs, pre=pre, i=i):
+            def pre_fn(h, pre=pre, i=i):
                 if i < len(self._buf.get("resid_pre", ())):
-                    pre(args[0] if args else kwargs["hidden_states"])
+                    pre(h)
 
-            def post_hook(mod, args, kwargs, out, post=post, i=i):
-                h = first(out)
+            def post_fn(h, post=post, i=i):
                 post(h)
                 if self._last is not None:
                     b = torch.arange(h.shape[0], device=h.device)
                     self._last_resid[i] = h[b, self._last].float()  # (B, H)
 
-            self._handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            self._handles.append(layer.register_forward_hook(post_hook, with_kwargs=True))
-            self._handles.append(self.arch.attn_add(i).register_forward_hook(lambda m, a, o, f=attn: f(first(o))))
-            self._handles.append(self.arch.mlp_add(i).register_forward_hook(lambda m, a, o, f=mlp: f(first(o))))
+            self._handles += [self.arch.hook("resid_pre", i, pre_fn), self.arch.hook("resid_post", i, post_fn),
+                              self.arch.hook("attn_out", i, take("attn_out", i)),
+                              self.arch.hook("mlp_out", i, take("mlp_out", i))]
 
     @torch.inference_mode()
     def check_residual_chain(self, n_tokens: int = 8) -> None:

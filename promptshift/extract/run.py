@@ -22,6 +22,7 @@ from importlib import metadata
 import numpy as np
 
 from promptshift.errors import StoreError
+from promptshift.models import eos_ids
 from promptshift.store.core import Store, check_layout, empty_block, resid_pre_derived, stored_name
 from promptshift.sweep.config import SweepConfig, load_sweep
 from promptshift.sweep.plan import Plan, build_plan, load_plan_inputs, parse_shard
@@ -151,7 +152,7 @@ class BlockRunner:
         self.sdtype = np.float16 if self.sweep.storage_dtype == "float16" else np.float32
         self.tokens_done = 0  # prompt tokens actually run through the model (shared prefixes once)
         self.attn_qk = 0  # query-key pairs scored by attention, for FLOP counts
-        self.eos = _eos_ids(engine.model, tok)
+        self.eos = eos_ids(engine.model, tok)
 
     def _item(self, p: int):
         from promptshift.extract.engine import Item
@@ -291,14 +292,6 @@ def max_rel_diff(a, b) -> float:
             scale = max(float(np.nanmax(np.abs(y))), 1e-12)
             out = max(out, float(np.nanmax(np.abs(x - y))) / scale)
     return out
-
-
-def _eos_ids(model, tok) -> tuple[int, ...]:
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-        eos.append(tok.eos_token_id)
-    return tuple(int(e) for e in eos)
 
 
 def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, tok=None) -> Store:
