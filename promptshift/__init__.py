@@ -1,0 +1,19 @@
+"""promptshift: why does a system prompt (or any instruction) change what a chat model does?
+
+The Python interface (:mod:`promptshift.api`)::
+
+    import promptshift as ps
+    sweep = ps.Sweep.from_file("prompts.json")     # or ps.Sweep.builtin("quick"), ps.Sweep.from_prompts(...)
+    res = ps.run(sweep, out="runs/mine")           # plan -> extract -> causal -> metrics -> report
+    res.tables["component_change"]                 # tidy DataFrames (docs/RESULTS.md); res.summary
+    ps.open("runs/mine/store.zarr").to_xarray()    # the activation store as a labelled dataset
+    ps.compare(None, "You are a pirate.", "What is 2 + 2?").layers   # one pair, in memory
+
+Stages one by one: ``ps.plan``, ``ps.extract``, ``ps.causal``, ``ps.metrics``, ``ps.report``.
+Importing promptshift does not import torch; only the stages that run a model do.
+"""
+
+from promptshift.api import Comparison, Results, Sweep, causal, compare, extract, metrics, open, plan, report, run
+
+__all__ = ["Comparison", "Results", "Sweep", "causal", "compare", "extract", "metrics", "open", "plan", "report",
+           "run"]

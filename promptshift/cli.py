@@ -332,40 +332,10 @@ def run(
     baseline: Optional[str] = _baseline_option(),
 ):
     """plan -> extract -> causal -> metrics -> report, in one go."""
-    from promptshift import metrics as m
-    from promptshift.causal import CausalConfig, run_causal
-    from promptshift.extract.run import ExtractConfig
-    from promptshift.extract.run import extract as run_extract
-    from promptshift.report import build_report
-    from promptshift.sweep.config import load_sweep
+    from promptshift.api import run as run_pipeline
 
-    out.mkdir(parents=True, exist_ok=True)
-    s = load_sweep(sweep or "quick", model=model, baseline=baseline)
-    store = out / "store.zarr"
-    n = 4 if causal else 3
-    t0 = time.perf_counter()
-    typer.echo(f"[1/{n}] extract {s.name}: {len(s.variants)} system x {len(s.user_prompts)} user prompts -> {store}")
-    st = run_extract(s, ExtractConfig(store=str(store), overwrite=overwrite))
-    t1 = time.perf_counter()
-    typer.echo(f"      done in {t1 - t0:.0f} s")
-    if causal:
-        from promptshift.causal import missing_analyses
-
-        todo = missing_analyses(st, s, causal_users)  # a rerun keeps what an earlier run finished
-        typer.echo(f"[2/{n}] causal analyses: {', '.join(todo) or 'all already in the store'}")
-        if todo:
-            run_causal(s, CausalConfig(store=str(store), analyses=tuple(todo), users=causal_users))
-        typer.echo(f"      done in {time.perf_counter() - t1:.0f} s")
-    t2 = time.perf_counter()
-    results = out / "results"
-    typer.echo(f"[{n - 1}/{n}] metrics -> {results}")
-    m.compute(str(store), str(results), workers=workers)
-    t3 = time.perf_counter()
-    typer.echo(f"      done in {t3 - t2:.0f} s")
-    typer.echo(f"[{n}/{n}] report")
-    html = build_report(results, out / "report.html")
-    typer.echo(f"      done in {time.perf_counter() - t3:.0f} s")
-    typer.echo(f"\nstore:   {store}\nresults: {results}\nreport:  {html}")
+    run_pipeline(sweep or "quick", out, model=model, causal=causal, causal_users=causal_users, workers=workers,
+                 overwrite=overwrite, baseline=baseline, echo=typer.echo)
 
 
 def main(argv: list[str] | None = None) -> None:

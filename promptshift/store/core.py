@@ -445,6 +445,33 @@ class Store:
     def close(self) -> None:
         self.backend.close()
 
+    def to_xarray(self):
+        """The store as a lazy, labelled ``xarray.Dataset`` (dask-backed; nothing is read until
+        computed), for any backend (zarr, HDF5, memory). Unlike ``xarray.open_zarr(PATH)``,
+        derived components appear whole: ``resid_pre`` is (token, layer, hidden) with layer 0
+        from ``resid_pre_0`` and layer l from ``resid_post`` layer l - 1. A dimension name that
+        two arrays use with different lengths is renamed ``<array>__<dim>`` for the later one.
+        Attributes: the store's (schema version, provenance, plan hash, ...)."""
+        import dask.array as da
+        import xarray as xr
+
+        sizes: dict[str, int] = {}
+        data = {}
+        for name in self.backend.names():
+            arr = self.backend.array(name)
+            dims = []
+            for dim, n in zip(self.backend.dims(name), arr.shape):
+                dim = dim if sizes.setdefault(dim, n) == n else f"{name}__{dim}"
+                sizes.setdefault(dim, n)
+                dims.append(dim)
+            data[name] = (tuple(dims), da.from_array(arr, chunks=self.backend.chunks(name) or arr.shape))
+        for name, d in self.derived.items():
+            dims, post = data[d["from_layer1"]]
+            layer0 = data[d["layer0"]][1]
+            data[name] = (dims, da.concatenate([layer0[:, None], post[:, :-1]], axis=1))
+        return xr.Dataset(data, attrs={k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                                       for k, v in self.attrs.items()})
+
 
 class ShiftedResidual:
     """``resid_pre`` of a schema-2 store, read only: layer 0 from ``resid_pre_0`` (token,

@@ -230,6 +230,44 @@ class SweepConfig:
             d["behaviour"] = parse_behaviour(d["behaviour"], "the stored sweep")
         return cls(**d)
 
+    # --- constructors of the Python API (``promptshift.Sweep``) -----------------------------
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> SweepConfig:
+        """A sweep YAML or a notebook-format JSON prompt file; ``overrides`` (any field, e.g.
+        ``model=``, ``baseline=``) win over the file. Raises SweepError naming the bad field."""
+        if not Path(path).is_file():
+            raise SweepError(f"sweep file {path} does not exist")
+        return load_sweep(Path(path), **overrides)
+
+    @classmethod
+    def builtin(cls, name: str = "quick", **overrides: Any) -> SweepConfig:
+        """A built-in sweep (``quick``) or suite (``default``); ``promptshift suites`` lists them."""
+        if name not in builtin_sweeps() and name not in builtin_suites():
+            raise SweepError(f"unknown built-in sweep {name!r}; built-in: "
+                             f"{', '.join(sorted({*builtin_sweeps(), *builtin_suites()}))}")
+        return load_sweep(name, **overrides)
+
+    @classmethod
+    def from_prompts(cls, system_prompts: Any, user_prompts: Any, *, name: str = "notebook",
+                     **settings: Any) -> SweepConfig:
+        """A sweep from Python objects, for notebooks.
+
+        ``system_prompts``: ``{name: text}``, ``{name: {text, tags, checks, ...}}``, a list of
+        texts (named ``system_0``, ``system_1``, ...), or a list of mappings/SystemPrompt.
+        ``user_prompts``: ``{id: text}``, a list of texts (``user_0``, ...), or a list of
+        mappings ``{id, text, category, expected, ...}``/UserPrompt. ``settings``: any other
+        field of the sweep (``baseline``, ``model``, ``keep``, ``max_new_tokens``, ...).
+        Entries are validated like a sweep YAML's; errors name the entry."""
+        where = "the Python sweep"
+        d = {"name": name, "source": f"python:{name}",
+             "system_prompts": _python_entries(system_prompts, "system", "name", SystemPrompt, _parse_system, where),
+             "user_prompts": _python_entries(user_prompts, "user", "id", UserPrompt, _parse_user, where)}
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise SweepError(f"unknown sweep setting(s) {unknown}; allowed: "
+                             f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        return cls(**{**d, **settings})
+
 
 def parse_behaviour(raw: Any, where: str) -> Behaviour:
     """The ``behaviour:`` mapping of a sweep, validated."""
@@ -624,3 +662,22 @@ def load_sweep(arg: str | Path | None = None, **overrides: Any) -> SweepConfig:
         return SweepConfig(**d)
     except TypeError as e:  # wrong value types reaching the dataclass
         raise SweepError(f"invalid sweep {arg}: {e}") from e
+
+
+def _python_entries(items: Any, kind: str, key: str, cls_: type, parse, where: str) -> list:
+    """Prompt entries given as Python objects -> validated SystemPrompt/UserPrompt list
+    (instances pass through; texts and mappings are parsed like a sweep YAML's entries)."""
+    if isinstance(items, str):
+        items = [items]
+    if isinstance(items, dict):
+        items = [{key: str(k), "text": v} if isinstance(v, str) else {key: str(k), **v} for k, v in items.items()]
+    if not isinstance(items, (list, tuple)):
+        raise SweepError(f"{kind} prompts must be a dict, a list of texts or a list of mappings, "
+                         f"got {type(items).__name__}")
+    out = []
+    for i, x in enumerate(items):
+        if isinstance(x, cls_):
+            out.append(x)
+        else:
+            out += parse([{key: f"{kind}_{i}", "text": x} if isinstance(x, str) else x], f"{where} ({kind} {i})")
+    return out

@@ -1,0 +1,292 @@
+"""The Python interface: every stage as one call, for notebooks and scripts.
+
+``import promptshift as ps`` gives the names below; the ``promptshift`` command line is a
+thin shell over them. Importing this module costs no torch: the stages that run a model
+(:func:`plan`, :func:`extract`, :func:`causal`, :func:`compare`) import it when called,
+and :func:`metrics`, :func:`report` and :func:`open` never do, so a store can be
+re-analysed on a machine without torch.
+
+A notebook session::
+
+    import promptshift as ps
+    sweep = ps.Sweep.from_prompts({"pirate": "You are a pirate."}, ["What is 2 + 2?", "Name a colour."])
+    res = ps.run(sweep, out="runs/nb")          # plan -> extract -> causal -> metrics -> report
+    res.tables["component_change"]              # pandas DataFrames, docs/RESULTS.md
+    ds = ps.open("runs/nb/store.zarr").to_xarray()
+    ps.compare(None, "You are a pirate.", "What is 2 + 2?").layers   # one pair, in memory
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from promptshift.sweep.config import SweepConfig, load_sweep
+
+# A sweep: what to run (prompts, model, baseline, what to keep). ``Sweep.from_file``,
+# ``Sweep.builtin`` and ``Sweep.from_prompts`` build one; every stage also takes a path or
+# a built-in name where it takes a sweep.
+Sweep = SweepConfig
+
+
+def _sweep(sweep: SweepConfig | str | Path | None, **overrides: Any) -> SweepConfig:
+    if isinstance(sweep, SweepConfig):
+        if not any(v is not None for v in overrides.values()):
+            return sweep
+        import dataclasses
+
+        return dataclasses.replace(sweep, **{k: v for k, v in overrides.items() if v is not None})
+    return load_sweep(sweep, **overrides)
+
+
+def plan(sweep: SweepConfig | str | Path | None = None, **overrides: Any):
+    """Render, pair and align every prompt of ``sweep`` with the model's tokenizer (no weights).
+
+    Returns a :class:`promptshift.sweep.plan.Plan`: ``.prompts`` and ``.pairs`` DataFrames,
+    ``.summary()``, ``.estimate_bytes(keep)`` (store size in bytes). Raises SweepError /
+    TemplateError for prompts the template cannot render or label exactly."""
+    from promptshift.sweep.plan import build_plan, load_plan_inputs
+
+    s = _sweep(sweep, **overrides)
+    tok, dims = load_plan_inputs(s)
+    return build_plan(s, tok, dims)
+
+
+def extract(sweep: SweepConfig | str | Path | None, store: str | Path | None = None, *, model=None,
+            tokenizer=None, **options: Any):
+    """Run the model over the sweep and fill an activation store.
+
+    ``store``: a zarr directory (``format="hdf5"`` for an .h5 file) or None for a store in
+    memory (small sweeps in a notebook). ``model``/``tokenizer``: an already loaded HF model
+    and its tokenizer, to skip loading (else the sweep's ``model`` is loaded). ``options``:
+    the fields of :class:`promptshift.extract.run.ExtractConfig` (``shard="I/N"``,
+    ``overwrite``, ``device``, ``dtype``, ``packing``, ``progress``, ...). Returns the
+    :class:`promptshift.store.Store`; a rerun resumes from the last finished block."""
+    from promptshift.extract.run import ExtractConfig
+    from promptshift.extract.run import extract as _extract
+
+    return _extract(_sweep(sweep), ExtractConfig(store=None if store is None else str(store), **options),
+                    model=model, tok=tokenizer)
+
+
+def causal(store, analyses: str | tuple[str, ...] | list[str] = "all", *, sweep=None, model=None,
+           tokenizer=None, **options: Any) -> dict[str, float]:
+    """Causal analyses (activation patching, system-span knockout, phrase ablation, steering,
+    multi-turn decay; docs/CAUSAL.md) on an extracted store, written into it.
+
+    ``store``: a path or an open :class:`Store`. ``sweep``: the sweep the store was
+    extracted with (default: the one the store records). ``options``: the fields of
+    :class:`promptshift.causal.CausalConfig` (``users=N`` to cover N user prompts, ...).
+    Returns seconds per analysis."""
+    from promptshift.causal import CausalConfig, run_causal
+
+    if sweep is None:
+        from promptshift.store import Store, open_store
+
+        st = store if isinstance(store, Store) else open_store(store)
+        sweep = st.plan.sweep
+    elif not isinstance(sweep, SweepConfig):
+        sweep = load_sweep(sweep)
+    names = (analyses,) if isinstance(analyses, str) else tuple(analyses)
+    cfg = CausalConfig(store=store if not isinstance(store, (str, Path)) else str(store), analyses=names, **options)
+    return run_causal(sweep, cfg, model=model, tok=tokenizer)
+
+
+def metrics(store, out: str | Path | None = None, **options: Any):
+    """Tables, analyses and ``summary.json`` from a complete store (dask; no torch).
+
+    ``out``: the results directory (default ``<store>_results`` beside a store on disk; a
+    temporary directory for a store in memory). ``options``: ``workers`` (local dask
+    worker processes; 0 runs in this process), ``scheduler`` (address of a running dask
+    cluster), ``n_boot``, ``seed``, ``progress``. Returns :class:`Results`."""
+    from promptshift.metrics import cli_main
+    from promptshift.store import Store
+
+    if isinstance(store, Store) and store.path is None:  # in memory: computed in this process
+        options.setdefault("workers", 0)
+        if out is None:
+            import tempfile
+
+            out = tempfile.mkdtemp(prefix="promptshift-results-")
+    return Results(cli_main(store, None if out is None else str(out), **options))
+
+
+def report(results, out: str | Path | None = None) -> Path:
+    """Figures and one self-contained HTML report from a results directory (or
+    :class:`Results`); returns the HTML path (default ``RESULTS/report.html``)."""
+    from promptshift.report import build_report
+
+    return Path(build_report(results.dir if isinstance(results, Results) else results, out))
+
+
+def open(path: str | Path):  # noqa: A001 - ps.open(PATH), like zarr.open / xarray.open_dataset
+    """An existing store, read-only: ``.prompts``, ``.pairs`` (DataFrames),
+    ``.component(name, prompt)`` ((kept tokens, layers, hidden) array), ``.to_xarray()``
+    (a labelled dataset with every component, ``resid_pre`` assembled), ``.plan``."""
+    from promptshift.store import open_store
+
+    return open_store(path)
+
+
+def run(sweep: SweepConfig | str | Path | None = "quick", out: str | Path = "runs/default", *, model: str | None = None,
+        causal: bool = True, causal_users: int | None = None, workers: int | None = None, overwrite: bool = False,
+        baseline: str | None = None, echo: Callable[[str], None] | None = None) -> Results:
+    """The whole pipeline: plan -> extract -> causal analyses -> metrics -> report.
+
+    Writes ``out/store.zarr``, ``out/results/`` and ``out/report.html`` and returns the
+    :class:`Results` (``.report`` is the HTML path). ``causal_users=N`` runs the causal
+    analyses on N user prompts spread over the sweep (default all); a rerun keeps what an
+    earlier run finished (extraction blocks, causal analyses). ``echo`` receives one line per
+    stage (default: stderr)."""
+    from promptshift.causal import CausalConfig, missing_analyses, run_causal
+    from promptshift.extract.run import ExtractConfig
+    from promptshift.extract.run import extract as _extract
+
+    say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = _sweep(sweep if sweep is not None else "quick", model=model, baseline=baseline)
+    store_path = out / "store.zarr"
+    n = 4 if causal else 3
+    t0 = time.perf_counter()
+    say(f"[1/{n}] extract {s.name}: {len(s.variants)} system x {len(s.user_prompts)} user prompts -> {store_path}")
+    st = _extract(s, ExtractConfig(store=str(store_path), overwrite=overwrite))
+    t1 = time.perf_counter()
+    say(f"      done in {t1 - t0:.0f} s")
+    if causal:
+        todo = missing_analyses(st, s, causal_users)  # a rerun keeps what an earlier run finished
+        say(f"[2/{n}] causal analyses: {', '.join(todo) or 'all already in the store'}")
+        if todo:
+            run_causal(s, CausalConfig(store=str(store_path), analyses=tuple(todo), users=causal_users))
+        say(f"      done in {time.perf_counter() - t1:.0f} s")
+    t2 = time.perf_counter()
+    results_dir = out / "results"
+    say(f"[{n - 1}/{n}] metrics -> {results_dir}")
+    res = metrics(str(store_path), results_dir, workers=workers)
+    t3 = time.perf_counter()
+    say(f"      done in {t3 - t2:.0f} s")
+    say(f"[{n}/{n}] report")
+    res.report = report(res, out / "report.html")
+    say(f"      done in {time.perf_counter() - t3:.0f} s")
+    say(f"\nstore:   {store_path}\nresults: {results_dir}\nreport:  {res.report}")
+    return res
+
+
+class Results:
+    """One finished metrics run (a results directory, docs/RESULTS.md).
+
+    ``.tables``: every table as a pandas DataFrame, read on first access; ``.summary``: the
+    ``summary.json`` dict the findings are written from; ``.dir``; ``.report``: the HTML
+    report once drawn. Raises MetricsError when the directory holds no finished run."""
+
+    def __init__(self, results_dir: str | Path):
+        from promptshift.metrics import load_summary
+
+        self.dir = Path(results_dir)
+        self.summary: dict = load_summary(self.dir)
+        self.report: Path | None = None
+        self._tables: dict[str, pd.DataFrame] | None = None
+
+    @property
+    def tables(self) -> dict[str, pd.DataFrame]:
+        if self._tables is None:
+            from promptshift.metrics import load_results
+
+            self._tables = load_results(self.dir)
+        return self._tables
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        return self.tables[name]
+
+    def __repr__(self) -> str:
+        return f"Results({str(self.dir)!r}: {len(self.tables)} tables)"
+
+
+@dataclass
+class Comparison:
+    """One (baseline, variant) pair computed in memory by :func:`compare`.
+
+    ``layers``: one row per layer × component × position (``last``, ``suffix_mean``) with
+    the columns of ``component_change`` (cosine, cosine_centered, l2, rel_change, norms;
+    docs/RESULTS.md); ``output``: the pair's ``output_change`` row as a dict (full- and
+    top-k distances, top-1 change, continuations); ``tables``: every table of the one-pair
+    metrics run; ``store``: the in-memory store (``.component(name, prompt)``, ``.plan``)."""
+
+    layers: pd.DataFrame
+    output: dict
+    tables: dict[str, pd.DataFrame] = field(repr=False)
+    store: Any = field(repr=False)
+
+    def __repr__(self) -> str:
+        last = self.layers[(self.layers["position"] == "last") & (self.layers["component"] == "resid_post")]
+        worst = last.loc[last["cosine"].idxmin()] if len(last) else None
+        where = f", least similar resid_post at layer {int(worst['layer'])} (cos {worst['cosine']:.3f})" \
+            if worst is not None else ""
+        return f"Comparison({len(self.layers)} rows{where})"
+
+
+def compare(system_a: str | None, system_b: str, user: str, *, model=None, tokenizer=None,
+            **settings: Any) -> Comparison:
+    """The single-pair look: how ``system_b`` changes the model on ``user`` against ``system_a``.
+
+    ``system_a`` is the baseline: a text, ``""`` (a system turn with empty text) or None (no
+    system turn at all: whatever the template does; some templates inject a default).
+    ``system_b`` is the variant's system text. ``model``: a model spec (HF id, folder,
+    .gguf; None = the embedded SmolLM2) or a loaded HF model with its ``tokenizer``.
+    ``settings``: sweep fields (``components``, ``keep``, ``max_new_tokens``,
+    ``chat_template``, ...). Runs the same extraction and metrics code as a sweep, on a
+    one-pair sweep in memory, so every number equals the store's for that pair, except
+    ``cosine_centered``, whose mean μ is this pair's own (a sweep's μ is over all its prompts)."""
+    from promptshift.errors import SweepError
+    from promptshift.metrics import compute
+    from promptshift.sweep.config import SystemPrompt, UserPrompt
+
+    if not isinstance(system_b, str) or not system_b.strip():
+        raise SweepError("`system_b` (the variant) must be a non-empty system prompt text")
+    systems = [SystemPrompt(name="b", text=system_b)]
+    if system_a is None:
+        baseline = "no_system_turn"
+    elif not system_a.strip():
+        baseline = "empty_system"
+    else:
+        baseline = "a"
+        systems.append(SystemPrompt(name="a", text=system_a))
+    spec = model if isinstance(model, (str, type(None))) else None
+    s = SweepConfig(name="compare", source="python:compare", system_prompts=systems,
+                    user_prompts=[UserPrompt(id="user", text=user)], baseline=baseline,
+                    **({"model": spec} | settings))
+    if spec is None and model is None:
+        model, tokenizer = _cached_model(None, s)
+    elif spec is not None:
+        model, tokenizer = _cached_model(spec, s)
+    st = extract(s, None, model=model, tokenizer=tokenizer, progress=False, selfcheck=False)
+    tables = compute(st, None, workers=0, n_boot=1, progress=False)
+    cc = tables["component_change"]
+    layers = cc[~cc["is_control"] & cc["position"].isin(["last", "suffix_mean"])].reset_index(drop=True)
+    oc = tables["output_change"]
+    output = oc.iloc[0].to_dict() if len(oc) else {}
+    return Comparison(layers=layers, output=output, tables=tables, store=st)
+
+
+_MODELS: dict[tuple, tuple] = {}
+
+
+def _cached_model(spec: str | None, sweep: SweepConfig):
+    """Load (once per process) the model and tokenizer ``compare`` runs: a notebook that
+    compares many pairs pays for loading once."""
+    key = (spec, sweep.chat_template, sweep.trust_remote_code)
+    if key not in _MODELS:
+        from promptshift.models import load_model, load_tokenizer
+
+        _MODELS[key] = (load_model(spec, trust_remote_code=sweep.trust_remote_code),
+                        load_tokenizer(spec, sweep.chat_template, sweep.trust_remote_code))
+    return _MODELS[key]
+
+
+__all__ = ["Comparison", "Results", "Sweep", "causal", "compare", "extract", "metrics", "open", "plan", "report",
+           "run"]
