@@ -97,14 +97,16 @@ def causal(store, analyses: str | tuple[str, ...] | list[str] = "all", *, sweep=
     return run_causal(sweep, cfg, model=model, tok=tokenizer)
 
 
-def metrics(store, out: str | Path | None = None, **options: Any):
+def metrics(store, out: str | Path | None = None, **options: Any):  # -> promptshift.report.tables.Results
     """Tables, analyses and ``summary.json`` from a complete store (dask; no torch).
 
     ``out``: the results directory (default ``<store>_results`` beside a store on disk; a
     temporary directory for a store in memory). ``options``: ``workers`` (local dask
     worker processes; 0 runs in this process), ``scheduler`` (address of a running dask
-    cluster), ``n_boot``, ``seed``, ``progress``. Returns :class:`Results`."""
-    from promptshift.metrics import cli_main
+    cluster), ``n_boot``, ``seed``, ``progress``. Returns the results
+    (:class:`promptshift.report.tables.Results`: ``.tables``, ``.summary``, ``.report``)."""
+    from promptshift.metrics import cli_main, load_summary
+    from promptshift.report.tables import Results
     from promptshift.store import Store
 
     if isinstance(store, Store) and store.path is None:  # in memory: computed in this process
@@ -113,15 +115,21 @@ def metrics(store, out: str | Path | None = None, **options: Any):
             import tempfile
 
             out = tempfile.mkdtemp(prefix="promptshift-results-")
-    return Results(cli_main(store, None if out is None else str(out), **options))
+    out_dir = cli_main(store, None if out is None else str(out), **options)
+    load_summary(out_dir)  # raises MetricsError unless the run finished
+    return Results(out_dir)
 
 
 def report(results, out: str | Path | None = None) -> Path:
     """Figures and one self-contained HTML report from a results directory (or
     :class:`Results`); returns the HTML path (default ``RESULTS/report.html``)."""
     from promptshift.report import build_report
+    from promptshift.report.tables import Results
 
-    return Path(build_report(results.dir if isinstance(results, Results) else results, out))
+    html = Path(build_report(results.dir if isinstance(results, Results) else results, out))
+    if isinstance(results, Results):
+        results.report = html
+    return html
 
 
 def open(path: str | Path):  # noqa: A001 - ps.open(PATH), like zarr.open / xarray.open_dataset
@@ -135,7 +143,7 @@ def open(path: str | Path):  # noqa: A001 - ps.open(PATH), like zarr.open / xarr
 
 def run(sweep: SweepConfig | str | Path | None = "quick", out: str | Path = "runs/default", *, model: str | None = None,
         causal: bool = True, causal_users: int | None = None, workers: int | None = None, overwrite: bool = False,
-        baseline: str | None = None, echo: Callable[[str], None] | None = None) -> Results:
+        baseline: str | None = None, echo: Callable[[str], None] | None = None):
     """The whole pipeline: plan -> extract -> causal analyses -> metrics -> report.
 
     Writes ``out/store.zarr``, ``out/results/`` and ``out/report.html`` and returns the
@@ -171,40 +179,10 @@ def run(sweep: SweepConfig | str | Path | None = "quick", out: str | Path = "run
     t3 = time.perf_counter()
     say(f"      done in {t3 - t2:.0f} s")
     say(f"[{n}/{n}] report")
-    res.report = report(res, out / "report.html")
+    report(res, out / "report.html")
     say(f"      done in {time.perf_counter() - t3:.0f} s")
     say(f"\nstore:   {store_path}\nresults: {results_dir}\nreport:  {res.report}")
     return res
-
-
-class Results:
-    """One finished metrics run (a results directory, docs/RESULTS.md).
-
-    ``.tables``: every table as a pandas DataFrame, read on first access; ``.summary``: the
-    ``summary.json`` dict the findings are written from; ``.dir``; ``.report``: the HTML
-    report once drawn. Raises MetricsError when the directory holds no finished run."""
-
-    def __init__(self, results_dir: str | Path):
-        from promptshift.metrics import load_summary
-
-        self.dir = Path(results_dir)
-        self.summary: dict = load_summary(self.dir)
-        self.report: Path | None = None
-        self._tables: dict[str, pd.DataFrame] | None = None
-
-    @property
-    def tables(self) -> dict[str, pd.DataFrame]:
-        if self._tables is None:
-            from promptshift.metrics import load_results
-
-            self._tables = load_results(self.dir)
-        return self._tables
-
-    def __getitem__(self, name: str) -> pd.DataFrame:
-        return self.tables[name]
-
-    def __repr__(self) -> str:
-        return f"Results({str(self.dir)!r}: {len(self.tables)} tables)"
 
 
 @dataclass
@@ -288,5 +266,5 @@ def _cached_model(spec: str | None, sweep: SweepConfig):
     return _MODELS[key]
 
 
-__all__ = ["Comparison", "Results", "Sweep", "causal", "compare", "extract", "metrics", "open", "plan", "report",
+__all__ = ["Comparison", "Sweep", "causal", "compare", "extract", "metrics", "open", "plan", "report",
            "run"]

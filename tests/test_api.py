@@ -4,6 +4,7 @@ pipeline from a prompt file."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -20,6 +21,20 @@ def test_import_promptshift_does_not_import_torch():
     code = "import sys, promptshift as ps; ps.Sweep; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_stages_are_callable_and_stay_subpackages():
+    """`ps.extract` runs the stage even after `promptshift.extract.run` was imported (which
+    binds the name to the subpackage), and its submodules stay reachable."""
+    import promptshift.extract.run  # noqa: F401
+    import promptshift.metrics.io  # noqa: F401
+    from promptshift import api
+
+    for name in ("extract", "causal", "metrics", "report"):
+        stage = getattr(ps, name)
+        assert callable(stage) and stage.__name__ == f"promptshift.{name}"
+        assert inspect.signature(stage) == inspect.signature(getattr(api, name))
+    assert ps.extract.run.ExtractConfig and ps.metrics.io.StoreRef
 
 
 def test_sweep_from_python_objects():

@@ -151,3 +151,9 @@ def _multiturn(model, tok, sweep: SweepConfig, cfg: CausalConfig):
 
 
 __all__ = ["ANALYSES", "CausalConfig", "CausalError", "missing_analyses", "run_causal", "scope_users"]
+
+
+# `promptshift.causal(...)` runs the stage (promptshift.api.causal); the subpackage stays as it is
+from promptshift.stage import callable_stage  # noqa: E402
+
+callable_stage(__name__)

@@ -497,3 +497,9 @@ def cli_main(store, out=None, scheduler=None, workers=None, n_boot: int = 1000, 
 
 
 __all__ = ["CAUSAL_TABLES", "MetricsConfig", "TABLES", "cli_main", "compute", "load_results", "load_summary"]
+
+
+# `promptshift.metrics(...)` runs the stage (promptshift.api.metrics); the subpackage stays as it is
+from promptshift.stage import callable_stage  # noqa: E402
+
+callable_stage(__name__)

@@ -14,3 +14,9 @@ FIGURE_IDS = tuple(f.id for f in FIGURES)
 
 __all__ = ["FIGURES", "FIGURE_IDS", "FigureSpec", "NotAvailable", "ReportConfig", "ReportError", "Results",
            "build_report", "findings", "render_html"]
+
+
+# `promptshift.report(...)` runs the stage (promptshift.api.report); the subpackage stays as it is
+from promptshift.stage import callable_stage  # noqa: E402
+
+callable_stage(__name__)

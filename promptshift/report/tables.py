@@ -43,7 +43,11 @@ class NotAvailable(Exception):
 
 
 class Results:
-    """Lazy, cached access to one results directory.
+    """Lazy, cached access to one results directory (what ``promptshift.metrics`` returns).
+
+    ``.tables`` (every table as a DataFrame), ``results["name"]``, ``.table(name, columns)``
+    (raises NotAvailable naming what is missing), ``.summary`` (``summary.json``),
+    ``.provenance``, ``.report`` (the HTML report, once drawn).
 
     Parquet is read first; the CSV copy is the fallback so that a directory that was
     copied around as CSV only still gets a report.
@@ -58,6 +62,7 @@ class Results:
             raise ReportError(f"{self.dir} is a file; pass the results directory written by `promptshift metrics`")
         self._cache: dict[str, pd.DataFrame | None] = {}
         self._json: dict[str, dict] = {}
+        self._report: Path | None = None
         self.warnings: list[str] = []
 
     # -- tables ---------------------------------------------------------------------------
@@ -95,6 +100,35 @@ class Results:
             if df.empty:
                 raise NotAvailable(f"`{name}.parquet` has no finite values of {', '.join(finite)}")
         return df
+
+    @property
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Every table of the directory (docs/RESULTS.md), by name, read on first access."""
+        names = [n for n in (*TABLES, *CAUSAL_TABLES) if self.raw(n) is not None]
+        extra = sorted(p.stem for p in self.dir.glob("*.parquet") if p.stem not in names)
+        return {n: self.raw(n) for n in (*names, *extra)}
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        df = self.raw(name)
+        if df is None:
+            raise KeyError(f"no table {name!r} in {self.dir}")
+        return df
+
+    @property
+    def report(self) -> Path | None:
+        """The HTML report of these results: the one drawn from them in this session
+        (``promptshift.report``/``run`` set it), else ``report.html`` in the directory."""
+        if self._report is not None:
+            return self._report
+        p = self.dir / "report.html"
+        return p if p.is_file() else None
+
+    @report.setter
+    def report(self, path: str | Path | None) -> None:
+        self._report = None if path is None else Path(path)
+
+    def __repr__(self) -> str:
+        return f"Results({str(self.dir)!r})"
 
     def has(self, name: str) -> bool:
         df = self.raw(name)
