@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ class AttnStats:
     last_row: torch.Tensor  # (B, L, NH, Sk) last real query's attention row
     full_layers: tuple[int, ...] = ()  # layers whose whole pattern the user opted into
     patterns: dict | None = None  # layer -> (B, NH, Sq, Sk) float16 on CPU
+    _on: dict = field(default_factory=dict, repr=False)  # device -> the per-row tensors above, copied there
 
     @classmethod
     def allocate(cls, q_regions, k_regions, q_positions, last_q, sink_k, n_layers, n_heads, n_regions,
@@ -68,16 +69,29 @@ class AttnStats:
             patterns={},
         )
 
+    def _inputs_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(q_onehot, k_onehot, q_notfirst, sink_k, last_q) on ``device``. A model split over
+        devices computes each layer's probabilities on that layer's device, where the
+        one-hots and indices must be too; they are copied there once per batch."""
+        t = self._on.get(device)
+        if t is None:
+            t = self._on[device] = tuple(x.to(device) for x in (self.q_onehot, self.k_onehot, self.q_notfirst,
+                                                                  self.sink_k, self.last_q))
+        return t
+
     def reduce(self, layer: int, probs: torch.Tensor) -> None:
-        """probs: (B, NH, Sq, Sk) float32 attention probabilities of one layer."""
-        to_region = probs @ self.k_onehot.unsqueeze(1)  # (B, NH, Sq, R)
-        self.region_mass[:, layer] = torch.einsum("bhqr,bqs->bhsr", to_region, self.q_onehot)
+        """probs: (B, NH, Sq, Sk) float32 attention probabilities of one layer, on any device
+        (the accumulators stay where they were allocated)."""
+        q_onehot, k_onehot, q_notfirst, sink_k, last_q = self._inputs_on(probs.device)
+        dev = self.region_mass.device
+        to_region = probs @ k_onehot.unsqueeze(1)  # (B, NH, Sq, R)
+        self.region_mass[:, layer] = torch.einsum("bhqr,bqs->bhsr", to_region, q_onehot).to(dev)
         ent = torch.special.entr(probs).sum(-1)  # (B, NH, Sq): -p log p, 0 where p = 0
-        self.entropy[:, layer] = torch.einsum("bhq,bqs->bhs", ent, self.q_onehot)
+        self.entropy[:, layer] = torch.einsum("bhq,bqs->bhs", ent, q_onehot).to(dev)
         b = torch.arange(probs.shape[0], device=probs.device)
-        to_sink = probs[b, :, :, self.sink_k]  # (B, NH, Sq)
-        self.sink[:, layer] = (to_sink * self.q_notfirst.unsqueeze(1)).sum(-1)  # (B, NH)
-        self.last_row[:, layer] = probs[b, :, self.last_q, :]  # (B, NH, Sk)
+        to_sink = probs[b, :, :, sink_k]  # (B, NH, Sq)
+        self.sink[:, layer] = (to_sink * q_notfirst.unsqueeze(1)).sum(-1).to(dev)  # (B, NH)
+        self.last_row[:, layer] = probs[b, :, last_q, :].to(dev)  # (B, NH, Sk)
         if layer in self.full_layers:
             self.patterns[layer] = probs.to("cpu", torch.float16)  # (B, NH, Sq, Sk)
 

@@ -96,6 +96,7 @@ class Engine:
         if self.device.type == "cpu":
             tune_glibc_malloc()
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._on_dev: dict = {}  # (index name, device) -> the batch's index tensor copied there
         self._lens_ws: dict = {}  # the logit lens's buffers, reused by every batch
         self._pending: list[tuple[_DecodeState, list[Result]]] = []
         # padding gaps inside a merged cache would shift sliding windows: merge only without them
@@ -131,8 +132,8 @@ class Engine:
             def fn(t):
                 if self._gather is None:
                     return
-                b, s = self._gather
-                self._buf[name][layer] = t[b, s].float()  # (N_keep, H)
+                b, s = self._index_on("gather_b", t.device), self._index_on("gather_s", t.device)
+                self._buf[name][layer] = t[b, s].float().to(self.device)  # (N_keep, H)
 
             return fn
 
@@ -148,11 +149,22 @@ class Engine:
                 post(h)
                 if self._last is not None:
                     b = torch.arange(h.shape[0], device=h.device)
-                    self._last_resid[i] = h[b, self._last].float()  # (B, H)
+                    self._last_resid[i] = h[b, self._index_on("last", h.device)].float().to(self.device)  # (B, H)
 
             self._handles += [self.arch.hook("resid_pre", i, pre_fn), self.arch.hook("resid_post", i, post_fn),
                               self.arch.hook("attn_out", i, take("attn_out", i)),
                               self.arch.hook("mlp_out", i, take("mlp_out", i))]
+
+    def _index_on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The batch's index tensor ``name`` (``gather_b``, ``gather_s``: kept positions;
+        ``last``: last real query) on ``device``. A model split over devices
+        (``device="auto-split"``) runs each layer on its own device, and an index must sit
+        on the device of the tensor it indexes; each is copied there once per batch."""
+        t = self._on_dev.get((name, device))
+        if t is None:
+            t = self._on_dev[(name, self.device)].to(device)
+            self._on_dev[(name, device)] = t
+        return t
 
     @torch.inference_mode()
     def check_residual_chain(self, n_tokens: int = 8) -> None:
@@ -283,9 +295,12 @@ class Engine:
             last_q_h = last_q
             fwd_mask, use_cache = attn_mask.to(dev), keep_cache or (cache is None and not want_output)
         self._gather = (b_idx.to(dev), s_idx.to(dev))
+        self._on_dev = {("gather_b", dev): self._gather[0], ("gather_s", dev): self._gather[1]}
         self._buf = {c: [None] * self.L for c in ("attn_out", "mlp_out", "resid_post")}
         self._buf["resid_pre"] = [None] * self._pre_layers
         self._last = last_q_h.to(dev) if want_output else None
+        if want_output:
+            self._on_dev[("last", dev)] = self._last
         self._last_resid = [None] * self.L
         set_stats(stats)
         set_packing(packing)
@@ -298,6 +313,7 @@ class Engine:
             set_packing(None)
             self._gather = None
             self._last = None
+            self._on_dev = {}
         comps = {}
         counts = [len(k) for k in keep_local]
         for c in self.components:
@@ -307,7 +323,8 @@ class Engine:
         final_h = None
         if want_output:
             h = out.last_hidden_state  # (B, S, H), or (1, N, H) packed
-            final_h = h[torch.arange(h.shape[0], device=dev), last_q_h.to(dev)].float()  # (B, H)
+            # the final norm's device: the last layer's, not the first's, on a split model
+            final_h = h[torch.arange(h.shape[0], device=h.device), last_q_h.to(h.device)].float().to(dev)  # (B, H)
         new_cache = cache if cache is not None else out.get("cache", None)
         self._buf = {}
         return comps, stats, last_resid, final_h, new_cache, lens, attn_mask, pad, P
@@ -319,6 +336,8 @@ class Engine:
     def _output_stats(self, final_h, last_resid):
         nw = self.arch.final_norm.weight
         normed = self.arch.final_norm(last_resid.to(nw.device, nw.dtype)).float()  # (B, L, H)
+        # the lens works where the unembedding is (split models: often not the final norm's device)
+        normed = normed.to(self.lm_head.weight.device)
         return output_stats(self._logits(final_h), normed, self._unembed_into, self.top_k, self.lens_top_k,
                             self._lens_ws)
 
@@ -460,7 +479,7 @@ class Engine:
         the same arithmetic as left padding, with the gap in the middle."""
         dev = self.device
         B = final_h.shape[0]
-        tok = self._logits(final_h).argmax(-1)  # (B,)
+        tok = self._logits(final_h).argmax(-1).to(dev)  # (B,) (logits sit on the unembedding's device)
         pos = torch.as_tensor(next_pos, device=dev)  # (B,)
         eos = torch.as_tensor(list(eos_ids) or [-1], device=dev)
         out = [tok]
@@ -473,7 +492,7 @@ class Engine:
             o = self.base(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], cache=cache,
                           use_cache=True)
             pos = pos + 1
-            tok = self._logits(o.last_hidden_state[:, -1].float()).argmax(-1)
+            tok = self._logits(o.last_hidden_state[:, -1].float()).argmax(-1).to(dev)
             out.append(tok)
             done |= torch.isin(tok, eos)
         gen = torch.stack(out, 1).cpu().numpy()  # (B, T)
