@@ -7,6 +7,7 @@ prompt pairs, all producing the same outputs (see scripts/bench_peers.py).
     python scripts/bench_extract.py --max-user 12 --json out.json
     python scripts/bench_extract.py --max-user 4 --modes loop,promptshift,null,nnsight,tlens
     python scripts/bench_extract.py --scaling 50,500,5000  # time/pair and peak RSS vs sweep size
+    python scripts/bench_extract.py --device cuda --dtype bfloat16 --model DIR --modes loop,promptshift,null
 
 Modes:
   loop           two unbatched forward passes per pair (variant, baseline), eager attention
@@ -21,7 +22,8 @@ The peer modes (nnsight, tlens) run under --peers-python (.venv-peers by default
 `make bench-peers`), so the project venv never gets their dependencies. Every full-output
 mode saves a few check prompts; the table's last column is their largest scale-free
 difference from promptshift's store (float16 storage rounding is ~1e-3).
-Also measured in the same run: fp32 matmul throughput, for model FLOP utilisation.
+Also measured in the same run: matmul throughput in the compute dtype on the compute device
+(float32 on a CPU, bfloat16 on a GPU by default), for model FLOP utilisation.
 """
 
 from __future__ import annotations
@@ -39,16 +41,36 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def matmul_flops(n: int = 2048, reps: int = 8) -> float:
+def matmul_flops(n: int | None = None, reps: int | None = None, device: str = "cpu", dtype: str = "float32") -> float:
+    """FLOP/s of an (n, n) @ (n, n) product in ``dtype`` on ``device``: the peak that MFU is
+    measured against (2048 on a CPU; 8192 on a GPU, where smaller products do not fill it)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    n = n or (8192 if cuda else 2048)
+    reps = reps or (20 if cuda else 8)
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(3):
         a @ b
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def _compute(args) -> tuple[str, str]:
+    """(device, dtype) the modes run in: ``--device``/``--dtype``, else promptshift's own choice
+    (a GPU if there is one, bfloat16 there, float32 on a CPU)."""
+    from promptshift.models import auto_device, auto_dtype
+
+    dev = auto_device(args.device)
+    dt = str(auto_dtype(dev, args.dtype)).replace("torch.", "")
+    return dev, dt
 
 
 def _sweep(args):
@@ -78,7 +100,8 @@ def worker_loop(args) -> dict:
     tok, dims = load_plan_inputs(s)
     plan = build_plan(s, tok, dims)
     t0 = time.perf_counter()
-    model = load_model(s.model, attn_implementation="eager")
+    dev, dt = _compute(args)
+    model = load_model(s.model, attn_implementation="eager", device=dev, dtype=dt)
     load_s = time.perf_counter() - t0
     arch = resolve_arch(model)
     L, NH = len(arch.layers), model.config.num_attention_heads
@@ -103,7 +126,7 @@ def worker_loop(args) -> dict:
             bt = Batch(plan, [p], L, NH)
             tokens += bt.lens[0]
             with torch.inference_mode():
-                o = model(bt.ids, output_attentions=True)
+                o = model(bt.ids.to(model.device), output_attentions=True)
                 for i, a in enumerate(o.attentions):
                     bt.stats.reduce(i, a.float())
                 comps = {c: torch.stack([bt.gather(full[c][i]) for i in range(L)], 1) for c in COMPS}
@@ -128,7 +151,8 @@ def worker_promptshift(args, fmt: str) -> dict:
     s = _sweep(args)
     tok, _ = load_plan_inputs(s)
     t0 = time.perf_counter()
-    model = load_model(s.model)
+    dev, dt = _compute(args)
+    model = load_model(s.model, device=dev, dtype=dt)
     load_s = time.perf_counter() - t0
     if fmt == "zarr":
         import zarr  # noqa: F401 -- imported before timing, like the peers' libraries and the model
@@ -192,11 +216,22 @@ def compare_checks(ref_path, path) -> float:
 
 def run_worker(mode: str, args, python: str | None = None, extra: list[str] | None = None) -> dict:
     cmd = [python or sys.executable, __file__, "--worker", mode, "--sweep", args.sweep]
-    for k in ("max_user", "max_system", "model", "tmp"):
+    for k in ("max_user", "max_system", "model", "tmp", "device", "dtype"):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
     cmd += extra or []
+    if getattr(args, "in_process", False) and python is None:
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                main(cmd[2:])
+        except Exception as e:  # reported like a failed worker process
+            return {"error": f"{type(e).__name__}: {e}"}
+        return json.loads(buf.getvalue().strip().splitlines()[-1])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if r.returncode != 0:
@@ -227,7 +262,12 @@ def main(argv=None):
     ap.add_argument("--scaling", default=None,
                     help="instead of the modes: promptshift extract on N synthetic pairs for each N, e.g. 50,500,5000")
     ap.add_argument("--tmp", default=None, help="directory for the temporary store")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
+    ap.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16 (default: bfloat16 "
+                    "on a GPU, float32 on a CPU); the matmul peak is measured in it")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--in-process", action="store_true", help="run the modes in this process, one after the "
+                    "other (quick checks of the script: start-up is paid once, peak RSS is the whole process's)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--check-prompts", default="", help=argparse.SUPPRESS)
     ap.add_argument("--check-out", default=None, help=argparse.SUPPRESS)
@@ -278,7 +318,8 @@ def main(argv=None):
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; use {', '.join(MODES)}")
-    peak = matmul_flops()
+    dev, dt = _compute(args)
+    peak = matmul_flops(device=dev, dtype=dt)
     results = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as cd:
         for mode in modes:
@@ -293,7 +334,7 @@ def main(argv=None):
             chk = r.pop("_check", None)
             if ref and chk:
                 r["max_rel_diff_vs_promptshift"] = compare_checks(ref, chk)
-    peak_after = matmul_flops()
+    peak_after = matmul_flops(device=dev, dtype=dt)
     base = results.get("promptshift", {})
     null = results.get("null", {})
     rows = []
@@ -319,7 +360,7 @@ def main(argv=None):
                     f"{'–' if diff is None else f'{diff:.1e}'} |")
         r.update(pairs_per_s=pps, tokens_per_s=tps, ratio_to_promptshift=ratio, ratio_to_null=ratio_null, mfu=mfu,
                  model_flops=flops, mfu_with_outputs=mfu_all, flops_with_outputs=flops_all)
-    print(f"fp32 matmul peak: {max(peak, peak_after) / 1e9:.1f} GFLOP/s (before {peak / 1e9:.1f}, after "
+    print(f"{dt} matmul peak on {dev}: {max(peak, peak_after) / 1e9:.1f} GFLOP/s (before {peak / 1e9:.1f}, after "
           f"{peak_after / 1e9:.1f}); non-embedding parameters: {n_params_nonemb / 1e6:.1f} M; "
           f"check prompts {check}")
     print("| mode | pairs | pairs/s | tokens/s | x promptshift | x nowhere | peak RSS MB | bytes/kept token | MFU "
@@ -335,7 +376,8 @@ def main(argv=None):
             print(f"{mode}: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}{extra}; "
                   f"model load {r.get('load_seconds', float('nan')):.1f} s (not timed)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak_flops": max(peak, peak_after), "check_prompts": check,
+        Path(args.json).write_text(json.dumps({"peak_flops": max(peak, peak_after), "device": dev, "dtype": dt,
+                                               "check_prompts": check,
                                                "results": results}, indent=1))
 
 

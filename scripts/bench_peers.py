@@ -117,7 +117,7 @@ class Outputs:
     def add_batch(self, bt: Batch, comps: dict[str, torch.Tensor], outs: dict) -> None:
         """comps: name -> (N_keep, L, H) float tensors in the batch's gather order."""
         st = bt.stats
-        split = {c: np.split(v.numpy().astype(self.dtype), np.cumsum(bt.counts)[:-1]) for c, v in comps.items()}
+        split = {c: np.split(v.cpu().numpy().astype(self.dtype), np.cumsum(bt.counts)[:-1]) for c, v in comps.items()}
         rm, en, sk = st.region_mass.numpy(), st.entropy.numpy(), st.sink.numpy()
         qc, sc, lr = st.q_onehot.sum(1).numpy(), st.q_notfirst.sum(1).numpy(), st.last_row.numpy()
         for b, p in enumerate(bt.prompts):
