@@ -300,9 +300,11 @@ def test_packed_padded_and_alone_agree(shape, models, sweep_dir):
 
 def test_one_process_per_device(models, sweep_dir, tmp_path):
     """``extract --devices d0,d1``: one process per device, each filling one shard, gives the
-    arrays of one process on one device."""
+    arrays of one process on one device. A dry run launches one process (``--devices cpu``:
+    the same launcher with one shard: each process costs a CPU several seconds of start-up,
+    and processes sharing one store are tests/extract/test_processes.py's subject)."""
     if DRY:
-        devices = ["cpu", "cpu"]
+        devices = ["cpu"]
     elif N_GPUS < 2:
         pytest.skip(f"--devices needs two CUDA devices; this machine has {N_GPUS}")
     else:
