@@ -5,7 +5,7 @@ imports only pandas, numpy, matplotlib and seaborn, so it runs where there is no
 no GPU and no torch.
 """
 
-from promptshift.report.build import ReportConfig, build_report, render_html
+from promptshift.report.build import ReportConfig, build_report, figure, render_html
 from promptshift.report.figures import FIGURES, FigureSpec
 from promptshift.report.findings import findings
 from promptshift.report.tables import NotAvailable, ReportError, Results
@@ -13,7 +13,7 @@ from promptshift.report.tables import NotAvailable, ReportError, Results
 FIGURE_IDS = tuple(f.id for f in FIGURES)
 
 __all__ = ["FIGURES", "FIGURE_IDS", "FigureSpec", "NotAvailable", "ReportConfig", "ReportError", "Results",
-           "build_report", "findings", "render_html"]
+           "build_report", "figure", "findings", "render_html"]
 
 
 # `promptshift.report(...)` runs the stage (promptshift.api.report); the subpackage stays as it is

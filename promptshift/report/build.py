@@ -79,6 +79,22 @@ def build_report(results_dir: str | Path, out_html: str | Path | None = None, *,
     return cfg.out_html
 
 
+def figure(results, name: str):
+    """One figure of the report as a matplotlib Figure (notebooks show it inline).
+
+    ``results``: a results directory or :class:`Results`; ``name``: a figure id of
+    ``promptshift.report.FIGURE_IDS``, with or without its ``fig-`` prefix. Raises
+    NotAvailable (saying what is missing) when the results cannot give it, KeyError for an
+    unknown name."""
+    res = results if isinstance(results, Results) else Results(results)
+    want = name if name.startswith("fig-") else f"fig-{name}"
+    spec = next((f for f in FIGURES if f.id == want), None)
+    if spec is None:
+        raise KeyError(f"no figure {name!r}; figures: {', '.join(f.id for f in FIGURES)}")
+    with matplotlib.rc_context(RC):
+        return spec.draw(res)
+
+
 def _render(spec: FigureSpec, res: Results, fig_dir: Path, cfg: ReportConfig) -> Rendered:
     for stale in (fig_dir / f"{spec.id}.png", fig_dir / f"{spec.id}.svg"):
         stale.unlink(missing_ok=True)  # a figure that is no longer available must not linger from a past run
