@@ -282,7 +282,9 @@ def prepare(out: Path, python_version: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with tiny models")
-    ap.add_argument("--out", default="gpu_check_out", help="folder for the table, logs and models")
+    ap.add_argument("--out", default="gpu_check_out", help="folder for the table (gpu_check.md, gpu_check.json)")
+    ap.add_argument("--work", default=None, help="folder for the models (GBs on a GPU run), logs and benchmark "
+                    "results (default: OUT/work)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded SmolLM2's)")
     ap.add_argument("--bench-users", type=int, default=8, help="user prompts of the default suite in the benchmark")
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out: tests, bench_extract, "
@@ -313,10 +315,10 @@ def main(argv=None) -> int:
         return 2
     device = "cpu" if args.dry_run else "cuda"
     out = Path(args.out).resolve()
-    work = out / "work"
+    work = Path(args.work).resolve() if args.work else out / "work"
     work.mkdir(parents=True, exist_ok=True)
     mode = "dry run (CPU, tiny models)" if args.dry_run else "GPU run"
-    rep = Report(out, [f"# promptshift GPU check: {mode}", "", *environment(device)])
+    rep = Report(out, [f"# promptshift GPU check: {mode}", "", *environment(device), f"logs: {work}"])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PROMPTSHIFT_GPU_CHECK_MODELS": str(work / "models"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
