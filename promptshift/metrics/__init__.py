@@ -7,7 +7,8 @@ Steps (each a function in its own module, run here in this order):
    (``components.component_task``), attention tables per store block of prompts
    (``attention.attention_task``), attention change and output/lens change per block of
    pairs (``attention.attention_change_task``, ``output.output_task``),
-3. analyses with bootstrap CIs over user prompts (``analyses``), on the driver,
+3. analyses with crossed bootstrap CIs over system and user prompts (``analyses``), on the
+   driver,
 4. atomic writes: every file goes to a temporary name and is renamed into place, and
    ``summary.json`` is written last and removed first, so it marks a complete run.
 
@@ -36,7 +37,6 @@ import pandas as pd
 from promptshift.errors import MetricsError
 from promptshift.metrics import analyses as an
 from promptshift.metrics.attention import PairAttnTask, PromptBlock, attention_change_task, attention_task
-from promptshift.metrics.bootstrap import user_weights
 from promptshift.metrics.causal import causal_tables
 from promptshift.metrics.components import component_task, plan_tasks, sweep_means
 from promptshift.metrics.io import StoreRef
@@ -359,11 +359,9 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
                                         if len(lc) else lc, meta)
 
     users = [u.id for u in plan.sweep.user_prompts]
-    ctx = an.Context(
-        w=user_weights(len(users), n_boot, seed), users=users,
-        pairs=plan.pairs[["pair", "system", "user_id", "category"]].copy(), systems=_systems(plan),
-        impact_component="resid_post" if "resid_post" in comps else comps[-1],
-    )
+    ctx = an.Context.draw(users, plan.pairs[["pair", "system", "user_id", "category"]].copy(), _systems(plan),
+                          "resid_post" if "resid_post" in comps else comps[-1], n_boot, seed,
+                          strata=[u.category for u in plan.sweep.user_prompts])
     cct = tables["component_change"]
     imp = an.pair_impact(cct, tables["output_change"], ctx, tables["attention_change"])
     tables["layer_ranking"] = an.layer_ranking(cct, ctx)

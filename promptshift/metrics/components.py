@@ -40,7 +40,6 @@ class CompTask:
     b_rows: np.ndarray  # (N,) int64 kept rows of the baseline prompt
     is_control: bool
     suffix: bool  # emit suffix_mean / region / position rows (False when only `last` is kept)
-    pair_user: np.ndarray | None = None  # (n,) user-prompt index of each pair (position sums per user)
 
     @property
     def n_rows(self) -> int:
@@ -89,8 +88,6 @@ def plan_tasks(plan) -> list[CompTask]:
         blocks = plan.prompts["block"].to_numpy()[pairs["variant"].to_numpy()]
         order = np.argsort(blocks, kind="stable")  # pairs of one variant block together
         pair_ids = pairs["pair"].to_numpy()
-        users = {u.id: i for i, u in enumerate(plan.sweep.user_prompts)}
-        pair_user = pairs["user_id"].map(users).to_numpy(np.int64)
         starts = np.searchsorted(t["local"], np.arange(len(pairs)))
         ends = np.searchsorted(t["local"], np.arange(len(pairs)), side="right")
         group: list[int] = []
@@ -107,7 +104,6 @@ def plan_tasks(plan) -> list[CompTask]:
                 tok_pair=lut[t["local"][idx]],
                 from_end=t["from_end"][idx], region=t["region"][idx],
                 v_rows=t["v_rows"][idx], b_rows=t["b_rows"][idx], is_control=False, suffix=suffix,
-                pair_user=pair_user[group],
             ))
 
         cur_block = None
@@ -205,7 +201,7 @@ def token_metrics(X: np.ndarray, iv: np.ndarray, ib: np.ndarray, mu: np.ndarray)
 
 
 def component_task(ref: StoreRef, component: str, task: CompTask, mu: np.ndarray):
-    """Rows of component_change, and per-user position sums, for one task and component."""
+    """Rows of component_change, and per-pair position sums, for one task and component."""
     store = ref.open()
     rows = np.union1d(task.v_rows, task.b_rows)  # (R,) sorted unique kept rows
     X = read_rows(store, component, rows, dtype=np.float64)  # (R, L, H)
@@ -242,17 +238,18 @@ def component_task(ref: StoreRef, component: str, task: CompTask, mu: np.ndarray
 
     pos_df = None
     if task.suffix:
-        # rel_change summed per (aligned index from the end, user prompt): each pair has one
-        # token per index, so these sums give the bootstrap over user prompts directly
-        U = int(task.pair_user.max()) + 1
-        key = task.from_end.astype(np.int64) * U + task.pair_user[task.tok_pair]
+        # rel_change per (aligned index from the end, pair): each pair has one token per
+        # index; the analyses sum these per (system prompt, user prompt) cell for the
+        # crossed bootstrap
+        n = len(task.pairs)
+        key = task.from_end.astype(np.int64) * n + task.tok_pair
         k, sums, counts = _group(key, m[:, :, 3], reduce="sum")  # (g, L)
         G = len(k)
         pos_df = pd.DataFrame({
             "component": component,
             "layer": np.tile(np.arange(L, dtype=np.int64), G),
-            "from_end": np.repeat(k // U, L),
-            "_u": np.repeat(k % U, L),
+            "from_end": np.repeat(k // n, L),
+            "pair": np.repeat(task.pairs[k % n], L),
             "sum": sums.reshape(-1),
             "count": np.repeat(counts, L).astype(np.int64),
         })

@@ -5,6 +5,13 @@ summary.json, every number in it is one value of summary.json formatted by `fmt`
 or `layer`, and a block that is missing or malformed drops its sentence instead of
 printing a stale or invented number. The wording that depends on a value (e.g. "above"
 vs "not above" the control floor) is chosen from that value, never assumed.
+
+A sentence states an effect only when its interval excludes zero (for the control floor:
+lies above the floor) under the resampling summary.json names (``sample``: system prompts
+and user prompts together); otherwise it says there is no evidence, with the numbers and
+n. A selected quantity (most changed layer, best-tracking layer and component) is said to
+be chosen on one half of the user prompts and measured on the other (``selection``), and
+a small sample (``sample.small``) is named as such.
 """
 
 from __future__ import annotations
@@ -78,17 +85,84 @@ def _overview(s: dict) -> list[str]:
     return [f"The sweep{model} " + " and ".join(parts) + "."]
 
 
+def _sample_block(s: dict) -> dict:
+    d = s.get("sample")
+    return d if isinstance(d, dict) else {}
+
+
+def _p(p, s: dict) -> str:
+    """`p = 0.03`, or `p < 0.001` when no resample fell on the other side of zero (p = 0 is
+    the resolution of the bootstrap, 1 / n_boot, not a probability of zero)."""
+    n_boot = _sample_block(s).get("n_boot")
+    if float(p) == 0 and _num(n_boot) and float(n_boot) > 0:
+        return f"p < {pval(1.0 / float(n_boot))}"
+    return f"p = {pval(p)}"
+
+
+def _units(s: dict) -> str:
+    """`14 system prompts × 18 user prompts, both resampled`, from summary.json's sample."""
+    d = _sample_block(s)
+    if not (_num(d.get("n_systems")) and _num(d.get("n_users"))):
+        return ""
+    text = f"{int(d['n_systems'])} system prompts × {int(d['n_users'])} user prompts"
+    if d.get("resampling") == "crossed":
+        text += ", both resampled"
+    return text
+
+
+def _sample(s: dict) -> list[str]:
+    """How the intervals were obtained, and which samples are small."""
+    d = _sample_block(s)
+    if not d:
+        return []
+    out = []
+    if d.get("resampling") == "crossed" and _num(d.get("n_systems")) and _num(d.get("n_users")):
+        boots = f" ({int(d['n_boot'])} resamples)" if _num(d.get("n_boot")) else ""
+        out.append(f"Intervals are 95% crossed bootstrap intervals{boots}: the {int(d['n_systems'])} system prompts "
+                   f"and the {int(d['n_users'])} user prompts are resampled together, so an interval speaks for other "
+                   "system prompts as well as other user prompts; each p-value comes from the same resamples and so "
+                   "agrees with its interval.")
+    small = [(what, int(d[key])) for what, key, flag in (("system prompts", "n_systems", "small_systems"),
+                                                           ("user prompts", "n_users", "small_users"))
+             if d.get(flag) is True and _num(d.get(key))]
+    if small and _num(d.get("min_units")):
+        items = " and ".join(f"{n} {what}" for what, n in small)
+        out.append(f"Small sample: only {items} (fewer than {int(d['min_units'])}); intervals over so few prompts are "
+                   "rough, and where this report finds no evidence of an effect that is weak evidence that there is "
+                   "none.")
+    return out
+
+
+def _selection(s: dict) -> str:
+    """How a selected quantity was chosen, in words, or "" without a selection block."""
+    d = s.get("selection")
+    if not isinstance(d, dict):
+        return ""
+    if d.get("method") == "split" and _num(d.get("n_select")) and _num(d.get("n_estimate")):
+        seed = f", seed {int(d['seed'])}" if _num(d.get("seed")) else ""
+        return (f"chosen on {int(d['n_select'])} of the user prompts and measured on the other {int(d['n_estimate'])} "
+                f"(a fixed split{seed})")
+    if d.get("method") == "same":
+        return "chosen and measured on the same user prompts (too few to split), so its value is optimistic"
+    return ""
+
+
 def _layers(s: dict) -> list[str]:
     mal = s.get("most_affected_layer")
     if not isinstance(mal, dict):
         return []
     floor = s.get("control_floor") if isinstance(s.get("control_floor"), dict) else {}
     out = []
+    how = _selection(s)
+    if how and any(isinstance(d, dict) for d in mal.values()):
+        out.append(f"Each component's most changed layer (highest mean relative change at the last prompt token) is "
+                   f"{how}, so choosing the layer does not inflate its change.")
+    held = " on the held-out user prompts" if how.startswith("chosen on") else ""
     for comp in _ordered(mal):
         d = mal[comp]
         if not isinstance(d, dict) or not _num(d.get("layer")) or not _num(d.get("mean")):
             continue
-        text = f"`{comp}` changes most at layer {layer(d['layer'])}: mean relative change {fmt(d['mean'])}"
+        text = f"`{comp}` changes most at layer {layer(d['layer'])}: mean relative change {fmt(d['mean'])}{held}"
         if _ci_ok(d.get("ci")):
             text += f" ({ci(d['ci'])})"
         if _num(floor.get(comp)):
@@ -99,7 +173,8 @@ def _layers(s: dict) -> list[str]:
 
 def _above(s: dict) -> list[str]:
     """The verdict of summary.json on the control floor, for the component it was made on
-    (`impact_component`, resid_post by default), with the numbers it rests on."""
+    (`impact_component`, resid_post by default), with the numbers it rests on: above only
+    when the whole interval is."""
     v = s.get("effects_above_control")
     comp = s.get("impact_component") if isinstance(s.get("impact_component"), str) else "resid_post"
     mal = s.get("most_affected_layer") if isinstance(s.get("most_affected_layer"), dict) else {}
@@ -111,10 +186,15 @@ def _above(s: dict) -> list[str]:
     if v is True:
         text = (f"At its most affected layer, `{comp}` changes more with a system prompt than between two unrelated "
                 f"user prompts{numbers}: the effect lies above the control floor")
-        if _ci_ok(d.get("ci")) and _num(floor.get(comp)) and float(d["ci"][0]) <= float(floor[comp]):
-            text += f", but its 95% CI reaches down to {fmt(d['ci'][0])}, below the floor"
+        if _ci_ok(d.get("ci")):
+            text += f", with its whole 95% CI ({fmt(d['ci'][0])} to {fmt(d['ci'][1])}) above it"
         return [text + "."]
     if v is False:
+        if _num(d.get("mean")) and _num(floor.get(comp)) and float(d["mean"]) > float(floor[comp]) \
+                and _ci_ok(d.get("ci")):
+            n = f" ({int(d['n_pairs'])} pairs)" if _num(d.get("n_pairs")) else ""
+            return [f"There is no evidence that the system-prompt effect on `{comp}` rises above the control floor: "
+                    f"its mean exceeds the floor{numbers}, but its 95% CI reaches down to {fmt(d['ci'][0])}{n}."]
         return [f"The system-prompt effect on `{comp}` does not rise above the control floor{numbers}: it is no larger "
                 "than the change between two unrelated user prompts, so the layer profiles should not be read as "
                 "effects."]
@@ -125,41 +205,79 @@ def _above(s: dict) -> list[str]:
     return []
 
 
+def _excludes_zero(c) -> bool:
+    return _ci_ok(c) and (float(c[0]) > 0 or float(c[1]) < 0)
+
+
 def _length(s: dict) -> list[str]:
+    """A length effect is stated only when its crossed interval excludes zero; otherwise the
+    sentence says there is no evidence, with the numbers and n."""
     d = s.get("length")
     if not isinstance(d, dict) or not _num(d.get("pearson_r")):
         return []
     r = float(d["pearson_r"])
-    direction = "larger" if r > 0 else "smaller" if r < 0 else "neither larger nor smaller"
-    text = f"Longer system prompts go with {direction} internal change: Pearson r = {fmt(r)}"
-    extra = []
-    if _ci_ok(d.get("ci")):
-        extra.append(ci(d["ci"]))
+    stats = [ci(d["ci"])] if _ci_ok(d.get("ci")) else []
     if _num(d.get("p")):
-        extra.append(f"p = {pval(d['p'])}")
-    if extra:
-        text += f" ({', '.join(extra)})"
+        stats.append(_p(d["p"], s))
+    units = _units(s)
+    if units:
+        stats.append(f"n = {units}")
+    detail = f" ({'; '.join(stats)})" if stats else ""
+    if _excludes_zero(d.get("ci")):
+        direction = "larger" if r > 0 else "smaller"
+        text = f"Longer system prompts go with {direction} internal change: Pearson r = {fmt(r)}{detail}"
+    elif _ci_ok(d.get("ci")):
+        text = (f"There is no evidence that the length of a system prompt goes with its internal change: Pearson "
+                f"r = {fmt(r)}, and its interval includes zero{detail}")
+    else:
+        text = (f"Length and internal change correlate with Pearson r = {fmt(r)} across system prompts, but the "
+                f"correlation has no interval{detail}, so no length effect is claimed")
     if _num(d.get("spearman_r")):
         text += f"; Spearman r = {fmt(d['spearman_r'])}"
-    text += "."
-    if _ci_ok(d.get("ci")):
-        lo, hi = map(float, d["ci"])
-        if lo <= 0 <= hi:
-            text += " The confidence interval includes zero, so this sweep does not establish a length effect."
-    return [text]
+        if _ci_ok(d.get("spearman_ci")):
+            text += f" ({ci(d['spearman_ci'])})"
+    return [text + "."]
 
 
 def _tag(s: dict) -> list[str]:
-    d = s.get("top_tag")
-    if not isinstance(d, dict) or not d.get("tag") or not _num(d.get("diff")):
+    """Tags whose simultaneous interval (Bonferroni over the tags) excludes zero, with two or
+    more system prompts on each side; otherwise that there is no evidence for any tag."""
+    d = s.get("tags")
+    if not isinstance(d, dict) or not isinstance(d.get("items"), list) or not _num(d.get("n_tags")):
         return []
-    diff = float(d["diff"])
-    word = "more" if diff >= 0 else "less"
-    text = (f"The tag with the largest effect is `{d['tag']}`: system prompts with it change the model by "
-            f"{fmt(abs(diff))} {word} than those without")
-    if _ci_ok(d.get("ci")):
-        text += f" (difference {fmt(diff)}, {ci(d['ci'])})"
-    return [text + "."]
+    k = int(d["n_tags"])
+    if k == 0:
+        return []
+    items = [t for t in d["items"] if isinstance(t, dict) and isinstance(t.get("tag"), str) and _num(t.get("diff"))]
+    testable = [t for t in items if _num(t.get("n_systems_with")) and _num(t.get("n_systems_without"))
+                and int(t["n_systems_with"]) >= 2 and int(t["n_systems_without"]) >= 2]
+    found = [t for t in testable if _excludes_zero(t.get("ci_simultaneous"))]
+    over = f"{k} tag{'' if k == 1 else 's'}"
+    out = []
+    for t in sorted(found, key=lambda t: -abs(float(t["diff"]))):
+        diff = float(t["diff"])
+        word = "more" if diff > 0 else "less"
+        lo, hi = t["ci_simultaneous"]
+        text = (f"System prompts tagged `{t['tag']}` change the model {word} than those without: difference "
+                f"{fmt(diff)} (simultaneous 95% CI over {over} {fmt(lo)} to {fmt(hi)}")
+        if _num(t.get("p_adjusted")):
+            text += f", Bonferroni-adjusted {_p(t['p_adjusted'], s)}"
+        out.append(text + f"; {int(t['n_systems_with'])} against {int(t['n_systems_without'])} system prompts).")
+    rest = len(testable) - len(found)
+    units = _units(s)
+    n = f"; n = {units}" if units else ""
+    if not found and testable:
+        out.append(f"No tag changes the model distinguishably from zero: none of the {len(testable)} testable tags has "
+                   f"a simultaneous 95% interval (Bonferroni over {over}) that excludes zero{n}.")
+    elif rest:
+        out.append(f"For the other {rest} testable tag{'' if rest == 1 else 's'} there is no evidence of an effect.")
+    lone = sorted(t["tag"] for t in items if t not in testable)
+    if lone:
+        names = ", ".join(f"`{x}`" for x in lone)
+        out.append(f"Not tested: {names} — carried by fewer than two system prompts, or by all but one, so the tag's "
+                   "effect cannot be told apart from those prompts' own.")
+    return out
+
 
 
 def _attention(s: dict) -> list[str]:
@@ -173,15 +291,34 @@ def _attention(s: dict) -> list[str]:
 
 
 def _internal_output(s: dict) -> list[str]:
+    """The layer and component whose change tracks output change best: chosen on one half of
+    the user prompts, its correlation measured on the other; a relation is stated only when
+    the held-out interval excludes zero."""
     d = s.get("strongest_internal_output")
     if not isinstance(d, dict) or not _num(d.get("r")) or not d.get("component") or not _num(d.get("layer")):
         return []
     out = d.get("output") or "output change"
     measure = f"`{d['measure']}` of " if isinstance(d.get("measure"), str) else ""
-    text = (f"Internal change tracks output change most closely at {measure}`{d['component']}` layer "
-            f"{layer(d['layer'])}: r = {fmt(d['r'])} with `{out}`")
+    where = f"{measure}`{d['component']}` layer {layer(d['layer'])}"
+    how = _selection(s)
+    if d.get("selection") == "split" and how.startswith("chosen on"):
+        sel = f" (r = {fmt(d['r_select'])} there)" if _num(d.get("r_select")) else ""
+        text = (f"The layer and component whose change tracks `{out}` most closely, {how}, is {where}{sel}; on the "
+                f"held-out prompts r = {fmt(d['r'])}")
+    else:
+        text = (f"Internal change tracks `{out}` most closely at {where}: r = {fmt(d['r'])}, the largest of all "
+                "layers and components, chosen and measured on the same pairs, so it is optimistic")
+    stats = [ci(d["ci"])] if _ci_ok(d.get("ci")) else []
+    if _num(d.get("p")):
+        stats.append(_p(d["p"], s))
+    if _num(d.get("n_pairs")):
+        stats.append(f"{int(d['n_pairs'])} pairs")
+    if stats:
+        text += f" ({'; '.join(stats)})"
     if _ci_ok(d.get("ci")):
-        text += f" ({ci(d['ci'])})"
+        text += (": the relation holds on prompts it was not chosen on" if _excludes_zero(d["ci"]) else
+                 ": the interval includes zero, so there is no evidence of the relation beyond the prompts it was "
+                 "chosen on")
     return [text + "."]
 
 
@@ -418,7 +555,7 @@ def _causal_multiturn(s: dict) -> list[str]:
             out.append(f"With {label}, {text}.")
     return out
 
-SECTIONS = (_overview, _layers, _above, _length, _tag, _attention, _internal_output, _output, _lens,
+SECTIONS = (_overview, _sample, _layers, _above, _length, _tag, _attention, _internal_output, _output, _lens,
             _causal_patching, _causal_knockout, _causal_steering, _causal_phrases, _causal_multiturn)
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import promptshift.metrics as metrics
-from promptshift.metrics.bootstrap import user_weights
+from promptshift.metrics.bootstrap import crossed_weights, estimate_weights, user_weights
 from promptshift.store.core import open_store
 from promptshift.sweep.chat import REGIONS
 from tests.metrics import synth
@@ -340,15 +340,26 @@ def test_topk_kl_approximates_exact_kl():
     assert np.allclose(kl_full, exact_kl[f], atol=1e-6) and np.allclose(js_full, exact_js[f], atol=1e-6)
 
 
+def _pigeonhole(df: pd.DataFrame, systems: list[str], users: list[str], ws_b: np.ndarray, wu_b: np.ndarray):
+    """The rows of one pigeonhole resample, written out: every (drawn system, drawn user) cell,
+    each drawn system and user repeated as often as it was drawn."""
+    drawn_s = [s for i, s in enumerate(systems) for _ in range(int(ws_b[i]))]
+    drawn_u = [u for i, u in enumerate(users) for _ in range(int(wu_b[i]))]
+    return pd.concat([df[(df.system == s) & (df.user_id == u)] for s in drawn_s for u in drawn_u])
+
+
 def test_analyses_against_plain_loops(synth_store, synth_tables):
-    """Means are plain means; CIs equal a naive loop over the same user-prompt resamples."""
+    """Means are plain means; CIs equal a naive loop over the same crossed resamples (system
+    prompts and user prompts drawn independently, every drawn cell kept)."""
     from scipy import stats
 
     tables = synth_tables[0]
     store = open_store(synth_store[0])
     plan = store.plan
     users = [u.id for u in plan.sweep.user_prompts]
-    w = user_weights(len(users), 200, 0)
+    systems = [s.name for s in plan.sweep.variants]
+    ws, wu = crossed_weights(len(systems), len(users), 200, 0)
+    assert np.array_equal(wu, user_weights(len(users), 200, 0))  # the user half is the user-only bootstrap
     cc = tables["component_change"]
     last = cc[(cc.position == "last")]
     lr = tables["layer_ranking"]
@@ -360,35 +371,31 @@ def test_analyses_against_plain_loops(synth_store, synth_tables):
                  & (lr.position == "last")].iloc[0]
         assert abs(row["mean"] - pairs.rel_change.mean()) <= 1e-12
         assert abs(row["control_mean"] - ctrl.rel_change.mean()) <= 1e-12
-        boots = []
-        for b in range(len(w)):
-            sample = pd.concat([pairs[pairs.user_id == u] for i, u in enumerate(users) for _ in range(int(w[b, i]))])
-            boots.append(sample.rel_change.mean())
+        boots = [_pigeonhole(pairs, systems, users, ws[b], wu[b]).rel_change.mean() for b in range(len(wu))]
         lo, hi = np.percentile(boots, [2.5, 97.5])
         assert abs(row["ci_low"] - lo) <= 1e-9 and abs(row["ci_high"] - hi) <= 1e-9
     ranks = lr[(lr.metric == "rel_change") & (lr.position == "last") & (lr.component == "mlp_out")]
     assert ranks.sort_values("rank")["mean"].is_monotonic_decreasing
 
-    # internal vs output: Pearson/Spearman r, p from scipy; CIs from the same loop
+    # internal vs output: Pearson/Spearman r from scipy; CIs from the same loop
     io = tables["internal_vs_output"]
     oc = tables["output_change"].set_index("pair")
     g = last[(last.component == "resid_post") & (last.layer == 1) & ~last.is_control].sort_values("pair")
-    x = g["rel_change"].to_numpy()
-    y = oc.loc[g["pair"], "kl"].to_numpy()
-    u = g["user_id"].to_numpy()
+    g = g.assign(kl=oc.loc[g["pair"], "kl"].to_numpy())
     for method, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
         row = io[(io.component == "resid_post") & (io.layer == 1) & (io.measure == "rel_change")
                  & (io.output == "kl") & (io.method == method)].iloc[0]
-        res = fn(x, y)
-        assert abs(row["r"] - res.statistic) <= 1e-9 and abs(row["p"] - res.pvalue) <= 1e-6
+        res = fn(g["rel_change"], g["kl"])
+        assert abs(row["r"] - res.statistic) <= 1e-9
         boots = []
-        for b in range(len(w)):
-            idx = np.concatenate([np.flatnonzero(u == uu) for i, uu in enumerate(users) for _ in range(int(w[b, i]))])
-            boots.append(fn(x[idx], y[idx]).statistic)
+        for b in range(len(wu)):
+            sample = _pigeonhole(g, systems, users, ws[b], wu[b])
+            boots.append(fn(sample["rel_change"], sample["kl"]).statistic if sample["rel_change"].nunique() > 1
+                         and sample["kl"].nunique() > 1 else np.nan)
         lo, hi = np.nanpercentile(boots, [2.5, 97.5])
         assert abs(row["ci_low"] - lo) <= 1e-9 and abs(row["ci_high"] - hi) <= 1e-9, method
 
-    # length: per system impact and r across systems
+    # length: per system impact and r across systems; the CI resamples systems and users
     li = tables["length_impact"].set_index("system")
     imp = last[(last.component == "resid_post") & ~last.is_control].groupby("pair").rel_change.mean()
     pairs = plan.pairs.set_index("pair")
@@ -397,7 +404,22 @@ def test_analyses_against_plain_loops(synth_store, synth_tables):
     lt = tables["length_tests"]
     row = lt[(lt.family == "all") & (lt.target == "impact") & (lt.method == "pearson")].iloc[0]
     res = stats.pearsonr(li["n_system_tokens"], li["impact"])
-    assert abs(row["r"] - res.statistic) <= 1e-9 and abs(row["p"] - res.pvalue) <= 1e-9
+    assert abs(row["r"] - res.statistic) <= 1e-9
+    imp_df = pd.DataFrame({"impact": imp.to_numpy(), "system": pairs.loc[imp.index, "system"].to_numpy(),
+                           "user_id": pairs.loc[imp.index, "user_id"].to_numpy()})
+    length = li["n_system_tokens"].astype(float)
+    boots = []
+    for b in range(len(wu)):
+        drawn_u = [u for i, u in enumerate(users) for _ in range(int(wu[b, i]))]
+        xs, ys = [], []
+        for i, s in enumerate(systems):
+            mine = imp_df[imp_df.system == s].set_index("user_id")["impact"]
+            m = np.mean([mine[u] for u in drawn_u])  # this system's mean over the drawn user prompts
+            xs += [length[s]] * int(ws[b, i])
+            ys += [m] * int(ws[b, i])
+        boots.append(np.corrcoef(xs, ys)[0, 1] if len(set(xs)) > 1 else np.nan)
+    lo, hi = np.nanpercentile(boots, [2.5, 97.5])
+    assert abs(row["ci_low"] - lo) <= 1e-9 and abs(row["ci_high"] - hi) <= 1e-9
     assert set(lt["family"]) == {"all", "concise"}  # the concise family has 3 members
 
     # tags: with/without means over pairs
@@ -455,21 +477,44 @@ def test_summary(synth_tables):
 
     tables, out = synth_tables
     s = json.loads((out / "summary.json").read_text())
-    assert set(s) >= {"n_pairs", "n_controls", "model", "most_affected_layer", "control_floor",
-                      "effects_above_control", "length", "top_tag", "attention_shares", "strongest_internal_output",
+    assert set(s) >= {"n_pairs", "n_controls", "model", "sample", "selection", "most_affected_layer", "control_floor",
+                      "effects_above_control", "length", "tags", "attention_shares", "strongest_internal_output",
                       "output", "lens_shift_layer"}
     assert s["n_pairs"] == 16 and s["n_controls"] == 4 and s["model"] == "synthetic"
-    lr = tables["layer_ranking"]
-    top = lr[(lr.component == "resid_post") & (lr.metric == "rel_change") & (lr.position == "last")]
-    best = top.loc[top["mean"].idxmax()]
-    assert s["most_affected_layer"]["resid_post"]["layer"] == best["layer"]
-    assert s["control_floor"]["resid_post"] == pytest.approx(best["control_mean"])
-    assert s["effects_above_control"] == bool(best["mean"] > best["control_mean"])
+    # 4 system prompts and 4 user prompts: both named small
+    assert s["sample"]["n_systems"] == 4 and s["sample"]["n_users"] == 4 and s["sample"]["resampling"] == "crossed"
+    assert s["sample"]["small"] == ["system prompts", "user prompts"]
+    # the most affected layer: chosen on the selection half, measured on the other half
+    sel, est = s["selection"]["select_users"], s["selection"]["estimate_users"]
+    assert s["selection"]["method"] == "split"
+    assert sorted(sel + est) == sorted(u.id for u in synth.sweep_config().user_prompts)
+    assert len(sel) == len(est) == 2 and not set(sel) & set(est)
+    cc = tables["component_change"]
+    g = cc[(cc.component == "resid_post") & (cc.position == "last") & ~cc.is_control]
+    layer = int(g[g.user_id.isin(sel)].groupby("layer").rel_change.mean().idxmax())
+    d = s["most_affected_layer"]["resid_post"]
+    assert d["layer"] == layer and d["selection"] == "split"
+    held = g[g.user_id.isin(est) & (g.layer == layer)]
+    assert d["mean"] == pytest.approx(held.rel_change.mean(), abs=1e-12) and d["n_pairs"] == len(held)
+    users = [u.id for u in synth.sweep_config().user_prompts]
+    systems = [v.name for v in synth.sweep_config().variants]
+    ws, _ = crossed_weights(len(systems), len(users), 200, 0)
+    w_est = estimate_weights(np.isin(users, sel), 200, 0)
+    assert (w_est[:, np.isin(users, sel)] == 0).all() and (w_est.sum(1) == len(est)).all()
+    boots = [_pigeonhole(held, systems, users, ws[b], w_est[b]).rel_change.mean() for b in range(200)]
+    assert d["ci"] == pytest.approx(list(np.percentile(boots, [2.5, 97.5])), abs=1e-9)
+    ctrl = cc[(cc.component == "resid_post") & (cc.position == "last") & cc.is_control & (cc.layer == layer)]
+    assert s["control_floor"]["resid_post"] == pytest.approx(ctrl.rel_change.mean())
+    # above the floor only when the whole held-out interval is
+    assert s["effects_above_control"] == bool(d["ci"][0] > s["control_floor"]["resid_post"])
     assert ("NOT above control" in s["effects_note"]) == (not s["effects_above_control"])
     assert set(s["attention_shares"]) == {"sink", "system", "user", "gen_prompt", "template", "recent"}
     al = tables["attention_layers"]
     assert s["attention_shares"]["recent"] == pytest.approx(al.loc[al.role == "variant", "recent_mass"].mean())
-    assert s["top_tag"]["source"] == "tag"  # declared tags win over keyword features when a sweep has them
+    assert s["tags"]["source"] == "tag"  # declared tags win over keyword features when a sweep has them
+    ti = tables["tag_impact"]
+    assert [t["tag"] for t in s["tags"]["items"]] == sorted(ti.loc[ti.source == "tag", "tag"].unique())
+    assert s["tags"]["n_tags"] == 4 and s["tags"]["level"] == pytest.approx(1 - 0.05 / 4)
     assert s["output"]["mean_kl"] == pytest.approx(tables["output_change"]["kl"].mean())
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["model_id"] == "synthetic" and prov["plan_hash"] and prov["metrics"]["n_boot"] == 200

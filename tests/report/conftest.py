@@ -510,7 +510,8 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
                 boots = [_corr(x[i], y[i], method) for i in rng.integers(0, len(x), (200, len(x)))]
                 lt_rows.append(dict(family=family, target=target, method=method, r=float(r), p=p,
                                     ci_low=float(np.nanpercentile(boots, 2.5)),
-                                    ci_high=float(np.nanpercentile(boots, 97.5)), n=int(m.sum())))
+                                    ci_high=float(np.nanpercentile(boots, 97.5)), n=int(m.sum()),
+                                    n_users=n_users))
     tables["length_tests"] = pd.DataFrame(lt_rows)
 
     # -- tags ----------------------------------------------------------------------------------
@@ -526,12 +527,17 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
                 continue
             diff = w.mean() - wo.mean()
             se = np.sqrt(w.var(ddof=0) / len(w) + wo.var(ddof=0) / len(wo)) + 0.01
+            k = sum(1 for src, _ in all_tags if src == source)
+            z_sim = 2.0 + 0.3 * np.log(k)  # stand-in for the Bonferroni quantile
+            p = float(np.exp(-abs(diff) / se))  # stand-in: the report only prints it
             tag_rows.append(dict(tag=tag, source=source, target=target, with_mean=w.mean(), without_mean=wo.mean(),
-                                 diff=diff,
-                                 ci_low=diff - 1.96 * se, ci_high=diff + 1.96 * se, n_with=len(w),
-                                 n_without=len(wo)))
-    tables["tag_impact"] = pd.DataFrame(tag_rows, columns=["tag", "source", "target", "with_mean", "without_mean",
-                                                           "diff", "ci_low", "ci_high", "n_with", "n_without"])
+                                 diff=diff, ci_low=diff - 1.96 * se, ci_high=diff + 1.96 * se, p=p,
+                                 p_adjusted=min(1.0, k * p), ci_low_simultaneous=diff - z_sim * se,
+                                 ci_high_simultaneous=diff + z_sim * se, n_with=len(w) * n_users,
+                                 n_without=len(wo) * n_users, n_systems_with=len(w), n_systems_without=len(wo)))
+    tables["tag_impact"] = pd.DataFrame(tag_rows, columns=[
+        "tag", "source", "target", "with_mean", "without_mean", "diff", "ci_low", "ci_high", "p", "p_adjusted",
+        "ci_low_simultaneous", "ci_high_simultaneous", "n_with", "n_without", "n_systems_with", "n_systems_without"])
 
     # -- position_change -------------------------------------------------------------------------
     pos_rows = []
@@ -559,9 +565,11 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
             for output in ("kl", "top1_changed"):
                 for method in ("pearson", "spearman"):
                     r = _corr(g[internal], g[output], method)
+                    half = g[g["user_id"].isin(users["user_id"].iloc[::2])]
                     iv_rows.append(dict(component=comp, layer=lay, measure=internal, output=output, method=method,
                                         r=r, p=float(np.exp(-abs(r) * 5)), ci_low=max(r - 0.15, -1.0),
-                                        ci_high=min(r + 0.15, 1.0), n=len(g)))
+                                        ci_high=min(r + 0.15, 1.0), n=len(g),
+                                        r_select=_corr(half[internal], half[output], method), n_select=len(half)))
     iv = pd.DataFrame(iv_rows)
     tables["internal_vs_output"] = iv
 
@@ -586,27 +594,40 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
     pe = lt[(lt["method"] == "pearson") & (lt["target"] == "impact") & (lt["family"] == "all")].iloc[0]
     sp = lt[(lt["method"] == "spearman") & (lt["target"] == "impact") & (lt["family"] == "all")].iloc[0]
     ti = tables["tag_impact"]
-    ti_imp = ti[ti["target"] == "impact"]
-    top_tag = ti_imp.loc[ti_imp["diff"].abs().idxmax()] if len(ti_imp) else None
+    ti_imp = ti[(ti["target"] == "impact") & (ti["source"] == "tag")]
     shares = ar[(ar["scope"] == "last") & (ar["role"] == "variant")].groupby("region")["mass"].mean()
     ivk = iv[(iv["measure"] == "rel_change") & (iv["output"] == "kl") & (iv["method"] == "pearson")]
-    best = ivk.loc[ivk["r"].abs().idxmax()]
+    best = ivk.loc[ivk["r_select"].abs().idxmax()]
     agree_by_layer = lens.groupby("layer")["top1_agree"].mean()
     below = agree_by_layer[agree_by_layer < 0.8]
     summary = {
         "n_pairs": int(len(pairs)), "n_controls": int(n_users), "model": "SmolLM2-135M-Instruct",
+        "sample": {"n_systems": int(len(sys_df)), "n_users": int(n_users), "n_pairs": int(len(pairs)), "n_boot": 1000,
+                   "seed": 0, "level": 0.95, "resampling": "crossed", "min_units": 8, "small_systems": len(sys_df) < 8,
+                   "small_users": n_users < 8,
+                   "small": [w for w, n in (("system prompts", len(sys_df)), ("user prompts", n_users)) if n < 8]},
+        "selection": {"method": "split", "seed": 0, "select_users": list(users["user_id"].iloc[::2]),
+                      "estimate_users": list(users["user_id"].iloc[1::2]),
+                      "n_select": len(users["user_id"].iloc[::2]), "n_estimate": len(users["user_id"].iloc[1::2])},
         "most_affected_layer": mal, "control_floor": floor,
-        "effects_above_control": bool(mal["resid_post"]["mean"] > floor["resid_post"]),
+        "effects_above_control": bool(mal["resid_post"]["ci"][0] > floor["resid_post"]),
         "effects_note": "resid_post rel_change at the last token peaks above the control floor",
         "length": {"pearson_r": float(pe["r"]), "ci": [float(pe["ci_low"]), float(pe["ci_high"])],
-                   "p": float(pe["p"]), "spearman_r": float(sp["r"])},
-        "top_tag": None if top_tag is None else {"tag": str(top_tag["tag"]), "diff": float(top_tag["diff"]),
-                                                 "ci": [float(top_tag["ci_low"]), float(top_tag["ci_high"])]},
+                   "p": float(pe["p"]), "n_systems": int(pe["n"]), "n_users": int(n_users), "spearman_r": float(sp["r"]),
+                   "spearman_ci": [float(sp["ci_low"]), float(sp["ci_high"])], "spearman_p": float(sp["p"])},
+        "tags": {"target": "impact", "source": "tag", "n_tags": int(len(ti_imp)), "level": 1 - 0.05 / max(1, len(ti_imp)), "items": [
+            {"tag": str(r["tag"]), "diff": float(r["diff"]), "ci": [float(r["ci_low"]), float(r["ci_high"])],
+             "ci_simultaneous": [float(r["ci_low_simultaneous"]), float(r["ci_high_simultaneous"])],
+             "p": float(r["p"]), "p_adjusted": float(r["p_adjusted"]), "n_systems_with": int(r["n_systems_with"]),
+             "n_systems_without": int(r["n_systems_without"])} for _, r in ti_imp.iterrows()]},
         "attention_shares": {k: float(shares.get(k, 0.0)) for k in ("sink", "system", "user", "gen_prompt",
                                                                      "template")},
         "strongest_internal_output": {"component": str(best["component"]), "layer": int(best["layer"]),
-                                      "measure": "rel_change", "output": "kl", "r": float(best["r"]),
-                                      "ci": [float(best["ci_low"]), float(best["ci_high"])]},
+                                      "measure": "rel_change", "output": "kl", "method": "pearson",
+                                      "r": float(best["r"]), "ci": [float(best["ci_low"]), float(best["ci_high"])],
+                                      "p": float(best["p"]), "n_pairs": int(best["n"]) // 2,
+                                      "r_select": float(best["r_select"]), "n_select": int(best["n_select"]),
+                                      "selection": "split"},
         "output": {"mean_kl": float(oc["kl"].mean()), "top1_change_rate": float(oc["top1_changed"].mean()),
                    "mean_gen_edit_distance": float(oc["gen_edit_distance"].mean())},
         "lens_shift_layer": int(below.index.min()) if len(below) else None,

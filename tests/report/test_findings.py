@@ -14,22 +14,33 @@ from .conftest import CAUSAL_TABLE_NAMES, TABLE_NAMES
 
 SUMMARY = {
     "n_pairs": 96, "n_controls": 4, "model": "SmolLM2-135M-Instruct",
+    "sample": {"n_systems": 12, "n_users": 8, "n_pairs": 96, "n_boot": 1000, "seed": 0, "level": 0.95,
+               "resampling": "crossed", "min_units": 8, "small_systems": False, "small_users": False, "small": []},
+    "selection": {"method": "split", "seed": 0, "select_users": ["a", "b", "c", "d"],
+                  "estimate_users": ["e", "f", "g", "h"], "n_select": 4, "n_estimate": 4},
     "most_affected_layer": {
-        "resid_post": {"layer": 27, "mean": 0.3234, "ci": [0.303, 0.345]},
-        "attn_out": {"layer": 9, "mean": 0.783, "ci": [0.72, 0.833]},
-        "mlp_out": {"layer": 22, "mean": 0.789, "ci": [0.715, 0.841]},
-        "resid_pre": {"layer": 29, "mean": 0.313, "ci": [0.291, 0.329]},
+        "resid_post": {"layer": 27, "mean": 0.3234, "ci": [0.303, 0.345], "n_pairs": 48, "selection": "split"},
+        "attn_out": {"layer": 9, "mean": 0.783, "ci": [0.72, 0.833], "n_pairs": 48, "selection": "split"},
+        "mlp_out": {"layer": 22, "mean": 0.789, "ci": [0.715, 0.841], "n_pairs": 48, "selection": "split"},
+        "resid_pre": {"layer": 29, "mean": 0.313, "ci": [0.291, 0.329], "n_pairs": 48, "selection": "split"},
     },
     "control_floor": {"resid_post": 0.129, "attn_out": 0.279, "mlp_out": 0.252, "resid_pre": 0.12},
     "effects_above_control": True,
     "effects_note": "resid_post rel_change at the last token peaks at layer 27 with mean 0.3234 over pairs",
     "impact_component": "resid_post",
-    "length": {"pearson_r": 0.614, "ci": [0.346, 0.798], "p": 0.0014, "spearman_r": 0.672},
-    "top_tag": {"tag": "nonsense", "diff": -0.116, "ci": [-0.153, -0.0796]},
+    "length": {"pearson_r": 0.614, "ci": [0.346, 0.798], "p": 0.0014, "n_systems": 12, "n_users": 8,
+               "spearman_r": 0.672, "spearman_ci": [0.21, 0.9], "spearman_p": 0.006},
+    "tags": {"target": "impact", "n_tags": 3, "level": 0.9833, "items": [
+        {"tag": "nonsense", "diff": -0.116, "ci": [-0.153, -0.0796], "ci_simultaneous": [-0.161, -0.0701],
+         "p": 0.0, "p_adjusted": 0.0, "n_systems_with": 2, "n_systems_without": 10},
+        {"tag": "persona", "diff": 0.0412, "ci": [-0.0104, 0.0871], "ci_simultaneous": [-0.0223, 0.0953],
+         "p": 0.11, "p_adjusted": 0.33, "n_systems_with": 3, "n_systems_without": 9},
+        {"tag": "french", "diff": 0.2, "ci": [0.15, 0.25], "ci_simultaneous": [0.14, 0.26], "p": 0.0,
+         "p_adjusted": 0.0, "n_systems_with": 1, "n_systems_without": 11}]},
     "attention_shares": {"sink": 0.662, "system": 0.043, "user": 0.121, "gen_prompt": 0.132, "template": 0.041},
     "strongest_internal_output": {"component": "mlp_out", "layer": 9, "measure": "rel_change", "output": "kl",
-                                  "r": 0.649,
-                                  "ci": [0.499, 0.799]},
+                                  "method": "pearson", "r": 0.649, "ci": [0.499, 0.799], "p": 0.0, "n_pairs": 48,
+                                  "r_select": 0.702, "n_select": 48, "selection": "split"},
     "output": {"mean_kl": 0.151, "top1_change_rate": 0.15, "mean_gen_edit_distance": 0.128},
     "lens_shift_layer": 21,
 }
@@ -62,25 +73,39 @@ def test_findings_cover_every_block():
     text = " ".join(findings(SUMMARY))
     for needle in ("The sweep on SmolLM2-135M-Instruct compares 96 (user prompt, system prompt) pairs with their "
                    "baselines and uses 4 control pairs",
-                   "`resid_post` changes most at layer 27: mean relative change 0.323 (95% CI 0.303 to 0.345), "
-                   "against a control floor of 0.129",
+                   "95% crossed bootstrap intervals (1000 resamples): the 12 system prompts and the 8 user prompts "
+                   "are resampled together",
+                   "chosen on 4 of the user prompts and measured on the other 4 (a fixed split, seed 0)",
+                   "`resid_post` changes most at layer 27: mean relative change 0.323 on the held-out user prompts "
+                   "(95% CI 0.303 to 0.345), against a control floor of 0.129",
                    "`resid_post` changes more with a system prompt than between two unrelated user prompts "
-                   "(0.323 against 0.129): the effect lies above the control floor.",
-                   "Pearson r = 0.614 (95% CI 0.346 to 0.798, p = 0.0014)", "Spearman r = 0.672", "`nonsense`",
-                   "by 0.116 less", "sink 66.2%", "`rel_change` of `mlp_out` layer 9",
-                   "r = 0.649", "mean KL(variant ‖ baseline) of 0.151", "15.0% of pairs", "edit distance of 0.128",
+                   "(0.323 against 0.129): the effect lies above the control floor, with its whole 95% CI (0.303 to "
+                   "0.345) above it.",
+                   "Longer system prompts go with larger internal change: Pearson r = 0.614 (95% CI 0.346 to 0.798; "
+                   "p = 0.0014; n = 12 system prompts × 8 user prompts, both resampled); Spearman r = 0.672 (95% CI "
+                   "0.21 to 0.9)",
+                   "System prompts tagged `nonsense` change the model less than those without: difference -0.116 "
+                   "(simultaneous 95% CI over 3 tags -0.161 to -0.0701, Bonferroni-adjusted p < 0.001; 2 against 10 "
+                   "system prompts).",
+                   "For the other 1 testable tag there is no evidence of an effect.", "Not tested: `french`",
+                   "sink 66.2%",
+                   "The layer and component whose change tracks `kl` most closely, chosen on 4 of the user prompts "
+                   "and measured on the other 4 (a fixed split, seed 0), is `rel_change` of `mlp_out` layer 9 (r = "
+                   "0.702 there); on the held-out prompts r = 0.649 (95% CI 0.499 to 0.799; p < 0.001; 48 pairs): the "
+                   "relation holds on prompts it was not chosen on.",
+                   "mean KL(variant ‖ baseline) of 0.151", "15.0% of pairs", "edit distance of 0.128",
                    "output shift appears at layer 21"):
         assert needle in text, needle
     # components in the fixed order, whatever the JSON order
-    order = [re.match(r"`(\w+)` changes most", s).group(1) for s in findings(SUMMARY) if "changes most" in s]
+    order = [re.match(r"`(\w+)` changes most", s).group(1) for s in findings(SUMMARY) if re.match(r"`(\w+)` changes most", s)]
     assert order == ["resid_pre", "attn_out", "mlp_out", "resid_post"]
 
 
 def test_every_number_in_findings_comes_from_summary():
-    allowed = _numbers_in_summary(SUMMARY)
+    allowed = _numbers_in_summary(SUMMARY) | {pval(1 / SUMMARY["sample"]["n_boot"])}  # "p < 1 / n_boot"
     for sentence in findings(SUMMARY):
         # fixed vocabulary that contains digits but states no measurement
-        stripped = sentence.replace(SUMMARY["model"], "").replace("95% CI", "").replace("top-1", "")
+        stripped = sentence.replace(SUMMARY["model"], "").replace("95%", "").replace("top-1", "")
         assert SUMMARY["effects_note"] not in sentence  # metrics' own wording is not repeated when there is a verdict
         for num in NUMBER.findall(stripped):
             assert num.lstrip("-") in allowed or num in allowed, (num, sentence)
@@ -88,19 +113,42 @@ def test_every_number_in_findings_comes_from_summary():
 
 def test_findings_follow_the_values():
     s = copy.deepcopy(SUMMARY)
-    s["most_affected_layer"]["resid_post"]["layer"] = 5
+    s["most_affected_layer"]["resid_post"].update(layer=5, mean=0.12, ci=[0.1, 0.14])
     s["effects_above_control"] = False
     s["length"] = {"pearson_r": -0.1, "ci": [-0.4, 0.2], "p": 0.6, "spearman_r": -0.05}
     s["lens_shift_layer"] = None
     text = " ".join(findings(s))
     assert "`resid_post` changes most at layer 5:" in text and "layer 27" not in text
-    assert "effect on `resid_post` does not rise above the control floor (0.323 against 0.129)" in text
-    assert "go with smaller internal change" in text and "includes zero" in text
+    assert "effect on `resid_post` does not rise above the control floor (0.12 against 0.129)" in text
+    assert ("There is no evidence that the length of a system prompt goes with its internal change: Pearson r = "
+            "-0.1, and its interval includes zero (95% CI -0.4 to 0.2; p = 0.6; n = 12 system prompts × 8 user "
+            "prompts, both resampled)") in text
+    assert "go with smaller internal change" not in text
     assert "no layer at which the output shift appears" in text
     assert "includes zero" not in " ".join(findings(SUMMARY))
     s = copy.deepcopy(SUMMARY)
-    s["control_floor"]["resid_post"] = 0.31  # mean above the floor, CI lower bound below it
-    assert "but its 95% CI reaches down to 0.303, below the floor" in " ".join(findings(s))
+    s["control_floor"]["resid_post"] = 0.31  # mean above the floor, CI lower bound below it: no verdict of "above"
+    s["effects_above_control"] = False
+    assert ("There is no evidence that the system-prompt effect on `resid_post` rises above the control floor: its "
+            "mean exceeds the floor (0.323 against 0.31), but its 95% CI reaches down to 0.303 (48 pairs).") \
+        in findings(s)
+    # no tag survives the correction; the held-out correlation's interval includes zero
+    s["tags"]["items"][0]["ci_simultaneous"] = [-0.2, 0.01]
+    s["strongest_internal_output"].update(r=0.1, ci=[-0.2, 0.4], p=0.5)
+    text = " ".join(findings(s))
+    assert ("No tag changes the model distinguishably from zero: none of the 2 testable tags has a simultaneous 95% "
+            "interval (Bonferroni over 3 tags) that excludes zero; n = 12 system prompts × 8 user prompts, both "
+            "resampled.") in text and "tagged `nonsense`" not in text
+    assert "the interval includes zero, so there is no evidence of the relation beyond the prompts it was chosen on" \
+        in text
+    # a small sample is named; a selection without a split says it is optimistic
+    s["sample"].update(n_systems=5, small_systems=True, small=["system prompts"])
+    s["selection"] = {"method": "same", "n_select": 8, "n_estimate": 8}
+    s["strongest_internal_output"]["selection"] = "same"
+    text = " ".join(findings(s))
+    assert "Small sample: only 5 system prompts (fewer than 8)" in text
+    assert "chosen and measured on the same pairs, so it is optimistic" in text
+    assert "chosen and measured on the same user prompts (too few to split), so its value is optimistic" in text
     s["effects_above_control"], s["effects_note"] = None, "no control pairs"
     assert "summary.json gives no verdict on the control floor (no control pairs)." in findings(s)
 
@@ -109,7 +157,7 @@ def test_partial_or_malformed_summary_drops_sentences_without_raising():
     assert findings({}) == []
     assert findings(None) == []  # type: ignore[arg-type]
     s = {"n_pairs": 3, "most_affected_layer": {"resid_post": {"layer": "x"}, "attn_out": None},
-         "length": {"pearson_r": None}, "top_tag": [], "attention_shares": {"sink": "a"},
+         "length": {"pearson_r": None}, "tags": [], "attention_shares": {"sink": "a"},
          "output": {"mean_kl": float("nan")}, "lens_shift_layer": "seven", "effects_above_control": "maybe"}
     assert findings(s) == ["The sweep compares 3 (user prompt, system prompt) pairs with their baselines."]
 
