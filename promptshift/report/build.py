@@ -59,6 +59,7 @@ class Rendered:
     width_px: int = 0  # CSS width at 96 px per inch, the figure's intended size
     missing: str | None = None  # why the figure is not available
     notes: tuple[str, ...] = ()  # said under the figure, e.g. that a fallback was used
+    scope: str | None = None  # n and the resampling unit, said first in the caption
 
 
 def build_report(results_dir: str | Path, out_html: str | Path | None = None, *, dpi: int = 130,
@@ -108,6 +109,7 @@ def _render(spec: FigureSpec, res: Results, fig_dir: Path, cfg: ReportConfig) ->
             fig.savefig(fig_dir / f"{spec.id}.svg", format="svg", metadata=_SVG_META)
             width = int(round(fig.get_figwidth() * 96))
             notes = tuple(getattr(fig, "promptshift_notes", ()))
+            scope = getattr(fig, "promptshift_scope", None)
     except NotAvailable as e:
         return Rendered(spec, missing=str(e))
     except Exception as e:  # noqa: BLE001 - one broken figure must not cost the whole report
@@ -117,7 +119,7 @@ def _render(spec: FigureSpec, res: Results, fig_dir: Path, cfg: ReportConfig) ->
                                       "this is a bug in promptshift.report, please report it")
     png = buf.getvalue()
     (fig_dir / f"{spec.id}.png").write_bytes(png)
-    return Rendered(spec, png=png, width_px=width, notes=notes)
+    return Rendered(spec, png=png, width_px=width, notes=notes, scope=scope)
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,6 +151,7 @@ figure img { display:block; max-width:100%; height:auto; margin:0 auto 10px; }
 figcaption { color:#333; font-size:14px; max-width:1000px; }
 .na { padding:14px 16px; background:#fff6ec; border-left:4px solid var(--warn); color:#6b3a00; border-radius:4px; }
 .fignote { color:var(--warn); margin:6px 0 0; }
+.scope { font-weight:600; }
 .warn { padding:10px 14px; background:#fff6ec; border-left:4px solid var(--warn); margin:10px 0; }
 table.prov { border-collapse:collapse; width:100%; font-size:14px; }
 table.prov th { text-align:left; width:240px; color:var(--muted); font-weight:600; vertical-align:top; }
@@ -206,11 +209,14 @@ def _provenance_rows(prov: dict) -> list[tuple[str, str]]:
         if isinstance(versions, dict) and versions:
             add(label, ", ".join(f"{k} {v}" for k, v in versions.items()))
     if prov.get("metrics_n_boot") is not None:
-        add("bootstrap", f"{prov['metrics_n_boot']} resamples over user prompts, seed {prov.get('metrics_seed')}")
+        unit = ("system prompts and user prompts (crossed)" if prov.get("metrics_resampling") == "crossed"
+                else "user prompts")
+        add("bootstrap", f"{prov['metrics_n_boot']} resamples over {unit}, seed {prov.get('metrics_seed')}")
     add("impact component", prov.get("metrics_impact_component"))
     shown = {"model_id", "model_source", "model_location", "model_type", "weights_sha256", "dtype", "storage_dtype",
              "device", "attn_implementation", "chat_template_sha256", "baseline", "baseline_carries_default",
              "injected_system", "versions", "sweep", "metrics_versions", "metrics_n_boot", "metrics_seed",
+             "metrics_resampling",
              "metrics_impact_component"}
     for k in sorted(set(prov) - shown):
         v = prov[k]
@@ -268,7 +274,8 @@ def render_html(res: Results, rendered: list[Rendered], cfg: ReportConfig) -> st
             parts.append(f'<img src="data:image/png;base64,{b64}" alt="{e(r.spec.title)}" '
                          f'style="width:{r.width_px}px" data-figure="{r.spec.id}">')
         notes = "".join(f'<p class="fignote">Note: {_md(n)}</p>' for n in r.notes)
-        parts.append(f"<figcaption>{_md(r.spec.caption)}{notes}</figcaption></figure>")
+        scope = f'<span class="scope">{_md(r.scope)}.</span> ' if r.scope else ""
+        parts.append(f"<figcaption>{scope}{_md(r.spec.caption)}{notes}</figcaption></figure>")
     parts.append("</section>")
 
     parts.append('<section id="provenance"><h2>Provenance</h2>')

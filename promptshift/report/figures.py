@@ -11,6 +11,11 @@ Where docs/RESULTS.md gives a confidence interval in the table (`layer_ranking`,
 that interval. Where the figure itself aggregates a per-prompt table (attention, logit
 lens, entropy) the band is mean ± 1.96 standard errors across user prompts, and the
 caption says so: it is an approximation, cheaper than a bootstrap and honest about it.
+
+Every figure states its sample (`_scope`): n (system prompts × user prompts, pairs,
+conversations) and the unit its intervals resample (crossed bootstrap over system and
+user prompts, user prompts only, conversations), computed from the results it draws; the
+report prints it at the head of the caption.
 """
 
 from __future__ import annotations
@@ -81,6 +86,68 @@ def _note(fig: Figure, text: str) -> None:
     fig.promptshift_notes = [*getattr(fig, "promptshift_notes", []), text]
 
 
+def _scope(fig: Figure, text: str) -> None:
+    """What the figure rests on: its n and the unit its intervals resample. The report
+    prints it at the head of the caption, so no figure is read without its sample size."""
+    fig.promptshift_scope = text
+
+
+def _design(res: Results) -> tuple[int | None, int | None, int | None]:
+    """(system prompts, user prompts, pairs) of the sweep: summary.json's `sample` block, or
+    counted from the first per-pair table there is."""
+    d = res.summary.get("sample")
+    if isinstance(d, dict) and all(isinstance(d.get(k), int) and not isinstance(d.get(k), bool)
+                                   for k in ("n_systems", "n_users", "n_pairs")):
+        return d["n_systems"], d["n_users"], d["n_pairs"]
+    for name in ("output_change", "component_change", "length_impact"):
+        if res.has(name):
+            t = not_control(res.table(name))
+            S = int(t["system"].nunique()) if "system" in t.columns else None
+            U = int(t["user_id"].nunique()) if "user_id" in t.columns else None
+            P = int(t["pair"].nunique()) if "pair" in t.columns else None
+            return S, U, P
+    return None, None, None
+
+
+def _n(res: Results, pairs: bool = True) -> str:
+    """`n = 14 system prompts × 18 user prompts (252 pairs)` (the parts that are known)."""
+    S, U, P = _design(res)
+    parts = [f"{S} system prompts" if S is not None else None, f"{U} user prompts" if U is not None else None]
+    text = " × ".join(p for p in parts if p) or "n unknown"
+    if pairs and P is not None:
+        text += f" ({P} pairs)"
+    return "n = " + text if text != "n unknown" else text
+
+
+def _crossed(res: Results) -> str:
+    """The resampling unit of the metrics tables' intervals, from summary.json's `sample`
+    (results written before the crossed bootstrap resampled user prompts only)."""
+    d = res.summary.get("sample")
+    if isinstance(d, dict) and d.get("resampling") == "crossed":
+        return "crossed bootstrap over system prompts and user prompts"
+    return "bootstrap over user prompts"
+
+
+def _causal_unit(res: Results, name: str) -> str:
+    """The resampling unit of one causal analysis's intervals (summary.json `causal.<name>`)."""
+    d = _causal(res, name)
+    if isinstance(d, dict) and d.get("resampling") == "crossed":
+        return "crossed bootstrap over system prompts and user prompts"
+    return "bootstrap over user prompts"
+
+
+def _causal_n(res: Results, name: str) -> str:
+    d = _causal(res, name)
+    if not isinstance(d, dict):
+        return "n unknown"
+    parts = []
+    if isinstance(d.get("n_systems"), int) and isinstance(d.get("n_users"), int):
+        parts.append(f"{d['n_systems']} system prompts × {d['n_users']} user prompts")
+    if isinstance(d.get("n_pairs"), int):
+        parts.append(f"({d['n_pairs']} pairs)" if parts else f"{d['n_pairs']} pairs")
+    return "n = " + " ".join(parts) if parts else "n unknown"
+
+
 def _systems_order(values: pd.Series) -> list[str]:
     """System prompts sorted by `values` (descending), for heatmaps that read top-down."""
     return list(values.sort_values(ascending=False).index.astype(str))
@@ -144,7 +211,7 @@ def _layer_profile(res: Results) -> tuple[pd.DataFrame, str]:
         lr = lr[lr["metric"].isin(["rel_change", "cosine_centered"])]
         if lr.empty:
             raise NotAvailable("`layer_ranking.parquet` has no rows for rel_change/cosine_centered at `last`")
-        return lr.copy(), "bootstrap 95% CI over user prompts (layer_ranking)"
+        return lr.copy(), f"95% CI, {_crossed(res)} (layer_ranking)"
     cc = res.table("component_change", ["component", "layer", "cosine_centered"], finite=["rel_change"])
     cc = at_position(cc, "last")
     rows = []
@@ -202,6 +269,7 @@ def fig_component_layer(res: Results) -> Figure:
     if fallback:
         _note(fig, "`layer_ranking.parquet` is missing: means and normal-approximation CIs were computed here "
                    "from `component_change.parquet`.")
+    _scope(fig, f"{_n(res)}; bands: {band}")
     return fig
 
 
@@ -255,6 +323,7 @@ def fig_component_system(res: Results) -> Figure:
     _annotated_heatmap(ax2, at, "at each component's most affected layer", "value / column maximum", True)
     ax2.set_ylabel("")
     ax1.set_ylabel("system prompt (sorted by " + comps[-1] + ")")
+    _scope(fig, f"{_n(res)}; each cell a mean over user prompts, no interval")
     return fig
 
 
@@ -300,6 +369,7 @@ def fig_system_layer(res: Results) -> Figure:
         ax.tick_params(axis="x", rotation=0)
         ax.grid(False)
     axes[0].set_ylabel("system prompt (by mean relative change)")
+    _scope(fig, f"{_n(res)}; each cell a mean over user prompts (the control row: over control pairs), no interval")
     return fig
 
 
@@ -425,6 +495,8 @@ def fig_length_impact(res: Results) -> Figure:
     if not res.has("length_tests"):
         _note(fig, "`length_tests.parquet` is missing: the Pearson r in the titles was computed here, without CI "
                    "or p-value.")
+    _scope(fig, f"{_n(res)}; one point per system prompt (its mean over user prompts); r's 95% CI and p: "
+                f"{_crossed(res)}; fit band: bootstrap over system prompts")
     return fig
 
 
@@ -466,6 +538,8 @@ def fig_length_output_attention(res: Results) -> Figure:
         ax.set_ylabel("top-1 change rate" if col == "top1_change_rate" else "attention mass (mean over layers, heads)")
         ax.set_ylim(bottom=0)
         ax.legend(loc="best", fontsize=8)
+    _scope(fig, f"{_n(res)}; one point per system prompt (its mean over user prompts); r's 95% CI and p: "
+                f"{_crossed(res)}")
     return fig
 
 
@@ -490,19 +564,27 @@ def fig_tag_impact(res: Results) -> Figure:
         sorted(t for t in set(ti["target"].astype(str)) if t not in ("impact", "kl"))
     first = ti[ti["target"] == targets[0]].set_index("tag")["diff"]
     order = list(first.sort_values().index) + sorted(set(ti["tag"]) - set(first.index))
+    simultaneous = {"ci_low_simultaneous", "ci_high_simultaneous"} <= set(ti.columns)
+    if simultaneous:
+        for c in ("ci_low_simultaneous", "ci_high_simultaneous"):
+            ti[c] = pd.to_numeric(ti[c], errors="coerce").fillna(ti["diff"])
+    by_system = {"n_systems_with", "n_systems_without"} <= set(ti.columns)
     fig = _fig(4.6 * len(targets) + 1.5, max(3.0, 1.4 + 0.32 * len(order)))
     axes = fig.subplots(1, len(targets), squeeze=False, sharey=True)[0]
     ypos = {t: i for i, t in enumerate(order)}
     for ax, target in zip(axes, targets):
         d = ti[ti["target"] == target]
         y = d["tag"].map(ypos).to_numpy()
-        sig = ((d["ci_low"] > 0) | (d["ci_high"] < 0)).to_numpy()
+        # the interval the findings use: corrected for the number of tags of its kind when there is one
+        lo, hi = ("ci_low_simultaneous", "ci_high_simultaneous") if simultaneous else ("ci_low", "ci_high")
+        sig = ((d[lo] > 0) | (d[hi] < 0)).to_numpy()
+        what = "simultaneous 95% CI (Bonferroni)" if simultaneous else "95% CI"
         for s, col in ((True, HIGHLIGHT), (False, MUTED)):
             m = sig == s
             ax.errorbar(d["diff"].to_numpy()[m], y[m],
-                        xerr=[(d["diff"] - d["ci_low"]).to_numpy()[m], (d["ci_high"] - d["diff"]).to_numpy()[m]],
+                        xerr=[(d["diff"] - d[lo]).to_numpy()[m], (d[hi] - d["diff"]).to_numpy()[m]],
                         fmt="o", color=col, ecolor=col, capsize=3, markersize=6,
-                        label="95% CI excludes 0" if s else "95% CI includes 0")
+                        label=f"{what} excludes 0" if s else f"{what} includes 0")
         ax.axvline(0, color=NEUTRAL, linewidth=1)
         ax.set_title(f"{target}: with tag − without tag")
         ax.set_xlabel(f"difference in mean {target}")
@@ -510,13 +592,17 @@ def fig_tag_impact(res: Results) -> Figure:
     labels = []
     for t in order:
         r = ti[(ti["tag"] == t) & (ti["target"] == targets[0])]
-        if {"n_with", "n_without"} <= set(ti.columns) and len(r):
-            labels.append(f"{short(t, 24)}  ({int(r['n_with'].iloc[0])} vs {int(r['n_without'].iloc[0])})")
+        cols = ("n_systems_with", "n_systems_without") if by_system else ("n_with", "n_without")
+        if set(cols) <= set(ti.columns) and len(r):
+            labels.append(f"{short(t, 24)}  ({int(r[cols[0]].iloc[0])} vs {int(r[cols[1]].iloc[0])})")
         else:
             labels.append(short(t, 24))
     axes[0].set_yticks(range(len(order)), labels)
-    axes[0].set_ylabel("tag or keyword  (n pairs with vs without)")
+    axes[0].set_ylabel(f"tag or keyword  (n {'system prompts' if by_system else 'pairs'} with vs without)")
     axes[0].set_ylim(-0.7, len(order) - 0.3)
+    _scope(fig, f"{_n(res)}; bars: "
+                + ("simultaneous 95% CI over the tags (or keywords) tested (Bonferroni), " if simultaneous
+                   else "95% CI, ") + _crossed(res))
     return fig
 
 
@@ -586,6 +672,8 @@ def fig_attention_regions(res: Results) -> Figure:
                Line2D([], [], color=MUTED, linestyle=":", label="uniform attention over visible keys (variants)"),
                Patch(color=NEUTRAL, alpha=0.2, label="mean ± 1.96 SE across user prompts")]
     fig.legend(handles=handles, loc="outside upper center", ncols=4)
+    _scope(fig, f"{_n(res)}, and the baselines; bands: mean ± 1.96 SE across user prompts (normal approximation, "
+                "user prompts as the unit)")
     return fig
 
 
@@ -621,6 +709,7 @@ def fig_attention_system_heatmap(res: Results) -> Figure:
     ax.tick_params(axis="y", rotation=0)
     ax.tick_params(axis="x", rotation=0)
     ax.grid(False)
+    _scope(fig, f"{_n(res)}; each cell a mean over user prompts and heads, no interval")
     return fig
 
 
@@ -655,6 +744,7 @@ def fig_attention_entropy(res: Results) -> Figure:
     ax.set_ylim(-0.7, len(m) - 0.3)
     ax.set_xlabel(f"attention entropy, {source}, mean over layers and heads (nats)")
     ax.legend(loc="lower right")
+    _scope(fig, f"{_n(res)}; error bars: ± 1.96 SE across user prompts (normal approximation)")
     return fig
 
 
@@ -689,6 +779,7 @@ def fig_lens(res: Results) -> Figure:
             ax.axvline(shift, color=HIGHLIGHT, linestyle="--", linewidth=1.5,
                        label=f"output shift appears (layer {int(shift)})")
         ax.legend(loc="best")
+    _scope(fig, f"{_n(res)}; bands: ± 1.96 SE across user prompts (normal approximation)")
     return fig
 
 
@@ -772,6 +863,13 @@ def fig_internal_output(res: Results) -> Figure:
     if not from_table:
         _note(fig, "`internal_vs_output.parquet` is missing (or has no rel_change × kl rows): r per layer was "
                    "computed here from `component_change` and `output_change`, without CI.")
+    scope = f"{_n(res)}; top bands: 95% CI, {_crossed(res)}"
+    if strongest.get("selection") == "split" and isinstance(strongest.get("n_pairs"), int):
+        scope += (f"; ★ chosen on one half of the user prompts, its r measured on the other half "
+                  f"({strongest['n_pairs']} pairs)")
+    scope += ("; bottom panels without ★: each component's layer of largest |r| on all pairs, chosen and shown "
+              "on the same pairs (optimistic)")
+    _scope(fig, scope)
     return fig
 
 
@@ -837,6 +935,7 @@ def fig_position(res: Results) -> Figure:
     ax2.tick_params(axis="y", rotation=0)
     ax2.tick_params(axis="x", rotation=0)
     ax2.grid(False)
+    _scope(fig, f"{_n(res)} (fewer at token indices only longer suffixes reach); bands: 95% CI, {_crossed(res)}")
     return fig
 
 
@@ -961,13 +1060,14 @@ def fig_causal_patching(res: Results) -> Figure:
         axes[1].set_ylabel("recovered log-prob of the variant's top-1 token")
         axes[1].set_title("variant's top-1 token log-prob recovered")
     handles.append(Line2D([], [], color=MUTED, linestyle="-.", label=f"onset threshold ({_f(thr)})"))
-    handles.append(Patch(color=NEUTRAL, alpha=0.2, label="95% bootstrap CI over user prompts"))
+    handles.append(Patch(color=NEUTRAL, alpha=0.2, label=f"95% CI, {_causal_unit(res, 'patching')}"))
     fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 3), fontsize=8.5)
     for mode in undefined:
         _note(fig, f"Mode `{mode}` never reaches the onset threshold ({_f(thr)}) before the final residual: "
                    "its onset is undefined in summary.json.")
     if _causal(res, "patching") is None:
         _note(fig, "summary.json has no `causal.patching` section: onsets are not marked.")
+    _scope(fig, f"{_causal_n(res, 'patching')}; bands and onset CI: 95%, {_causal_unit(res, 'patching')}")
     return fig
 
 
@@ -1014,6 +1114,7 @@ def fig_causal_knockout(res: Results) -> Figure:
         _note(fig, "summary.json has no `causal.knockout.stops_mattering`: the layer is not marked.")
     elif not _finite_num(site):
         _note(fig, "The effect left never stays below the threshold: `stops_mattering` is undefined.")
+    _scope(fig, f"{_causal_n(res, 'knockout')}; bands and layer CI: 95%, {_causal_unit(res, 'knockout')}")
     return fig
 
 
@@ -1158,6 +1259,11 @@ def fig_causal_phrases(res: Results) -> Figure:
     if n_split > len(chosen):
         _note(fig, f"{len(chosen)} of the {n_split} system prompts split into more than one phrase are shown (those "
                    "with the most phrases); every phrase is in `causal_phrase_rank`.")
+    n_users = int(res.table("causal_phrases")["user_id"].nunique()) if res.has("causal_phrases") and \
+        "user_id" in res.table("causal_phrases").columns else None
+    _scope(fig, f"n = {n_split} system prompts split into phrases"
+                + (f" × {n_users} user prompts" if n_users is not None else "")
+                + "; CIs: 95%, bootstrap over user prompts (each phrase within its own system prompt)")
     return fig
 
 
@@ -1200,6 +1306,7 @@ def fig_causal_steering(res: Results) -> Figure:
         axn.set_title("steering vector norm by site, one line per system prompt")
         _site_axis(axn, norms["site"])
         axn.legend(loc="upper left", fontsize=7.5, ncols=2 if len(systems) > 4 else 1)
+    _scope(fig, f"{_causal_n(res, 'steering')}; bands: 95%, {_causal_unit(res, 'steering')}")
     return fig
 
 
@@ -1264,6 +1371,9 @@ def fig_multiturn(res: Results) -> Figure:
     rule = _causal(res, "multiturn", "rule")
     if isinstance(rule, str) and rule:
         _note(fig, f"Rule: {rule}")
+    n_conv, n_turns = _causal(res, "multiturn", "n_conversations"), _causal(res, "multiturn", "n_turns")
+    _scope(fig, (f"n = {n_conv} conversations × {n_turns} turns per condition" if _finite_num(n_conv)
+                 and _finite_num(n_turns) else "n unknown") + "; bands: 95% CI, bootstrap over conversations")
     return fig
 
 
@@ -1316,9 +1426,10 @@ FIGURES: tuple[FigureSpec, ...] = (
         "fig-tag-impact", "Which kinds of system prompt matter (tags and keyword features)",
         "For each declared tag (tag) and each keyword feature found in the texts (keyword: persona, format, "
         "thinking, constraint, brevity; docs/RESULTS.md lists the patterns): mean over pairs whose system prompt "
-        "has it minus mean over those without, with a 95% bootstrap CI over user prompts. Sorted by the left "
-        "panel. Red: the CI excludes zero; grey: it does not. The numbers beside a name count the pairs with and "
-        "without it.",
+        "has it minus mean over those without, with its bootstrap interval: the simultaneous 95% interval over the "
+        "tags (or keywords) tested, Bonferroni-corrected, when the metrics stage gives it, which is what the "
+        "findings use. Sorted by the left panel. Red: the interval excludes zero; grey: it does not. The numbers "
+        "beside a name count the system prompts with and without it (pairs, for results of earlier versions).",
         fig_tag_impact),
     FigureSpec(
         "fig-attention-regions", "Where the last token looks: attention to each region by layer",
@@ -1353,8 +1464,10 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
         "fig-internal-output", "Does internal change predict output change?",
         "Top: correlation across pairs between a component's relative change at the last token and the "
-        "next-token KL, per layer. Bottom: one point per pair at each component's best layer (★: the strongest "
-        "pair named in summary.json), with a least-squares line; r is computed from the points shown.",
+        "next-token KL, per layer. Bottom: one point per pair at each component's layer of largest |r|, with a "
+        "least-squares line; r is computed from the points shown. ★ marks the layer and component summary.json "
+        "names: chosen on one half of the user prompts, with its r and interval measured on the other half; the "
+        "other panels pick their layer on the same pairs they show, so their r is optimistic.",
         fig_internal_output),
     FigureSpec(
         "fig-position", "Which tokens change: change along the aligned user tokens",
@@ -1368,7 +1481,8 @@ FIGURES: tuple[FigureSpec, ...] = (
         "The baseline run (no system prompt) is re-run with its residual stream replaced by the variant's at one site; "
         "site l < L is the input of layer l and site L the final residual. The curve is the share of the output change "
         "this recovers, 1 − ΣKL(variant ‖ patched) / ΣKL(variant ‖ baseline) over pairs (0: nothing, 1: the variant's "
-        "next-token distribution), with a 95% bootstrap CI over user prompts; the right panel is the same for the "
+        "next-token distribution), with a 95% bootstrap CI (its resampling unit heads this caption); the right panel "
+        "is the same for the "
         "log-probability of the variant's top-1 token. One line per mode: `suffix` patches every aligned position after"
         " the system prompt, `last` only the last prompt token. The dashed line and shaded span mark the onset (first "
         "site reaching the threshold, dash-dotted) and its bootstrap CI. A `suffix` curve high early means the effect "
@@ -1379,7 +1493,7 @@ FIGURES: tuple[FigureSpec, ...] = (
         "fig-causal-knockout", "Until which layer the model reads the system prompt: attention knockout",
         "The variant is re-run with attention from later tokens to the system-prompt tokens blocked in every layer "
         "≥ start (start = L: no knockout). Left: effect left, the KL between the variant and the knocked-out run "
-        "relative to knocking out from layer 0, with a 95% bootstrap CI over user prompts; the red dashed line and "
+        "relative to knocking out from layer 0, with a 95% bootstrap CI; the red dashed line and "
         "span mark the layer from which it stays below the threshold (the system prompt stops mattering through "
         "attention) and its CI. Right: the mean KL(variant ‖ knocked-out) on a log scale, against the mean "
         "KL(variant ‖ baseline) (dashed): a full knockout that lands near the dashed line removes the system "
@@ -1400,8 +1514,8 @@ FIGURES: tuple[FigureSpec, ...] = (
         "For each system prompt and site the steering vector is the mean last-token residual difference "
         "(variant − baseline) over the other user prompts (leave one out); it is added to the baseline's last "
         "token at one site (site l < L: input of layer l; site L: final residual). Left: the share of the output "
-        "change recovered, 1 − ΣKL(variant ‖ steered) / ΣKL(variant ‖ baseline), with a 95% bootstrap CI over "
-        "user prompts (dashed: the same for the top-1 log-probability); the star marks the best site before the "
+        "change recovered, 1 − ΣKL(variant ‖ steered) / ΣKL(variant ‖ baseline), with a 95% bootstrap CI "
+        "(dashed: the same for the top-1 log-probability); the star marks the best site before the "
         "final residual, where steering edits the output directly. Right: the vector's norm by site, one thin "
         "line per system prompt, and their mean.",
         fig_causal_steering),

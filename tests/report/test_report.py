@@ -51,6 +51,28 @@ def test_every_figure_is_embedded_and_written(built_report, fake_results):
     assert '<section id="findings">' in html and '<section id="provenance">' in html
 
 
+SCOPE = re.compile(r'<figcaption><span class="scope">(.*?)</span>')
+UNITS = ("crossed bootstrap over system prompts and user prompts", "bootstrap over user prompts",
+         "bootstrap over conversations", "SE across user prompts", "no interval")
+
+
+def test_every_figure_states_its_n_and_resampling_unit(built_report, fake_results):
+    """Each caption opens with the figure's sample size and the unit its intervals resample."""
+    html = built_report.read_text(encoding="utf-8")
+    summary = json.loads((fake_results / "summary.json").read_text())
+    design = f"n = {summary['sample']['n_systems']} system prompts × {summary['sample']['n_users']} user prompts"
+    for fid in FIGURE_IDS:
+        m = SCOPE.search(_figure_block(html, fid))
+        assert m, fid
+        scope = m.group(1)
+        assert scope.startswith("n = ") and any(u in scope for u in UNITS), (fid, scope)
+        if not fid.startswith(("fig-causal", "fig-multiturn")):
+            assert scope.startswith(design), (fid, scope)
+    block = _figure_block(html, "fig-component-layer")
+    assert "crossed bootstrap over system prompts and user prompts" in SCOPE.search(block).group(1)
+    assert "bootstrap over conversations" in SCOPE.search(_figure_block(html, "fig-multiturn")).group(1)
+
+
 def test_report_is_self_contained(built_report):
     html = built_report.read_text(encoding="utf-8")
     # nothing that a browser would fetch: every src is a data URI, every href an anchor
@@ -69,7 +91,7 @@ def test_provenance_and_findings_in_html(built_report, fake_results):
                   prov["plan_hash"]):
         assert value in html
     assert "baseline carries a default system prompt" in html and "yes: the template injects" in html
-    assert "1000 resamples over user prompts, seed 0" in html
+    assert "1000 resamples over system prompts and user prompts (crossed), seed 0" in html
     layer = summary["most_affected_layer"]["resid_post"]["layer"]
     assert f"<code>resid_post</code> changes most at layer {layer}:" in html
 
