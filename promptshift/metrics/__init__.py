@@ -381,7 +381,9 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
             "plan_hash": store.attrs.get("plan_hash"),
             "plan_meta": plan.meta,
             "store_path": cfg.store,
-            "metrics": {"n_boot": n_boot, "seed": seed, "impact_component": ctx.impact_component, "recent_k": recent_k,
+            "metrics": {"n_boot": n_boot, "seed": seed,
+                        "resampling": "crossed" if ctx.ws is not None else "user prompts",
+                        "impact_component": ctx.impact_component, "recent_k": recent_k,
                         "versions": _versions()},
         }
         _finish(out, tables, summ, prov)

@@ -230,14 +230,17 @@ def length_tables(imp: pd.DataFrame, ctx: Context) -> tuple[pd.DataFrame, pd.Dat
     bootstrap CIs and p-values from the same resamples. A family's resamples draw its own
     members (seeded from the run's seed and the family's position)."""
     sy = ctx.systems
-    cells = {t: cell_sums(imp, t, ctx) for t in LENGTH_TARGETS}
+    targets = [t for t in LENGTH_TARGETS if t in imp.columns]  # a caller may bring fewer per-pair columns
+    cells = {t: cell_sums(imp, t, ctx) for t in targets}
     with np.errstate(invalid="ignore", divide="ignore"):
         means = {t: s.sum(1) / c.sum(1) for t, (s, c) in cells.items()}
+    nan = np.full(len(sy), np.nan)
+    means = {t: means.get(t, nan) for t in LENGTH_TARGETS}
     kw = [c for c in sy.columns if c.startswith("kw_") and c != "kw_list"]
     li = pd.DataFrame({
         "system": sy["name"].to_numpy(),
         "n_system_tokens": sy["n_system_tokens"].to_numpy(np.int64),
-        "n_words": sy["n_words"].to_numpy(np.int64),
+        "n_words": sy["n_words"].to_numpy(np.int64) if "n_words" in sy.columns else nan,
         "family": sy["family"].to_numpy(),
         "level": sy["level"].to_numpy(),
         "tags": sy["tags"].to_numpy(),
@@ -246,7 +249,7 @@ def length_tables(imp: pd.DataFrame, ctx: Context) -> tuple[pd.DataFrame, pd.Dat
         "kl": means["kl"],
         "top1_change_rate": means["top1_changed"],
         "attn_system": means["attn_system"],
-        "attn_system_uniform": sy["system_uniform"].to_numpy(np.float64),
+        "attn_system_uniform": sy["system_uniform"].to_numpy(np.float64) if "system_uniform" in sy.columns else nan,
         "n_pairs": imp.groupby("system").size().reindex(sy["name"]).fillna(0).to_numpy(np.int64),
     })
     x = sy["n_system_tokens"].to_numpy(np.float64)
@@ -262,7 +265,7 @@ def length_tables(imp: pd.DataFrame, ctx: Context) -> tuple[pd.DataFrame, pd.Dat
             groups.append((f, m, wfull))
     rows = []
     for family, m, ws in groups:
-        for target in LENGTH_TARGETS:
+        for target in targets:
             sums, counts = cells[target]
             res = across_corr(x[m], sums[m], counts[m], ws[:, m], ctx.w)
             for method in ("pearson", "spearman"):

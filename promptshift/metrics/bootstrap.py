@@ -43,6 +43,7 @@ How to call it (shapes: S system prompts, U user prompts, B resamples)::
     res = across_corr(x, sums, counts, ws, wu)               # across system prompts: x (S,), sums (S, U)
     diff, boot = group_diff(sums, counts, member, ws, wu)    # system prompts with vs without a property
     mean, boot = mean_ci(sums_su, counts_su, wu)             # one system prompt: user prompts resampled
+    totals = crossed_sums(sums, ws, wu)                      # (M, B) resampled totals, for ratios of sums
 """
 
 from __future__ import annotations
@@ -181,26 +182,32 @@ def mean_ci(sums: np.ndarray, counts: np.ndarray, w: np.ndarray):
     return mean, boot
 
 
+def crossed_sums(sums: np.ndarray, ws: np.ndarray, wu: np.ndarray) -> np.ndarray:
+    """Resampled totals: sums (M, S, U) per statistic and cell -> (M, B), resample b's total
+    ``sum_su ws[b, s] wu[b, u] sums[m, s, u]``. Works in chunks of rows, so memory stays
+    bounded for thousands of rows (layers × tokens)."""
+    sums = np.asarray(sums, np.float64)
+    M, S, U = sums.shape
+    B = len(wu)
+    out = np.empty((M, B))
+    step = max(1, _CHUNK // max(1, S * B))
+    for i in range(0, M, step):
+        m = min(step, M - i)
+        t = (sums[i : i + m].reshape(m * S, U) @ wu.T).reshape(m, S, B)  # (m, S, B) user-weighted
+        out[i : i + m] = np.einsum("msb,bs->mb", t, ws)
+    return out
+
+
 def crossed_mean(sums: np.ndarray, counts: np.ndarray, ws: np.ndarray, wu: np.ndarray):
     """Mean over pairs and its pigeonhole resamples: sums, counts (M, S, U) per statistic,
     system prompt and user prompt -> mean (M,), boot (M, B). A resample's mean is
     ``sum_su ws[s] wu[u] sums[m, s, u] / sum_su ws[s] wu[u] counts[m, s, u]``; NaN where the
-    resample holds no pair of row m. Works in chunks of rows, so memory stays bounded for
-    thousands of rows (layers × tokens)."""
+    resample holds no pair of row m."""
     sums = np.asarray(sums, np.float64)
     counts = np.asarray(counts, np.float64)
-    M, S, U = sums.shape
-    B = len(wu)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = sums.sum((1, 2)) / counts.sum((1, 2))
-    boot = np.empty((M, B))
-    step = max(1, _CHUNK // max(1, S * B))
-    for i in range(0, M, step):
-        m = min(step, M - i)
-        ts = (sums[i : i + m].reshape(m * S, U) @ wu.T).reshape(m, S, B)  # (m, S, B) user-weighted
-        tc = (counts[i : i + m].reshape(m * S, U) @ wu.T).reshape(m, S, B)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            boot[i : i + m] = np.einsum("msb,bs->mb", ts, ws) / np.einsum("msb,bs->mb", tc, ws)
+        boot = crossed_sums(sums, ws, wu) / crossed_sums(counts, ws, wu)
     return mean, boot
 
 
@@ -412,7 +419,7 @@ def excludes(ci, null: float = 0.0) -> bool:
     return bool(np.isfinite(lo) and np.isfinite(hi) and (lo > null or hi < null))
 
 
-__all__ = ["CI", "LEVEL", "SMALL", "across_corr", "boot_p", "corr_ci", "corr_r", "crossed_mean", "crossed_mean_long",
+__all__ = ["CI", "LEVEL", "SMALL", "across_corr", "boot_p", "corr_ci", "corr_r", "crossed_mean", "crossed_mean_long", "crossed_sums",
            "crossed_weights",
            "estimate_weights", "excludes", "group_diff", "mean_ci", "pair_weights", "percentile_ci", "split_users",
            "user_weights", "weighted_pearson", "weighted_ranks", "weighted_ranks_rows"]

@@ -4,9 +4,18 @@ Raw measurements come from the store (``causal_<analysis>_*``); this module only
 fractions, curves, onsets and their intervals. Curves are ratios of sums over pairs
 (e.g. recovered = 1 - sum KL(v || patched) / sum KL(v || b)), so pairs where the system
 prompt changed the output a lot weigh more than pairs where it barely did, and a pair
-with a near-zero denominator cannot blow a mean up. Intervals are percentile bootstraps
-over user prompts (over conversations for multi-turn), with resamples drawn from the run's
-seed; an onset's interval is the spread of the onset of each resampled curve.
+with a near-zero denominator cannot blow a mean up.
+
+Intervals of the curves over pairs (patching, knockout, steering) are crossed (pigeonhole)
+bootstraps over system prompts and user prompts (:mod:`promptshift.metrics.bootstrap`):
+a resample sums the cells of the drawn system prompts × drawn user prompts. An onset (the
+first site reaching a threshold) and the knockout's "stops mattering" layer are found
+again in every resample, so their interval is the spread of the re-chosen site: it
+accounts for the choice. The steering vector's best site is a maximum over sites: it is
+chosen on one half of the user prompts (the split of :func:`bootstrap.split_users`) and
+its recovered share and interval are measured on the other half. Phrase ablation holds
+each system prompt fixed, so its intervals resample user prompts only; multi-turn
+intervals resample conversations. All resamples are drawn from the run's seed.
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from promptshift.metrics.bootstrap import percentile_ci, user_weights
+from promptshift.metrics.bootstrap import (
+    crossed_sums, crossed_weights, estimate_weights, percentile_ci, split_users, user_weights,
+)
 
 RECOVER_AT = 0.5  # patching onset: first site whose curve recovers half of the output change
 KNOCKOUT_LEFT = 0.1  # knockout: the effect left below this fraction from here on
@@ -73,12 +84,50 @@ def _scope_weights(users: list[str], n_boot: int, seed: int) -> np.ndarray:
     return user_weights(len(users), n_boot, seed)
 
 
+class _Cells:
+    """Per-(system prompt, user prompt) sums of a curve's numerator and denominator, and the
+    crossed resamples, the split of the user prompts and the measured half's resamples."""
+
+    def __init__(self, base: pd.DataFrame, pairs: pd.DataFrame, users: list[str], n_boot: int, seed: int):
+        systems = [s for s in dict.fromkeys(pairs["system"]) if s in set(base["system"])]
+        self.systems, self.users = systems, users
+        self.s = pd.Index(systems).get_indexer(base["system"])
+        self.u = pd.Index(users).get_indexer(base["user_id"])
+        self.ws, self.wu = crossed_weights(len(systems), len(users), n_boot, seed)
+        cat = base.drop_duplicates("user_id").set_index("user_id")["category"].reindex(users)
+        self.select = split_users(len(users), seed, cat.fillna("").to_numpy())
+        self.split = bool((~self.select).any())
+        self.w_est = estimate_weights(self.select, n_boot, seed) if self.split else self.wu
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """values (n, M) per pair -> (M, S, U) cell sums (NaN counted as 0)."""
+        out = np.zeros((values.shape[1], len(self.systems), len(self.users)))
+        np.add.at(out.transpose(1, 2, 0), (self.s, self.u), np.nan_to_num(values.astype(np.float64)))
+        return out
+
+    def ratio(self, num: np.ndarray, den: np.ndarray, half: str | None = None):
+        """Ratio of sums over the cells (num, den (M, S, U)) and its crossed resamples ->
+        est (M,), boot (M, B); ``half`` = "select" or "estimate" restricts to that half of
+        the user prompts (the estimate half with its own resamples)."""
+        wu = self.wu
+        if half is not None and self.split:
+            keep = self.select if half == "select" else ~self.select
+            num, den = num * keep, den * keep
+            wu = self.w_est if half == "estimate" else wu
+        with np.errstate(invalid="ignore", divide="ignore"):
+            est = num.sum((1, 2)) / den.sum((1, 2))
+            boot = crossed_sums(num, self.ws, wu) / crossed_sums(den, self.ws, wu)
+        return est, boot
+
+    def summary(self) -> dict:
+        return {"resampling": "crossed", "n_systems": len(self.systems), "n_users": len(self.users)}
+
+
 def _curve_tables(kind: str, arrays, meta, pairs, n_boot, seed, axes: dict[str, list]):
     """Per-pair long table and the curve table for patching / knockout / steering."""
     base = _pairs_frame(arrays, pairs)
     users = list(meta["users"])
-    u = pd.Index(users).get_indexer(base["user_id"])
-    w = _scope_weights(users, n_boot, seed)
+    cells = _Cells(base, pairs, users, n_boot, seed)
     kl, lp = arrays["kl"].astype(np.float64), arrays["lp"].astype(np.float64)
     n = len(base)
     names = list(axes)
@@ -100,13 +149,12 @@ def _curve_tables(kind: str, arrays, meta, pairs, n_boot, seed, axes: dict[str, 
             d["recovered_lp"] = np.where(np.abs(den_lp) > 1e-6, (lp2[:, j] - base["lp_b"]) / den_lp, np.nan)
         rows.append(d)
     long = pd.concat(rows, ignore_index=True)
-    # curves: ratios of per-user sums
-    kl_u = _per_unit(kl2, u, len(users))  # (U, M)
-    klvb_u = _per_unit(den_kl[:, None].repeat(kl2.shape[1], 1), u, len(users))
-    lpn_u = _per_unit(lp2 - base["lp_b"].to_numpy()[:, None], u, len(users))
-    lpd_u = _per_unit(den_lp[:, None].repeat(kl2.shape[1], 1), u, len(users))
-    frac, frac_b = _ratio(kl_u, klvb_u, w)  # sum KL(v||x) / sum KL(v||b)
-    lp_est, lp_boot = _ratio(lpn_u, lpd_u, w)
+    # curves: ratios of sums over (system prompt, user prompt) cells, crossed resamples
+    kl_c = cells.sums(kl2)  # (M, S, U)
+    klvb_c = cells.sums(den_kl[:, None].repeat(kl2.shape[1], 1))
+    frac, frac_b = cells.ratio(kl_c, klvb_c)  # sum KL(v||x) / sum KL(v||b)
+    lp_est, lp_boot = cells.ratio(cells.sums(lp2 - base["lp_b"].to_numpy()[:, None]),
+                                  cells.sums(den_lp[:, None].repeat(kl2.shape[1], 1)))
     curve = pd.DataFrame({name: [axes[name][i] for i in idx] for name, idx in zip(names, flat)})
     curve["kl_mean"] = kl2.mean(0)
     curve["kl_ratio"] = frac
@@ -118,14 +166,16 @@ def _curve_tables(kind: str, arrays, meta, pairs, n_boot, seed, axes: dict[str, 
     lo, hi = percentile_ci(lp_boot)
     curve["recovered_lp_ci_low"], curve["recovered_lp_ci_high"] = lo, hi
     curve["n_pairs"] = n
-    return long, curve, frac, frac_b
+    cells.kl, cells.klvb = kl_c, klvb_c
+    return long, curve, frac, frac_b, cells
 
 
 def patching_tables(arrays, meta, pairs, n_boot: int, seed: int):
     L1 = int(meta["n_sites"])
-    long, curve, frac, frac_b = _curve_tables("patching", arrays, meta, pairs, n_boot, seed,
-                                              {"mode": list(meta["modes"]), "site": list(range(L1))})
-    summ = {"n_pairs": int(len(arrays["pair"])), "n_layers": L1 - 1, "threshold": RECOVER_AT, "modes": {}}
+    long, curve, frac, frac_b, cells = _curve_tables("patching", arrays, meta, pairs, n_boot, seed,
+                                                     {"mode": list(meta["modes"]), "site": list(range(L1))})
+    summ = {"n_pairs": int(len(arrays["pair"])), **cells.summary(), "n_layers": L1 - 1, "threshold": RECOVER_AT,
+            "modes": {}}
     for m, mode in enumerate(meta["modes"]):
         sl = slice(m * L1, (m + 1) * L1)
         rec, rec_b = 1.0 - frac[sl], 1.0 - frac_b[sl].T  # (L1,), (B, L1)
@@ -140,8 +190,8 @@ def patching_tables(arrays, meta, pairs, n_boot: int, seed: int):
 
 def knockout_tables(arrays, meta, pairs, n_boot: int, seed: int):
     L1 = int(meta["n_starts"])
-    long, curve, frac, frac_b = _curve_tables("knockout", arrays, meta, pairs, n_boot, seed,
-                                              {"start": list(range(L1))})
+    long, curve, frac, frac_b, cells = _curve_tables("knockout", arrays, meta, pairs, n_boot, seed,
+                                                     {"start": list(range(L1))})
     # effect left after knocking out from layer l on, relative to knocking out from layer 0
     with np.errstate(invalid="ignore", divide="ignore"):
         left = frac / frac[0]
@@ -151,7 +201,7 @@ def knockout_tables(arrays, meta, pairs, n_boot: int, seed: int):
     stop = _stays_below(left[None], KNOCKOUT_LEFT)[0]
     base = _pairs_frame(arrays, pairs)
     summ = {
-        "n_pairs": int(len(base)), "n_layers": L1 - 1, "threshold": KNOCKOUT_LEFT,
+        "n_pairs": int(len(base)), **cells.summary(), "n_layers": L1 - 1, "threshold": KNOCKOUT_LEFT,
         "stops_mattering": _onset_ci(stop, _stays_below(left_b, KNOCKOUT_LEFT)),
         "full_knockout_kl_ratio": _num(frac[0]),  # sum KL(v || knockout from 0) / sum KL(v || b)
         "full_knockout_vs_baseline": _num(np.sum(arrays["kl_ko0_b"]) / max(1e-12, float(np.sum(arrays["kl_vb"])))),
@@ -161,18 +211,24 @@ def knockout_tables(arrays, meta, pairs, n_boot: int, seed: int):
 
 def steering_tables(arrays, meta, pairs, n_boot: int, seed: int):
     L1 = int(meta["n_sites"])
-    long, curve, frac, frac_b = _curve_tables("steering", arrays, meta, pairs, n_boot, seed,
-                                              {"site": list(range(L1))})
+    long, curve, frac, frac_b, cells = _curve_tables("steering", arrays, meta, pairs, n_boot, seed,
+                                                     {"site": list(range(L1))})
     norms = pd.DataFrame([{"system": s, "site": j, "norm": float(arrays["norm"][i, j])}
                           for i, s in enumerate(meta["systems"]) for j in range(L1)])
-    rec = 1.0 - frac
-    inner = rec[:-1]  # the last site is the final residual: steering there edits the output directly
+    # the best site is a maximum over sites: chosen on the selection half of the user prompts,
+    # measured on the other half (the last site is the final residual, where steering edits
+    # the output directly, so it is not a candidate)
+    sel_frac, _ = cells.ratio(cells.kl, cells.klvb, "select")
+    inner = 1.0 - sel_frac[:-1]
     best = int(np.nanargmax(inner)) if np.isfinite(inner).any() else None
-    summ = {"n_pairs": int(len(arrays["pair"])), "n_layers": L1 - 1}
+    summ = {"n_pairs": int(len(arrays["pair"])), **cells.summary(), "n_layers": L1 - 1}
     if best is not None:
-        row = curve.iloc[best]
-        summ["best"] = {"site": best, "recovered": _num(rec[best]),
-                        "ci": [_num(row["recovered_kl_ci_low"]), _num(row["recovered_kl_ci_high"])]}
+        est, boot = cells.ratio(cells.kl, cells.klvb, "estimate")
+        lo, hi = percentile_ci(1.0 - boot[best])
+        summ["best"] = {"site": best, "recovered": _num(1.0 - est[best]), "ci": [_num(lo), _num(hi)],
+                        "recovered_select": _num(inner[best]), "selection": "split" if cells.split else "same",
+                        "n_users_estimate": int((~cells.select).sum()) if cells.split else len(cells.users)}
+        rec = 1.0 - frac
         summ["final_site"] = {"recovered": _num(rec[-1]), "ci": [_num(curve.iloc[-1]["recovered_kl_ci_low"]),
                                                                  _num(curve.iloc[-1]["recovered_kl_ci_high"])]}
     return {"causal_steering": long, "causal_steering_curve": curve, "causal_steering_norms": norms}, summ

@@ -390,6 +390,21 @@ def _value_ci(v, c) -> str:
     return f"{pct(v)} (CI undefined)"
 
 
+def _causal_sample(s: dict) -> list[str]:
+    """How the intervals of the causal curves were resampled, once for all of them."""
+    c = s.get("causal")
+    if not isinstance(c, dict):
+        return []
+    crossed = [d for k, d in c.items() if k in ("patching", "knockout", "steering") and isinstance(d, dict)
+               and d.get("resampling") == "crossed" and _num(d.get("n_systems")) and _num(d.get("n_users"))]
+    if not crossed:
+        return []
+    d = crossed[0]
+    return [f"The causal curves' intervals resample the {int(d['n_systems'])} system prompts and "
+            f"{int(d['n_users'])} user prompts of the causal analyses together; an onset is found again in every "
+            "resample, so its interval accounts for choosing it."]
+
+
 def _causal_patching(s: dict) -> list[str]:
     d = _causal(s, "patching")
     modes = d.get("modes")
@@ -454,10 +469,13 @@ def _causal_steering(s: dict) -> list[str]:
     best, final = d.get("best"), d.get("final_site")
     out = []
     if isinstance(best, dict) and _num(best.get("site")) and _num(best.get("recovered")):
+        split = best.get("selection") == "split"
+        how = "; chosen on one half of the user prompts" if split else ""
+        where = " on the other half" if split else ""
         text = (f"A steering vector (the mean variant − baseline residual difference of the other user prompts) "
                 f"added to the baseline's last token works best at site {layer(best['site'])} (site l = input of "
-                f"layer l; the final residual excluded), where it recovers "
-                f"{_value_ci(best['recovered'], best.get('ci'))} of the output change (1 − KL ratio)")
+                f"layer l; the final residual excluded{how}), where it recovers "
+                f"{_value_ci(best['recovered'], best.get('ci'))} of the output change (1 − KL ratio){where}")
         if isinstance(final, dict) and _num(final.get("recovered")):
             text += (f"; at the final residual, where it edits the output directly, "
                      f"{_value_ci(final['recovered'], final.get('ci'))}")
@@ -556,7 +574,7 @@ def _causal_multiturn(s: dict) -> list[str]:
     return out
 
 SECTIONS = (_overview, _sample, _layers, _above, _length, _tag, _attention, _internal_output, _output, _lens,
-            _causal_patching, _causal_knockout, _causal_steering, _causal_phrases, _causal_multiturn)
+            _causal_sample, _causal_patching, _causal_knockout, _causal_steering, _causal_phrases, _causal_multiturn)
 
 
 def findings(summary: dict) -> list[str]:

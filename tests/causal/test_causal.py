@@ -255,6 +255,47 @@ def test_curves_are_ratios_of_sums(full):
         assert st[st["site"] == site]["recovered_kl"].iloc[0] == pytest.approx(1 - g["kl"].sum() / g["kl_vb"].sum())
 
 
+def test_causal_intervals_resample_system_and_user_prompts(store, full):
+    """A curve's CI equals a loop over materialised pigeonhole resamples (drawn system prompts
+    × drawn user prompts, every drawn cell kept); the steering vector's best site is chosen
+    on the selection half of the user prompts and its recovered share measured on the other."""
+    from promptshift.metrics.bootstrap import crossed_weights, split_users
+    from promptshift.metrics.causal import causal_tables
+
+    _, meta = store.read_causal("steering")
+    users = list(meta["users"])
+    long = full["causal_steering"]
+    systems = [s for s in dict.fromkeys(store.plan.pairs["system"]) if s in set(long["system"])]
+    ws, wu = crossed_weights(len(systems), len(users), 300, 0)
+    curve = full["causal_steering_curve"]
+    site = int(curve["site"].max()) // 2
+    g = long[long["site"] == site]
+    boots = []
+    for b in range(300):
+        drawn = [(s, u) for i, s in enumerate(systems) for _ in range(int(ws[b, i]))
+                 for j, u in enumerate(users) for _ in range(int(wu[b, j]))]
+        rows = pd.concat([g[(g["system"] == s) & (g["user_id"] == u)] for s, u in drawn])
+        boots.append(1 - rows["kl"].sum() / rows["kl_vb"].sum())
+    row = curve[curve["site"] == site].iloc[0]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    assert row["recovered_kl_ci_low"] == pytest.approx(lo, abs=1e-9)
+    assert row["recovered_kl_ci_high"] == pytest.approx(hi, abs=1e-9)
+
+    summ = causal_tables(store, store.plan.pairs, 300, 0)[1]
+    st = summ["steering"]
+    assert st["resampling"] == "crossed" and st["n_systems"] == len(systems) and st["n_users"] == len(users)
+    cats = long.drop_duplicates("user_id").set_index("user_id")["category"].reindex(users).to_numpy()
+    sel = set(np.asarray(users)[split_users(len(users), 0, cats)])
+    assert 0 < len(sel) < len(users) and st["best"]["selection"] == "split"
+    half = long[long["user_id"].isin(sel)]
+    rec = {k: 1 - v["kl"].sum() / v["kl_vb"].sum() for k, v in half.groupby("site") if k < curve["site"].max()}
+    best = max(rec, key=rec.get)
+    assert st["best"]["site"] == best and st["best"]["recovered_select"] == pytest.approx(rec[best])
+    held = long[~long["user_id"].isin(sel) & (long["site"] == best)]
+    assert st["best"]["recovered"] == pytest.approx(1 - held["kl"].sum() / held["kl_vb"].sum())
+    assert summ["patching"]["resampling"] == summ["knockout"]["resampling"] == "crossed"
+
+
 def test_phrase_and_multiturn_tables(store, full, sweep):
     ph = full["causal_phrases"]
     rank = full["causal_phrase_rank"]

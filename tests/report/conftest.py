@@ -192,7 +192,9 @@ def _fake_causal(sys_df: pd.DataFrame, users: pd.DataFrame, pairs: pd.DataFrame,
     pc = pd.concat(curves, ignore_index=True)
     tables["causal_patching_curve"] = pc
     tables["causal_patching"] = _long_rows(pc, pairs, kl_vb, ["mode", "site"], rng)
-    summ["patching"] = {"n_pairs": n_pairs, "n_layers": L, "threshold": 0.5, "modes": modes, "seconds": 12.5}
+    crossed = {"resampling": "crossed", "n_systems": int(pairs["system"].nunique()),
+               "n_users": int(pairs["user_id"].nunique())}
+    summ["patching"] = {"n_pairs": n_pairs, **crossed, "n_layers": L, "threshold": 0.5, "modes": modes, "seconds": 12.5}
 
     # -- knockout ------------------------------------------------------------------------------
     left = np.exp(-sites / (0.22 * L))
@@ -207,7 +209,7 @@ def _fake_causal(sys_df: pd.DataFrame, users: pd.DataFrame, pairs: pd.DataFrame,
     tables["causal_knockout"] = _long_rows(kc, pairs, kl_vb, ["start"], rng)
     below = left <= 0.1
     stop = int(next(i for i in range(L + 1) if below[i:].all()))
-    summ["knockout"] = {"n_pairs": n_pairs, "n_layers": L, "threshold": 0.1,
+    summ["knockout"] = {"n_pairs": n_pairs, **crossed, "n_layers": L, "threshold": 0.1,
                         "stops_mattering": _onset(stop, float(stop - 1), float(min(stop + 1, L))),
                         "full_knockout_kl_ratio": full, "full_knockout_vs_baseline": 0.041, "seconds": 8.0}
 
@@ -221,10 +223,12 @@ def _fake_causal(sys_df: pd.DataFrame, users: pd.DataFrame, pairs: pd.DataFrame,
         [{"system": s, "site": j, "norm": 0.0 if j == 0 else float(e * (1 + 3 * j / L) * 2.5)}
          for s, e in zip(sys_df["system"], sys_df["effect"]) for j in sites])
     best = int(np.argmax(rec[:-1]))
-    summ["steering"] = {"n_pairs": n_pairs, "n_layers": L,
+    summ["steering"] = {"n_pairs": n_pairs, **crossed, "n_layers": L,
                         "best": {"site": best, "recovered": float(sc.loc[best, "recovered_kl"]),
                                  "ci": [float(sc.loc[best, "recovered_kl_ci_low"]),
-                                        float(sc.loc[best, "recovered_kl_ci_high"])]},
+                                        float(sc.loc[best, "recovered_kl_ci_high"])],
+                                 "recovered_select": float(rec[best]), "selection": "split",
+                                 "n_users_estimate": int(pairs["user_id"].nunique()) // 2},
                         "final_site": {"recovered": float(sc.loc[L, "recovered_kl"]),
                                        "ci": [float(sc.loc[L, "recovered_kl_ci_low"]),
                                               float(sc.loc[L, "recovered_kl_ci_high"])]},
@@ -613,9 +617,11 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
         "effects_above_control": bool(mal["resid_post"]["ci"][0] > floor["resid_post"]),
         "effects_note": "resid_post rel_change at the last token peaks above the control floor",
         "length": {"pearson_r": float(pe["r"]), "ci": [float(pe["ci_low"]), float(pe["ci_high"])],
-                   "p": float(pe["p"]), "n_systems": int(pe["n"]), "n_users": int(n_users), "spearman_r": float(sp["r"]),
+                   "p": float(pe["p"]), "n_systems": int(pe["n"]), "n_users": int(n_users),
+                   "spearman_r": float(sp["r"]),
                    "spearman_ci": [float(sp["ci_low"]), float(sp["ci_high"])], "spearman_p": float(sp["p"])},
-        "tags": {"target": "impact", "source": "tag", "n_tags": int(len(ti_imp)), "level": 1 - 0.05 / max(1, len(ti_imp)), "items": [
+        "tags": {"target": "impact", "source": "tag", "n_tags": int(len(ti_imp)),
+                 "level": 1 - 0.05 / max(1, len(ti_imp)), "items": [
             {"tag": str(r["tag"]), "diff": float(r["diff"]), "ci": [float(r["ci_low"]), float(r["ci_high"])],
              "ci_simultaneous": [float(r["ci_low_simultaneous"]), float(r["ci_high_simultaneous"])],
              "p": float(r["p"]), "p_adjusted": float(r["p_adjusted"]), "n_systems_with": int(r["n_systems_with"]),
@@ -662,7 +668,7 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
         "plan_meta": {"baseline": "no_system_turn", "baseline_carries_default": True,
                       "injected_system": store_provenance["injected_system"]},
         "store_path": "/runs/fake/store.zarr",
-        "metrics": {"n_boot": 1000, "seed": 0, "impact_component": "resid_post", "recent_k": 5,
+        "metrics": {"n_boot": 1000, "seed": 0, "resampling": "crossed", "impact_component": "resid_post", "recent_k": 5,
                     "versions": {"dask": "2026.1.0", "pandas": "3.1.1"}},
     }
     if "provenance" not in omit:

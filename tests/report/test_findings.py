@@ -97,7 +97,8 @@ def test_findings_cover_every_block():
                    "output shift appears at layer 21"):
         assert needle in text, needle
     # components in the fixed order, whatever the JSON order
-    order = [re.match(r"`(\w+)` changes most", s).group(1) for s in findings(SUMMARY) if re.match(r"`(\w+)` changes most", s)]
+    heads = [re.match(r"`(\w+)` changes most", s) for s in findings(SUMMARY)]
+    order = [m.group(1) for m in heads if m]
     assert order == ["resid_pre", "attn_out", "mlp_out", "resid_post"]
 
 
@@ -192,15 +193,17 @@ def test_fake_results_write_every_documented_table(fake_results):
 # summary.json's `causal` section as promptshift/metrics/causal.py writes it (values from a real
 # run on a tiny random model, a few changed so that every branch shows)
 CAUSAL = {
-    "patching": {"n_pairs": 9, "n_layers": 4, "threshold": 0.5, "seconds": 3.8,
+    "patching": {"n_pairs": 9, "resampling": "crossed", "n_systems": 3, "n_users": 3, "n_layers": 4, "threshold": 0.5, "seconds": 3.8,
                  "modes": {"suffix": {"onset": {"site": 2, "ci": [2.0, 3.0], "undefined_share": 0.0},
                                       "recovered_mid": 0.6636, "recovered_final": 0.9999},
                            "last": {"onset": {"site": None, "ci": [None, None], "undefined_share": 0.75},
                                     "recovered_mid": 0.2395, "recovered_final": 0.9999}}},
-    "knockout": {"n_pairs": 9, "n_layers": 4, "threshold": 0.1,
+    "knockout": {"n_pairs": 9, "resampling": "crossed", "n_systems": 3, "n_users": 3, "n_layers": 4, "threshold": 0.1,
                  "stops_mattering": {"site": 3, "ci": [3.0, 3.0], "undefined_share": 0.0},
                  "full_knockout_kl_ratio": 0.9522, "full_knockout_vs_baseline": 0.01206, "seconds": 2.05},
-    "steering": {"n_pairs": 9, "n_layers": 4, "best": {"site": 3, "recovered": 0.5441, "ci": [0.5296, 0.5653]},
+    "steering": {"n_pairs": 9, "resampling": "crossed", "n_systems": 3, "n_users": 3, "n_layers": 4,
+                 "best": {"site": 3, "recovered": 0.5441, "ci": [0.5296, 0.5653], "recovered_select": 0.61,
+                          "selection": "split", "n_users_estimate": 1},
                  "final_site": {"recovered": 0.9102, "ci": [None, 0.9383]}, "seconds": 0.14},
     "phrases": {"n_phrases": 4, "n_systems_split": 1, "attribution_vs_occlusion": {"spearman_r": 0.7, "p": 0.04,
                                                                                    "n_phrases": 9},
@@ -238,7 +241,11 @@ def test_causal_findings_say_what_the_summary_says():
                    "leaves less than 10.0% of the full knockout's effect for every l from layer 3 on (95% CI of the "
                    "layer 3 to 3)", "KL(variant ‖ knocked-out) is 0.952 × KL(variant ‖ baseline)",
                    "KL(knocked-out ‖ baseline) is 0.0121 × KL(variant ‖ baseline)",
-                   "works best at site 3", "recovers 54.4% (95% CI 53.0% to 56.5%)",
+                   "The causal curves' intervals resample the 3 system prompts and 3 user prompts of the causal "
+                   "analyses together; an onset is found again in every resample",
+                   "works best at site 3 (site l = input of layer l; the final residual excluded; chosen on one half "
+                   "of the user prompts), where it recovers 54.4% (95% CI 53.0% to 56.5%) of the output change (1 − KL "
+                   "ratio) on the other half",
                    "at the final residual, where it edits the output directly, 91.0% (CI undefined)",
                    "`pirate`: “You are a pirate.” (KL(variant ‖ without it) = 0.00322, "
                    "95% CI 0.00282 to 0.00349; "
@@ -261,7 +268,7 @@ def test_every_number_in_causal_findings_comes_from_summary():
     allowed = _numbers_in_summary(s)
     fixed = ("95% CI", "1 − KL ratio", "(1 = ", "(0 = ", "top-1")
     sentences = _causal_text(s)
-    assert len(sentences) == 11  # patching 2, knockout 2, steering 1, phrases 2, multi-turn 1 + 3
+    assert len(sentences) == 12  # resampling 1, patching 2, knockout 2, steering 1, phrases 2, multi-turn 1 + 3
     for sentence in sentences:
         stripped = sentence
         for f in fixed:
