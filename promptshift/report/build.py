@@ -86,14 +86,18 @@ def figure(results, name: str):
     ``results``: a results directory or :class:`Results`; ``name``: a figure id of
     ``promptshift.report.FIGURE_IDS``, with or without its ``fig-`` prefix. Raises
     NotAvailable (saying what is missing) when the results cannot give it, KeyError for an
-    unknown name."""
+    unknown name. Outside the report there is no caption, so the figure's title and its
+    n and resampling unit are drawn above it."""
     res = results if isinstance(results, Results) else Results(results)
     want = name if name.startswith("fig-") else f"fig-{name}"
     spec = next((f for f in FIGURES if f.id == want), None)
     if spec is None:
         raise KeyError(f"no figure {name!r}; figures: {', '.join(f.id for f in FIGURES)}")
     with matplotlib.rc_context(RC):
-        return spec.draw(res)
+        fig = spec.draw(res)
+        scope = getattr(fig, "promptshift_scope", None)
+        fig.suptitle(spec.title + (f"\n{scope}" if scope else ""), fontsize=9.5)
+        return fig
 
 
 def _render(spec: FigureSpec, res: Results, fig_dir: Path, cfg: ReportConfig) -> Rendered:

@@ -172,10 +172,14 @@ def _f(x, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if abs(x) >= 10 ** -digits or x == 0 else f"{x:.1e}"
 
 
-def _p(p) -> str:
+def _p(p, n_boot: int | None = None) -> str:
+    """A p-value; a bootstrap p of 0 (no resample on the other side of zero) is shown as
+    below the resolution of the resamples, 1 / n_boot, never as 0."""
     p = float(p)
     if not np.isfinite(p):
         return "n/a"
+    if p == 0:
+        return f"< {1 / n_boot:.2g}" if n_boot else "< 1/n_boot"
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
 
 
@@ -244,7 +248,10 @@ def fig_component_layer(res: Results) -> Figure:
             ax.plot(x, d["mean"], color=col, marker="o", markersize=3)
             if "control_mean" in d and d["control_mean"].notna().any():
                 ax.plot(x, d["control_mean"], color=NEUTRAL, linestyle="--", linewidth=1.3)
-            if "rank" in d and d["rank"].notna().any():
+            held = _summary_layer(res, comp) if metric == "rel_change" else None
+            if held is not None and held in set(d["layer"]):
+                top = d[d["layer"] == held].iloc[0]  # summary.json's choice: made on one half of the user prompts
+            elif "rank" in d and d["rank"].notna().any():
                 top = d.loc[d["rank"].idxmin()]
             else:
                 top = d.loc[d["mean"].idxmax() if metric != "cosine_centered" else d["mean"].idxmin()]
@@ -400,7 +407,13 @@ def _length_tests(res: Results, target: str) -> tuple[dict | None, dict[str, dic
     return tests.pop("all", None), tests
 
 
-def _test_text(t: dict | None) -> str:
+def _n_boot(res: Results) -> int | None:
+    d = res.summary.get("sample")
+    n = d.get("n_boot") if isinstance(d, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def _test_text(t: dict | None, n_boot: int | None = None) -> str:
     if not t or t.get("pearson") is None:
         return ""
     p = t["pearson"]
@@ -410,7 +423,8 @@ def _test_text(t: dict | None) -> str:
     if "ci_low" in p and pd.notna(p.get("ci_low")):
         s += f" [{_f(p['ci_low'])}, {_f(p['ci_high'])}]"
     if "p" in p and pd.notna(p.get("p")):
-        s += f", p = {_p(p['p'])}"
+        pv = _p(p["p"], n_boot)
+        s += f", p {pv}" if pv.startswith("<") else f", p = {pv}"
     if t.get("spearman") is not None:
         s += f", Spearman ρ = {_f(t['spearman']['r'])}"
     return s
@@ -483,7 +497,7 @@ def fig_length_impact(res: Results) -> Figure:
         for _, r in d[d["system"].isin(_labelled(d, target, fams, fit))].iterrows():
             ax.annotate(short(r["system"], 22), (r["n_system_tokens"], r[target]), textcoords="offset points",
                         xytext=(5, 3), fontsize=7.5, color="#444444")
-        line = (f"all system prompts: {_test_text(overall)}" if overall else
+        line = (f"all system prompts: {_test_text(overall, _n_boot(res))}" if overall else
                 f"Pearson r = {_f(_pearson(x, y))} (computed here; no CI: length_tests.parquet missing)")
         ax.set_title(METRIC_LABELS.get(target, target) + "\n" + line, fontsize=9, loc="left", fontweight="normal")
         if fam_handles:
@@ -529,7 +543,7 @@ def fig_length_output_attention(res: Results) -> Figure:
                 ax.annotate(short(r["system"], 22), (r["n_system_tokens"], r[col]), textcoords="offset points",
                             xytext=(5, 3), fontsize=7.5, color="#444444")
         overall, _ = _length_tests(res, target)
-        line = (f"all system prompts: {_test_text(overall)}" if overall else
+        line = (f"all system prompts: {_test_text(overall, _n_boot(res))}" if overall else
                 f"Pearson r = {_f(_pearson(x, y))} (computed here; length_tests has no {target} rows)")
         what = ("top-1 change rate (share of user prompts whose next token changes)" if col == "top1_change_rate"
                 else "attention from the last token to the system tokens")
@@ -1386,7 +1400,8 @@ FIGURES: tuple[FigureSpec, ...] = (
         "(user prompt, system prompt) pairs of the change between the run with the system prompt (v) and the "
         "baseline (b); the band is its 95% confidence interval. The dashed line is the control floor: the same "
         "metric between two unrelated user prompts, i.e. what an unrelated input does. Higher relative change and "
-        "lower centred cosine mean more change; the star marks the most changed layer.",
+        "lower centred cosine mean more change; the star marks the most changed layer (for relative change, the "
+        "layer summary.json names: chosen on one half of the user prompts; its held-out value is in the findings).",
         fig_component_layer),
     FigureSpec(
         "fig-component-system", "Which system prompts change which component",

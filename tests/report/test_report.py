@@ -68,6 +68,11 @@ def test_every_figure_states_its_n_and_resampling_unit(built_report, fake_result
         assert scope.startswith("n = ") and any(u in scope for u in UNITS), (fid, scope)
         if not fid.startswith(("fig-causal", "fig-multiturn")):
             assert scope.startswith(design), (fid, scope)
+    # alone (a notebook), a figure carries its title, n and unit above it
+    from promptshift.report import figure
+
+    fig = figure(fake_results, "length-impact")
+    assert fig.get_suptitle().startswith("Does a longer system prompt change more?\n" + design)
     block = _figure_block(html, "fig-component-layer")
     assert "crossed bootstrap over system prompts and user prompts" in SCOPE.search(block).group(1)
     assert "bootstrap over conversations" in SCOPE.search(_figure_block(html, "fig-multiturn")).group(1)
