@@ -252,7 +252,8 @@ def slurm(
     metrics_args: str = typer.Option("", help="extra arguments for `promptshift metrics`"),
     causal: bool = typer.Option(False, help="run the causal analyses as a job between verify and metrics"),
     causal_args: str = typer.Option("", help="extra arguments for `promptshift causal` (e.g. --users 8)"),
-    dry_run: bool = typer.Option(False, help="print the scripts and what would be submitted"),
+    dry_run: bool = typer.Option(False, help="write and print the scripts and the exact sbatch lines of the "
+                                 "chain, submitting nothing"),
 ):
     """Submit plan -> extract array -> verify -> metrics as a SLURM dependency chain."""
     from promptshift.scale.slurm import SlurmConfig, submit

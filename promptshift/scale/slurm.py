@@ -143,8 +143,61 @@ def pending_shards(cfg: SlurmConfig) -> list[int] | None:
     return [i for i in range(cfg.tasks) if not all(done[b] for b in st.plan.shard_blocks(i, cfg.tasks))]
 
 
+@dataclass
+class Step:
+    """One ``sbatch`` call of the chain: the stage, its script, its array spec and the stage it
+    waits for (``afterok``). ``depends_on`` names a stage of this chain, or a job id already
+    in the queue (a previous chain's extract tasks still running)."""
+
+    stage: str
+    script: Path
+    array: str | None = None
+    depends_on: str | None = None
+
+    def argv(self, job_ids: dict[str, str]) -> list[str]:
+        """The sbatch command line, with the dependency's job id from ``job_ids``."""
+        cmd = ["sbatch", "--parsable"]
+        if self.array:
+            cmd.append(f"--array={self.array}")
+        if self.depends_on:
+            cmd.append(f"--dependency=afterok:{job_ids.get(self.depends_on, self.depends_on)}")
+        return cmd + [str(self.script)]
+
+    def shell(self) -> str:
+        """The command as a shell line that stores the job id in ``$<STAGE>_JOB`` for the
+        next line's ``--dependency`` (what ``--dry-run`` prints)."""
+        var = {st: f"${{{st.upper()}_JOB}}" for st in (*STAGES, "causal")}
+        cmd = " ".join(shlex.quote(a) if not a.startswith("--dependency") else a for a in self.argv(var))
+        return f"{self.stage.upper()}_JOB=$({cmd} | cut -d';' -f1)"
+
+
+def chain(cfg: SlurmConfig, need_plan: bool, shards: list[int], running_extract: str | None = None) -> list[Step]:
+    """The sbatch calls of one submission: plan (when the store does not exist yet), the
+    extract array over ``shards``, verify, causal (when asked) and metrics, each ``afterok``
+    the one before; verify waits for ``running_extract`` (a job id) when no extract task
+    is submitted but earlier ones are still queued."""
+    wd = cfg.workdir
+    steps, dep = [], None
+    if need_plan:
+        steps.append(Step("plan", wd / "plan.sbatch"))
+        dep = "plan"
+    if shards:
+        steps.append(Step("extract", wd / "extract.sbatch", _array_spec(shards), dep))
+        dep = "extract"
+    elif running_extract:
+        dep = running_extract
+    for stage in ("verify", *(("causal",) if cfg.causal else ()), "metrics"):
+        steps.append(Step(stage, wd / f"{stage}.sbatch", None, dep))
+        dep = stage
+    return steps
+
+
 def submit(cfg: SlurmConfig, dry_run: bool = False, echo=print) -> dict:
-    """Write scripts and submit what is missing. Returns the submitted job ids."""
+    """Write the scripts and submit what is missing. Returns the submitted job ids.
+
+    ``dry_run`` writes the scripts into ``<store>.slurm/`` and prints them and the exact
+    ``sbatch`` lines (each keeping its job id in a shell variable the next one's
+    ``--dependency`` uses), submitting nothing: paste them into a shell, or adapt them."""
     wd = cfg.workdir
     tasks_file = wd / "tasks"
     if tasks_file.exists():
@@ -164,42 +217,26 @@ def submit(cfg: SlurmConfig, dry_run: bool = False, echo=print) -> dict:
     stale = [prev_jobs[k] for k in ("verify", "causal", "metrics") if prev_jobs.get(k)]
     need_plan = pending is None
     shards = list(range(cfg.tasks)) if pending is None else [i for i in pending if i not in active]
+    steps = chain(cfg, need_plan, shards, prev_jobs.get("extract") if active else None)
+    (wd / "logs").mkdir(parents=True, exist_ok=True)  # sbatch writes the jobs' output there
+    for stage, text in scripts.items():
+        (wd / f"{stage}.sbatch").write_text(text)
     if dry_run:
         for stage, text in scripts.items():
             echo(f"# ---- {wd / (stage + '.sbatch')}\n{text}")
-        echo(f"# would submit: plan={'yes' if need_plan else 'no (store exists)'}, "
-             f"extract array={_array_spec(shards) or 'none'}, then verify"
-             + (", causal" if cfg.causal else "") + " and metrics")
+        echo("# ---- the chain: run these lines in a shell to submit it by hand (nothing was submitted)")
+        if stale:
+            echo(f"scancel {' '.join(stale)}  # the previous chain's stages still waiting")
+        for step in steps:
+            echo(step.shell())
         return {}
     if stale and shutil.which("scancel"):
         subprocess.run(["scancel", *stale], capture_output=True)
-    (wd / "logs").mkdir(parents=True, exist_ok=True)
     tasks_file.write_text(f"{cfg.tasks}\n")
     (wd / "config.json").write_text(json.dumps(cfg.__dict__, indent=1))
-    for stage, text in scripts.items():
-        (wd / f"{stage}.sbatch").write_text(text)
     jobs: dict[str, str] = {}
-    dep = None
-    if need_plan:
-        jobs["plan"] = _run(["sbatch", "--parsable", str(wd / "plan.sbatch")]).split(";")[0]
-        dep = jobs["plan"]
-    if shards:
-        cmd = ["sbatch", "--parsable", f"--array={_array_spec(shards)}"]
-        if dep:
-            cmd.append(f"--dependency=afterok:{dep}")
-        jobs["extract"] = _run(cmd + [str(wd / "extract.sbatch")]).split(";")[0]
-        dep = jobs["extract"]
-    elif active:
-        dep = prev_jobs.get("extract")  # wait for the tasks still in the queue
-    cmd = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{dep}"] if dep else [])
-    jobs["verify"] = _run(cmd + [str(wd / "verify.sbatch")]).split(";")[0]
-    dep = jobs["verify"]
-    if cfg.causal:
-        jobs["causal"] = _run(["sbatch", "--parsable", f"--dependency=afterok:{dep}",
-                               str(wd / "causal.sbatch")]).split(";")[0]
-        dep = jobs["causal"]
-    jobs["metrics"] = _run(["sbatch", "--parsable", f"--dependency=afterok:{dep}",
-                            str(wd / "metrics.sbatch")]).split(";")[0]
+    for step in steps:
+        jobs[step.stage] = _run(step.argv(jobs)).split(";")[0]
     jobs["shards"] = shards
     if "extract" not in jobs and prev_jobs.get("extract") and active:
         jobs["extract"] = prev_jobs["extract"]
@@ -212,4 +249,13 @@ def submit(cfg: SlurmConfig, dry_run: bool = False, echo=print) -> dict:
 
 
 def _array_spec(shards: list[int]) -> str:
-    return ",".join(str(i) for i in shards)
+    """Slurm's --array syntax for task ids, runs of consecutive ids as ranges: 0-3,7,9-10."""
+    parts, i = [], 0
+    ids = sorted(shards)
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(parts)

@@ -60,7 +60,7 @@ def _tables_equal(a, b):
 def test_chain_matches_single_process(sweep, reference, tmp_path):  # noqa: F811
     store = tmp_path / "s.zarr"
     out = run_ok("slurm", sweep, "--store", store, "--tasks", "3")
-    assert "array=0,1,2" in out
+    assert "array=0-2" in out
     j = jobs_of(store)
     wait_jobs([j["plan"], j["extract"], j["verify"], j["metrics"]])
     assert open_store(store).complete
@@ -74,6 +74,21 @@ def test_chain_matches_single_process(sweep, reference, tmp_path):  # noqa: F811
     p = cli("slurm", sweep, "--store", store, "--tasks", "4")
     o, _ = p.communicate(timeout=120)
     assert p.returncode == 2 and "split into 3 SLURM tasks" in o
+
+
+def test_dry_run_prints_the_sbatch_lines_that_submit_the_chain(sweep, reference, tmp_path):  # noqa: F811
+    """The lines `--dry-run` prints, pasted into a shell, submit the same chain."""
+    store = tmp_path / "s.zarr"
+    out = run_ok("slurm", sweep, "--store", store, "--tasks", "2", "--dry-run")
+    lines = out.split("# ---- the chain", 1)[1].splitlines()[1:]
+    assert [ln.split("=", 1)[0] for ln in lines] == ["PLAN_JOB", "EXTRACT_JOB", "VERIFY_JOB", "METRICS_JOB"]
+    assert not store.exists() and not (store.parent / "s.zarr.slurm" / "jobs.json").exists()  # nothing submitted
+    script = "set -e\n" + "\n".join(lines) + "\necho $PLAN_JOB $EXTRACT_JOB $VERIFY_JOB $METRICS_JOB\n"
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    wait_jobs(r.stdout.split())
+    assert open_store(store).complete
+    assert_same_arrays(reference, store)
+    _tables_equal(reference.parent / "results", tmp_path / "results")
 
 
 def test_scancel_one_task_then_only_it_is_resubmitted(sweep, reference, tmp_path):  # noqa: F811
