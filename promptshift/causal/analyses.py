@@ -19,6 +19,7 @@ import torch
 from promptshift.causal.phrases import split_phrases, without
 from promptshift.causal.runner import Edit, Row, Runner, kl
 from promptshift.errors import PromptShiftError
+from promptshift.extract.batching import plan_batches
 from promptshift.sweep.chat import REGION_CODE, conversation, render
 
 SYSTEM = REGION_CODE["system"]
@@ -45,32 +46,41 @@ def _bar(total: int, desc: str, enabled: bool):
 class Refs:
     """The unpatched runs every analysis compares against: for each prompt in scope, its
     last-position log-probabilities and its residual stream at every site, at the aligned
-    suffix positions (variants) or the last position (baselines)."""
+    suffix positions (variants) or the last position (baselines).
+
+    Each prompt runs as a tail on a shared head: a variant from the end of its system
+    prompt (or its aligned suffix, if that starts earlier), so all variants of one system
+    prompt share its head; a baseline from its aligned suffix, so all baselines share the
+    template's head."""
 
     def __init__(self, runner: Runner, plan, scope: Scope):
         self.plan = plan
         self.pairs = plan.pairs[plan.pairs["user_id"].isin(scope.users)].reset_index(drop=True)
         if self.pairs.empty:
             raise CausalError("no pairs in scope: the store's sweep has none of the requested user prompts")
-        prompts = sorted(set(self.pairs["variant"]) | set(self.pairs["baseline"]))
         self.logprobs: dict[int, torch.Tensor] = {}
         self.resid: dict[int, torch.Tensor] = {}  # (n, L+1, H) at the positions below
         self.first: dict[int, int] = {}  # first position held in resid
-        suffix_from = {}
-        for _, r in self.pairs.iterrows():
+        head: dict[int, int] = {}  # where each prompt's tail starts
+        for r in self.pairs.itertuples():
             # variants: from the end of the system prompt (knockout reruns from there) or the suffix
             reg = plan.prompt_regions(int(r.variant))
             sys_end = int(np.flatnonzero(reg == SYSTEM)[-1]) + 1 if (reg == SYSTEM).any() else int(r.v_suffix_start)
-            suffix_from[int(r.variant)] = min(int(r.v_suffix_start), sys_end)
-            suffix_from.setdefault(int(r.baseline), plan.prompts.iloc[int(r.baseline)].n_tokens - 1)
+            self.first[int(r.variant)] = head[int(r.variant)] = min(int(r.v_suffix_start), sys_end)
+        for r in self.pairs.itertuples():
+            b = int(r.baseline)
+            if b not in head:  # only its last position is needed: the template before the suffix is its head
+                self.first[b] = len(plan.prompt_tokens(b)) - 1
+                head[b] = min(int(r.b_suffix_start), self.first[b])
+        prompts = sorted(head)
         rows = []
         for p in prompts:
             ids = plan.prompt_tokens(p)
-            self.first[p] = min(int(suffix_from[p]), len(ids) - 1)
-            rows.append(Row(ids[:1], ids[1:], capture=np.arange(self.first[p], len(ids)) - 1))
+            h = max(1, min(head[p], len(ids) - 1))
+            rows.append(Row(ids[:h], ids[h:], capture=np.arange(min(self.first[p], len(ids) - 1), len(ids)) - h))
         bar = _bar(len(prompts), "reference runs", scope.progress)
-        for p, o in zip(prompts, runner.run(rows, capture=True, progress=bar)):
-            self.resid[p], self.logprobs[p] = o.resid, o.logprobs
+        for i, o in runner.stream(rows, capture=True, progress=bar):
+            self.resid[prompts[i]], self.logprobs[prompts[i]] = o.resid, o.logprobs.clone()
         bar.close()
 
     def last_resid(self, p: int) -> torch.Tensor:
@@ -98,10 +108,17 @@ class Refs:
         }
 
 
-def _measure(outs, target: torch.Tensor, y: int) -> tuple[np.ndarray, np.ndarray]:
-    """KL(target || out) and log p_out(y) for each output."""
-    lp = torch.stack([o.logprobs for o in outs])  # (n, V)
-    return kl(target[None], lp).numpy().astype(np.float32), lp[:, y].numpy().astype(np.float32)
+class _Targets:
+    """Per row of an analysis: the distribution its output is compared with (the pair's
+    variant) and the token whose log-probability is kept (the variant's top-1)."""
+
+    def __init__(self, refs: Refs, variants: list[int]):
+        self.lp = {v: refs.logprobs[v] for v in set(variants)}
+        self.y = {v: refs.top1(v) for v in set(variants)}
+
+    def measure(self, v: int, out: torch.Tensor) -> tuple[float, float]:
+        """KL(p_v || out) and log out(y_v)."""
+        return float(kl(self.lp[v], out)), float(out[self.y[v]])
 
 
 # --- 1. activation patching ------------------------------------------------------------------
@@ -114,14 +131,17 @@ def patching(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
 
     Rows: pairs x modes x sites 0..L. Site 0 of ``suffix`` patches identical token
     embeddings (recovers nothing); site L of ``last`` patches the final residual of the
-    last position (recovers everything): the two ends of every curve are fixed points."""
+    last position (recovers everything): the two ends of every curve are fixed points.
+    Every tail position is replaced at the site, so each row runs only the layers from
+    its site on; the suffix rows of all pairs share the template's head, the last-position
+    rows of one user prompt share its baseline's."""
     refs = refs or Refs(runner, plan, scope)
     L = runner.L
     n = len(refs.pairs)
     out_kl = np.zeros((n, len(PATCH_MODES), L + 1), np.float32)
     out_lp = np.zeros_like(out_kl)
     rows, where = [], []
-    for i, r in refs.pairs.iterrows():
+    for i, r in enumerate(refs.pairs.itertuples()):
         v, b = int(r.variant), int(r.baseline)
         b_ids = plan.prompt_tokens(b)
         n_al = int(r.suffix_len)
@@ -131,16 +151,15 @@ def patching(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
             # every tail position is replaced at `site`: the layers below it need not run
             start = min(site, L - 1)
             rows.append(Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n_al), src[:, site])], start=start))
-            where.append((i, 0, site))
+            where.append((i, 0, site, v))
             rows.append(Row(b_ids[:-1], b_ids[-1:], [Edit(site, np.array([0]), src[-1:, site])], start=start))
-            where.append((i, 1, site))
+            where.append((i, 1, site, v))
+    targets = _Targets(refs, [w[3] for w in where])
     bar = _bar(len(rows), "patching", scope.progress)
-    outs = runner.run(rows, progress=bar)
+    for j, o in runner.stream(rows, progress=bar):
+        i, m, site, v = where[j]
+        out_kl[i, m, site], out_lp[i, m, site] = targets.measure(v, o.logprobs)
     bar.close()
-    for (i, m, site), o in zip(where, outs):
-        v = int(refs.pairs.iloc[i].variant)
-        k, lp = _measure([o], refs.logprobs[v], refs.top1(v))
-        out_kl[i, m, site], out_lp[i, m, site] = k[0], lp[0]
     arrays = refs.pair_refs()
     arrays["kl"] = (out_kl, ("pair", "mode", "site"))
     arrays["lp"] = (out_lp, ("pair", "mode", "site"))
@@ -153,7 +172,7 @@ def knockout(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
     system tokens blocked in layers >= l, for l = 0..L (l = L: nothing blocked).
 
     The head (everything up to the end of the system region) is unaffected by the knockout
-    and is computed once per variant."""
+    and is computed once per system prompt, for all its user prompts."""
     refs = refs or Refs(runner, plan, scope)
     L = runner.L
     n = len(refs.pairs)
@@ -161,7 +180,7 @@ def knockout(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
     out_lp = np.zeros_like(out_kl)
     kl_ko0_b = np.zeros(n, np.float32)
     rows, where = [], []
-    for i, r in refs.pairs.iterrows():
+    for i, r in enumerate(refs.pairs.itertuples()):
         v = int(r.variant)
         ids, reg = plan.prompt_tokens(v), plan.prompt_regions(v)
         sys_pos = np.flatnonzero(reg == SYSTEM)
@@ -175,17 +194,15 @@ def knockout(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
             s0 = min(start, L - 1)
             rows.append(Row(ids[:end], ids[end:], [Edit(s0, np.arange(len(ids) - end), own[:, s0])],
                             knockout_keys=keys, knockout_start=start, start=s0))
-            where.append((i, start))
+            where.append((i, start, v, int(r.baseline)))
+    targets = _Targets(refs, [w[2] for w in where])
     bar = _bar(len(rows), "knockout", scope.progress)
-    outs = runner.run(rows, progress=bar)
-    bar.close()
-    for (i, start), o in zip(where, outs):
-        r = refs.pairs.iloc[i]
-        v, b = int(r.variant), int(r.baseline)
-        k, lp = _measure([o], refs.logprobs[v], refs.top1(v))
-        out_kl[i, start], out_lp[i, start] = k[0], lp[0]
+    for j, o in runner.stream(rows, progress=bar):
+        i, start, v, b = where[j]
+        out_kl[i, start], out_lp[i, start] = targets.measure(v, o.logprobs)
         if start == 0:
             kl_ko0_b[i] = float(kl(o.logprobs, refs.logprobs[b]))
+    bar.close()
     arrays = refs.pair_refs()
     arrays["kl"] = (out_kl, ("pair", "start"))
     arrays["lp"] = (out_lp, ("pair", "start"))
@@ -198,6 +215,16 @@ def _internal(h: torch.Tensor, hb: torch.Tensor) -> float:
     """Mean over layers of ||h - h_b|| / ||h_b|| at the last position (resid_post, sites 1..L)."""
     d = (h[1:] - hb[1:]).norm(dim=-1) / hb[1:].norm(dim=-1).clamp_min(1e-12)
     return float(d.mean())
+
+
+def _common_prefix(seqs: list[np.ndarray]) -> int:
+    """Length of the longest common prefix of token sequences."""
+    n = min(len(x) for x in seqs)
+    first = seqs[0][:n]
+    for x in seqs[1:]:
+        diff = np.flatnonzero(x[:n] != first[:n])
+        n = int(diff[0]) if diff.size else n
+    return n
 
 
 def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=None):
@@ -220,6 +247,7 @@ def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=No
             phrase_rows.append({"system": s.name, "index": j, "text": s.text[span[0] : span[1]],
                                 "start": span[0], "end": span[1], "n_phrases": len(spans)})
             text = without(s.text, span)
+            group = []
             for u_i, u in enumerate(users):
                 base = plan.prompt_tokens(int(key[(s.name, u)].baseline))
                 if text.strip():
@@ -227,21 +255,24 @@ def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=No
                     ids = render(tok, msgs).ids
                 else:  # the only phrase: leaving it out leaves the baseline
                     ids = base
-                rows.append(Row(ids[:1], ids[1:]))
+                group.append(ids)
                 where.append((pi, u_i))
+            # the user prompts of one ablated system prompt share everything before the user turn
+            h = _common_prefix(group)
+            rows += [Row(ids[: max(1, min(h, len(ids) - 1))], ids[max(1, min(h, len(ids) - 1)) :]) for ids in group]
     n_ph = len(phrase_rows)
     kl_ab = np.full((n_ph, U), np.nan, np.float32)
     kl_va = np.full((n_ph, U), np.nan, np.float32)
     internal_a = np.full((n_ph, U), np.nan, np.float32)
     bar = _bar(len(rows), "phrase ablation", scope.progress)
-    outs = runner.run(rows, capture=True, progress=bar)
-    bar.close()
-    for (pi, u_i), o in zip(where, outs):
+    for j, o in runner.stream(rows, capture=True, progress=bar):
+        pi, u_i = where[j]
         r = key[(phrase_rows[pi]["system"], users[u_i])]
         v, b = int(r.variant), int(r.baseline)
         kl_ab[pi, u_i] = float(kl(o.logprobs, refs.logprobs[b]))
         kl_va[pi, u_i] = float(kl(refs.logprobs[v], o.logprobs))
         internal_a[pi, u_i] = _internal(o.resid, refs.last_resid(b))
+    bar.close()
     kl_vb = np.full((len(systems), U), np.nan, np.float32)
     internal_v = np.full_like(kl_vb, np.nan)
     for si, s in enumerate(systems):
@@ -264,13 +295,41 @@ def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=No
     return arrays, meta
 
 
+# share of the runner's token budget that one gradient pass takes (its backward keeps every
+# layer's activations: ~1 MB per token for a 30-layer, 576-wide model)
+_GRAD_BUDGET_SHARE = 8
+
+
+def _embedding_gradients(runner: Runner, seqs: list[np.ndarray], targets: torch.Tensor):
+    """One right-padded forward and backward pass: for each row b, the gradient of
+    f_b = KL(p_b || targets[b]) at its last position with respect to its input embeddings,
+    and those embeddings, both (B, S, H). Rows do not interact (each sees only its own
+    tokens), so the gradient of the sum is every row's own gradient."""
+    B, lens = len(seqs), [len(x) for x in seqs]
+    S, dev = max(lens), runner.device
+    x = torch.zeros(B, S, dtype=torch.long)
+    mask = torch.zeros(B, S, dtype=torch.long)
+    for b, ids in enumerate(seqs):
+        x[b, : lens[b]] = torch.as_tensor(ids)
+        mask[b, : lens[b]] = 1
+    pos = torch.arange(S).unsqueeze(0).expand(B, S)
+    emb = runner.model.get_input_embeddings()
+    with torch.enable_grad():
+        e = emb(x.to(dev)).detach().requires_grad_(True)  # (B, S, H)
+        out = runner.base(inputs_embeds=e, attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False)
+        h = out.last_hidden_state[torch.arange(B, device=dev), torch.as_tensor(lens, device=dev) - 1]  # (B, H)
+        lp = runner.logprobs(h)  # (B, V)
+        f = kl(lp, targets.to(lp.device))  # (B,)
+        (g,) = torch.autograd.grad(f.sum(), e)
+    return g.detach(), e.detach()
+
+
 def token_attribution(runner: Runner, plan, scope: Scope, refs: Refs, systems, key, tok):
     """Gradient x input over the system tokens: for f(x) = KL(p_x || p_b) at the variant
     (the size of the output change), attribution of token i = <e_i, df/de_i>, the
     first-order change in f when e_i is removed. One forward and one backward pass per
     pair, instead of one forward per token for occlusion; the phrase ablation above is the
     occlusion check of these attributions at the phrase level (see docs/CAUSAL.md)."""
-    emb = runner.model.get_input_embeddings()
     users = list(scope.users)
     token_rows, blocks = [], []
     bar = _bar(len(systems) * len(users), "token attribution", scope.progress)
@@ -290,7 +349,8 @@ def token_attribution(runner: Runner, plan, scope: Scope, refs: Refs, systems, k
             phrase = next((j for j, (a, b) in enumerate(spans) if a <= c < b), -1)
             token_rows.append({"system": s.name, "index": t, "token": tok.decode([int(ids0[p])]), "phrase": phrase})
         block = np.full((len(sys_idx0), len(users)), np.nan, np.float32)
-        for u_i, u in enumerate(users):
+        seqs, targets, where = [], [], []
+        for u in users:
             r = key[(s.name, u)]
             v, b = int(r.variant), int(r.baseline)
             ids, reg = plan.prompt_tokens(v), plan.prompt_regions(v)
@@ -298,15 +358,17 @@ def token_attribution(runner: Runner, plan, scope: Scope, refs: Refs, systems, k
             if len(sys_idx) != len(sys_idx0) or not np.array_equal(ids[sys_idx], ids0[sys_idx0]):
                 raise CausalError(f"system prompt {s.name!r} tokenizes differently with user prompt {u!r}; "
                                   "token attribution needs the same system tokens in every pair")
-            x = torch.as_tensor(ids, dtype=torch.long, device=runner.device)[None]
-            with torch.enable_grad():
-                e = emb(x).detach().requires_grad_(True)
-                out = runner.base(inputs_embeds=e, use_cache=False)
-                lp = runner.logprobs(out.last_hidden_state[0, -1])
-                f = kl(lp, refs.logprobs[b].clone().to(lp.device))
-                (g,) = torch.autograd.grad(f, e)
-            block[:, u_i] = (g[0, sys_idx] * e[0, sys_idx]).sum(-1).detach().float().cpu().numpy()
-            bar.update(1)
+            seqs.append(ids)
+            targets.append(refs.logprobs[b])
+            where.append(sys_idx)
+        # the user prompts of one system prompt in right-padded batches; a smaller token budget
+        # than the forward-only runs, since the backward pass keeps every layer's activations
+        lengths = [len(x) for x in seqs]
+        for batch in plan_batches(lengths, max(1, runner.token_budget // _GRAD_BUDGET_SHARE)):
+            g, e = _embedding_gradients(runner, [seqs[i] for i in batch], torch.stack([targets[i] for i in batch]))
+            for k, u_i in enumerate(batch):
+                block[:, u_i] = (g[k, where[u_i]] * e[k, where[u_i]]).sum(-1).float().cpu().numpy()
+            bar.update(len(batch))
         blocks.append(block)
     bar.close()
     return np.concatenate(blocks) if blocks else np.zeros((0, len(users)), np.float32), token_rows
@@ -319,7 +381,9 @@ def steering(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
     vector computed *without its own user prompt* (leave one out) added at its last
     position at one site, and compared with its variant.
 
-    Rows: pairs x sites 0..L, one token each (the baseline's head is cached)."""
+    Rows: pairs x sites 0..L, one token each (the baseline's head is cached), each run from
+    its site on: the residual there is the baseline's own (from the reference run) plus the
+    vector."""
     refs = refs or Refs(runner, plan, scope)
     pairs = refs.pairs
     L = runner.L
@@ -333,23 +397,26 @@ def steering(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
     count = {s: sum(1 for (s2, _) in diffs if s2 == s) for s in systems}
     norms = np.stack([(total[s] / count[s]).norm(dim=-1).numpy() for s in systems]).astype(np.float32)
     rows, where = [], []
-    for i, r in pairs.iterrows():
+    for i, r in enumerate(pairs.itertuples()):
         if count[r.system] < 2:
             raise CausalError(f"system prompt {r.system!r} has one user prompt in scope: nothing to hold out")
         vec = (total[r.system] - diffs[(r.system, r.user_id)]) / (count[r.system] - 1)  # (L+1, H)
         b_ids = plan.prompt_tokens(int(r.baseline))
+        steered = refs.last_resid(int(r.baseline)) + vec  # (L+1, H): the baseline's own residual, plus the vector
         for site in range(L + 1):
-            rows.append(Row(b_ids[:-1], b_ids[-1:], [Edit(site, np.array([0]), vec[site][None], add=True)]))
-            where.append((i, site))
+            # below `site` the baseline's last position is its unsteered run: start at the site
+            # with the steered residual instead of adding the vector to a rerun of those layers
+            rows.append(Row(b_ids[:-1], b_ids[-1:], [Edit(site, np.array([0]), steered[site][None])],
+                            start=min(site, L - 1)))
+            where.append((i, site, int(r.variant)))
     out_kl = np.zeros((len(pairs), L + 1), np.float32)
     out_lp = np.zeros_like(out_kl)
+    targets = _Targets(refs, [w[2] for w in where])
     bar = _bar(len(rows), "steering", scope.progress)
-    outs = runner.run(rows, progress=bar)
+    for j, o in runner.stream(rows, progress=bar):
+        i, site, v = where[j]
+        out_kl[i, site], out_lp[i, site] = targets.measure(v, o.logprobs)
     bar.close()
-    for (i, site), o in zip(where, outs):
-        v = int(pairs.iloc[i].variant)
-        k, lp = _measure([o], refs.logprobs[v], refs.top1(v))
-        out_kl[i, site], out_lp[i, site] = k[0], lp[0]
     arrays = refs.pair_refs()
     arrays["kl"] = (out_kl, ("pair", "site"))
     arrays["lp"] = (out_lp, ("pair", "site"))

@@ -9,10 +9,21 @@ vectors at given tail positions of one row at one site.
 Why tails: an intervention at position ``t`` cannot change anything before ``t`` (causal
 attention), so the head's keys and values are computed once and shared by every row that
 starts from it; patching the last position runs one token per row, not the whole prompt.
+Rows with different heads share a batch (each head padded at the start of the key axis,
+:func:`promptshift.extract.kvcache.prefilled_cache`), and a row whose every tail position
+is replaced at a site runs only the layers from that site on (``Row.start``): the layers
+below would compute what the replacement overwrites.
+
+Interventions reach the model through the two openings extraction offers and nothing
+else: named hook points (:meth:`promptshift.extract.arch.Arch.hook`) for the residual
+stream and mask hooks (:func:`promptshift.extract.attention.register_mask_hook`) for
+attention.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,23 +31,17 @@ import torch
 
 from promptshift.extract.arch import bind_model
 from promptshift.extract.attention import install, register_mask_hook
+from promptshift.extract.batching import plan_batches
 from promptshift.extract.engine import unembed
+from promptshift.extract.kvcache import KV, plain_layers, prefilled_cache
 
-
-@dataclass
-class Knockout:
-    """Attention knockout: in every layer ``>= start[b]``, the queries of row ``b`` cannot
-    attend to the keys where ``keys[b]`` is true (an additive -inf on those keys)."""
-
-    keys: torch.Tensor  # (B, Sk) bool
-    start: torch.Tensor  # (B,) long: first knocked-out layer of each row (n_layers: none)
-
-    def __call__(self, module, mask: torch.Tensor) -> torch.Tensor:
-        """A mask hook (:func:`promptshift.extract.attention.register_mask_hook`): the
-        additive mask (B, 1, Sq, Sk) with this layer's knocked-out keys at -inf."""
-        rows = (self.start <= module.layer_idx).to(mask.device)  # (B,)
-        hide = (self.keys.to(mask.device) & rows[:, None])[:, None, None, :mask.shape[-1]]  # (B, 1, 1, Sk)
-        return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+# Memory caps of one batch (bytes), as the extraction engine's: the padded head key/value
+# cache of all layers, one layer's attention probabilities, the (rows, vocab) float32
+# log-probabilities of the output; and of the heads held at once (all layers).
+_KV_BYTES_BUDGET = 1 << 30
+_ATTN_BYTES_BUDGET = 1 << 29
+_OUT_BYTES_BUDGET = 1 << 28
+_HEADS_BYTES_BUDGET = 1 << 30
 
 
 @dataclass
@@ -70,30 +75,54 @@ class Out:
     # (n, L+1, H) at the row's ``capture`` positions when it names them
 
 
+@dataclass
+class Knockout:
+    """Attention knockout: in every layer ``>= start[b]``, the queries of row ``b`` cannot
+    attend to the keys where ``keys[b]`` is true (an additive -inf on those keys)."""
+
+    keys: torch.Tensor  # (B, Sk) bool
+    start: torch.Tensor  # (B,) long: first knocked-out layer of each row (n_layers: none)
+
+    def __call__(self, module, mask: torch.Tensor) -> torch.Tensor:
+        """A mask hook (:func:`promptshift.extract.attention.register_mask_hook`): the
+        additive mask (B, 1, Sq, Sk) with this layer's knocked-out keys at -inf."""
+        rows = (self.start <= module.layer_idx).to(mask.device)  # (B,)
+        hide = (self.keys.to(mask.device) & rows[:, None])[:, None, None, : mask.shape[-1]]  # (B, 1, 1, Sk)
+        return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+
+
+def _identity(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
 class Runner:
     """Runs :class:`Row` batches on a Hugging Face causal LM (any architecture in
-    ``promptshift.extract.arch``), on the fused attention path unless a knockout is set."""
+    ``promptshift.extract.arch``)."""
 
     def __init__(self, model, token_budget: int = 4096):
         install(model)
         bind_model(self, model)
         self.token_budget = token_budget
+        cfg = self.cfg
+        self.NH = cfg.num_attention_heads
+        self._nkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self._hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._dtype = next(model.parameters()).dtype
+        self._kv_bytes = 2 * self.L * self._nkv * self._hd * self._dtype.itemsize  # per cached token
+        self._layer_dev = [next(layer.parameters()).device for layer in self.arch.layers]
+        # heads of different lengths share a batch only where no layer has a sliding window
+        # (the padding between a short head and its tail would shift the window)
+        self.mixed_heads = plain_layers(model.config) and not any(
+            getattr(c, "sliding_window", None) for c in (cfg, model.config))
         self._edits: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]] = {}
         self._capture: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, tail positions) to keep
         self._captured: list[torch.Tensor | None] = []
-        self._heads: dict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._knockout: Knockout | None = None
         self._handles = [self.arch.hook("resid_pre", i, lambda h, i=i: self._apply(i, h)) for i in range(self.L)]
         self._handles.append(self.arch.hook("resid_post", self.L - 1, lambda h: self._apply(self.L, h)))
         attn = self.arch.spec.attn_module
         self._handles += [register_mask_hook(getattr(layer, attn), self._mask) for layer in self.arch.layers]
-        # Skipping the layers below a row's start runs the base model on a shorter layer list;
-        # every layer keeps its own layer_idx (cache slot). Only where the model's layer loop
-        # does not pick per-layer settings by list index (all layer types equal), and the
-        # layers live at `model.layers`; elsewhere rows run every layer (same results, slower).
-        types = getattr(self.cfg, "layer_types", None)
-        self._layer_owner = self.base if self.arch.spec.layers == "model.layers" and hasattr(self.base, "layers") else None
-        self.can_skip = self._layer_owner is not None and (not types or len(set(types)) == 1)
+        self.can_skip = self._layers_return_hidden()
 
     # --- hooks ----------------------------------------------------------------------------
     def _apply(self, site: int, h: torch.Tensor) -> torch.Tensor:
@@ -117,62 +146,139 @@ class Runner:
             h.remove()
         self._handles = []
 
+    @torch.inference_mode()
+    def _layers_return_hidden(self) -> bool:
+        """Whether a decoder layer's output is the hidden-state tensor itself, so that a
+        skipped layer can pass its input through (:meth:`_skip`); checked on one token."""
+        seen = []
+        h = self.arch.layers[0].register_forward_hook(lambda m, a, out: seen.append(isinstance(out, torch.Tensor)))
+        try:
+            self.base(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
+        finally:
+            h.remove()
+        return bool(seen and seen[0])
+
+    @contextmanager
+    def _skip(self, start: int):
+        """Layers below ``start`` pass their input through (every layer keeps its index,
+        its cache slot and its own settings, so this holds for every architecture)."""
+        skipped = list(self.arch.layers[:start])
+        for layer in skipped:
+            layer.forward = _identity
+        try:
+            yield
+        finally:
+            for layer in skipped:
+                del layer.forward
+
     # --- running --------------------------------------------------------------------------
     def logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """Log-softmax of the logits of final hidden states ``h`` (..., H) (after the final norm)."""
         return torch.log_softmax(unembed(self.lm_head, self.softcap, h), dim=-1)
 
-    def _head_kv(self, head: np.ndarray):
-        key = head.astype(np.int64).tobytes()
-        kv = self._heads.get(key)
-        if kv is None:
-            if len(self._heads) >= 4:  # rows arrive grouped by head: a small cache is enough
-                self._heads.pop(next(iter(self._heads)))
-            ids = torch.as_tensor(head, dtype=torch.long, device=self.device)[None]
-            with torch.inference_mode():
-                out = self.base(input_ids=ids, use_cache=True)
-            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-            self._heads[key] = kv
-        return kv
+    @torch.inference_mode()
+    def heads(self, heads: list[np.ndarray]) -> list[KV]:
+        """Keys and values of every layer for each head, (1, NKV, P, D) per layer: the heads
+        run as right-padded batches under the token budget (one at a time for models with
+        sliding windows)."""
+        out: list[KV | None] = [None] * len(heads)
+        lengths = [len(h) for h in heads]
+        # a sliding-window layer keeps only its window of a padded batch's keys: one head at a time there
+        batches = plan_batches(lengths, self.token_budget) if self.mixed_heads else [[i] for i in range(len(heads))]
+        for batch in batches:
+            B, S = len(batch), max(lengths[i] for i in batch)
+            ids = torch.zeros(B, S, dtype=torch.long)
+            mask = torch.zeros(B, S, dtype=torch.long)
+            for b, i in enumerate(batch):
+                ids[b, : lengths[i]] = torch.as_tensor(heads[i])
+                mask[b, : lengths[i]] = 1
+            pos = torch.arange(S).unsqueeze(0).expand(B, S)
+            o = self.base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                          position_ids=pos.to(self.device), use_cache=True)
+            for b, i in enumerate(batch):
+                n = lengths[i]
+                out[i] = [(la.keys[b : b + 1, :, :n].clone(), la.values[b : b + 1, :, :n].clone())
+                          for la in o.cache.layers]  # (1, NKV, n, D) each
+        return out
+
+    def stream(self, rows: list[Row], capture: bool = False, progress=None) -> Iterator[tuple[int, Out]]:
+        """Run every row; yields ``(row index, Out)`` batch by batch, so that a caller
+        reducing each output at once never holds all the (V,) log-probabilities.
+
+        Rows are split into chunks of distinct heads whose keys and values fit in memory
+        together (heads sorted by first use); in each chunk the heads run once, then the
+        rows of each first layer (``Row.start``) run in batches that mix heads where the
+        model allows (:func:`promptshift.extract.batching.plan_batches`, tails and heads as
+        contexts)."""
+        keys = [r.head.astype(np.int64).tobytes() for r in rows]
+        head_of: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            head_of.setdefault(k, i)
+        chunk: list[bytes] = []
+        used = 0
+        chunks = []
+        for k, i in head_of.items():
+            size = len(rows[i].head) * self._kv_bytes
+            if chunk and used + size > _HEADS_BYTES_BUDGET:
+                chunks.append(chunk)
+                chunk, used = [], 0
+            chunk.append(k)
+            used += size
+        if chunk:
+            chunks.append(chunk)
+        by_head: dict[bytes, list[int]] = {}
+        for i, k in enumerate(keys):
+            by_head.setdefault(k, []).append(i)
+        for chunk in chunks:
+            kv = dict(zip(chunk, self.heads([rows[head_of[k]].head for k in chunk])))
+            groups: dict[tuple, list[int]] = {}
+            for k in chunk:
+                for i in by_head[k]:
+                    start = rows[i].start if self.can_skip else 0
+                    groups.setdefault((start,) if self.mixed_heads else (start, k), []).append(i)
+            for group in groups.values():
+                for batch in self._plan([rows[i] for i in group]):
+                    idx = [group[j] for j in batch]
+                    outs = self._batch([rows[i] for i in idx], [kv[keys[i]] for i in idx], capture,
+                                       rows[idx[0]].start if self.can_skip else 0)
+                    yield from zip(idx, outs)
+                    if progress is not None:
+                        progress.update(len(idx))
+            del kv
 
     def run(self, rows: list[Row], capture: bool = False, progress=None) -> list[Out]:
-        """Run every row; rows with the same head are batched under the token budget."""
+        """Every row's :class:`Out`, in the order of ``rows``."""
         outs: list[Out | None] = [None] * len(rows)
-        groups: dict[tuple[bytes, int], list[int]] = {}
-        for i, r in enumerate(rows):
-            start = r.start if self.can_skip else 0
-            groups.setdefault((r.head.astype(np.int64).tobytes(), start), []).append(i)
-        for (_, start), idx in groups.items():
-            idx = sorted(idx, key=lambda i: -len(rows[i].tail))  # similar lengths together: little padding
-            head = rows[idx[0]].head
-            k = 0
-            while k < len(idx):
-                size = max(1, self.token_budget // (len(head) + len(rows[idx[k]].tail)))
-                chunk = idx[k : k + size]
-                k += size
-                for i, o in zip(chunk, self._batch(head, [rows[i] for i in chunk], capture, start)):
-                    outs[i] = o
-                if progress is not None:
-                    progress.update(len(chunk))
+        for i, o in self.stream(rows, capture, progress):
+            outs[i] = o
         return outs
 
-    @torch.inference_mode()
-    def _batch(self, head: np.ndarray, rows: list[Row], capture: bool, start: int = 0) -> list[Out]:
-        from transformers import DynamicCache
+    def _plan(self, rows: list[Row]) -> list[list[int]]:
+        """Batches of ``rows`` under the token budget and the memory caps."""
+        V = int(self.lm_head.weight.shape[0])
+        max_rows = max(1, _OUT_BYTES_BUDGET // (4 * V))
+        out = []
+        for b in plan_batches([len(r.tail) for r in rows], self.token_budget, contexts=[len(r.head) for r in rows],
+                              bytes_per_qk=4 * self.NH, qk_budget=_ATTN_BYTES_BUDGET,
+                              bytes_per_context=self._kv_bytes, context_budget=_KV_BYTES_BUDGET):
+            out += [b[k : k + max_rows] for k in range(0, len(b), max_rows)]
+        return out
 
-        B, P, dev = len(rows), len(head), self.device
+    @torch.inference_mode()
+    def _batch(self, rows: list[Row], kvs: list[KV], capture: bool, start: int = 0) -> list[Out]:
+        B, dev = len(rows), self.device
+        plen = [len(r.head) for r in rows]
         lens = [len(r.tail) for r in rows]
-        S = max(lens)
+        P, S = max(plen), max(lens)
         ids = torch.zeros(B, S, dtype=torch.long)
-        real = torch.zeros(B, S, dtype=torch.long)
+        mask = torch.zeros(B, P + S, dtype=torch.long)  # head keys (padded to P), then the tail's
         for b, r in enumerate(rows):
             ids[b, : lens[b]] = torch.as_tensor(r.tail)
-            real[b, : lens[b]] = 1
-        mask = torch.cat([torch.ones(B, P, dtype=torch.long), real], dim=1).to(dev)
-        pos = (P + torch.arange(S)).unsqueeze(0).expand(B, S).to(dev)
-        cache = DynamicCache(config=self.model.config)
-        for i, (k, v) in enumerate(self._head_kv(head)):
-            cache.update(k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:]), i)
+            mask[b, : plen[b]] = 1
+            mask[b, P : P + lens[b]] = 1
+        pos = (torch.as_tensor(plen)[:, None] + torch.arange(S)[None, :]).to(dev)  # (B, S)
+        cache = prefilled_cache(self.model.config, kvs, plen, S, n_kv_heads=self._nkv, head_dim=self._hd,
+                                dtype=self._dtype, layer_devices=self._layer_dev)
         last = torch.as_tensor([n - 1 for n in lens], device=dev)
         self._edits = {}
         for b, r in enumerate(rows):
@@ -188,7 +294,9 @@ class Runner:
             ko_start = torch.full((B,), self.L, dtype=torch.long)
             for b, r in enumerate(rows):
                 if r.knockout_keys is not None:
-                    keys[b, : P + lens[b]] = torch.as_tensor(r.knockout_keys[: P + lens[b]])
+                    k = torch.as_tensor(np.asarray(r.knockout_keys, dtype=bool))
+                    keys[b, : plen[b]] = k[: plen[b]]
+                    keys[b, P : P + lens[b]] = k[plen[b] : plen[b] + lens[b]]
                     ko_start[b] = r.knockout_start
             ko = Knockout(keys.to(dev), ko_start.to(dev))
         if capture:
@@ -203,21 +311,17 @@ class Runner:
                 if not full or capture:
                     raise ValueError(f"a row starting at layer {start} must replace every tail position at a site "
                                      ">= its start, and cannot capture the layers it skips")
-        layers = self._layer_owner.layers if start else None
         self._knockout = ko
         try:
-            if start:
-                self._layer_owner.layers = layers[start:]
-            out = self.base(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos, cache=cache,
-                            use_cache=True)
+            with self._skip(start):
+                out = self.base(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos, cache=cache,
+                                use_cache=True)
         finally:
-            if start:
-                self._layer_owner.layers = layers
             self._knockout = None
             self._edits = {}
             self._capture = None
         h = out.last_hidden_state[torch.arange(B, device=dev), last]  # (B, H)
-        lp = self.logprobs(h).cpu()
+        lp = self.logprobs(h).cpu()  # (B, V)
         outs = [Out(lp[b]) for b in range(B)]
         if capture:
             flat = torch.stack(self._captured, dim=1).cpu()  # (N, L+1, H)
@@ -234,24 +338,15 @@ class Runner:
         dev = self.device
         x = torch.as_tensor(ids, dtype=torch.long, device=dev)[None]
         pos = torch.as_tensor(np.asarray(positions), dtype=torch.long, device=dev)
-        grabbed: list[torch.Tensor | None] = [None] * (self.L + 1)
-
-        def grab(site):
-            def hook(mod, args, kwargs, out=None):
-                h = out if out is not None else (args[0] if args else kwargs["hidden_states"])
-                h = h[0] if isinstance(h, tuple) else h
-                grabbed[site] = h[0, pos].float()
-
-            return hook
-
-        hs = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(self.arch.layers)]
-        hs.append(self.arch.layers[-1].register_forward_hook(grab(self.L), with_kwargs=True))
+        self._capture = (torch.zeros_like(pos), pos)
+        self._captured = [None] * (self.L + 1)
         try:
             out = self.base(input_ids=x, use_cache=False)
+            grabbed = torch.stack(self._captured, dim=1).cpu()  # (n, L+1, H)
         finally:
-            for h in hs:
-                h.remove()
-        return torch.stack(grabbed, dim=1).cpu(), self.logprobs(out.last_hidden_state[0, -1]).cpu()
+            self._capture = None
+            self._captured = []
+        return grabbed, self.logprobs(out.last_hidden_state[0, -1]).cpu()
 
 
 def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
@@ -259,4 +354,4 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0.0)
 
 
-__all__ = ["Edit", "Out", "Row", "Runner", "kl"]
+__all__ = ["Edit", "Knockout", "Out", "Row", "Runner", "kl"]

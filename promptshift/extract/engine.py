@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicLayer
 
 from promptshift.errors import ExtractError
 from promptshift.extract.alloc import tune_glibc_malloc
 from promptshift.extract.arch import bind_model
-from promptshift.extract.attention import AttnStats, Packing, get_packing, install, set_packing, set_stats
+from promptshift.extract.attention import AttnStats, Packing, install, set_packing, set_stats
 from promptshift.extract.batching import plan_batches
+from promptshift.extract.kvcache import plain_layers, prefilled_cache
 from promptshift.sweep.chat import REGIONS
 
 R = len(REGIONS)
@@ -116,10 +116,7 @@ class Engine:
         # packed batches (real tokens only through every per-token module): for models whose
         # cache layers are all plain ones (the same condition as for mixing prefixes), on one device
         if packed is None:
-            from transformers import DynamicCache
-
-            packed = (self._can_merge and len(set(self._layer_dev)) == 1
-                      and all(type(la) is DynamicLayer for la in DynamicCache(config=model.config).layers))
+            packed = self._can_merge and len(set(self._layer_dev)) == 1 and plain_layers(model.config)
         self.packed = bool(packed)
         self._last: torch.Tensor | None = None
         self._buf: dict[str, list] = {}
@@ -203,11 +200,9 @@ class Engine:
         Rows may have different prefixes (or none): each row's prefix sits at the start of
         the key axis, padded to the longest, and the mask hides the padding, so one batch
         can mix suffixes of many system prompts. The keys and values are written once into
-        buffers with room for the batch's own tokens (:class:`_Prefilled`), instead of
+        buffers with room for the batch's own tokens (:func:`prefilled_cache`), instead of
         being concatenated in every layer of every forward pass. Packed batches get such
         buffers even without a prefix: their cache is where the keys are unpacked."""
-        from transformers import DynamicCache
-
         B = len(prefixes)
         offsets = [p.length if p is not None else 0 for p in prefixes]
         P = max(offsets)
@@ -215,32 +210,13 @@ class Engine:
             return offsets, 0, None, None, None
         k_reg = torch.full((B, P), -1, dtype=torch.long)
         mask = torch.zeros(B, P, dtype=torch.long)
-        cache = DynamicCache(config=self.model.config)
-        rows: dict[int, list[int]] = {}  # prefix -> its rows
         for b, p in enumerate(prefixes):
             if p is not None:
-                rows.setdefault(id(p), []).append(b)
-        groups = []
-        for bs in rows.values():
-            p = prefixes[bs[0]]
-            idx = slice(bs[0], bs[-1] + 1) if bs == list(range(bs[0], bs[-1] + 1)) else torch.as_tensor(bs)
-            k_reg[idx, : p.length] = torch.as_tensor(p.regions.astype(np.int64))
-            mask[idx, : p.length] = 1
-            groups.append((idx, p))
-        for i in range(self.L):
-            if type(cache.layers[i]) is DynamicLayer:
-                kb = torch.zeros(B, self._nkv, P + S, self._hd, dtype=self._dtype, device=self._layer_dev[i])  # zeros:
-                vb = torch.zeros_like(kb)  # masked slots must be finite
-                for idx, p in groups:
-                    k, v = p.kv[i]
-                    kb[idx, :, : p.length] = k
-                    vb[idx, :, : p.length] = v
-                cache.layers[i] = _Prefilled(kb, vb, P)
-            else:  # other layer types (sliding windows): their own update, on a padded copy
-                z = torch.zeros(1, self._nkv, P, self._hd, dtype=self._dtype, device=self._layer_dev[i])
-                ks = [F.pad(p.kv[i][0], (0, 0, 0, P - p.length)) if p is not None else z for p in prefixes]
-                vs = [F.pad(p.kv[i][1], (0, 0, 0, P - p.length)) if p is not None else z for p in prefixes]
-                cache.update(torch.cat(ks), torch.cat(vs), i)
+                k_reg[b, : p.length] = torch.as_tensor(p.regions.astype(np.int64))
+                mask[b, : p.length] = 1
+        cache = prefilled_cache(self.model.config, [p.kv if p is not None else None for p in prefixes], offsets, S,
+                                n_kv_heads=self._nkv, head_dim=self._hd, dtype=self._dtype,
+                                layer_devices=self._layer_dev)
         return offsets, P, cache, k_reg, mask
 
     def _forward(self, ids_list, regions_list, prefixes: list[Prefix | None], keep_local, want_output: bool,
@@ -506,36 +482,6 @@ class Engine:
                     break
             res.append(row[:n].astype(np.int32))
         return res
-
-
-class _Prefilled(DynamicLayer):
-    """A layer's key/value cache whose prefix is already in a buffer with room for the
-    batch's own tokens: the forward pass writes its keys into the buffer instead of
-    concatenating (one copy of the prefix per batch rather than three). Beyond the buffer
-    (decoding) it grows by concatenation, like any dynamic layer."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        super().__init__()
-        self._kbuf, self._vbuf = keys, values  # (B, NKV, T, D)
-        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
-        self.device = keys.device
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        pk = get_packing()  # a packed batch's keys are (1, NKV, N, D): they go to its padded slots
-        n0 = self.keys.shape[-2]
-        n1 = n0 + (pk.S if pk is not None else key_states.shape[-2])
-        if self._kbuf is not None and n1 <= self._kbuf.shape[-2]:
-            if pk is not None:
-                self._kbuf[pk.b, :, n0 + pk.s] = key_states[0].transpose(0, 1)  # (N, NKV, D)
-                self._vbuf[pk.b, :, n0 + pk.s] = value_states[0].transpose(0, 1)
-            else:
-                self._kbuf[:, :, n0:n1] = key_states
-                self._vbuf[:, :, n0:n1] = value_states
-            self.keys, self.values = self._kbuf[:, :, :n1], self._vbuf[:, :, :n1]
-            return self.keys, self.values
-        self._kbuf = self._vbuf = None
-        return super().update(key_states, value_states, *args, **kwargs)
 
 
 # Rows per chunk of the logit lens, as bytes of one (rows, vocab) float32 buffer. The lens
