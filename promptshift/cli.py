@@ -268,30 +268,39 @@ def slurm(
 
 @app.command()
 def causal(
-    sweep: Optional[str] = SweepArg,
-    store: Path = typer.Option(..., help="store extracted from SWEEP (results are added to it)"),
+    sweep: Optional[str] = typer.Argument(None, help="the sweep the store was extracted with (optional: the store "
+                                          "holds it; when given, it is checked against the store's)"),
+    store: Path = typer.Option(..., help="store made by `extract` (the results are added to it)"),
     analysis: list[str] = typer.Option(["all"], help="patching, knockout, phrases, steering, multiturn or all "
                                        "(repeat the option for several)"),
     users: Optional[int] = typer.Option(None, help="only N user prompts, spread evenly over the sweep (default: all)"),
     suite: str = typer.Option("multiturn", help="multi-turn suite (name or YAML) for the multiturn analysis"),
     max_new_tokens: int = typer.Option(16, help="reply length for the multi-turn rule check"),
-    model: Optional[str] = typer.Option(None, help="model: HF id, local dir or .gguf (default: embedded SmolLM2)"),
+    model: Optional[str] = typer.Option(None, help="load the weights from here (HF id, local dir or .gguf) instead "
+                                        "of the store's model; they must be the same weights (sha256)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: auto)"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype: auto, float32, float16, bfloat16"),
-    chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file for models without one"),
+    chat_template: Optional[str] = typer.Option(None, help="with SWEEP: Jinja chat template file for models "
+                                                "without one (the store's sweep names its own)"),
     trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
     allow_pickle: bool = typer.Option(False, help="allow pickled .bin weights (they can run code)"),
     progress: bool = typer.Option(True, help="show progress bars"),
     skip_done: bool = typer.Option(False, help="skip the analyses already in the store for these user prompts "
                                    "(resume after an interruption)"),
-    baseline: Optional[str] = _baseline_option(),
+    baseline: Optional[str] = typer.Option(None, help="with SWEEP: its baseline condition, as for `extract` (the "
+                                           "store's sweep holds the one it was extracted with)"),
 ):
     """Causal analyses (activation patching, system-span knockout, phrase ablation, steering
     vectors, multi-turn decay) with the model, written into the store for `metrics`."""
     from promptshift.causal import CausalConfig, run_causal
+    from promptshift.errors import SweepError
     from promptshift.sweep.config import load_sweep
 
-    s = load_sweep(sweep, **_sweep_overrides(model, None, None, chat_template, trust_remote_code, baseline=baseline))
+    if sweep is None and (baseline is not None or chat_template is not None):
+        raise SweepError("--baseline and --chat-template describe a sweep: give SWEEP with them, or leave them out "
+                         "(the store's own sweep is used)")
+    s = (load_sweep(sweep, **_sweep_overrides(None, None, None, chat_template, None, baseline=baseline))
+         if sweep is not None else None)
     if skip_done:
         from promptshift.causal import missing_analyses
         from promptshift.store import open_store
@@ -303,8 +312,8 @@ def causal(
             return
         analysis = left
     cfg = CausalConfig(store=str(store), analyses=tuple(analysis), users=users, suite=suite,
-                       max_new_tokens=max_new_tokens, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                       progress=progress)
+                       max_new_tokens=max_new_tokens, model=model, device=device, dtype=dtype,
+                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
     timings = run_causal(s, cfg)
     typer.echo(f"store {store}: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
 

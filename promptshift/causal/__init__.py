@@ -35,8 +35,10 @@ class CausalConfig:
     users: int | None = None  # N user prompts spread evenly over the sweep (default: all); see scope_users
     suite: str = "multiturn"  # multi-turn suite for `multiturn`
     max_new_tokens: int = 16  # reply length for the multi-turn adherence check
+    model: str | None = None  # load the weights from here instead of the sweep's model (checked by sha256)
     device: str | None = None
     dtype: str | None = None
+    trust_remote_code: bool = False  # allow the model repository's own code (also if the sweep allows it)
     allow_pickle: bool = False
     progress: bool = True
     token_budget: int = 4096
@@ -58,28 +60,34 @@ class CausalConfig:
 
 
 def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None, tok=None) -> dict[str, float]:
-    """Run the configured analyses on the store's sweep; returns seconds per analysis."""
+    """Run the configured analyses on the store's sweep; returns seconds per analysis.
+
+    The sweep and the model come from the store (its plan holds the resolved sweep, its
+    provenance the weights' and chat template's sha256). ``sweep`` is optional: when
+    given, it must describe the same content as the store's (checked key by key, without
+    rebuilding the plan); ``cfg.model`` or ``model`` (an in-memory model, with ``tok``)
+    replace where the weights come from, and must hash to the store's weights."""
     from promptshift.causal.runner import Runner
     from promptshift.extract.run import provenance
-    from promptshift.sweep.plan import build_plan, load_plan_inputs
+    from promptshift.models import chat_template_hash, load_tokenizer
 
-    if not isinstance(sweep, SweepConfig):
-        sweep = load_sweep(sweep)
     store = cfg.store if isinstance(cfg.store, Store) else open_store(cfg.store, mode="r+")
     plan = store.plan
+    if sweep is not None:
+        check_sweep(sweep if isinstance(sweep, SweepConfig) else load_sweep(sweep), plan.sweep, store.path)
+    sweep = plan.sweep
+    spec = cfg.model if cfg.model is not None else sweep.model
+    trust = sweep.trust_remote_code or cfg.trust_remote_code
     if tok is None:
-        tok, dims = load_plan_inputs(sweep)
-    else:
-        from promptshift.sweep.plan import ModelDims
-
-        dims = ModelDims.from_config(model.config)
-    if build_plan(sweep, tok, dims).hash() != store.attrs.get("plan_hash"):
-        raise CausalError(f"the store {cfg.store} holds a different sweep (or model or settings) than the one given; "
-                          "pass the sweep the store was extracted with")
+        tok = load_tokenizer(spec, sweep.chat_template, trust)
+    want = store.provenance.get("chat_template_sha256")
+    if want is not None and chat_template_hash(tok) != want:
+        raise CausalError(f"the chat template of model {spec!r} is not the one the store {store.path} was rendered "
+                          "with; load the same model (and --chat-template)")
     if model is None:
         from promptshift.models import load_model
 
-        model = load_model(sweep.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=sweep.trust_remote_code,
+        model = load_model(spec, device=cfg.device, dtype=cfg.dtype, trust_remote_code=trust,
                            allow_pickle=cfg.allow_pickle)
     sha = provenance(model, tok, sweep, plan)["weights_sha256"]
     if sha != store.provenance.get("weights_sha256"):
@@ -110,6 +118,23 @@ def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None
     return timings
 
 
+def check_sweep(given: SweepConfig, stored: SweepConfig, where) -> None:
+    """Refuse a sweep whose content (prompts, baseline, what is kept: everything that
+    decides the plan, except where the model is loaded from, which the weights' hash
+    checks) differs from the one the store was extracted with; names the first difference."""
+    from promptshift.sweep.config import content_dict
+    from promptshift.sweep.plan import EXECUTION_ONLY
+
+    def content(s: SweepConfig) -> dict:
+        return {k: v for k, v in content_dict(s.to_dict()).items() if k not in EXECUTION_ONLY and k != "model"}
+
+    a, b = content(given), content(stored)
+    diff = next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), None)
+    if diff is not None:
+        raise CausalError(f"the store {where} holds a different sweep than the one given (`{diff}` differs); pass the "
+                          "sweep the store was extracted with, or none (the store's own is used)")
+
+
 def scope_users(sweep: SweepConfig, n: int | None) -> list[str]:
     """The user prompts the analyses cover: all, or ``n`` of them spread evenly over the
     sweep's order (every k-th), so that a subset of a sweep ordered by category still
@@ -121,10 +146,10 @@ def scope_users(sweep: SweepConfig, n: int | None) -> list[str]:
     return [ids[i] for i in pick]
 
 
-def missing_analyses(store: Store, sweep: SweepConfig, users: int | None = None) -> tuple[str, ...]:
+def missing_analyses(store: Store, sweep: SweepConfig | None = None, users: int | None = None) -> tuple[str, ...]:
     """The analyses not yet in ``store`` for this scope (an analysis run on other user
-    prompts counts as missing), in the order they run."""
-    want = scope_users(sweep, users)
+    prompts counts as missing), in the order they run; ``sweep`` defaults to the store's."""
+    want = scope_users(sweep if sweep is not None else store.plan.sweep, users)
     done = set(store.causal_analyses())
     out = []
     for name in ANALYSES:
@@ -150,7 +175,7 @@ def _multiturn(model, tok, sweep: SweepConfig, cfg: CausalConfig):
         engine.remove_hooks()
 
 
-__all__ = ["ANALYSES", "CausalConfig", "CausalError", "missing_analyses", "run_causal", "scope_users"]
+__all__ = ["ANALYSES", "CausalConfig", "CausalError", "check_sweep", "missing_analyses", "run_causal", "scope_users"]
 
 
 # `promptshift.causal(...)` runs the stage (promptshift.api.causal); the subpackage stays as it is

@@ -390,8 +390,9 @@ def test_bad_input(store, sweep, tok, model, tmp_path):
                    model=tiny_llama(tok, n_layers=4, seed=9), tok=tok)
 
 
-def test_cli_on_a_zarr_store(tmp_path, tok):
-    """`promptshift causal` end to end on a saved tiny model; metrics picks the results up."""
+def test_cli_on_a_zarr_store(tmp_path, tok, capsys):
+    """`promptshift causal` end to end on a saved tiny model, with the sweep given (and
+    checked) and without it (read from the store); metrics picks the results up."""
     from promptshift.cli import main
 
     d = tmp_path / "m"
@@ -403,9 +404,19 @@ def test_cli_on_a_zarr_store(tmp_path, tok):
         main(["extract", str(sw), "--store", str(st), "--no-progress"])
     assert e.value.code == 0
     with pytest.raises(SystemExit) as e:
-        main(["causal", str(sw), "--store", str(st), "--analysis", "patching", "--analysis", "knockout",
-              "--users", "2", "--no-progress"])
+        main(["causal", str(sw), "--store", str(st), "--analysis", "patching", "--users", "2", "--no-progress"])
     assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:  # no sweep: the store's own, and its model
+        main(["causal", "--store", str(st), "--analysis", "knockout", "--users", "2", "--no-progress"])
+    assert e.value.code == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a sweep option without a sweep
+        main(["causal", "--store", str(st), "--baseline", "no_system_turn", "--no-progress"])
+    assert e.value.code != 0 and "give SWEEP" in capsys.readouterr().err
+    other = write_sweep(tmp_path / "s.yaml", model=str(d), max_new_tokens=0, top_k=4, lens_top_k=3)
+    with pytest.raises(SystemExit) as e:  # the same path, other content: refused, naming what differs
+        main(["causal", str(other), "--store", str(st), "--analysis", "knockout", "--no-progress"])
+    assert e.value.code != 0 and "`lens_top_k` differs" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["causal", str(sw), "--store", str(st), "--analysis", "nope", "--no-progress"])
     assert e.value.code == 2
