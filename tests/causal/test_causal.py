@@ -241,6 +241,115 @@ def test_all_analyses_stored(store, full, sweep, model):
     assert_below(pa["kl"][:, :, -1], _stored_kl_floor(store)[:, None], "patching at site L")
 
 
+def _hf_run(model, ids, *, pre=(), post=None, attn_pre=()):
+    """Reference: one plain HF forward (eager attention) of ``ids`` with hooks written here:
+    ``pre`` (layer, fn(hidden) -> hidden) on layer inputs, ``post`` fn(hidden) -> hidden on
+    the last layer's output (before the final norm), ``attn_pre`` (layer, fn(mask) -> mask)
+    on the 4D additive mask an attention module gets. Returns the last position's float64
+    log-probabilities, every layer's input and the last layer's output, and the largest
+    |logit| (the scale of the logits' rounding)."""
+    handles, grabbed = [], {}
+    layers = model.model.layers
+
+    def grab(i):
+        def hook(mod, args, kwargs):
+            grabbed[i] = (args[0] if args else kwargs["hidden_states"])[0].detach().clone()
+        return hook
+
+    for i in range(len(layers)):
+        handles.append(layers[i].register_forward_pre_hook(grab(i), with_kwargs=True))
+    for layer, fn in pre:
+        def hook(mod, args, kwargs, fn=fn):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+        handles.append(layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+
+    def last(mod, args, out):
+        out = post(out) if post is not None else out
+        grabbed[len(layers)] = out[0].detach().clone()
+        return out
+
+    handles.append(layers[-1].register_forward_hook(last))
+    for layer, fn in attn_pre:
+        def hook(mod, args, kwargs, fn=fn):
+            return args, {**kwargs, "attention_mask": fn(kwargs["attention_mask"])}
+        handles.append(layers[layer].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            x = torch.as_tensor(ids)[None]
+            out = model(x, attention_mask=torch.ones_like(x))
+    finally:
+        for h in handles:
+            h.remove()
+    z = out.logits[0, -1].double()
+    return torch.log_softmax(z, -1), torch.stack([grabbed[i] for i in range(len(layers) + 1)]), float(z.abs().max())
+
+
+def _kl64(p, q):
+    return float((p.exp() * (p - q)).sum())
+
+
+def test_analyses_against_a_plain_hf_loop(store, full, model):
+    """Every stored value of patching (both modes), knockout and steering, for every pair
+    and site, recomputed one run at a time by a plain Hugging Face forward with hooks
+    written here (eager attention, no key/value cache, no batching, no skipped layers),
+    within the float32 rounding of the compared quantities."""
+    _eager(model)
+    plan, L, V = store.plan, model.config.num_hidden_layers, model.config.vocab_size
+    pa, _ = store.read_causal("patching")
+    ko, _ = store.read_causal("knockout")
+    stv, _ = store.read_causal("steering")
+    pairs = plan.pairs
+    runs = {p: _hf_run(model, plan.prompt_tokens(p)) for p in set(pairs["variant"]) | set(pairs["baseline"])}
+    n_keys = int(plan.prompts["n_tokens"].max())
+
+    def check(got_kl, got_lp, lp_v, ref, scale, what):
+        # each log-probability is within `lpb` of the exact one in either computation; KL moves
+        # by at most the two sides' errors plus the variant's error times E_p|log p_v - log q|
+        y = int(lp_v.argmax())
+        lpb = logprob_bound(model.config, n_keys, scale, float(ref.abs().max()), V)
+        spread = float((lp_v.exp() * (lp_v - ref).abs()).sum())
+        assert_within(got_kl, _kl64(lp_v, ref), lpb * (2 + spread), what)
+        assert_within(got_lp, float(ref[y]), 2 * lpb, what)
+
+    for i, r in pairs.iterrows():
+        v, b = int(r.variant), int(r.baseline)
+        lp_v, h_v, sc_v = runs[v]
+        lp_b, h_b, _ = runs[b]
+        b_ids, v_ids, reg = plan.prompt_tokens(b), plan.prompt_tokens(v), plan.prompt_regions(v)
+        vs, bs, n = int(r.v_suffix_start), int(r.b_suffix_start), int(r.suffix_len)
+        for site in range(L + 1):
+            for m, (src, dst) in enumerate([(slice(vs, vs + n), slice(bs, bs + n)), (slice(-1, None), slice(-1, None))]):
+                def put(h, site=site, src=src, dst=dst):
+                    h = h.clone()
+                    h[0, dst] = h_v[site][src]
+                    return h
+                ref, _, sc = (_hf_run(model, b_ids, pre=[(site, put)]) if site < L
+                              else _hf_run(model, b_ids, post=put))
+                check(pa["kl"][i, m, site], pa["lp"][i, m, site], lp_v, ref, max(sc, sc_v), f"patching {i} {m} {site}")
+        end = int(np.flatnonzero(reg == SYSTEM)[-1]) + 1
+        hide = torch.zeros(len(v_ids), len(v_ids), dtype=torch.bool)
+        hide[end:, torch.as_tensor(reg == SYSTEM)] = True  # queries after the system prompt, system keys
+
+        def knock(mask):
+            return mask.masked_fill(hide[None, None], torch.finfo(mask.dtype).min)
+        for start in range(L + 1):
+            ref, _, sc = _hf_run(model, v_ids, attn_pre=[(la, knock) for la in range(start, L)])
+            check(ko["kl"][i, start], ko["lp"][i, start], lp_v, ref, max(sc, sc_v), f"knockout {i} {start}")
+        # steering: the mean last-position difference of the other user prompts of this system prompt
+        others = pairs[(pairs["system"] == r.system) & (pairs["user_id"] != r.user_id)]
+        vec = torch.stack([runs[int(o.variant)][1][:, -1] - runs[int(o.baseline)][1][:, -1]
+                           for o in others.itertuples()]).mean(0)  # (L+1, H)
+        for site in range(L + 1):
+            def add(h, site=site):
+                h = h.clone()
+                h[0, -1] += vec[site]
+                return h
+            ref, _, sc = _hf_run(model, b_ids, pre=[(site, add)]) if site < L else _hf_run(model, b_ids, post=add)
+            check(stv["kl"][i, site], stv["lp"][i, site], lp_v, ref, max(sc, sc_v), f"steering {i} {site}")
+
+
 def test_curves_are_ratios_of_sums(full):
     long, curve = full["causal_patching"], full["causal_patching_curve"]
     for (mode, site), g in long.groupby(["mode", "site"]):
