@@ -84,6 +84,7 @@ def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None
     if want is not None and chat_template_hash(tok) != want:
         raise CausalError(f"the chat template of model {spec!r} is not the one the store {store.path} was rendered "
                           "with; load the same model (and --chat-template)")
+    check_rendering(plan, tok, store.path)
     if model is None:
         from promptshift.models import load_model
 
@@ -101,7 +102,7 @@ def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None
         for name in cfg.analyses:
             t0 = time.perf_counter()
             if name == "multiturn":
-                arrays, meta = _multiturn(model, tok, sweep, cfg)
+                arrays, meta = _multiturn(model, tok, sweep, cfg, plan)
             else:
                 if refs is None:
                     refs = Refs(runner, plan, scope)
@@ -135,6 +136,33 @@ def check_sweep(given: SweepConfig, stored: SweepConfig, where) -> None:
                           "sweep the store was extracted with, or none (the store's own is used)")
 
 
+def check_rendering(plan, tok, where) -> None:
+    """The analyses re-render prompts (phrase ablation, multi-turn): the tokenizer and
+    template must render the store's prompts as they did at plan time. The first pair's
+    variant is re-rendered, at the plan's template clock (so a store planned before midnight
+    stays valid after it); another tokenizer version or template is refused by name."""
+    from promptshift.sweep.chat import conversation, render
+
+    if not len(plan.pairs):
+        return
+    pair = plan.pairs.iloc[0]
+    system = next(s for s in plan.sweep.system_prompts if s.name == pair.system)
+    user = next(u for u in plan.sweep.user_prompts if u.id == pair.user_id)
+    clock = plan.template_clock()
+    r = render(tok, conversation(tok, system.text, user.text, no_system_role=plan.sweep.no_system_role, clock=clock),
+               clock=clock)
+    v = int(pair.variant)
+    if r.text != plan.prompts.text[v]:
+        why = "the chat template renders it differently (another template or template version)"
+    elif not np.array_equal(r.ids, plan.prompt_tokens(v)):
+        why = ("the tokenizer splits it differently (another tokenizer or tokenizers version; the store's provenance "
+               "records the versions it was planned with)")
+    else:
+        return
+    raise CausalError(f"prompt {v} ({pair.system}, {pair.user_id}) of the store {where} does not render as it did "
+                      f"when it was planned: {why}")
+
+
 def scope_users(sweep: SweepConfig, n: int | None) -> list[str]:
     """The user prompts the analyses cover: all, or ``n`` of them spread evenly over the
     sweep's order (every k-th), so that a subset of a sweep ordered by category still
@@ -161,7 +189,7 @@ def missing_analyses(store: Store, sweep: SweepConfig | None = None, users: int 
     return tuple(out)
 
 
-def _multiturn(model, tok, sweep: SweepConfig, cfg: CausalConfig):
+def _multiturn(model, tok, sweep: SweepConfig, cfg: CausalConfig, plan):
     from promptshift.causal.multiturn import load_multiturn, multiturn
     from promptshift.extract.engine import Engine
     from promptshift.models import eos_ids
@@ -170,12 +198,14 @@ def _multiturn(model, tok, sweep: SweepConfig, cfg: CausalConfig):
     engine = Engine(model, components=(), top_k=1, lens_top_k=1, token_budget=cfg.token_budget)
     try:
         return multiturn(engine, tok, suite, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids(model, tok),
-                         progress=cfg.progress)
+                         progress=cfg.progress, no_system_role=sweep.no_system_role, clock=plan.template_clock(),
+                         context=plan.dims.max_positions)
     finally:
         engine.remove_hooks()
 
 
-__all__ = ["ANALYSES", "CausalConfig", "CausalError", "check_sweep", "missing_analyses", "run_causal", "scope_users"]
+__all__ = ["ANALYSES", "CausalConfig", "CausalError", "check_rendering", "check_sweep", "missing_analyses", "run_causal",
+           "scope_users"]
 
 
 # `promptshift.causal(...)` runs the stage (promptshift.api.causal); the subpackage stays as it is

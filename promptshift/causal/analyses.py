@@ -240,6 +240,7 @@ def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=No
     key = {(r.system, r.user_id): r for r in pairs.itertuples()}
     phrase_rows, rows, where = [], [], []
     user_text = {x.id: x.text for x in sweep.user_prompts}
+    clock = plan.template_clock()  # a template that reads the clock renders as it did for the plan
     for s in systems:
         spans = split_phrases(s.text)
         for j, span in enumerate(spans):
@@ -251,8 +252,8 @@ def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=No
             for u_i, u in enumerate(users):
                 base = plan.prompt_tokens(int(key[(s.name, u)].baseline))
                 if text.strip():
-                    msgs = conversation(tok, text, user_text[u], no_system_role=sweep.no_system_role)
-                    ids = render(tok, msgs).ids
+                    msgs = conversation(tok, text, user_text[u], no_system_role=sweep.no_system_role, clock=clock)
+                    ids = render(tok, msgs, clock=clock).ids
                 else:  # the only phrase: leaving it out leaves the baseline
                     ids = base
                 group.append(ids)
@@ -340,10 +341,14 @@ def token_attribution(runner: Runner, plan, scope: Scope, refs: Refs, systems, k
         sys_idx0 = np.flatnonzero(reg0 == SYSTEM)
         spans = split_phrases(s.text)
         u0 = next(x.text for x in plan.sweep.user_prompts if x.id == users[0])
-        rd = render(tok, conversation(tok, s.text, u0, no_system_role=plan.sweep.no_system_role))
-        at = rd.text.find(s.text.strip()) - (len(s.text) - len(s.text.lstrip()))
+        clock = plan.template_clock()
+        rd = render(tok, conversation(tok, s.text, u0, no_system_role=plan.sweep.no_system_role, clock=clock),
+                    clock=clock)
+        sp = next(x for x in rd.spans if x.region == "system" and x.message >= 0)
         for t, p in enumerate(sys_idx0):
-            c = int(rd.offsets[p][0]) - at  # character offset of the token inside the system text
+            # character offset of the token inside the system text (a token may start with the
+            # template's whitespace before it, or the template may have trimmed the text)
+            c = max(int(rd.offsets[p][0]), sp.start) - sp.start + sp.source_start
             while c < len(s.text) and s.text[c].isspace():
                 c += 1
             phrase = next((j for j, (a, b) in enumerate(spans) if a <= c < b), -1)

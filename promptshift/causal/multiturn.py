@@ -30,7 +30,7 @@ import yaml
 
 from promptshift.errors import SweepError
 from promptshift.sweep.behaviour import Check, evaluate, parse_check
-from promptshift.sweep.chat import REGION_CODE, render
+from promptshift.sweep.chat import REGION_CODE, TemplateClock, dialogue, render
 
 CONDITIONS = ("system", "system_plain", "no_system")
 # rules whose marker can be taken out of a scripted reply (`system_plain`)
@@ -112,18 +112,40 @@ def messages(suite: dict, conv: dict, t: int, condition: str) -> list[dict]:
     return out
 
 
-def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(), progress: bool = True):
+def template_messages(tok, suite: dict, conv: dict, t: int, condition: str, *, no_system_role: str = "error",
+                      clock: TemplateClock | None = None) -> list[dict]:
+    """:func:`messages` under the template's abilities: a template without a system role
+    gets the rule folded into the first user message (``no_system_role: prepend_to_user``)
+    or is refused, as in the sweep."""
+    msgs = messages(suite, conv, t, condition)
+    system = msgs[0]["content"]
+    return dialogue(tok, system or None, msgs[1:], no_system_role=no_system_role, empty_system=not system,
+                    clock=clock)
+
+
+def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(), progress: bool = True,
+              no_system_role: str = "error", clock: TemplateClock | None = None, context: int | None = None):
     """Run every (condition, conversation, turn) with attention statistics and a greedy
-    reply; returns ``(arrays, meta)`` for :meth:`Store.write_causal`."""
+    reply; returns ``(arrays, meta)`` for :meth:`Store.write_causal`.
+
+    ``no_system_role`` and ``clock`` are the sweep's policy and its plan's template clock, so
+    the dialogues render like the sweep's prompts; ``context`` (the model's positions) refuses
+    a dialogue that, with its reply, would not fit. Where the template puts the system text
+    is recorded per row (``system_after_turns``: user turns rendered before it; Mistral v0.3
+    puts it into the last user turn, so attention to it is not measured across the dialogue)."""
     from promptshift.causal.analyses import _bar
     from promptshift.extract.engine import Item
+    from promptshift.sweep.plan import check_context
 
     check = suite["check"]
     rows = []
     for cond in CONDITIONS:
         for ci, conv in enumerate(suite["conversations"]):
             for t in range(1, len(conv["turns"]) + 1):
-                r = render(tok, messages(suite, conv, t, cond))
+                r = render(tok, template_messages(tok, suite, conv, t, cond, no_system_role=no_system_role,
+                                                  clock=clock), clock=clock)
+                check_context(len(r.ids), max_new_tokens, context,
+                              f"multi-turn conversation {conv['id']!r} at turn {t} ({cond})")
                 rows.append((cond, ci, t, r))
     L = engine.L
     n = len(rows)
@@ -142,12 +164,16 @@ def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(),
         bar.update(len(batch))
     bar.close()
     sys_code, sink = REGION_CODE["system"], REGION_CODE["sink"]
+    after = np.full(n, -1, np.int16)
     for i, (cond, ci, t, r) in enumerate(rows):
         res = results[i]
         reply = tok.decode([int(x) for x in res.gen_ids if int(x) not in set(eos_ids)], skip_special_tokens=True)
         replies.append(reply)
         obey[i] = obeys(reply, check)
         is_sys = r.regions == sys_code
+        sys_span = next((sp for sp in r.spans if sp.region == "system"), None)
+        if sys_span is not None:
+            after[i] = sum(1 for sp in r.spans if sp.region == "user" and sp.end <= sys_span.start)
         if is_sys.any():
             row = res.last_row.astype(np.float64)  # (n_tokens, L, NH)
             sink_mass = row[r.regions == sink].sum(0)  # (L, NH)
@@ -167,10 +193,12 @@ def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(),
         "sys_mass": (sys_mass, ("row", "layer")),
         "uniform_share": (share, ("row",)),
         "obeys": (obey, ("row",)),
+        "system_after_turns": (after, ("row",)),
     }
     meta = {"conditions": list(CONDITIONS), "conversations": [c["id"] for c in suite["conversations"]],
-            "rule": suite["rule"], "suite": suite["name"], "replies": replies, "max_new_tokens": max_new_tokens}
+            "rule": suite["rule"], "suite": suite["name"], "replies": replies, "max_new_tokens": max_new_tokens,
+            "system_after_turns": "user turns the template renders before the system text (-1: none)"}
     return arrays, meta
 
 
-__all__ = ["CONDITIONS", "load_multiturn", "messages", "multiturn", "obeys", "plain"]
+__all__ = ["CONDITIONS", "load_multiturn", "messages", "multiturn", "obeys", "plain", "template_messages"]

@@ -307,7 +307,7 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
         from promptshift.sweep.plan import ModelDims
 
         dims = ModelDims.from_config(model.config)
-    plan = build_plan(sweep, tok, dims)
+    plan = build_plan(sweep, tok, dims, clock=stored_clock(cfg.store, cfg.format, cfg.overwrite))
     if model is None:
         model = load_model(sweep.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=sweep.trust_remote_code,
                            allow_pickle=cfg.allow_pickle)
@@ -320,7 +320,16 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     try:
         if derived:  # before anything is written: the store will keep resid_pre at layer 0 only
             engine.check_residual_chain()
-        store = Store.create(cfg.store, plan, provenance(model, tok, sweep, plan), cfg.format, cfg.overwrite)
+        try:
+            store = Store.create(cfg.store, plan, provenance(model, tok, sweep, plan), cfg.format, cfg.overwrite)
+        except StoreError:
+            # another worker created the store first, with its own reading of a clock the
+            # template uses: follow that worker's plan (any other difference is reported)
+            clock = stored_clock(cfg.store, cfg.format, cfg.overwrite)
+            if clock is None or clock == plan.template_clock():
+                raise
+            plan = build_plan(sweep, tok, dims, clock=clock)
+            store = Store.create(cfg.store, plan, provenance(model, tok, sweep, plan), cfg.format, cfg.overwrite)
     except BaseException:
         engine.remove_hooks()
         raise
@@ -365,6 +374,22 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
         if cfg.requeue:
             _slurm_requeue()
     return store
+
+
+def stored_clock(path, fmt: str = "zarr", overwrite: bool = False):
+    """The template clock of the plan a store at ``path`` already holds (a resume, a task
+    started after the plan step, possibly the next day), or None: rendering a template that
+    reads the clock (Llama 3.2's "Today Date") at that time gives the plan the store holds."""
+    from pathlib import Path
+
+    from promptshift.store.core import open_store
+
+    if path is None or overwrite or fmt == "null" or not Path(path).exists():
+        return None
+    try:
+        return open_store(path).plan.template_clock()
+    except (StoreError, OSError, ValueError, KeyError):  # Store.create reports what is wrong with it
+        return None
 
 
 class _StopSignals:

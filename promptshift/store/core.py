@@ -217,9 +217,13 @@ class Store:
             else:
                 existing = open_store(path)
                 if existing.attrs.get("plan_hash") != plan_hash:
+                    try:
+                        why = existing.plan.difference(plan) or "another sweep, model or settings"
+                    except Exception:  # an unreadable plan: say what is certain
+                        why = "another sweep, model or settings"
                     raise StoreError(
-                        f"{path} holds a different plan (another sweep, model or settings); pass --overwrite to "
-                        "replace it, or choose another --store path"
+                        f"{path} holds a different plan ({why}); pass --overwrite to replace it, or choose another "
+                        "--store path"
                     )
                 return open_store(path, mode="r+")
         try:
@@ -255,6 +259,11 @@ class Store:
         for name, a in (("plan_token_ids", plan.token_ids), ("plan_token_region", plan.token_region),
                         ("plan_token_turn", plan.token_turn)):
             jobs.append((name, a.shape, a.dtype, (max(1, min(a.size, 1 << 20)),), ("plan_token",), 0, a))
+        # what `verify` rechecks the regions from: each token's character span, each content's span
+        for name, a, dims in (("plan_token_offsets", plan.token_offsets, ("plan_token", "plan_edge")),
+                              ("plan_spans", plan.spans, ("plan_span", "plan_span_field"))):
+            if a is not None:
+                jobs.append((name, a.shape, a.dtype, (max(1, min(len(a), 1 << 19)), a.shape[1]), dims, 0, a))
 
         def make(job):
             name, shape, dtype, chunks, dims, fill, value = job
@@ -278,11 +287,15 @@ class Store:
         from promptshift.sweep.plan import Plan
 
         blob = np.asarray(self.backend.array("plan_json")[...], dtype=np.uint8).tobytes()
+        names = set(self.names())
+        extra = {k: self.backend.array(name)[...] for k, name in (("token_offsets", "plan_token_offsets"),
+                                                                   ("spans", "plan_spans")) if name in names}
         return Plan.from_json(
             json.loads(blob.decode("utf-8")),
             self.backend.array("plan_token_ids")[...],
             self.backend.array("plan_token_region")[...],
             self.backend.array("plan_token_turn")[...],
+            **extra,
         )
 
     @property

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from promptshift.errors import ShardSpecError, SweepError, TemplateError
-from promptshift.sweep.chat import REGION_CODE, REGIONS, Rendered, conversation, injected_default_system, render
+from promptshift.sweep.chat import (REGION_CODE, REGIONS, Rendered, TemplateClock, conversation, injected_default_system,
+                                    render, template_reads_clock)
 from promptshift.sweep.config import SweepConfig, content_dict
 
 PLAN_VERSION = 1
@@ -66,6 +67,10 @@ class Plan:
     token_region: np.ndarray
     token_turn: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    # What `verify` rechecks the labels from (not part of the hash: both follow from the
+    # text and the tokenizer); None for stores written before they were kept.
+    token_offsets: np.ndarray | None = None  # (all tokens, 2) int32 character span of each token in its prompt's text
+    spans: np.ndarray | None = None  # (n_spans, 4) int32 rows (prompt, region code, start, end): message contents
 
     # --- derived sizes -------------------------------------------------------------------
     @property
@@ -91,6 +96,12 @@ class Plan:
     def prompt_tokens(self, p: int) -> np.ndarray:
         r = self.prompts.iloc[p]
         return self.token_ids[r.token_offset : r.token_offset + r.n_tokens]
+
+    def template_clock(self) -> TemplateClock | None:
+        """The time the chat template saw when the plan was made (recorded only for
+        templates that read the clock); every later rendering of this sweep uses it."""
+        t = self.meta.get("template_time")
+        return TemplateClock.from_iso(t) if t else None
 
     def prompt_regions(self, p: int) -> np.ndarray:
         r = self.prompts.iloc[p]
@@ -141,6 +152,34 @@ class Plan:
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()
 
+    def difference(self, other: Plan) -> str | None:
+        """What makes ``other`` a different plan, in words (None: the same hash). A sweep that
+        did not change but renders differently points at what drifted: the chat template or
+        its clock, or the tokenizer (another version splits the same text differently)."""
+        if self.hash() == other.hash():
+            return None
+        a, b = (self.to_json(), other.to_json())
+        sa, sb = ({k: v for k, v in content_dict(x["sweep"]).items() if k not in EXECUTION_ONLY} for x in (a, b))
+        if sa != sb:
+            keys = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
+            return f"another sweep (it differs in {', '.join(keys)})"
+        if a["dims"] != b["dims"]:
+            return "another model (its dimensions differ)"
+        ta, tb = self.meta.get("template_time"), other.meta.get("template_time")
+        if ta != tb:
+            return f"the chat template's clock: planned at {ta}, now {tb}"
+        pa, pb = self.prompts, other.prompts
+        for p in range(min(len(pa), len(pb))):
+            what = f"prompt {p} ({pa.system[p]}, {pa.user_id[p]})"
+            if pa.text[p] != pb.text[p]:
+                return f"the chat template renders {what} differently (another template or template version)"
+            if not np.array_equal(self.prompt_tokens(p), other.prompt_tokens(p)):
+                return (f"the tokenizer splits {what} differently (another tokenizer or tokenizers version; the "
+                        "store's provenance records the versions it was planned with)")
+            if not np.array_equal(self.prompt_regions(p), other.prompt_regions(p)):
+                return f"the regions of {what} differ (a promptshift version that labels tokens differently)"
+        return "other plan settings" if len(pa) == len(pb) else "another set of prompts"
+
     # --- serialisation (the store persists these) -----------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
@@ -155,7 +194,8 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], token_ids, token_region, token_turn) -> Plan:
+    def from_json(cls, d: dict[str, Any], token_ids, token_region, token_turn, token_offsets=None,
+                  spans=None) -> Plan:
         if d.get("plan_version") != PLAN_VERSION:
             raise SweepError(f"plan version {d.get('plan_version')} is not supported (expected {PLAN_VERSION})")
         return cls(
@@ -169,6 +209,8 @@ class Plan:
             token_region=np.asarray(token_region),
             token_turn=np.asarray(token_turn),
             meta=d.get("meta", {}),
+            token_offsets=None if token_offsets is None else np.asarray(token_offsets),
+            spans=None if spans is None else np.asarray(spans),
         )
 
     def summary(self) -> str:
@@ -227,13 +269,27 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return i, n
 
 
-def build_plan(sweep: SweepConfig, tok, dims: ModelDims) -> Plan:
-    """Render every unique prompt once, pair them, align suffixes and lay out blocks."""
-    injected = injected_default_system(tok)
+def generated_tokens(sweep: SweepConfig) -> int:
+    """How many tokens extraction generates after each prompt."""
+    return max(sweep.max_new_tokens, sweep.behaviour.max_new_tokens or 0)
+
+
+def build_plan(sweep: SweepConfig, tok, dims: ModelDims, *, clock: TemplateClock | None = None) -> Plan:
+    """Render every unique prompt once, pair them, align suffixes and lay out blocks.
+
+    ``clock``: the time a chat template that reads the clock sees (default: now); the plan
+    records it, and a store's plan is rebuilt with the one it recorded (``Plan.template_clock``).
+    Raises SweepError for a prompt that, with the generated tokens, does not fit the model's
+    context (``dims.max_positions``: learned positions crash past it, rotary ones leave the
+    trained range), TemplateError for a template whose regions cannot be labelled."""
+    clock = clock or TemplateClock.now()
+    injected = injected_default_system(tok, clock)
     baseline = sweep.baseline
+    n_new = generated_tokens(sweep)
 
     def conv(system_text: str | None, empty: bool, user: str):
-        return conversation(tok, system_text, user, no_system_role=sweep.no_system_role, empty_system=empty)
+        return conversation(tok, system_text, user, no_system_role=sweep.no_system_role, empty_system=empty,
+                            clock=clock)
 
     def baseline_conv(user: str):
         if baseline == "no_system_turn":
@@ -248,14 +304,10 @@ def build_plan(sweep: SweepConfig, tok, dims: ModelDims) -> Plan:
     by_text: dict[str, int] = {}
 
     def add(kind: str, system: str, user_id: str, messages) -> int:
-        r = render(tok, messages)
+        r = render(tok, messages, clock=clock)
         if r.text in by_text:  # identical renderings are computed once
             return by_text[r.text]
-        if dims.max_positions and len(r.ids) > dims.max_positions:
-            raise SweepError(
-                f"prompt ({system}, {user_id}) has {len(r.ids)} tokens, more than the model's context of "
-                f"{dims.max_positions}; shorten it or drop it with `select`"
-            )
+        check_context(len(r.ids), n_new, dims.max_positions, f"prompt ({system}, {user_id})")
         user_span = _last_user_span(r)
         if user_span is None:
             raise TemplateError(f"no user tokens found when rendering ({system}, {user_id})")
@@ -349,6 +401,8 @@ def build_plan(sweep: SweepConfig, tok, dims: ModelDims) -> Plan:
         # for bit before extracting): the store keeps layer 0 only and derives the rest
         resid_pre_layer0_only="resid_pre" in sweep.components and "resid_post" in sweep.components,
     )
+    if template_reads_clock(tok):  # what the template saw, so that every later rendering matches
+        meta["template_time"] = clock.iso()
     if meta["baseline_carries_default"]:
         warnings.warn(
             f"baseline `no_system_turn` carries the template's default system prompt {injected!r}; "
@@ -367,7 +421,24 @@ def build_plan(sweep: SweepConfig, tok, dims: ModelDims) -> Plan:
         token_region=cat("regions").astype(np.int8),
         token_turn=cat("turns").astype(np.int16),
         meta=meta,
+        token_offsets=cat("offsets").astype(np.int32).reshape(-1, 2),
+        spans=np.asarray([(p, REGION_CODE[sp.region], sp.start, sp.end) for p, r in enumerate(rendered)
+                          for sp in r.spans], dtype=np.int32).reshape(-1, 4),
     )
+
+
+def check_context(n_tokens: int, n_new: int, context: int | None, what: str) -> None:
+    """Refuse a prompt that, with ``n_new`` generated tokens, needs more positions than the
+    model's context (None: unknown, not checked). Generation is not clipped: a shorter
+    continuation for some prompts would bias the output-change measures."""
+    if context and n_tokens + n_new > context:
+        room = context - n_tokens
+        fix = (f"lower `max_new_tokens` to at most {room} or shorten the prompt" if room > 0
+               else "shorten it")
+        raise SweepError(
+            f"{what} has {n_tokens} tokens and generation adds {n_new}: {n_tokens + n_new} positions, more than the "
+            f"model's context of {context}; {fix}, or drop it with `select`"
+        )
 
 
 def _last_user_span(r: Rendered) -> tuple[int, int] | None:

@@ -233,3 +233,33 @@ def test_json_prompt_file_checks_and_match(tmp_path):
     }))
     s = load_sweep(p)
     assert s.system_prompts[0].checks[0].label == "language:fr" and s.user_prompts[0].match == "number"
+
+
+def test_prompt_plus_generation_must_fit_the_context(tok, tmp_path):
+    """Prompt + generated tokens are checked against the model's context (refused, never
+    clipped), at the exact boundary; the behaviour continuation counts too."""
+    from promptshift.sweep.plan import check_context
+
+    s = load_sweep(write_sweep(tmp_path / "s.yaml", max_new_tokens=16))
+    longest = int(build_plan(s, tok, DIMS).prompts.n_tokens.max())
+    ok = ModelDims(2, 8, 2, 100, max_positions=longest + 16)
+    build_plan(s, tok, ok)  # exactly fits
+    with pytest.raises(SweepError, match=rf"has {longest} tokens and generation adds 16: {longest + 16} positions, "
+                                         rf"more than the model's context of {longest + 15}; lower `max_new_tokens` "
+                                         rf"to at most 15"):
+        build_plan(s, tok, ModelDims(2, 8, 2, 100, max_positions=longest + 15))
+    longer = load_sweep(write_sweep(tmp_path / "b.yaml", max_new_tokens=16, behaviour={"max_new_tokens": 20}))
+    with pytest.raises(SweepError, match="generation adds 20"):
+        build_plan(longer, tok, ok)
+    with pytest.raises(SweepError, match="has 50 tokens and generation adds 0: 50 positions, more than the model's "
+                                         "context of 48; shorten it"):
+        check_context(50, 0, 48, "x")
+    check_context(10**6, 10, None, "x")  # a model that states no context is not checked
+
+
+def test_rotary_and_learned_position_contexts_are_read_from_the_config():
+    import transformers as tf
+
+    assert ModelDims.from_config(tf.GPT2Config(n_positions=48)).max_positions == 48
+    assert ModelDims.from_config(tf.LlamaConfig(max_position_embeddings=64)).max_positions == 64
+    assert ModelDims.from_config(tf.MistralConfig(max_position_embeddings=96, sliding_window=24)).max_positions == 96
