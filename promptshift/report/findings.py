@@ -188,6 +188,10 @@ def _above(s: dict) -> list[str]:
                 f"user prompts{numbers}: the effect lies above the control floor")
         if _ci_ok(d.get("ci")):
             text += f", with its whole 95% CI ({fmt(d['ci'][0])} to {fmt(d['ci'][1])}) above it"
+        few = _too_few_systems(s)
+        if few is not None:
+            text += (f"; with {few[0]} system prompts (fewer than {few[1]}) this holds for these system prompts, not "
+                     "for system prompts in general")
         return [text + "."]
     if v is False:
         if _num(d.get("mean")) and _num(floor.get(comp)) and float(d["mean"]) > float(floor[comp]) \
@@ -205,13 +209,25 @@ def _above(s: dict) -> list[str]:
     return []
 
 
+def _too_few_systems(s: dict) -> tuple[int, int] | None:
+    """(system prompts, minimum) when summary.json names the system prompts a small sample.
+    A percentile bootstrap over fewer units undercovers (its resamples hold few distinct
+    system prompts), so an effect across system prompts is then not claimed, whatever its
+    interval says."""
+    d = _sample_block(s)
+    if d.get("small_systems") is True and _num(d.get("n_systems")) and _num(d.get("min_units")):
+        return int(d["n_systems"]), int(d["min_units"])
+    return None
+
+
 def _excludes_zero(c) -> bool:
     return _ci_ok(c) and (float(c[0]) > 0 or float(c[1]) < 0)
 
 
 def _length(s: dict) -> list[str]:
-    """A length effect is stated only when its crossed interval excludes zero; otherwise the
-    sentence says there is no evidence, with the numbers and n."""
+    """A length effect is stated only when its crossed interval excludes zero and there are
+    enough system prompts to resample; otherwise the sentence says there is no evidence (or
+    too few system prompts), with the numbers and n."""
     d = s.get("length")
     if not isinstance(d, dict) or not _num(d.get("pearson_r")):
         return []
@@ -223,7 +239,11 @@ def _length(s: dict) -> list[str]:
     if units:
         stats.append(f"n = {units}")
     detail = f" ({'; '.join(stats)})" if stats else ""
-    if _excludes_zero(d.get("ci")):
+    few = _too_few_systems(s)
+    if few is not None:
+        text = (f"With {few[0]} system prompts (fewer than {few[1]}) there are too few to tell a length effect from "
+                f"the system prompts' own effects, so none is claimed: Pearson r = {fmt(r)}{detail}")
+    elif _excludes_zero(d.get("ci")):
         direction = "larger" if r > 0 else "smaller"
         text = f"Longer system prompts go with {direction} internal change: Pearson r = {fmt(r)}{detail}"
     elif _ci_ok(d.get("ci")):
@@ -251,6 +271,11 @@ def _tag(s: dict) -> list[str]:
     items = [t for t in d["items"] if isinstance(t, dict) and isinstance(t.get("tag"), str) and _num(t.get("diff"))]
     testable = [t for t in items if _num(t.get("n_systems_with")) and _num(t.get("n_systems_without"))
                 and int(t["n_systems_with"]) >= 2 and int(t["n_systems_without"]) >= 2]
+    few = _too_few_systems(s)
+    if few is not None:
+        return [f"With {few[0]} system prompts (fewer than {few[1]}) there are too few to tell the effect of a tag "
+                f"from the system prompts' own effects, so no tag effect is claimed ({k} tag{'' if k == 1 else 's'} in "
+                "the tables)."]
     found = [t for t in testable if _excludes_zero(t.get("ci_simultaneous"))]
     over = f"{k} tag{'' if k == 1 else 's'}"
     out = []
@@ -319,6 +344,9 @@ def _internal_output(s: dict) -> list[str]:
         text += (": the relation holds on prompts it was not chosen on" if _excludes_zero(d["ci"]) else
                  ": the interval includes zero, so there is no evidence of the relation beyond the prompts it was "
                  "chosen on")
+        few = _too_few_systems(s)
+        if few is not None and _excludes_zero(d["ci"]):
+            text += f", for these {few[0]} system prompts (fewer than {few[1]}: not for system prompts in general)"
     return [text + "."]
 
 

@@ -232,28 +232,47 @@ def _length_findings(ctx: an.Context, imp: pd.DataFrame) -> tuple[dict, str]:
 
 
 def test_planted_null_length_effect_with_few_system_prompts_is_not_claimed():
-    """5 system prompts whose own effects (not caused by length: slope 0) happen to line up
-    with length, as 5 draws from a null population often do (sample r > 0.6), and 16 user
-    prompts that differ a lot: resampling user prompts alone gives a narrow interval that
-    excludes zero (the overclaim); the crossed interval includes zero, and the findings say
-    there is no evidence and name the small sample."""
-    ctx = _context(5, 16, 1000, seed=0, lengths=np.array([12, 30, 55, 90, 160]))
-    own = [-0.04, 0.02, -0.01, 0.05, 0.03]  # each system prompt's own effect, unrelated to its length
+    """8 system prompts whose own effects (not caused by length: slope 0) line up a little
+    with length by chance (sample r about 0.3), and 16 user prompts that differ a lot:
+    resampling user prompts alone gives a narrow interval that excludes zero (the overclaim);
+    the crossed interval includes zero, and the findings say there is no evidence, with n."""
+    ctx = _context(8, 16, 1000, seed=0, lengths=np.array([10, 25, 40, 60, 85, 110, 150, 200]))
+    own = [-0.02, 0.02, -0.04, 0.03, -0.02, 0.04, -0.01, 0.01]  # each system prompt's own effect
     imp = _impact(ctx, np.random.default_rng(4), slope=0.0, sys_effect=own, user_sd=0.5, noise_sd=0.01)
     s, text = _length_findings(ctx, imp)
-    assert s["length"]["pearson_r"] > 0.6, "the planted sample should show a sizeable chance correlation"
+    assert s["length"]["pearson_r"] > 0.2, "the planted sample should show a chance correlation"
     lo, hi = s["length"]["ci"]
-    assert lo < 0 < hi and s["length"]["p"] >= 0.05
+    assert lo < -0.2 and hi > 0.5 and s["length"]["p"] > 0.2
     assert "There is no evidence that the length of a system prompt goes with its internal change" in text
-    assert "Longer system prompts go with" not in text
-    assert "n = 5 system prompts × 16 user prompts, both resampled" in text
-    assert "Small sample: only 5 system prompts (fewer than 8)" in text
+    assert "Longer system prompts go with" not in text and "Small sample" not in text
+    assert "n = 8 system prompts × 16 user prompts, both resampled" in text
     # what resampling user prompts only would have claimed on the same data
     users_only = an.Context(w=ctx.w, users=ctx.users, pairs=ctx.pairs, systems=ctx.systems,
                             impact_component="resid_post")
     _, lt = an.length_tables(imp, users_only)
     row = lt[(lt.family == "all") & (lt.target == "impact") & (lt.method == "pearson")].iloc[0]
     assert row["ci_low"] > 0, "the planted case must be one that user-only resampling overclaims"
+
+
+def test_no_length_claim_from_a_small_sample_of_system_prompts():
+    """5 system prompts whose own effects happen to line up with length (r about 0.65): with
+    so few system prompts the findings claim nothing, whatever the interval, and name the
+    small sample; the crossed interval is still many times wider than the user-only one."""
+    ctx = _context(5, 16, 1000, seed=0, lengths=np.array([12, 30, 55, 90, 160]))
+    own = [-0.04, 0.02, -0.01, 0.05, 0.03]
+    imp = _impact(ctx, np.random.default_rng(4), slope=0.0, sys_effect=own, user_sd=0.5, noise_sd=0.01)
+    s, text = _length_findings(ctx, imp)
+    assert s["length"]["pearson_r"] > 0.6
+    assert "With 5 system prompts (fewer than 8) there are too few to tell a length effect from the system " \
+           "prompts' own effects, so none is claimed" in text
+    assert "Longer system prompts go with" not in text
+    assert "Small sample: only 5 system prompts (fewer than 8)" in text
+    users_only = an.Context(w=ctx.w, users=ctx.users, pairs=ctx.pairs, systems=ctx.systems,
+                            impact_component="resid_post")
+    _, lt = an.length_tables(imp, users_only)
+    row = lt[(lt.family == "all") & (lt.target == "impact") & (lt.method == "pearson")].iloc[0]
+    lo, hi = s["length"]["ci"]
+    assert row["ci_low"] > 0 and hi - lo > 5 * (row["ci_high"] - row["ci_low"])
 
 
 def test_planted_real_length_effect_is_claimed():

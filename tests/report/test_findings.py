@@ -148,6 +148,13 @@ def test_findings_follow_the_values():
     s["strongest_internal_output"]["selection"] = "same"
     text = " ".join(findings(s))
     assert "Small sample: only 5 system prompts (fewer than 8)" in text
+    # ... and nothing is claimed across so few system prompts, whatever the intervals say
+    assert "With 5 system prompts (fewer than 8) there are too few to tell a length effect from the system " \
+           "prompts' own effects, so none is claimed: Pearson r = 0.614" in text
+    assert "so no tag effect is claimed (3 tags in the tables)" in text and "tagged `nonsense`" not in text
+    s["effects_above_control"], s["control_floor"]["resid_post"] = True, 0.129
+    assert ("with 5 system prompts (fewer than 8) this holds for these system prompts, not for system prompts in "
+            "general.") in " ".join(findings(s))
     assert "chosen and measured on the same pairs, so it is optimistic" in text
     assert "chosen and measured on the same user prompts (too few to split), so its value is optimistic" in text
     s["effects_above_control"], s["effects_note"] = None, "no control pairs"
