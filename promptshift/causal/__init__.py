@@ -204,8 +204,8 @@ def _multiturn(model, tok, sweep: SweepConfig, cfg: CausalConfig, plan):
         engine.remove_hooks()
 
 
-__all__ = ["ANALYSES", "CausalConfig", "CausalError", "check_rendering", "check_sweep", "missing_analyses", "run_causal",
-           "scope_users"]
+__all__ = ["ANALYSES", "CausalConfig", "CausalError", "check_rendering", "check_sweep", "missing_analyses",
+           "run_causal", "scope_users"]
 
 
 # `promptshift.causal(...)` runs the stage (promptshift.api.causal); the subpackage stays as it is

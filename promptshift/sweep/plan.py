@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from promptshift.errors import ShardSpecError, SweepError, TemplateError
-from promptshift.sweep.chat import (REGION_CODE, REGIONS, Rendered, TemplateClock, conversation, injected_default_system,
-                                    render, template_reads_clock)
+from promptshift.sweep.chat import (REGION_CODE, REGIONS, Rendered, TemplateClock, conversation,
+                                    injected_default_system, render, template_reads_clock)
 from promptshift.sweep.config import SweepConfig, content_dict
 
 PLAN_VERSION = 1

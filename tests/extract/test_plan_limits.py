@@ -116,7 +116,8 @@ def llama32_model(llama32):
 
 def _suite(tmp_path):
     path = tmp_path / "mt.yaml"
-    path.write_text(yaml.safe_dump({"name": "mt", "rule": {"system": "Begin with Ahoy.", "check": {"startswith": "Ahoy"}},
+    rule = {"system": "Begin with Ahoy.", "check": {"startswith": "Ahoy"}}
+    path.write_text(yaml.safe_dump({"name": "mt", "rule": rule,
                                     "conversations": [{"id": "c", "turns": [{"user": "Hi", "assistant": "Ahoy, hi."},
                                                                             {"user": "Bye"}]}]}))
     return str(path)
@@ -154,6 +155,29 @@ def test_store_planned_before_midnight_resumes_after_it(llama32, llama32_model, 
                                suite=_suite(tmp_path), max_new_tokens=2, progress=False), model=model, tok=t)
     assert seen and all("Today Date: 31 Dec 2025" in x for x in seen)
     assert open_store(tmp_path / "a.zarr").causal_analyses() == ["multiturn", "phrases"]
+
+
+def test_worker_that_loses_the_creation_race_follows_the_store(llama32, llama32_model, tmp_path, monkeypatch):
+    """Two tasks start around midnight without a plan step; the one that finds the store
+    created by the other after it planned (at its own clock reading) follows the store's
+    plan instead of failing with "holds a different plan"."""
+    import promptshift.extract.run as run
+
+    t, model = llama32, llama32_model
+    s = load_sweep(write_sweep(tmp_path / "s.yaml", max_new_tokens=2, keep="last"))
+    clock = _Clock(monkeypatch, datetime(2025, 12, 31, 23, 59))
+    extract(s, ExtractConfig(store=str(tmp_path / "a.zarr"), init_only=True, progress=False), model=model, tok=t)
+    clock.at = datetime(2026, 1, 1, 0, 0, 1)
+    real, calls = run.stored_clock, []
+
+    def looked_too_early(*args, **kw):  # this task looked before the other one's store existed
+        calls.append(1)
+        return None if len(calls) == 1 else real(*args, **kw)
+
+    monkeypatch.setattr(run, "stored_clock", looked_too_early)
+    st = extract(s, ExtractConfig(store=str(tmp_path / "a.zarr"), progress=False), model=model, tok=t)
+    assert len(calls) == 2 and st.done().all()
+    assert "Today Date: 31 Dec 2025" in st.plan.prompts.text[0]
 
 
 def test_default_system_prompt_with_the_date_is_pinned(tok, tmp_path, monkeypatch):

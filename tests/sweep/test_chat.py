@@ -236,7 +236,8 @@ def test_any_per_role_whitespace_treatment(tok, sys_f, user_f):
 # --- case 3: placement, drops and repeats ---------------------------------------------------------
 def test_template_that_drops_or_repeats_content_is_refused(tok):
     t = copy.deepcopy(tok)
-    t.chat_template = ("{% for x in messages %}{% if x['role'] == 'user' %}<|im_start|>user\n{{ messages[0]['content'] }}"
+    t.chat_template = ("{% for x in messages %}{% if x['role'] == 'user' %}<|im_start|>user\n"
+                       "{{ messages[0]['content'] }}"
                        "\n{{ x['content'] }}<|im_end|>\n{% endif %}{% endfor %}")
     msgs = dialogue(t, "Rule.", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                  {"role": "user", "content": "c"}])
@@ -258,7 +259,8 @@ def test_empty_system_message_left_out_by_template(tok):
     """Phi-3.5 renders no system turn for an empty system message: matched with the empty
     content left empty, not refused."""
     t = copy.deepcopy(tok)
-    t.chat_template = ("{% for x in messages %}{% if x['role'] != 'system' or x['content'] %}<|im_start|>{{ x['role'] }}"
+    t.chat_template = ("{% for x in messages %}{% if x['role'] != 'system' or x['content'] %}"
+                       "<|im_start|>{{ x['role'] }}"
                        "\n{{ x['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}")
     r = render(t, conversation(t, None, "Hi", empty_system=True))

@@ -68,8 +68,8 @@ def sp_tok():
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
-    alphabet = sorted(set("".join(corpus).replace(" ", "▁")) | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                                                   "0123456789.,!?'\"-:;()[]{}<>|/\\+*=#_\n\t▁"))
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-:;()[]{}<>|/\\+*=#_\n\t▁"
+    alphabet = sorted(set("".join(corpus).replace(" ", "▁")) | set(letters))
     tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
                                                         initial_alphabet=alphabet, show_progress=False))
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
@@ -99,36 +99,47 @@ def _family_tok(base, family: str):
     return t
 
 
-REFERENCE = [{"role": "system", "content": "You are a helpful assistant"}, {"role": "user", "content": "Hello"},
-             {"role": "assistant", "content": "Hi there"}, {"role": "user", "content": "Who are you"},
-             {"role": "assistant", "content": "   I am an assistant   "}, {"role": "user", "content": "Another question"}]
+REFERENCE = [{"role": role, "content": text} for role, text in (
+    ("system", "You are a helpful assistant"), ("user", "Hello"), ("assistant", "Hi there"), ("user", "Who are you"),
+    ("assistant", "   I am an assistant   "), ("user", "Another question"))]
 # Published renderings of REFERENCE (add_generation_prompt=True), as transformers/jinja2 render
 # them: llama.cpp's tests/test-chat-template.cpp ("expected_output_jinja") for the Mistral and
 # phi-4 templates, mistral.rs's transformers-generated cases for Llama 2.
 PUBLISHED = {
-    "llama2": ("<s>", "</s>", "<s>[INST] <<SYS>>\nYou are a helpful assistant\n<</SYS>>\n\nHello [/INST] Hi there </s>"
-               "<s>[INST] Who are you [/INST] I am an assistant </s><s>[INST] Another question [/INST]"),
-    "mistral-v0.1": ("", "</s>", " [INST] You are a helpful assistant\n\nHello [/INST] Hi there</s> [INST] Who are you "
-                     "[/INST]    I am an assistant   </s> [INST] Another question [/INST]"),
-    "mistral-v0.3": ("", "</s>", "[INST] Hello[/INST] Hi there</s>[INST] Who are you[/INST] I am an assistant</s>[INST] "
-                     "You are a helpful assistant\n\nAnother question[/INST]"),
-    "mistral-nemo": ("", "</s>", "[INST]Hello[/INST]Hi there</s>[INST]Who are you[/INST]   I am an assistant   </s>"
-                     "[INST]You are a helpful assistant\n\nAnother question[/INST]"),
-    "phi4": ("", "", "<|im_start|>system<|im_sep|>You are a helpful assistant<|im_end|><|im_start|>user<|im_sep|>Hello"
-             "<|im_end|><|im_start|>assistant<|im_sep|>Hi there<|im_end|><|im_start|>user<|im_sep|>Who are you<|im_end|>"
-             "<|im_start|>assistant<|im_sep|>   I am an assistant   <|im_end|><|im_start|>user<|im_sep|>Another question"
-             "<|im_end|><|im_start|>assistant<|im_sep|>"),
+    "llama2": ("<s>", "</s>",
+        "<s>[INST] <<SYS>>\nYou are a helpful assistant\n<</SYS>>\n\nHello [/INST] Hi there "
+        "</s><s>[INST] Who are you [/INST] I am an assistant </s><s>[INST] Another question "
+        "[/INST]"),
+    "mistral-v0.1": ("", "</s>",
+        " [INST] You are a helpful assistant\n\nHello [/INST] Hi there</s> [INST] Who are yo"
+        "u [/INST]    I am an assistant   </s> [INST] Another question [/INST]"),
+    "mistral-v0.3": ("", "</s>",
+        "[INST] Hello[/INST] Hi there</s>[INST] Who are you[/INST] I am an assistant</s>[INS"
+        "T] You are a helpful assistant\n\nAnother question[/INST]"),
+    "mistral-nemo": ("", "</s>",
+        "[INST]Hello[/INST]Hi there</s>[INST]Who are you[/INST]   I am an assistant   </s>[I"
+        "NST]You are a helpful assistant\n\nAnother question[/INST]"),
+    "phi4": ("", "",
+        "<|im_start|>system<|im_sep|>You are a helpful assistant<|im_end|><|im_start|>user<|"
+        "im_sep|>Hello<|im_end|><|im_start|>assistant<|im_sep|>Hi there<|im_end|><|im_start|"
+        ">user<|im_sep|>Who are you<|im_end|><|im_start|>assistant<|im_sep|>   I am an assis"
+        "tant   <|im_end|><|im_start|>user<|im_sep|>Another question<|im_end|><|im_start|>as"
+        "sistant<|im_sep|>"),
 }
 # One user turn "Hi" (jinja2 3.1.6 with transformers' settings, bos rendered empty; from the
 # jlib project's fixtures, which read each template out of the model's GGUF file).
 PUBLISHED_HI = {
-    "gemma2": "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
-    "qwen2.5": ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-                "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
-    "llama3.2": ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul "
-                 "2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant"
-                 "<|end_header_id|>\n\n"),
-    "zephyr": "<|user|>\nHi</s>\n<|assistant|>\n",
+    "gemma2": (
+        "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"),
+    "qwen2.5": (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assis"
+        "tant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    "llama3.2": (
+        "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023"
+        "\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        "Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "zephyr": (
+        "<|user|>\nHi</s>\n<|assistant|>\n"),
 }
 
 
