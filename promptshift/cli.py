@@ -101,7 +101,7 @@ def extract(
     max_new_tokens: Optional[int] = typer.Option(None, help="greedy continuation length (0 to skip)"),
     prefix_sharing: bool = typer.Option(True, help="compute each shared system prefix once"),
     packing: bool = typer.Option(True, help="run each batch's real tokens as one packed sequence outside "
-                                 "attention (models without sliding windows); --no-packing pads every module"),
+                                 "attention (models on one device); --no-packing pads every module"),
     chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file for models without one"),
     trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
     allow_pickle: bool = typer.Option(False, help="allow pickled .bin weights (they can run code)"),

@@ -181,6 +181,8 @@ class Runner:
         """Keys and values of every layer for each head, (1, NKV, P, D) per layer: the heads
         run as right-padded batches under the token budget (one at a time for models with
         sliding windows)."""
+        from transformers import DynamicCache
+
         out: list[KV | None] = [None] * len(heads)
         lengths = [len(h) for h in heads]
         # a sliding-window layer keeps only its window of a padded batch's keys: one head at a time there
@@ -193,8 +195,10 @@ class Runner:
                 ids[b, : lengths[i]] = torch.as_tensor(heads[i])
                 mask[b, : lengths[i]] = 1
             pos = torch.arange(S).unsqueeze(0).expand(B, S)
+            # a config-less cache: every layer keeps every key (a sliding-window layer's own
+            # cache would keep only its window of the head, which later tails still index)
             o = self.base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                          position_ids=pos.to(self.device), use_cache=True)
+                          position_ids=pos.to(self.device), cache=DynamicCache(), use_cache=True)
             for b, i in enumerate(batch):
                 n = lengths[i]
                 out[i] = [(la.keys[b : b + 1, :, :n].clone(), la.values[b : b + 1, :, :n].clone())

@@ -120,11 +120,36 @@ def resolve_arch(model) -> Arch:
     return Arch(spec, layers, final_norm, mt)
 
 
+def layer_windows(config) -> tuple[int | None, ...]:
+    """Per decoder layer, its sliding window (a query at position q sees the keys at
+    positions q - w + 1 .. q) or None for global attention, as transformers' own cache
+    reads them from the config (``layer_types``, else ``sliding_window`` on every layer):
+    Mistral slides in every layer, Gemma 2/3 and Qwen 2/3 (``use_sliding_window``) mix
+    sliding and global layers."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types, kwargs = get_layer_types_and_kwargs(cfg)
+    out = []
+    for i, (t, kw) in enumerate(zip(types, kwargs)):
+        if t == "full_attention":
+            out.append(None)
+        elif t == "sliding_attention":
+            out.append(int(kw["sliding_window"]))
+        else:
+            raise ExtractError(
+                f"layer {i} of {cfg.model_type!r} uses {t!r} attention, which promptshift does not support "
+                "(supported: full_attention, sliding_attention)"
+            )
+    return tuple(out)
+
+
 def bind_model(obj, model) -> None:
     """Give ``obj`` (an engine or runner) the handles it works with: ``model``, ``arch``,
     ``base`` (the decoder stack), ``lm_head``, ``cfg`` (the text config), ``softcap``
-    (final logit soft-capping or None), ``L`` (layers) and ``device``. The caller
-    installs the attention function first."""
+    (final logit soft-capping or None), ``L`` (layers), ``windows`` (each layer's sliding
+    window or None, :func:`layer_windows`) and ``device``. The caller installs the
+    attention function first."""
     obj.model = model
     obj.arch = resolve_arch(model)
     obj.base = model.base_model
@@ -132,4 +157,5 @@ def bind_model(obj, model) -> None:
     obj.cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     obj.softcap = getattr(obj.cfg, "final_logit_softcapping", None)
     obj.L = len(obj.arch.layers)
+    obj.windows = layer_windows(model.config)
     obj.device = next(model.parameters()).device

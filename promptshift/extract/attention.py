@@ -12,6 +12,11 @@ padded (B, heads, S, P + S) layout, and the output packed again.
 
 Mask hooks (:func:`register_mask_hook`) are the one opening this function offers to
 interventions: a hook may change which keys each query sees. Extraction registers none.
+
+Sliding-window layers (:class:`Positions`): the window is a distance in positions, so the
+mask is built here from each query's and key's absolute position, not from slot indices,
+which a batch layout does not keep in step with positions (a row's own keys sit after the
+longest prefix of its batch, generated tokens after the longest prompt).
 """
 
 from __future__ import annotations
@@ -126,6 +131,48 @@ class Packing:
         return y[self.b, :, self.s].unsqueeze(0)
 
 
+@dataclass
+class Positions:
+    """Absolute positions of the query and key slots of a batch, for models with
+    sliding-window layers; ``-1`` marks a slot that holds no token (padding).
+
+    A real query at position ``q`` sees the keys at positions ``k`` with ``k <= q`` and, in a
+    layer with window ``w``, ``q - k < w`` (transformers' ``sliding_window_overlay``: a query
+    sees itself and the ``w - 1`` positions before it). Padding queries see every key, so
+    that no row of scores is all masked (their outputs are never read)."""
+
+    q: torch.Tensor  # (B, Sq) long
+    k: torch.Tensor  # (B, Sk) long: the key slots of the cache layout, in order
+    windows: tuple[int | None, ...]  # per layer: its window, None for global attention
+    _masks: dict | None = None
+
+    def mask(self, layer: int, window: int | None, Sk: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (B, 1, Sq, Sk) for ``layer``; ``window`` as the layer passes it
+        (None: the layer's entry in ``windows``)."""
+        w = window if window is not None else self.windows[layer]
+        if self._masks is None:
+            self._masks = {}
+        key = (w, Sk, dtype)
+        m = self._masks.get(key)
+        if m is None:
+            q, k = self.q[:, :, None], self.k[:, None, :Sk]  # (B, Sq, 1), (B, 1, Sk)
+            ok = (k >= 0) & (k <= q)
+            if w is not None:
+                ok &= q - k < w
+            ok |= q < 0
+            m = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
+            m = self._masks[key] = m[:, None]  # (B, 1, Sq, Sk)
+        return m
+
+
+def set_positions(positions: Positions | None) -> None:
+    _local.positions = positions
+
+
+def get_positions() -> Positions | None:
+    return getattr(_local, "positions", None)
+
+
 def set_packing(packing: Packing | None) -> None:
     _local.packing = packing
 
@@ -172,7 +219,11 @@ def promptshift_attention(module, query, key, value, attention_mask, scaling=Non
     rep = NH // NKV
     scaling = scaling if scaling is not None else D**-0.5
     stats = get_stats()
-    mask = attention_mask[:, :, :, :Sk] if attention_mask is not None else None
+    pos = get_positions()
+    if pos is not None:  # sliding windows: the mask from positions replaces the slot-index one
+        mask = pos.mask(module.layer_idx, sliding_window, Sk, query.dtype)
+    else:
+        mask = attention_mask[:, :, :, :Sk] if attention_mask is not None else None
     hooks = getattr(module, _MASK_HOOKS, None)
     if hooks:
         if mask is None:

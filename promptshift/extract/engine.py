@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from promptshift.errors import ExtractError
 from promptshift.extract.alloc import tune_glibc_malloc
 from promptshift.extract.arch import bind_model
-from promptshift.extract.attention import AttnStats, Packing, install, set_packing, set_stats
+from promptshift.extract.attention import AttnStats, Packing, Positions, install, set_packing, set_positions, set_stats
 from promptshift.extract.batching import plan_batches
-from promptshift.extract.kvcache import plain_layers, prefilled_cache
+from promptshift.extract.kvcache import prefilled_cache
 from promptshift.sweep.chat import REGIONS
 
 R = len(REGIONS)
@@ -99,10 +99,12 @@ class Engine:
         self._on_dev: dict = {}  # (index name, device) -> the batch's index tensor copied there
         self._lens_ws: dict = {}  # the logit lens's buffers, reused by every batch
         self._pending: list[tuple[_DecodeState, list[Result]]] = []
-        # padding gaps inside a merged cache would shift sliding windows: merge only without them
-        self._can_merge = not any(getattr(c, "sliding_window", None) for c in (cfg, model.config))
-        # for the same reason, rows of different prefix lengths share a batch only without them
-        self.mixed_prefixes = self._can_merge
+        # sliding-window layers get their masks from absolute positions (attention.Positions),
+        # so padding gaps (rows of different prefix lengths in one batch, decode batches
+        # merged after prompts of different lengths) never shift a window; and every layer
+        # keeps its whole key/value cache (a sliding layer's own cache would drop the keys a
+        # window has passed, which the attention statistics still report, as zeros)
+        self._sliding = any(w is not None for w in self.windows)
         # cost of one query-key pair (all layers and heads: scores, softmax, statistics) in
         # token-passes through the layers' weights; 400 fits SmolLM2-135M on a CPU (measured
         # in docs/BENCHMARKS.md, batching), scaled by layers x heads over layer parameters
@@ -113,10 +115,9 @@ class Engine:
         self._nkv, self._hd, self._dtype = nkv, hd, next(model.parameters()).dtype
         self._kv_bytes = 2 * self.L * nkv * hd * self._dtype.itemsize  # per cached token
         self._layer_dev = [next(layer.parameters()).device for layer in self.arch.layers]  # (split models)
-        # packed batches (real tokens only through every per-token module): for models whose
-        # cache layers are all plain ones (the same condition as for mixing prefixes), on one device
+        # packed batches (real tokens only through every per-token module): on one device
         if packed is None:
-            packed = self._can_merge and len(set(self._layer_dev)) == 1 and plain_layers(model.config)
+            packed = len(set(self._layer_dev)) == 1
         self.packed = bool(packed)
         self._last: torch.Tensor | None = None
         self._buf: dict[str, list] = {}
@@ -270,6 +271,14 @@ class Engine:
         else:
             last_q_h = last_q
             fwd_mask, use_cache = attn_mask.to(dev), keep_cache or (cache is None and not want_output)
+        positions = None
+        if self._sliding:
+            from transformers import DynamicCache
+
+            if cache is None and use_cache:
+                cache = DynamicCache()  # no config: whole-sequence layers, not sliding ones that drop keys
+            k_pos = _key_positions(offsets, P, pad, lens, S)  # (B, P+S)
+            positions = Positions(k_pos[:, P:].to(dev), k_pos.to(dev), self.windows)
         self._gather = (b_idx.to(dev), s_idx.to(dev))
         self._on_dev = {("gather_b", dev): self._gather[0], ("gather_s", dev): self._gather[1]}
         self._buf = {c: [None] * self.L for c in ("attn_out", "mlp_out", "resid_post")}
@@ -280,6 +289,7 @@ class Engine:
         self._last_resid = [None] * self.L
         set_stats(stats)
         set_packing(packing)
+        set_positions(positions)
         try:
             with torch.inference_mode():
                 out = self.base(input_ids=input_ids.to(dev), attention_mask=fwd_mask,
@@ -287,6 +297,7 @@ class Engine:
         finally:
             set_stats(None)
             set_packing(None)
+            set_positions(None)
             self._gather = None
             self._last = None
             self._on_dev = {}
@@ -369,9 +380,12 @@ class Engine:
         )
         outs = self._output_stats(final_h, last_resid)
         gens = [None] * len(items)
-        state = _DecodeState(cache, mask, final_h, [o + n for o, n in zip(offs, lens)]) if max_new_tokens > 0 else None
+        state = None
+        if max_new_tokens > 0:
+            state = _DecodeState(cache, mask, final_h, [o + n for o, n in zip(offs, lens)],
+                                 _key_positions(offs, P, pad, lens, max(lens)))
         if state is not None and not defer_decode:
-            gens = self._decode(state.cache, state.mask, state.final_h, state.next_pos, max_new_tokens, eos_ids)
+            gens = self._decode(state, max_new_tokens, eos_ids)
         rm = st.region_mass.cpu().numpy()
         en = st.entropy.cpu().numpy()
         sk = st.sink.cpu().numpy()
@@ -434,29 +448,31 @@ class Engine:
 
     @torch.inference_mode()
     def flush_decode(self, max_new_tokens: int, eos_ids: tuple[int, ...]) -> None:
-        """Decode every deferred batch, merged into one batch where possible."""
+        """Decode every deferred batch, merged into one batch."""
         pending, self._pending = self._pending, []
         if not pending:
             return
-        groups = [pending] if self._can_merge else [[p] for p in pending]
-        for group in groups:
-            state = _merge_states([st for st, _ in group], self.model.config) if len(group) > 1 else group[0][0]
-            gens = self._decode(state.cache, state.mask, state.final_h, state.next_pos, max_new_tokens, eos_ids)
-            rows = [r for _, results in group for r in results]
-            for r, g in zip(rows, gens):
-                r.gen_ids = g
+        state = _merge_states([st for st, _ in pending]) if len(pending) > 1 else pending[0][0]
+        gens = self._decode(state, max_new_tokens, eos_ids)
+        rows = [r for _, results in pending for r in results]
+        for r, g in zip(rows, gens):
+            r.gen_ids = g
 
     @torch.inference_mode()
-    def _decode(self, cache, mask, final_h, next_pos, max_new_tokens, eos_ids) -> list[np.ndarray]:
+    def _decode(self, state: _DecodeState, max_new_tokens, eos_ids) -> list[np.ndarray]:
         """Greedy continuation on the extraction's own cache: no second prefill.
 
         Rows are right-padded, so each row's next token goes at its own position
         (``position_ids``) while the 2D mask hides the padding slots in between; this is
-        the same arithmetic as left padding, with the gap in the middle."""
+        the same arithmetic as left padding, with the gap in the middle. Sliding-window
+        layers measure their window in positions (``state.key_pos``), so the gap does not
+        count as distance."""
         dev = self.device
+        cache, mask, final_h = state.cache, state.mask, state.final_h
         B = final_h.shape[0]
         tok = self._logits(final_h).argmax(-1).to(dev)  # (B,) (logits sit on the unembedding's device)
-        pos = torch.as_tensor(next_pos, device=dev)  # (B,)
+        pos = torch.as_tensor(state.next_pos, device=dev)  # (B,)
+        key_pos = state.key_pos.to(dev)  # (B, P+S)
         eos = torch.as_tensor(list(eos_ids) or [-1], device=dev)
         out = [tok]
         done = torch.isin(tok, eos)
@@ -465,8 +481,14 @@ class Engine:
             if bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)  # (B, P+S+t)
-            o = self.base(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], cache=cache,
-                          use_cache=True)
+            if self._sliding:
+                key_pos = torch.cat([key_pos, pos[:, None]], dim=1)  # (B, P+S+t)
+                set_positions(Positions(pos[:, None], key_pos, self.windows))
+            try:
+                o = self.base(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], cache=cache,
+                              use_cache=True)
+            finally:
+                set_positions(None)
             pos = pos + 1
             tok = self._logits(o.last_hidden_state[:, -1].float()).argmax(-1).to(dev)
             out.append(tok)
@@ -566,16 +588,32 @@ class _DecodeState:
     mask: torch.Tensor  # (B, T) 1 for real keys
     final_h: torch.Tensor  # (B, H) last-position hidden state after the final norm
     next_pos: list[int]  # position of each row's first generated token
+    key_pos: torch.Tensor  # (B, T) absolute position of each key slot, -1 for padding
 
 
-def _merge_states(states: list[_DecodeState], config) -> _DecodeState:
+def _key_positions(offsets, P: int, pad, lens, S: int) -> torch.Tensor:
+    """(B, P + S) absolute position of every key slot of a batch's layout: row b's prefix
+    (``offsets[b]`` tokens) at slots 0.., its own ``lens[b]`` tokens at slots P + pad[b]..;
+    -1 for padding."""
+    B = len(lens)
+    out = torch.full((B, P + S), -1, dtype=torch.long)
+    for b in range(B):
+        out[b, : offsets[b]] = torch.arange(offsets[b])
+        out[b, P + pad[b] : P + pad[b] + lens[b]] = offsets[b] + torch.arange(lens[b])
+    return out
+
+
+def _merge_states(states: list[_DecodeState]) -> _DecodeState:
     """Concatenate decode batches with different cache lengths: shorter caches are padded
-    at the end, and the mask hides the padding, as inside any right-padded batch."""
+    at the end, and the mask hides the padding, as inside any right-padded batch. The
+    merged cache keeps every key of every layer (a config-less DynamicCache: no layer
+    slides its window over the padding)."""
     from transformers import DynamicCache
 
     T = max(s.mask.shape[1] for s in states)
-    pad = lambda t, dim_from_end: F.pad(t, (0, 0) * (dim_from_end - 1) + (0, T - t.shape[-dim_from_end]))  # noqa: E731
-    cache = DynamicCache(config=config)
+    pad = lambda t, dim_from_end, v=0: F.pad(  # noqa: E731
+        t, (0, 0) * (dim_from_end - 1) + (0, T - t.shape[-dim_from_end]), value=v)
+    cache = DynamicCache()
     for i in range(len(states[0].cache.layers)):
         k = torch.cat([pad(s.cache.layers[i].keys, 2) for s in states])  # (B, NKV, T, D)
         v = torch.cat([pad(s.cache.layers[i].values, 2) for s in states])
@@ -585,6 +623,7 @@ def _merge_states(states: list[_DecodeState], config) -> _DecodeState:
         mask=torch.cat([pad(s.mask, 1) for s in states]),  # (B, T)
         final_h=torch.cat([s.final_h for s in states]),
         next_pos=[p for s in states for p in s.next_pos],
+        key_pos=torch.cat([pad(s.key_pos, 1, -1) for s in states]),  # (B, T)
     )
 
 

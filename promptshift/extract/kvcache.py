@@ -9,7 +9,6 @@ runner (:class:`promptshift.causal.runner.Runner`) alike.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from promptshift.extract.attention import get_packing
@@ -22,12 +21,14 @@ def prefilled_cache(config, kvs: list[KV | None], lengths: list[int], S: int, *,
     """A ``DynamicCache`` whose row ``b`` holds ``kvs[b]`` (``lengths[b]`` cached tokens;
     None: nothing) at the start of its key axis, padded to P = max(lengths).
 
-    Plain cache layers get :class:`Prefilled` buffers with room for the batch's own ``S``
+    Every layer gets a :class:`Prefilled` buffer with room for the batch's own ``S``
     tokens, so the forward pass writes its keys after the prefix instead of concatenating
-    them in every layer. Rows that share one ``kvs`` object are written together. Other
-    layer types (sliding windows) get a padded copy through their own ``update``; such
-    models should not mix prefix lengths in one batch (the padding would shift windows).
-    The caller's attention mask must hide key slots ``lengths[b]..P-1`` of row ``b``."""
+    them in every layer. Rows that share one ``kvs`` object are written together.
+    Sliding-window layers too keep every key (their own cache layer would keep only the
+    last window of a padded layout, cutting the prefix wherever padding sits): their
+    window comes from the mask, which must then measure it in positions where padding
+    sits between a row's keys (:class:`promptshift.extract.attention.Positions`). The
+    caller's attention mask must hide key slots ``lengths[b]..P-1`` of row ``b``."""
     from transformers import DynamicCache
 
     B, P = len(kvs), max(lengths)
@@ -41,26 +42,20 @@ def prefilled_cache(config, kvs: list[KV | None], lengths: list[int], S: int, *,
         idx = slice(bs[0], bs[-1] + 1) if bs == list(range(bs[0], bs[-1] + 1)) else torch.as_tensor(bs)
         groups.append((idx, kvs[bs[0]], lengths[bs[0]]))
     for i in range(len(cache.layers)):
-        dev = layer_devices[i]
-        if type(cache.layers[i]) is DynamicLayer:
-            kb = torch.zeros(B, n_kv_heads, P + S, head_dim, dtype=dtype, device=dev)  # zeros: masked slots
-            vb = torch.zeros_like(kb)  # must be finite
-            for idx, kv, n in groups:
-                k, v = kv[i]
-                kb[idx, :, :n] = k
-                vb[idx, :, :n] = v
-            cache.layers[i] = Prefilled(kb, vb, P)
-        else:
-            z = torch.zeros(1, n_kv_heads, P, head_dim, dtype=dtype, device=dev)
-            ks = [F.pad(kv[i][0], (0, 0, 0, P - n)) if kv is not None else z for kv, n in zip(kvs, lengths)]
-            vs = [F.pad(kv[i][1], (0, 0, 0, P - n)) if kv is not None else z for kv, n in zip(kvs, lengths)]
-            cache.update(torch.cat(ks), torch.cat(vs), i)
+        kb = torch.zeros(B, n_kv_heads, P + S, head_dim, dtype=dtype, device=layer_devices[i])  # zeros: masked
+        vb = torch.zeros_like(kb)  # slots must be finite
+        for idx, kv, n in groups:
+            k, v = kv[i]
+            kb[idx, :, :n] = k
+            vb[idx, :, :n] = v
+        cache.layers[i] = Prefilled(kb, vb, P)
     return cache
 
 
 def plain_layers(config) -> bool:
     """Whether every layer of this model's cache is a plain (unbounded) one: no sliding
-    windows, so rows with prefixes of different lengths can share a batch."""
+    windows, so that a mask by slot index (transformers' own) is right even where rows
+    with prefixes of different lengths share a batch."""
     from transformers import DynamicCache
 
     return all(type(la) is DynamicLayer for la in DynamicCache(config=config).layers)

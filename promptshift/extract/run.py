@@ -187,21 +187,16 @@ class BlockRunner:
         for pre in prefixes:
             self.tokens_done += pre.length
             self.attn_qk += pre.length * (pre.length + 1) // 2
-        if eng.mixed_prefixes:
-            # one pass over the block: rows of different prefixes (and rows without one)
-            # share batches, each attending to its own prefix's cached keys
-            rows = [p for k in keys for p in groups[k]] + singles
-            units = [(rows, [of.get(p) for p in rows])]
-        else:  # models whose masks cannot have gaps (sliding windows): one prefix per batch
-            units = [(groups[k], [pre] * len(groups[k])) for k, pre in zip(keys, prefixes)]
-            units += [(singles, [None] * len(singles))] if singles else []
-        for rows, pres in units:
-            ctx = [pre.length if pre is not None else 0 for pre in pres]
-            lengths = [len(items[p].ids) - c for p, c in zip(rows, ctx)]
-            for batch in eng.batches(lengths, contexts=ctx):
-                results.update(self._run([rows[i] for i in batch], items, [pres[i] for i in batch]))
-            self.tokens_done += sum(lengths)
-            self.attn_qk += sum(n * c + n * (n + 1) // 2 for n, c in zip(lengths, ctx))
+        # one pass over the block: rows of different prefixes (and rows without one) share
+        # batches, each attending to its own prefix's cached keys
+        rows = [p for k in keys for p in groups[k]] + singles
+        pres = [of.get(p) for p in rows]
+        ctx = [pre.length if pre is not None else 0 for pre in pres]
+        lengths = [len(items[p].ids) - c for p, c in zip(rows, ctx)]
+        for batch in eng.batches(lengths, contexts=ctx):
+            results.update(self._run([rows[i] for i in batch], items, [pres[i] for i in batch]))
+        self.tokens_done += sum(lengths)
+        self.attn_qk += sum(n * c + n * (n + 1) // 2 for n, c in zip(lengths, ctx))
 
         self.engine.flush_decode(self.sweep.max_new_tokens, self.eos)
         check = float("nan")

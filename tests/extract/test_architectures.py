@@ -69,14 +69,15 @@ def test_architecture(family, tok, sweep_file):
 
     torch.manual_seed(0)
     model = _build(family, len(tok)).float().eval()
-    # batches are packed (real tokens only outside attention) except under sliding windows,
-    # so the comparisons below check the packed path for five families, the padded for three
+    # batches are packed (real tokens only outside attention) for every family, sliding
+    # windows included (their masks come from positions); the comparisons below check
+    # packed batches with shared prefixes against padded ones without
     eng = Engine(model, components=("resid_post",), top_k=2, lens_top_k=2, token_budget=64)
     eng.remove_hooks()
-    assert eng.packed == (family not in ("mistral", "gemma2", "gemma3")), family
+    assert eng.packed, family
     s = load_sweep(sweep_file)
     a = extract(s, ExtractConfig(store=None, progress=False), model=model, tok=tok)
-    b = extract(load_sweep(sweep_file, token_budget=16), ExtractConfig(store=None, progress=False,
+    b = extract(load_sweep(sweep_file, token_budget=16), ExtractConfig(store=None, progress=False, packing=False,
                                                                          prefix_sharing=False), model=model, tok=tok)
     n_keys, ls = int(a.plan.prompts.n_tokens.max()), logit_scale_of(b)
     for name in ("resid_pre", "attn_out", "mlp_out", "resid_post", "attn_region_mass", "logits_topk_logprobs",
