@@ -1,10 +1,12 @@
-"""The Python interface: every stage as one call, for notebooks and scripts.
+"""The Python interface: the whole pipeline (:func:`run`), the single-pair look
+(:func:`compare`), :func:`plan`, :func:`open` and :class:`Sweep`, for notebooks and scripts.
 
-``import promptshift as ps`` gives the names below; the ``promptshift`` command line is a
-thin shell over them. Importing this module costs no torch: the stages that run a model
-(:func:`plan`, :func:`extract`, :func:`causal`, :func:`compare`) import it when called,
-and :func:`metrics`, :func:`report` and :func:`open` never do, so a store can be
-re-analysed on a machine without torch.
+``import promptshift as ps`` gives these and the four stages, each defined in its own
+subpackage and callable as it (:mod:`promptshift.stage`): ``ps.extract`` (=
+``promptshift.extract.extract``), ``ps.causal``, ``ps.metrics``, ``ps.report``. The
+``promptshift`` command line is a thin shell over them. Importing this module costs no
+torch: what runs a model imports it when called, and ``ps.metrics``, ``ps.report`` and
+``ps.open`` never do, so a store can be re-analysed on a machine without torch.
 
 A notebook session::
 
@@ -57,81 +59,6 @@ def plan(sweep: SweepConfig | str | Path | None = None, **overrides: Any):
     return build_plan(s, tok, dims)
 
 
-def extract(sweep: SweepConfig | str | Path | None, store: str | Path | None = None, *, model=None,
-            tokenizer=None, **options: Any):
-    """Run the model over the sweep and fill an activation store.
-
-    ``store``: a zarr directory (``format="hdf5"`` for an .h5 file) or None for a store in
-    memory (small sweeps in a notebook). ``model``/``tokenizer``: an already loaded HF model
-    and its tokenizer, to skip loading (else the sweep's ``model`` is loaded). ``options``:
-    the fields of :class:`promptshift.extract.run.ExtractConfig` (``shard="I/N"``,
-    ``overwrite``, ``device``, ``dtype``, ``packing``, ``progress``, ...). Returns the
-    :class:`promptshift.store.Store`; a rerun resumes from the last finished block."""
-    from promptshift.extract.run import ExtractConfig
-    from promptshift.extract.run import extract as _extract
-
-    return _extract(_sweep(sweep), ExtractConfig(store=None if store is None else str(store), **options),
-                    model=model, tok=tokenizer)
-
-
-def causal(store, analyses: str | tuple[str, ...] | list[str] = "all", *, sweep=None, model=None,
-           tokenizer=None, **options: Any) -> dict[str, float]:
-    """Causal analyses (activation patching, system-span knockout, phrase ablation, steering,
-    multi-turn decay; docs/CAUSAL.md) on an extracted store, written into it.
-
-    ``store``: a path or an open :class:`Store`. ``sweep``: the sweep the store was
-    extracted with (default: the one the store records). ``options``: the fields of
-    :class:`promptshift.causal.CausalConfig` (``users=N`` to cover N user prompts, ...).
-    Returns seconds per analysis."""
-    from promptshift.causal import CausalConfig, run_causal
-
-    if sweep is None:
-        from promptshift.store import Store, open_store
-
-        st = store if isinstance(store, Store) else open_store(store)
-        sweep = st.plan.sweep
-    elif not isinstance(sweep, SweepConfig):
-        sweep = load_sweep(sweep)
-    names = (analyses,) if isinstance(analyses, str) else tuple(analyses)
-    cfg = CausalConfig(store=store if not isinstance(store, (str, Path)) else str(store), analyses=names, **options)
-    return run_causal(sweep, cfg, model=model, tok=tokenizer)
-
-
-def metrics(store, out: str | Path | None = None, **options: Any):  # -> promptshift.report.tables.Results
-    """Tables, analyses and ``summary.json`` from a complete store (dask; no torch).
-
-    ``out``: the results directory (default ``<store>_results`` beside a store on disk; a
-    temporary directory for a store in memory). ``options``: ``workers`` (local dask
-    worker processes; 0 runs in this process), ``scheduler`` (address of a running dask
-    cluster), ``n_boot``, ``seed``, ``progress``. Returns the results
-    (:class:`promptshift.report.tables.Results`: ``.tables``, ``.summary``, ``.report``)."""
-    from promptshift.metrics import cli_main, load_summary
-    from promptshift.report.tables import Results
-    from promptshift.store import Store
-
-    if isinstance(store, Store) and store.path is None:  # in memory: computed in this process
-        options.setdefault("workers", 0)
-        if out is None:
-            import tempfile
-
-            out = tempfile.mkdtemp(prefix="promptshift-results-")
-    out_dir = cli_main(store, None if out is None else str(out), **options)
-    load_summary(out_dir)  # raises MetricsError unless the run finished
-    return Results(out_dir)
-
-
-def report(results, out: str | Path | None = None) -> Path:
-    """Figures and one self-contained HTML report from a results directory (or
-    :class:`Results`); returns the HTML path (default ``RESULTS/report.html``)."""
-    from promptshift.report import build_report
-    from promptshift.report.tables import Results
-
-    html = Path(build_report(results.dir if isinstance(results, Results) else results, out))
-    if isinstance(results, Results):
-        results.report = html
-    return html
-
-
 def open(path: str | Path):  # noqa: A001 - ps.open(PATH), like zarr.open / xarray.open_dataset
     """An existing store, read-only: ``.prompts``, ``.pairs`` (DataFrames),
     ``.component(name, prompt)`` ((kept tokens, layers, hidden) array), ``.to_xarray()``
@@ -154,6 +81,8 @@ def run(sweep: SweepConfig | str | Path | None = "quick", out: str | Path = "run
     from promptshift.causal import CausalConfig, missing_analyses, run_causal
     from promptshift.extract.run import ExtractConfig
     from promptshift.extract.run import extract as _extract
+    from promptshift.metrics import metrics
+    from promptshift.report import report
 
     say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(out)
@@ -221,6 +150,7 @@ def compare(system_a: str | None, system_b: str, user: str, *, model=None, token
     one-pair sweep in memory, so every number equals the store's for that pair, except
     ``cosine_centered``, whose mean μ is this pair's own (a sweep's μ is over all its prompts)."""
     from promptshift.errors import SweepError
+    from promptshift.extract import extract
     from promptshift.metrics import compute
     from promptshift.sweep.config import SystemPrompt, UserPrompt
 
@@ -266,5 +196,4 @@ def _cached_model(spec: str | None, sweep: SweepConfig):
     return _MODELS[key]
 
 
-__all__ = ["Comparison", "Sweep", "causal", "compare", "extract", "metrics", "open", "plan", "report",
-           "run"]
+__all__ = ["Comparison", "Sweep", "compare", "open", "plan", "run"]

@@ -28,12 +28,11 @@ def test_stages_are_callable_and_stay_subpackages():
     binds the name to the subpackage), and its submodules stay reachable."""
     import promptshift.extract.run  # noqa: F401
     import promptshift.metrics.io  # noqa: F401
-    from promptshift import api
 
     for name in ("extract", "causal", "metrics", "report"):
         stage = getattr(ps, name)
         assert callable(stage) and stage.__name__ == f"promptshift.{name}"
-        assert inspect.signature(stage) == inspect.signature(getattr(api, name))
+        assert inspect.signature(stage) == inspect.signature(getattr(stage, name))
     assert ps.extract.run.ExtractConfig and ps.metrics.io.StoreRef
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from promptshift.causal.analyses import CausalError, Refs, Scope, knockout, patching, phrases, steering
+from promptshift.stage import callable_stage
 from promptshift.store.core import Store, open_store
 from promptshift.sweep.config import SweepConfig, load_sweep
 
@@ -208,7 +209,19 @@ __all__ = ["ANALYSES", "CausalConfig", "CausalError", "check_rendering", "check_
            "run_causal", "scope_users"]
 
 
-# `promptshift.causal(...)` runs the stage (promptshift.api.causal); the subpackage stays as it is
-from promptshift.stage import callable_stage  # noqa: E402
+def causal(store, analyses: str | tuple[str, ...] | list[str] = "all", *, sweep=None, model=None,
+           tokenizer=None, **options) -> dict[str, float]:
+    """Causal analyses (activation patching, system-span knockout, phrase ablation, steering,
+    multi-turn decay; docs/CAUSAL.md) on an extracted store, written into it.
 
-callable_stage(__name__)
+    ``store``: a path or an open :class:`Store`. ``sweep``: optional, checked against the
+    sweep the store records (which is the one used). ``model``/``tokenizer``: an already
+    loaded HF model and its tokenizer (their weights must be the store's). ``options``: the
+    fields of :class:`CausalConfig` (``users=N`` to cover N user prompts, ...). Returns
+    seconds per analysis. Calling the subpackage, ``promptshift.causal(...)``, runs this."""
+    names = (analyses,) if isinstance(analyses, str) else tuple(analyses)
+    cfg = CausalConfig(store=store if isinstance(store, Store) else str(store), analyses=names, **options)
+    return run_causal(sweep, cfg, model=model, tok=tokenizer)
+
+
+callable_stage(__name__)  # promptshift.causal(...) runs causal(...)

@@ -41,6 +41,7 @@ from promptshift.metrics.causal import causal_tables
 from promptshift.metrics.components import component_task, plan_tasks, sweep_means
 from promptshift.metrics.io import StoreRef
 from promptshift.metrics.output import PairOutTask, output_task
+from promptshift.stage import callable_stage
 from promptshift.store.core import Store, open_store
 
 TABLES = ("component_change", "attention_regions", "attention_heads", "attention_layers", "attention_change",
@@ -496,10 +497,29 @@ def cli_main(store, out=None, scheduler=None, workers=None, n_boot: int = 1000, 
     return Path(out)
 
 
-__all__ = ["CAUSAL_TABLES", "MetricsConfig", "TABLES", "cli_main", "compute", "load_results", "load_summary"]
+def metrics(store, out: str | Path | None = None, **options):  # -> promptshift.report.tables.Results
+    """Tables, analyses and ``summary.json`` from a complete store (dask; no torch).
+
+    ``out``: the results directory (default ``<store>_results`` beside a store on disk; a
+    temporary directory for a store in memory). ``options``: ``workers`` (local dask
+    worker processes; 0 runs in this process), ``scheduler`` (address of a running dask
+    cluster), ``n_boot``, ``seed``, ``progress``. Returns the results
+    (:class:`promptshift.report.tables.Results`: ``.tables``, ``.summary``, ``.report``).
+    Calling the subpackage, ``promptshift.metrics(...)``, runs this."""
+    from promptshift.report.tables import Results  # the reader of a results directory
+
+    if isinstance(store, Store) and store.path is None:  # in memory: computed in this process
+        options.setdefault("workers", 0)
+        if out is None:
+            import tempfile
+
+            out = tempfile.mkdtemp(prefix="promptshift-results-")
+    out_dir = cli_main(store, None if out is None else str(out), **options)
+    load_summary(out_dir)  # raises MetricsError unless the run finished
+    return Results(out_dir)
 
 
-# `promptshift.metrics(...)` runs the stage (promptshift.api.metrics); the subpackage stays as it is
-from promptshift.stage import callable_stage  # noqa: E402
+callable_stage(__name__)  # promptshift.metrics(...) runs metrics(...)
 
-callable_stage(__name__)
+__all__ = ["CAUSAL_TABLES", "MetricsConfig", "TABLES", "cli_main", "compute", "load_results", "load_summary",
+           "metrics"]
