@@ -79,6 +79,7 @@ def test_disk_full_during_write_then_resume(sweep, tok, tiny_model, tmp_path, mo
 
 
 def test_nan_activations_are_an_error_not_data(sweep, tok, tmp_path):
+    """NaN from every token on: refused by the probe before a store exists."""
     model = tiny_llama(tok, n_layers=2, seed=5)
     h = model.model.layers[1].mlp.register_forward_hook(lambda m, a, o: o * float("nan"))
     store = tmp_path / "s.zarr"
@@ -87,7 +88,65 @@ def test_nan_activations_are_an_error_not_data(sweep, tok, tmp_path):
             _run(sweep, tok, model, str(store))
     finally:
         h.remove()
-    assert not open_store(store).done().any()
+    assert not store.exists()
+
+
+# Non-finite activations are named as such, with their cause and the fix, before anything
+# else can misread them (a residual-chain comparison sees NaN != NaN as a changed stream).
+@pytest.mark.parametrize("components", [None, ["attn_out"]])
+def test_float16_overflow_to_inf_is_the_non_finite_error_first(sweep, tok, tmp_path, components):
+    """The case: a float16 run whose residual stream overflows to inf."""
+    import torch
+
+    model = tiny_llama(tok, n_layers=2, seed=7).half()
+    with torch.no_grad():
+        # finite weights (at most ~3.2e4), an MLP output of ~1.2e5: finite in float32, inf in float16
+        model.model.layers[0].mlp.up_proj.weight.mul_(30)
+        model.model.layers[0].mlp.down_proj.weight.mul_(4e5)
+    kw = {"sweep_kw": {"components": components}} if components else {}
+    with pytest.raises(ExtractError) as e:
+        _run(sweep, tok, model, str(tmp_path / "s.zarr"), **kw)
+    msg = str(e.value)
+    assert "contains NaN or inf" in msg and "float16 computation overflowed" in msg and "--dtype float32" in msg
+    assert "changes the residual stream" not in msg
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("components", [None, ["attn_out"]])
+def test_a_nan_weight_is_named(sweep, tok, tmp_path, components):
+    """The case: a float32 model with one NaN weight; the error names the tensor."""
+    import torch
+
+    model = tiny_llama(tok, n_layers=2, seed=8)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[3, 5] = float("nan")
+    kw = {"sweep_kw": {"components": components}} if components else {}
+    with pytest.raises(ExtractError, match=r"resid_post of layer 1 .*contains NaN or inf.*weights hold NaN or inf "
+                                           r"\(model\.layers\.1\.self_attn\.o_proj\.weight\)"):
+        _run(sweep, tok, model, str(tmp_path / "s.zarr"), **kw)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_non_finite_values_of_some_prompts_only(sweep, tok, tmp_path):
+    """The same kind where the probe cannot see it: one token's embedding is NaN (only the
+    prompts holding it go non-finite), or only the output side is (a NaN in the final norm:
+    every activation finite, the logits not); float32 storage, one component kept.
+    Refused with the prompt named; the block is not done."""
+    import torch
+
+    word = tok.encode(" France", add_special_tokens=False)[0]
+    for where, match in (("embed", r"mlp_out of prompt \d+ \(.*, capital\) contains NaN or inf.*embed_tokens"),
+                         ("norm", r"the logits of prompt \d+ .* contains NaN or inf.*model\.norm\.weight")):
+        model = tiny_llama(tok, n_layers=2, seed=9)
+        with torch.no_grad():
+            if where == "embed":
+                model.model.embed_tokens.weight[word, 0] = float("nan")
+            else:
+                model.model.norm.weight[0] = float("nan")
+        store = tmp_path / f"{where}.zarr"
+        with pytest.raises(ExtractError, match=match):
+            _run(sweep, tok, model, str(store), sweep_kw={"components": ["mlp_out"], "storage_dtype": "float32"})
+        assert not open_store(store).done().all()
 
 
 def test_float16_overflow_names_the_fix(sweep, tok, tmp_path):

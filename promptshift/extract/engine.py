@@ -165,13 +165,14 @@ class Engine:
         return t
 
     @torch.inference_mode()
-    def check_residual_chain(self, n_tokens: int = 8) -> None:
-        """Check that the input of layer l+1 is bit for bit the output of layer l, which is
-        what lets a store keep ``resid_pre`` at layer 0 only. True of every decoder stack
-        that feeds each layer's output straight to the next; a model that changes the
-        residual stream between layers is refused here, before anything is written."""
-        from promptshift.errors import ExtractError
-
+    def preflight(self, chain: bool, n_tokens: int = 8) -> None:
+        """One short forward pass before anything is written. Non-finite activations are
+        refused first (:func:`nonfinite_error`: a float16 overflow, a NaN weight), since a
+        comparison with NaN would otherwise read as any other fault; then, with ``chain``,
+        that the input of layer l+1 is bit for bit the output of layer l, which is what lets
+        a store keep ``resid_pre`` at layer 0 only. True of every decoder stack that feeds
+        each layer's output straight to the next; a model that changes the residual stream
+        between layers is refused here."""
         vocab = int(self.cfg.vocab_size)
         n = max(2, min(n_tokens, vocab - 1))
         ids = (np.arange(1, n + 1, dtype=np.int64) * 7919) % vocab
@@ -181,7 +182,13 @@ class Engine:
             got = self._forward([ids], [np.zeros(n, np.int8)], [None], [np.arange(n)], want_output=False)[0]
         finally:
             self._pre_layers, self.components = saved, comps
-        pre, post = got["resid_pre"][0], got["resid_post"][0]
+        pre, post = got["resid_pre"][0], got["resid_post"][0]  # (n, L, H) each
+        for name, a in (("resid_pre", pre), ("resid_post", post)):
+            if not np.isfinite(a).all():
+                layer = int(np.flatnonzero(~np.isfinite(a).all(axis=(0, 2)))[0])
+                raise nonfinite_error(f"{name} of layer {layer} (a probe of {n} tokens, before any prompt)", self.model)
+        if not chain:
+            return
         bad = [la for la in range(1, self.L) if not np.array_equal(pre[:, la], post[:, la - 1])]
         if bad:
             raise ExtractError(
@@ -189,6 +196,10 @@ class Engine:
                 f"{bad[0]} differs from resid_post of layer {bad[0] - 1}), so resid_pre cannot be derived from "
                 "resid_post; extract resid_pre and resid_post in separate sweeps (`components`)"
             )
+
+    def check_residual_chain(self, n_tokens: int = 8) -> None:
+        """:meth:`preflight` with the residual-chain check."""
+        self.preflight(True, n_tokens)
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -627,9 +638,35 @@ def _merge_states(states: list[_DecodeState]) -> _DecodeState:
     )
 
 
-def check_fp16(name: str, a: np.ndarray) -> None:
+def nonfinite_error(what: str, model) -> ExtractError:
+    """The error for NaN or inf activations, with the cause where one can be named: weights
+    that are themselves non-finite, or a half-precision computation that overflowed (the
+    fix: compute in float32)."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    if bad:
+        cause = (f"the model's weights hold NaN or inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                 "the checkpoint is damaged; computing in float32 cannot help")
+    elif dtype == "float16":
+        cause = "its float16 computation overflowed (float16 ends at 65504): compute in float32 (`--dtype float32`)"
+    elif dtype != "float32":
+        cause = f"its {dtype} computation produced them: compute in float32 (`--dtype float32`)"
+    else:
+        cause = "computing in float32 already, with finite weights: check the model's inputs and configuration"
+    return ExtractError(f"{what} contains NaN or inf: the model produced non-finite activations; {cause}")
+
+
+def check_finite(name: str, a: np.ndarray, model) -> None:
+    """Raise :func:`nonfinite_error` if ``a`` holds NaN or inf."""
+    if a.size and not np.isfinite(a).all():
+        raise nonfinite_error(name, model)
+
+
+def check_fp16(name: str, a: np.ndarray, model=None) -> None:
     m = float(np.abs(a).max()) if a.size else 0.0
     if not math.isfinite(m):
+        if model is not None:
+            raise nonfinite_error(name, model)
         raise ExtractError(f"{name} contains NaN or inf; the model produced non-finite activations")
     if m > 65504.0:
         raise ExtractError(
@@ -654,4 +691,5 @@ def run_with_oom_retry(fn, batch: list) -> list:
         return run_with_oom_retry(fn, batch[:half]) + run_with_oom_retry(fn, batch[half:])
 
 
-__all__ = ["Engine", "Item", "Prefix", "Result", "check_fp16", "output_stats", "run_with_oom_retry", "unembed"]
+__all__ = ["Engine", "Item", "Prefix", "Result", "check_finite", "check_fp16", "nonfinite_error", "output_stats",
+           "run_with_oom_retry", "unembed"]

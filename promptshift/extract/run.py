@@ -225,7 +225,7 @@ class BlockRunner:
     def _assemble(self, block, prompts, results) -> dict[str, np.ndarray]:
         import torch
 
-        from promptshift.extract.engine import check_fp16
+        from promptshift.extract.engine import check_finite, check_fp16
 
         plan, s = self.plan, self.sweep
         b = plan.blocks.iloc[block]
@@ -264,15 +264,27 @@ class BlockRunner:
                 data["gen_ids"][j, : len(g)] = g
                 data["gen_len"][j] = len(g)
                 data["gen_text"][j] = self.tok.decode(g.tolist(), skip_special_tokens=True)
-        if self.sdtype == np.float16:
-            for c in s.components:
-                # NaN, inf, or beyond float16's range: float16 values are at most 65504, so
-                # their float32 sum is finite unless one of them is not (one pass, ~7x
-                # faster than isfinite().all())
-                if not bool(torch.isfinite(dst[c].sum(dtype=torch.float32))):
-                    for p in prompts:
-                        row = plan.prompts.iloc[p]
-                        check_fp16(f"{c} of prompt {p} ({row.system}, {row.user_id})", results[p].comps[c])
+        # NaN, inf, or beyond float16's range: float16 values are at most 65504 (float32's
+        # 3.4e38), so their float32 (float64) sum is finite unless one of them is not (one
+        # pass, ~7x faster than isfinite().all()); only a failing block is searched for the
+        # prompt to name. The output side too (lse: NaN or inf if any logit is), so that
+        # non-finite values are refused whatever components are kept.
+        f16, model = self.sdtype == np.float16, self.engine.model
+
+        def what(p: int, name: str) -> str:
+            row = plan.prompts.iloc[p]
+            return f"{name} of prompt {p} ({row.system}, {row.user_id})"
+
+        for c in s.components:
+            if not bool(torch.isfinite(dst[c].sum(dtype=torch.float32 if f16 else torch.float64))):
+                for p in prompts:
+                    if f16:
+                        check_fp16(what(p, c), results[p].comps[c], model)
+                    else:
+                        check_finite(what(p, c), results[p].comps[c], model)
+        if not np.isfinite(data["logits_lse"]).all():
+            for p in prompts:
+                check_finite(what(p, "the logits"), np.asarray([results[p].lse]), model)
         return data
 
 
@@ -313,8 +325,9 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
                     full_attention_layers=sweep.full_attention_layers, resid_pre_layers=1 if derived else None,
                     packed=None if cfg.packing else False)
     try:
-        if derived:  # before anything is written: the store will keep resid_pre at layer 0 only
-            engine.check_residual_chain()
+        # before anything is written: non-finite activations first, then (the store will keep
+        # resid_pre at layer 0 only) the residual chain
+        engine.preflight(chain=derived)
         try:
             store = Store.create(cfg.store, plan, provenance(model, tok, sweep, plan), cfg.format, cfg.overwrite)
         except StoreError:
