@@ -21,6 +21,7 @@ from promptshift.causal.runner import Edit, Row, Runner, kl
 from promptshift.errors import PromptShiftError
 from promptshift.extract.batching import plan_batches
 from promptshift.sweep.chat import REGION_CODE, conversation, render
+from promptshift.sweep.plan import pair_placement
 
 SYSTEM = REGION_CODE["system"]
 
@@ -55,7 +56,9 @@ class Refs:
 
     def __init__(self, runner: Runner, plan, scope: Scope):
         self.plan = plan
-        self.pairs = plan.pairs[plan.pairs["user_id"].isin(scope.users)].reset_index(drop=True)
+        pairs = pair_placement(plan.pairs)
+        pairs = pairs[pairs["placement"] == "system"]  # instruction prefixes: not (yet) intervened on
+        self.pairs = pairs[pairs["user_id"].isin(scope.users)].reset_index(drop=True)
         if self.pairs.empty:
             raise CausalError("no pairs in scope: the store's sweep has none of the requested user prompts")
         self.logprobs: dict[int, torch.Tensor] = {}

@@ -43,6 +43,7 @@ from promptshift.metrics.io import StoreRef
 from promptshift.metrics.output import PairOutTask, output_task
 from promptshift.stage import callable_stage
 from promptshift.store.core import Store, open_store
+from promptshift.sweep.plan import pair_placement
 
 TABLES = ("component_change", "attention_regions", "attention_heads", "attention_layers", "attention_change",
           "output_change", "lens_change", "layer_ranking", "length_impact", "length_tests", "tag_impact",
@@ -51,6 +52,8 @@ TABLES = ("component_change", "attention_regions", "attention_heads", "attention
 CAUSAL_TABLES = ("causal_patching", "causal_patching_curve", "causal_knockout", "causal_knockout_curve",
                  "causal_steering", "causal_steering_curve", "causal_steering_norms", "causal_phrases",
                  "causal_phrase_rank", "causal_tokens", "multiturn", "multiturn_attention", "multiturn_turns")
+# written only when the sweep has instruction prefixes (docs/RESULTS.md, "Instruction placement")
+PLACEMENT_TABLES = ("placement_layers", "placement_compare")
 SUMMARY = "summary.json"
 PROVENANCE = "provenance.json"
 
@@ -173,9 +176,13 @@ def _user_attributes(plan) -> pd.DataFrame:
 
 
 def _pair_meta(plan) -> pd.DataFrame:
-    """pair, system, user_id, category and the user prompt's attributes for pairs and
-    controls (control c is pair -1-c)."""
-    pairs = plan.pairs[["pair", "system", "user_id", "category"]]
+    """pair, system, user_id, category (with instruction prefixes: placement and
+    instruction) and the user prompt's attributes for pairs and controls (control c is pair
+    -1-c)."""
+    cols = ["pair", "system", "user_id", "category"]
+    if "placement" in plan.pairs.columns:  # only plans with instruction prefixes carry them
+        cols += ["placement", "instruction"]
+    pairs = plan.pairs[cols]
     pr = plan.prompts
     cat = {u.id: u.category for u in plan.sweep.user_prompts}
     ctrl = plan.controls
@@ -243,9 +250,11 @@ def _index_regions(plan) -> dict[int, str]:
     from promptshift.metrics.components import pair_tokens
     from promptshift.sweep.chat import REGIONS
 
-    if plan.pairs.empty:
+    pairs = pair_placement(plan.pairs)
+    pairs = pairs[pairs["placement"] == "system"]
+    if pairs.empty:
         return {}
-    t = pair_tokens(plan, plan.pairs)
+    t = pair_tokens(plan, pairs)
     counts = np.zeros((int(t["from_end"].max()) + 1, len(REGIONS)), np.int64)
     np.add.at(counts, (t["from_end"], t["region"].astype(np.int64)), 1)
     return {i: REGIONS[int(np.argmax(c))] for i, c in enumerate(counts) if c.sum()}
@@ -360,18 +369,27 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
                                         if len(lc) else lc, meta)
 
     users = [u.id for u in plan.sweep.user_prompts]
-    ctx = an.Context.draw(users, plan.pairs[["pair", "system", "user_id", "category"]].copy(), _systems(plan),
+    pairs = pair_placement(plan.pairs)
+    sys_pairs = pairs[pairs["placement"] == "system"]
+    ctx = an.Context.draw(users, sys_pairs[["pair", "system", "user_id", "category"]].copy(), _systems(plan),
                           "resid_post" if "resid_post" in comps else comps[-1], n_boot, seed,
                           strata=[u.category for u in plan.sweep.user_prompts])
-    cct = tables["component_change"]
-    imp = an.pair_impact(cct, tables["output_change"], ctx, tables["attention_change"])
+    # the analyses below are about system prompts: instruction-prefix pairs have their own
+    # (placement_*), and are left out of these, of the controls' comparison and of the summary
+    sys_tables = _system_only(tables, sys_pairs, plan)
+    if pos_sums is not None and len(pos_sums) and len(sys_pairs) < len(pairs):
+        pos_sums = pos_sums[pos_sums["pair"].isin(sys_pairs["pair"])]
+    cct = sys_tables["component_change"]
+    imp = an.pair_impact(cct, sys_tables["output_change"], ctx, sys_tables["attention_change"])
     tables["layer_ranking"] = an.layer_ranking(cct, ctx)
     tables["length_impact"], tables["length_tests"] = an.length_tables(imp, ctx)
     tables["tag_impact"] = an.tag_impact(imp, ctx)
     tables["position_change"] = an.position_change(cct, pos_sums, _index_regions(plan), ctx)
     tables["internal_vs_output"] = an.internal_vs_output(cct, imp, ctx)
+    if len(pairs) > len(sys_pairs):
+        tables.update(_placement_tables(tables, pairs, plan.sweep, ctx))
     model = store.provenance.get("model_id") or plan.sweep.model or "embedded"
-    summ = an.summary(tables, ctx, len(plan.controls), model)
+    summ = an.summary({**tables, **sys_tables}, ctx, len(plan.controls), model)
     causal, summ["causal"] = causal_tables(store, plan.pairs, n_boot, seed)
     tables.update(causal)
 
@@ -391,6 +409,48 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
         if progress:
             print(f"metrics: wrote {len(tables)} tables, {SUMMARY} and {PROVENANCE} to {out}", file=sys.stderr)
     return tables
+
+
+def _system_only(tables: dict[str, pd.DataFrame], sys_pairs: pd.DataFrame, plan) -> dict[str, pd.DataFrame]:
+    """The per-pair and per-prompt tables restricted to system-prompt pairs (and controls,
+    baselines): the same tables when the sweep has no instruction prefixes."""
+    if len(sys_pairs) == len(plan.pairs):
+        return {k: tables[k] for k in ("component_change", "attention_change", "output_change", "lens_change",
+                                       "attention_regions", "attention_layers")}
+    keep = set(sys_pairs["pair"].tolist())
+    prompts = set(sys_pairs["variant"].tolist()) | set(sys_pairs["baseline"].tolist()) | \
+        set(plan.prompts.index[plan.prompts["kind"] == "baseline"].tolist())
+    out = {}
+    for k in ("component_change", "attention_change", "output_change", "lens_change"):
+        t = tables[k]
+        out[k] = t[t["pair"].isin(keep) | (t["pair"] < 0)] if len(t) else t
+    for k in ("attention_regions", "attention_layers"):
+        t = tables[k]
+        out[k] = t[t["prompt"].isin(prompts)] if len(t) else t
+    return out
+
+
+def _placement_tables(tables: dict[str, pd.DataFrame], pairs: pd.DataFrame, sweep, sys_ctx) -> dict:
+    """placement_layers and placement_compare (promptshift/metrics/placement.py) over every
+    pair, system and prefix placements alike."""
+    from promptshift.metrics import placement as pl
+    from promptshift.sweep.plan import prefix_label
+
+    # every instruction label is a "system" of its own here, held fixed: per-instruction
+    # estimates resample user prompts (the system-prompt analyses' user resamples)
+    labels = pd.DataFrame({"name": list(dict.fromkeys(pairs["system"]))})
+    ctx = an.Context(w=sys_ctx.w, users=sys_ctx.users, pairs=pairs[["pair", "system", "user_id", "category"]].copy(),
+                     systems=labels, impact_component=sys_ctx.impact_component, seed=sys_ctx.seed)
+    cc = tables["component_change"]
+    imp = an.pair_impact(cc, tables["output_change"], ctx, tables["attention_change"])
+    # the last token's attention to the instruction's own tokens: the system prompt's, or the prefix's
+    ach = tables["attention_change"]
+    per = ach.groupby("pair")[["mass_system_variant", "mass_prefix_variant"]].mean()
+    is_pre = pairs.set_index("pair")["placement"].reindex(per.index) == "prefix"
+    attn = per["mass_system_variant"].where(~is_pre, per["mass_prefix_variant"])
+    imp["attn_instruction"] = imp["pair"].map(attn)
+    return {"placement_layers": pl.placement_layers(cc, pairs, ctx),
+            "placement_compare": pl.placement_compare(cc, imp, sweep.placements(), prefix_label, ctx)}
 
 
 def _versions() -> dict[str, str]:
@@ -414,7 +474,7 @@ def _begin(out: Path) -> None:
     if not os.access(out, os.W_OK):
         raise MetricsError(f"cannot write to {out}: directory is not writable")
     (out / SUMMARY).unlink(missing_ok=True)
-    for name in CAUSAL_TABLES:  # a store without (some) causal analyses must not show a past run's
+    for name in CAUSAL_TABLES + PLACEMENT_TABLES:  # a store without them must not show a past run's
         for ext in ("parquet", "csv"):
             (out / f"{name}.{ext}").unlink(missing_ok=True)
     for f in out.glob(".*.tmp-*"):
@@ -475,7 +535,7 @@ def load_results(out_dir) -> dict[str, pd.DataFrame]:
     missing = [t for t in TABLES if not (out / f"{t}.parquet").is_file()]
     if missing:
         raise MetricsError(f"{out} is missing {', '.join(missing)}; rerun `promptshift metrics`")
-    names = list(TABLES) + [t for t in CAUSAL_TABLES if (out / f"{t}.parquet").is_file()]
+    names = list(TABLES) + [t for t in CAUSAL_TABLES + PLACEMENT_TABLES if (out / f"{t}.parquet").is_file()]
     return {t: pd.read_parquet(out / f"{t}.parquet") for t in names}
 
 
@@ -521,5 +581,5 @@ def metrics(store, out: str | Path | None = None, **options):  # -> promptshift.
 
 callable_stage(__name__)  # promptshift.metrics(...) runs metrics(...)
 
-__all__ = ["CAUSAL_TABLES", "MetricsConfig", "TABLES", "cli_main", "compute", "load_results", "load_summary",
-           "metrics"]
+__all__ = ["CAUSAL_TABLES", "MetricsConfig", "PLACEMENT_TABLES", "TABLES", "cli_main", "compute", "load_results",
+           "load_summary", "metrics"]

@@ -19,7 +19,7 @@ import pandas as pd
 from promptshift.metrics.io import StoreRef, read_range, read_rows
 from promptshift.sweep.chat import REGION_CODE, REGIONS
 
-R = len(REGIONS)
+R = len(REGIONS)  # stores written before the `prefix` region have one fewer (the first R - 1 names)
 SINK_THRESHOLD = 0.3  # a head "sinks" when more than this share of its attention goes to token 0
 SCOPES = ("last", "all")
 
@@ -36,8 +36,8 @@ class PromptBlock:
     recent_k: int = 5  # "recent tokens": the last k keys of the last query's row
 
 
-def _onehot(reg: np.ndarray) -> np.ndarray:
-    return (reg[:, None] == np.arange(R)[None, :]).astype(np.float64)  # (n, R)
+def _onehot(reg: np.ndarray, n_regions: int = R) -> np.ndarray:
+    return (reg[:, None] == np.arange(n_regions)[None, :]).astype(np.float64)  # (n, R)
 
 
 def _row_entropy(p: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -52,7 +52,7 @@ def prompt_stats(last: np.ndarray, rm: np.ndarray, ent: np.ndarray, reg: np.ndar
     each key region; ent (L, NH, R) mean row entropy per query region; reg (n,) regions.
     Returns mass, mass_nosink (2, L, NH, R), uniform (2, R), entropy (2, L, NH)."""
     n = len(reg)
-    O = _onehot(reg)  # (n, R)
+    O = _onehot(reg, rm.shape[-1])  # (n, R): R as stored
     counts = O.sum(0)  # (R,) queries (= keys) per region
     mass_last = np.einsum("nlh,nr->lhr", last, O)  # (L, NH, R)
     mass_all = np.einsum("lhqk,q->lhk", np.nan_to_num(rm), counts) / n  # (L, NH, R)
@@ -78,6 +78,8 @@ def attention_task(ref: StoreRef, blk: PromptBlock):
     k1 = int(blk.key_start[-1] + blk.n_tokens[-1])
     rows = read_range(store, "attn_last", k0, k1).astype(np.float64)  # (keys, L, NH)
     n, L, NH = sink.shape
+    R = rm_all.shape[-1]  # regions as the store holds them
+    names = np.asarray(REGIONS[:R], dtype=object)
     mass = np.empty((n, 2, L, NH, R))
     nosink = np.empty((n, 2, L, NH, R))
     uniform = np.empty((n, 2, R))
@@ -98,7 +100,7 @@ def attention_task(ref: StoreRef, blk: PromptBlock):
         "scope": np.asarray(SCOPES, dtype=object)[idx[1]],
         "layer": idx[2].astype(np.int64),
         "head": idx[3].astype(np.int64),
-        "region": np.asarray(REGIONS, dtype=object)[idx[4]],
+        "region": names[idx[4]],
         "mass": mass.reshape(-1),
         "mass_nosink": nosink.reshape(-1),
         "uniform": np.broadcast_to(uniform[:, :, None, None, :], mass.shape).reshape(-1),
@@ -111,7 +113,7 @@ def attention_task(ref: StoreRef, blk: PromptBlock):
         "prompt": (blk.p0 + ri[0]).astype(np.int64),
         "scope": np.asarray(SCOPES, dtype=object)[ri[1]],
         "layer": ri[2].astype(np.int64),
-        "region": np.asarray(REGIONS, dtype=object)[ri[3]],
+        "region": names[ri[3]],
         "mass": m_h.reshape(-1),
         "mass_nosink": nosink.mean(3).reshape(-1),
         "uniform": np.broadcast_to(uniform[:, :, None, :], m_h.shape).reshape(-1),
@@ -160,7 +162,7 @@ def attention_change_task(ref: StoreRef, t: PairAttnTask) -> pd.DataFrame:
     rows = np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64)
     A = read_rows(store, "attn_last", rows, dtype=np.float64)  # (keys, L, NH)
     out = []
-    sys_c, usr_c = REGION_CODE["system"], REGION_CODE["user"]
+    sys_c, usr_c, pre_c = REGION_CODE["system"], REGION_CODE["user"], REGION_CODE["prefix"]
     for i in range(len(t.pairs)):
         n = int(t.n_al[i])
         vi = np.searchsorted(rows, t.v_start[i])
@@ -179,6 +181,7 @@ def attention_change_task(ref: StoreRef, t: PairAttnTask) -> pd.DataFrame:
             "mass_system_variant": fv[rv == sys_c].sum(0).mean(-1),
             "mass_user_variant": fv[rv == usr_c].sum(0).mean(-1),
             "mass_user_baseline": fb[rb == usr_c].sum(0).mean(-1),
+            "mass_prefix_variant": fv[rv == pre_c].sum(0).mean(-1),
         }))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 

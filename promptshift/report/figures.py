@@ -638,7 +638,7 @@ def _attention_last(res: Results) -> pd.DataFrame:
 
 def fig_attention_regions(res: Results) -> Figure:
     ar = _attention_last(res)
-    regions = [r for r in ("sink", "system", "user", "gen_prompt") if r in set(ar["region"].astype(str))]
+    regions = [r for r in ("sink", "system", "prefix", "user", "gen_prompt") if r in set(ar["region"].astype(str))]
     if not regions:
         raise NotAvailable("`attention_regions.parquet` has none of the regions sink, system, user, gen_prompt")
     al = res.raw("attention_layers")
@@ -759,6 +759,67 @@ def fig_attention_entropy(res: Results) -> Figure:
     ax.set_xlabel(f"attention entropy, {source}, mean over layers and heads (nats)")
     ax.legend(loc="lower right")
     _scope(fig, f"{_n(res)}; error bars: ± 1.96 SE across user prompts (normal approximation)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# 5b. instruction placement
+
+
+def fig_placement(res: Results) -> Figure:
+    """The same instruction as a system prompt and as a prefix of the user turn."""
+    pc = res.table("placement_compare", ["system_prompt", "prefix", "measure", "diff", "ci_low", "ci_high"])
+    pl = res.table("placement_layers", ["system", "placement", "instruction", "component", "layer", "mean"])
+    pc = pc[pc["system_prompt"].astype(str) != "all"]
+    if pc.empty:
+        raise NotAvailable("`placement_compare.parquet` has no instruction held both as a system prompt and as a "
+                           "prefix (match them by name or with `same_as`)")
+    matches = list(dict.fromkeys(zip(pc["system_prompt"].astype(str), pc["prefix"].astype(str))))
+    comp = res.summary.get("impact_component") or "resid_post"
+    if comp not in set(pl["component"].astype(str)):
+        comp = str(pl["component"].iloc[0])
+    colors = _family_palette(len(matches))
+    forests = [(m, lab) for m, lab in (("kl", "next-token KL"), ("top1_changed", "top-1 change rate"),
+                                        (f"depth:{comp}", "depth of the change (layer)"))
+               if m in set(pc["measure"].astype(str))]
+    fig = _fig(MAX_WIDTH_IN, max(3.8, 1.9 + 0.35 * len(matches)))
+    axes = fig.subplots(1, 1 + len(forests), squeeze=False, width_ratios=[1.6] + [1] * len(forests))[0]
+    ax = axes[0]
+    handles = []
+    for (sys_name, pre_name), col in zip(matches, colors):
+        for label, ls in ((sys_name, "-"), (f"prefix:{pre_name}", "--")):
+            d = pl[(pl["system"].astype(str) == label) & (pl["component"].astype(str) == comp)].sort_values("layer")
+            if d.empty:
+                continue
+            if {"ci_low", "ci_high"} <= set(d.columns):
+                ax.fill_between(d["layer"], d["ci_low"], d["ci_high"], color=col, alpha=0.12, linewidth=0)
+            ax.plot(d["layer"], d["mean"], color=col, linestyle=ls)
+        handles.append(Line2D([], [], color=col, label=short(sys_name if sys_name == pre_name
+                                                            else f"{sys_name} / {pre_name}", 26)))
+    handles += [Line2D([], [], color=NEUTRAL, label="as system prompt"),
+                Line2D([], [], color=NEUTRAL, linestyle="--", label="as prefix of the user turn")]
+    ax.set_title(f"relative change of {comp} at the last token", fontsize=9.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean ‖v − b‖ / ‖b‖ (95% CI)")
+    ax.set_ylim(bottom=0)
+    _layer_ticks(ax, pl["layer"])
+    ax.legend(handles=handles, fontsize=7.5, loc="upper left")
+    y = np.arange(len(matches))
+    names = [short(a if a == b else f"{a} / {b}", 22) for a, b in matches]
+    for ax, (m, lab) in zip(axes[1:], forests):
+        d = pc[pc["measure"].astype(str) == m].set_index(["system_prompt", "prefix"]).reindex(matches)
+        diff = d["diff"].to_numpy(float)
+        lo, hi = d["ci_low"].to_numpy(float), d["ci_high"].to_numpy(float)
+        sig = (lo > 0) | (hi < 0)
+        for k in range(len(matches)):
+            c = HIGHLIGHT if sig[k] else MUTED
+            ax.errorbar(diff[k], y[k], xerr=[[diff[k] - lo[k]], [hi[k] - diff[k]]], fmt="o", color=c, ecolor=c,
+                        capsize=3)
+        ax.axvline(0, color=NEUTRAL, linewidth=1)
+        ax.set_title(f"{lab}:\nprefix − system", fontsize=9)
+        ax.set_yticks(y, names if ax is axes[1] else [""] * len(y))
+        ax.set_ylim(-0.7, len(matches) - 0.3)
+        ax.invert_yaxis()
     return fig
 
 
@@ -1468,6 +1529,16 @@ FIGURES: tuple[FigureSpec, ...] = (
         "and heads, per system prompt; error bars are ± 1.96 standard errors across user prompts. The dashed line "
         "and grey band are the baseline.",
         fig_attention_entropy),
+    FigureSpec(
+        "fig-placement", "The same instruction in two places: system prompt or start of the user turn",
+        "For each instruction the sweep holds both as a system prompt and as a prefix of the user turn (matched by "
+        "name or `same_as`), both compared with the same baseline. Left: mean relative change of the residual stream "
+        "at the last prompt token by layer, solid as a system prompt, dashed as a prefix, with 95% bootstrap CIs "
+        "over user prompts: where in depth each placement moves the model. Right: prefix minus system, paired by "
+        "user prompt, for the next-token KL and the top-1 change rate (how much each placement changes the output) "
+        "and for the change-weighted mean layer of the residual change (where in depth it sits), with 95% CIs; red "
+        "where the CI excludes zero.",
+        fig_placement),
     FigureSpec(
         "fig-lens", "When the output shift appears: logit lens by layer",
         "Each layer's residual stream at the last token, read through the final norm and unembedding (logit lens). "

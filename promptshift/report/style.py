@@ -16,7 +16,7 @@ COMPONENT_COLORS = {
     "resid_post": "#0072B2",
 }
 
-REGIONS = ("sink", "template", "system", "user", "assistant", "gen_prompt")
+REGIONS = ("sink", "template", "system", "user", "assistant", "gen_prompt", "prefix")
 
 REGION_COLORS = {
     "sink": "#404040",
@@ -25,6 +25,7 @@ REGION_COLORS = {
     "user": "#56B4E9",
     "assistant": "#8c564b",
     "gen_prompt": "#CC79A7",
+    "prefix": "#009E73",
 }
 
 METRIC_LABELS = {

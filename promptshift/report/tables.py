@@ -25,6 +25,9 @@ TABLES = (
     "position_change", "internal_vs_output",
 )
 
+# Written by the metrics stage only when the sweep has instruction prefixes.
+PLACEMENT_TABLES = ("placement_layers", "placement_compare")
+
 # Written by the metrics stage only when the store holds the causal analyses
 # (`promptshift causal`); a results directory without them gets notes for their figures.
 CAUSAL_TABLES = (

@@ -30,7 +30,10 @@ import numpy as np
 
 from promptshift.errors import TemplateError
 
-REGIONS = ("sink", "template", "system", "user", "assistant", "gen_prompt")
+# `prefix`: an instruction put at the start of the user turn (the sweep's
+# instruction_prefixes), with the separator that joins it to the user prompt. Appended last,
+# so stores written before it existed keep their region codes.
+REGIONS = ("sink", "template", "system", "user", "assistant", "gen_prompt", "prefix")
 REGION_CODE = {r: i for i, r in enumerate(REGIONS)}
 PAD_REGION = -1
 # Regions of scaffolding (text the template or promptshift writes); every other region is
@@ -173,6 +176,9 @@ class Rendered:
     injected_system: str | None = None  # default system text the template added by itself
     offsets: np.ndarray = field(default=None, repr=False)  # (S, 2) character span of each token in text
     spans: list[Span] = field(default_factory=list, repr=False)  # content spans, in rendered order
+    # where every content sits, an empty one included (start == end): an empty user prompt
+    # has no tokens, but the tokens after its place are still the aligned suffix
+    anchors: list[Span] = field(default_factory=list, repr=False)
 
     def region_slice(self, region: str) -> tuple[int, int] | None:
         """[first, last+1) token range of a region (None if absent)."""
@@ -379,6 +385,7 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = True, *,
             t += 1
         msg_turn.append(-1 if m["role"] == "system" else max(t, 0))
     spans: list[Span] = []
+    anchors: list[Span] = []
     cursor, seen_turn = 0, False
     for j, (k, (start, a, b)) in enumerate(zip(order, found)):
         mi, region, _ = segs[k]
@@ -395,6 +402,8 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = True, *,
         if is_content(region) and end > start:
             char_content[start:end] = True
             spans.append(Span(region, int(turn), mi, start, end, a))
+        if is_content(region):
+            anchors.append(Span(region, int(turn), mi, start, end, a))
         seen_turn |= turn >= 0
         cursor = end
     char_turn[cursor:] = msg_turn[-1] if msg_turn else -1
@@ -451,7 +460,7 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = True, *,
     if len(ids):
         regions[0] = REGION_CODE["sink"]
     return Rendered(text=real, ids=np.asarray(ids, dtype=np.int64), regions=regions, turns=turns,
-                    injected_system=injected, offsets=off, spans=spans)
+                    injected_system=injected, offsets=off, spans=spans, anchors=anchors)
 
 
 def label_chars(offsets: np.ndarray, content: np.ndarray, space: np.ndarray) -> np.ndarray:
@@ -479,15 +488,19 @@ def label_chars(offsets: np.ndarray, content: np.ndarray, space: np.ndarray) -> 
 
 def conversation(
     tok, system: str | None, user: str, *, no_system_role: str = "error", empty_system: bool = False,
-    clock: TemplateClock | None = None,
+    clock: TemplateClock | None = None, prefix: str | None = None, prefix_separator: str = "\n\n",
 ) -> list[dict]:
     """Messages for one (system, user) pair under the template's abilities.
 
     ``system=None`` means no system turn at all; ``empty_system`` means a system turn with
     empty text. Templates with no system role either raise or, with the opt-in policy
     ``prepend_to_user``, carry the system text at the start of the user turn (its tokens
-    are still labelled ``system``)."""
-    return dialogue(tok, system, [{"role": "user", "content": user}], no_system_role=no_system_role,
+    are still labelled ``system``). ``prefix``: an instruction written at the start of the
+    user turn, ``prefix + prefix_separator + user``; the instruction and the separator are
+    labelled ``prefix``, so the prefix region holds exactly what the prefix adds to the
+    conversation without it."""
+    content = user if prefix is None else [("prefix", prefix + prefix_separator), ("user", user)]
+    return dialogue(tok, system, [{"role": "user", "content": content}], no_system_role=no_system_role,
                     empty_system=empty_system, clock=clock)
 
 
@@ -510,7 +523,9 @@ def dialogue(
         if not text:
             return turns
         first = turns[0]
-        turns[0] = {**first, "content": [("system", text), ("template", "\n\n"), ("user", first["content"])]}
+        c = first["content"]
+        turns[0] = {**first, "content": [("system", text), ("template", "\n\n"),
+                                         *([("user", c)] if isinstance(c, str) else c)]}
         return turns
     raise TemplateError(
         "the chat template has no system role; set `no_system_role: prepend_to_user` in the sweep to put the "

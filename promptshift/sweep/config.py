@@ -48,6 +48,22 @@ class SystemPrompt:
 
 
 @dataclass(frozen=True)
+class InstructionPrefix:
+    """An instruction put at the start of the user turn, before the user prompt (the
+    notebook's ``instruction_prefixes``). A variant like a system prompt: its pairs compare
+    the user prompt with the prefix against the same user prompt without it (the sweep's
+    baseline). ``same_as`` names the system prompt that holds the same instruction (by
+    default the system prompt of the same name, if there is one): the two placements of one
+    instruction are then compared side by side."""
+
+    name: str
+    text: str
+    same_as: str | None = None
+    tags: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class UserPrompt:
     id: str
     text: str
@@ -99,6 +115,8 @@ class SweepConfig:
     storage_dtype: str = "float16"
     full_attention_layers: tuple[int, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)  # the prompt file's own `metadata`, kept as is
+    instruction_prefixes: list[InstructionPrefix] = field(default_factory=list)
+    prefix_separator: str = "\n\n"  # between an instruction prefix and the user prompt, inside the user turn
     behaviour: Behaviour = field(default_factory=Behaviour)
     source: str = ""
 
@@ -140,9 +158,6 @@ class SweepConfig:
                     f"system prompt `{s.name}` has empty text; the baseline is set with `baseline: empty_system` "
                     "or `no_system_turn`, not as a system prompt"
                 )
-        for u in self.user_prompts:
-            if not u.text.strip():
-                raise SweepError(f"user prompt `{u.id}` has empty or whitespace-only text")
         if not isinstance(self.metadata, dict):
             raise SweepError(f"`metadata` must be a mapping, got {type(self.metadata).__name__}")
         for u in self.user_prompts:
@@ -151,11 +166,40 @@ class SweepConfig:
             _check_attributes(s.attributes, f"system prompt `{s.name}`", RESERVED_SYSTEM_ATTRIBUTES)
         self._check_behaviour()
         names = {s.name for s in self.system_prompts}
+        self._check_prefixes(names)
         if self.baseline not in BASELINE_BUILTINS and self.baseline not in names:
             raise SweepError(
                 f"unknown `baseline` {self.baseline!r}: use no_system_turn, empty_system or the name of a system "
                 f"prompt in the sweep ({', '.join(sorted(names))})"
             )
+
+    def _check_prefixes(self, system_names: set[str]) -> None:
+        self.instruction_prefixes = [InstructionPrefix(**x) if isinstance(x, dict) else x
+                                     for x in self.instruction_prefixes]
+        _unique([x.name for x in self.instruction_prefixes], "instruction_prefixes", "name")
+        for x in self.instruction_prefixes:
+            if not isinstance(x.text, str) or not x.text.strip():
+                raise SweepError(f"instruction prefix `{x.name}` has empty or whitespace-only text; leave it out (the "
+                                 "user prompt without a prefix is the baseline)")
+            if x.same_as is not None and x.same_as not in system_names:
+                raise SweepError(f"instruction prefix `{x.name}` has `same_as: {x.same_as}`, which is not a system "
+                                 f"prompt of the sweep ({', '.join(sorted(system_names))})")
+            if x.same_as is not None and x.same_as == self.baseline:
+                raise SweepError(f"instruction prefix `{x.name}` is the same instruction as the baseline `{x.same_as}`; "
+                                 "the baseline is not compared with itself, so there is no placement to compare")
+        if not isinstance(self.prefix_separator, str):
+            raise SweepError(f"`prefix_separator` must be a string, got {type(self.prefix_separator).__name__}")
+
+    def placements(self) -> list[tuple[str, str]]:
+        """(system prompt name, prefix name) for every instruction the sweep holds in both
+        places: a prefix's ``same_as``, or else a compared system prompt of the same name."""
+        compared = {s.name for s in self.variants}
+        out = []
+        for x in self.instruction_prefixes:
+            sys_name = x.same_as if x.same_as is not None else (x.name if x.name in compared else None)
+            if sys_name is not None:
+                out.append((sys_name, x.name))
+        return out
 
     def _check_behaviour(self) -> None:
         b = self.behaviour
@@ -201,6 +245,11 @@ class SweepConfig:
                 del it["attributes"]
         if not d["metadata"]:
             del d["metadata"]
+        if not d["instruction_prefixes"]:  # no prefixes: the dict (and plan hash) of a sweep without them
+            del d["instruction_prefixes"], d["prefix_separator"]
+        else:
+            for it in d["instruction_prefixes"]:
+                it["tags"] = list(it["tags"])
         for sp, it in zip(self.system_prompts, d["system_prompts"]):
             if sp.checks:
                 it["checks"] = [c.to_dict() for c in sp.checks]
@@ -226,6 +275,8 @@ class SweepConfig:
                                                                       None)})
                                for s in d["system_prompts"]]
         d["user_prompts"] = [UserPrompt(**u) for u in d["user_prompts"]]
+        d["instruction_prefixes"] = [InstructionPrefix(**{**x, "tags": tuple(x.get("tags", ()))})
+                                     for x in d.get("instruction_prefixes", [])]
         if "behaviour" in d:
             d["behaviour"] = parse_behaviour(d["behaviour"], "the stored sweep")
         return cls(**d)
@@ -384,10 +435,12 @@ def builtin_sweeps() -> dict[str, Path]:
 _SYSTEM_KEYS = {"name", "text", "tags", "description", "family", "level", "attributes", "checks"}
 _USER_KEYS = {"id", "text", "category", "expected", "attributes", "match"}
 _SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)} | {"suite", "prompts", "description", "select"}
-_SELECT_KEYS = {"system_prompts", "user_prompts", "categories", "max_user_prompts", "attributes"}
+_SELECT_KEYS = {"system_prompts", "user_prompts", "categories", "max_user_prompts", "attributes",
+                "instruction_prefixes"}
+_PREFIX_KEYS = {"name", "text", "same_as", "tags", "description", "category"}
 # the notebook's JSON prompt file: top-level keys, and the keys of a system prompt entry
 # that mean something to promptshift (any other key of an entry is an attribute)
-_JSON_KEYS = {"test_prompts", "system_prompts", "metadata"}
+_JSON_KEYS = {"test_prompts", "system_prompts", "metadata", "instruction_prefixes"}
 _JSON_SYSTEM_KEYS = {"text", "description", "category", "tags", "family", "level", "checks"}
 _JSON_USER_KEYS = {"id", "prompt", "expected", "category", "match"}
 
@@ -548,7 +601,35 @@ def _parse_prompt_json(data: Any, where: str) -> dict[str, Any]:
             name=str(name), text=text, tags=tuple(tags), description=_str_field(it, "description", w, False) or "",
             family=_str_field(it, "family", w, False), level=_str_field(it, "level", w, False),
             attributes=_json_attributes(it, _JSON_SYSTEM_KEYS), checks=parse_checks(it.get("checks"), w, None)))
-    return {"system_prompts": systems, "user_prompts": users, "baseline": "no_system_turn", "metadata": meta}
+    out = {"system_prompts": systems, "user_prompts": users, "baseline": "no_system_turn", "metadata": meta}
+    if "instruction_prefixes" in data:
+        out["instruction_prefixes"] = _parse_prefixes(data["instruction_prefixes"], where)
+    return out
+
+
+def _parse_prefixes(items: Any, where: str) -> list[InstructionPrefix]:
+    """Instruction prefixes as the notebook writes them (name -> text, or name -> {text,
+    same_as, description, category, tags}) or as a YAML list of {name, text, ...}."""
+    if isinstance(items, dict):
+        items = [{"name": k, **(v if isinstance(v, dict) else {"text": v})} for k, v in items.items()]
+    if not isinstance(items, list):
+        raise SweepError(f"`instruction_prefixes` in {where} must map name -> text (or a list of {{name, text}})")
+    out = []
+    for i, it in enumerate(items):
+        w = f"{where}: instruction_prefixes[{i}]"
+        if not isinstance(it, dict):
+            raise SweepError(f"{w} must be a text or an object with text")
+        _check_keys(it, _PREFIX_KEYS, w)
+        tags = it.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise SweepError(f"`tags` in {w} must be a list of strings")
+        category = _str_field(it, "category", w, False)
+        if category and category not in tags:
+            tags = [*tags, category]
+        out.append(InstructionPrefix(name=_str_field(it, "name", w), text=_str_field(it, "text", w),
+                                     same_as=_str_field(it, "same_as", w, False), tags=tuple(tags),
+                                     description=_str_field(it, "description", w, False) or ""))
+    return out
 
 
 def _load_suite(name: str) -> dict[str, Any]:
@@ -578,6 +659,12 @@ def _apply_select(d: dict[str, Any], select: Any, where: str) -> None:
         if missing:
             raise SweepError(f"`select.system_prompts` names unknown system prompt(s) {missing}")
         d["system_prompts"] = [known[n] for n in names]
+    if (names := select.get("instruction_prefixes")) is not None:
+        known_x = {x.name: x for x in d.get("instruction_prefixes", [])}
+        missing = [n for n in names if n not in known_x]
+        if missing:
+            raise SweepError(f"`select.instruction_prefixes` names unknown instruction prefix(es) {missing}")
+        d["instruction_prefixes"] = [known_x[n] for n in names]
     if (cats := select.get("categories")) is not None:
         d["user_prompts"] = [u for u in d["user_prompts"] if u.category in cats]
     if (ids := select.get("user_prompts")) is not None:
@@ -639,13 +726,16 @@ def load_sweep(arg: str | Path | None = None, **overrides: Any) -> SweepConfig:
                 pf = path.parent / pf
             sub = load_sweep(pf)
             d.update(system_prompts=sub.system_prompts, user_prompts=sub.user_prompts, baseline=sub.baseline,
-                     metadata=sub.metadata)
+                     metadata=sub.metadata, instruction_prefixes=sub.instruction_prefixes)
         if "system_prompts" in raw:
             d["system_prompts"] = _parse_system(raw["system_prompts"], str(path))
         if "user_prompts" in raw:
             d["user_prompts"] = _parse_user(raw["user_prompts"], str(path))
+        if "instruction_prefixes" in raw:
+            d["instruction_prefixes"] = _parse_prefixes(raw["instruction_prefixes"], str(path))
         for k, v in raw.items():
-            if k in ("suite", "prompts", "system_prompts", "user_prompts", "description", "select"):
+            if k in ("suite", "prompts", "system_prompts", "user_prompts", "description", "select",
+                     "instruction_prefixes"):
                 continue
             d[k] = v
         d["name"] = str(raw.get("name", path.stem))

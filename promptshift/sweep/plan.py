@@ -216,8 +216,14 @@ class Plan:
     def summary(self) -> str:
         n = self.prompts["n_tokens"]
         lines = [
-            f"sweep {self.sweep.name!r}: {len(self.sweep.variants)} system prompts x {len(self.sweep.user_prompts)} "
-            f"user prompts = {len(self.pairs)} pairs (+{len(self.controls)} control pairs)",
+            f"sweep {self.sweep.name!r}: {len(self.sweep.variants)} system prompts"
+            + (f" + {len(self.sweep.instruction_prefixes)} instruction prefixes" if self.sweep.instruction_prefixes
+               else "")
+            + f" x {len(self.sweep.user_prompts)} user prompts = {len(self.pairs)} pairs (+{len(self.controls)} "
+            "control pairs)",
+            *([f"same instruction in both places: "
+               + ", ".join(f"{a} (system) / {b} (prefix)" for a, b in self.sweep.placements())]
+              if self.sweep.placements() else []),
             f"baseline: {self.meta['baseline']}"
             + (f" (template injects default system prompt: {self.meta['injected_system']!r})"
                if self.meta.get("baseline_carries_default") else ""),
@@ -287,17 +293,17 @@ def build_plan(sweep: SweepConfig, tok, dims: ModelDims, *, clock: TemplateClock
     baseline = sweep.baseline
     n_new = generated_tokens(sweep)
 
-    def conv(system_text: str | None, empty: bool, user: str):
+    def conv(system_text: str | None, empty: bool, user: str, prefix: str | None = None):
         return conversation(tok, system_text, user, no_system_role=sweep.no_system_role, empty_system=empty,
-                            clock=clock)
+                            clock=clock, prefix=prefix, prefix_separator=sweep.prefix_separator)
 
-    def baseline_conv(user: str):
+    def baseline_conv(user: str, prefix: str | None = None):
         if baseline == "no_system_turn":
-            return conv(None, False, user)
+            return conv(None, False, user, prefix)
         if baseline == "empty_system":
-            return conv(None, True, user)
+            return conv(None, True, user, prefix)
         named = next(s for s in sweep.system_prompts if s.name == baseline)
-        return conv(named.text, False, user)
+        return conv(named.text, False, user, prefix)
 
     rows: list[dict[str, Any]] = []
     rendered: list[Rendered] = []
@@ -310,7 +316,8 @@ def build_plan(sweep: SweepConfig, tok, dims: ModelDims, *, clock: TemplateClock
         check_context(len(r.ids), n_new, dims.max_positions, f"prompt ({system}, {user_id})")
         user_span = _last_user_span(r)
         if user_span is None:
-            raise TemplateError(f"no user tokens found when rendering ({system}, {user_id})")
+            raise TemplateError(f"no user prompt found when rendering ({system}, {user_id}): the template renders an "
+                                "empty user message differently from a non-empty one")
         idx = len(rows)
         by_text[r.text] = idx
         rows.append(
@@ -324,9 +331,14 @@ def build_plan(sweep: SweepConfig, tok, dims: ModelDims, *, clock: TemplateClock
     for u in sweep.user_prompts:
         base_of[u.id] = add("baseline", baseline, u.id, baseline_conv(u.text))
     pair_rows = []
-    for s in sweep.variants:
+    # system prompts, then instruction prefixes (label `prefix:<name>`: a prefix may share its
+    # name with the system prompt that holds the same instruction)
+    variants = [(s.name, s.name, "system", lambda u, s=s: conv(s.text, False, u.text)) for s in sweep.variants]
+    variants += [(prefix_label(x.name), x.name, "prefix", lambda u, x=x: baseline_conv(u.text, x.text))
+                 for x in sweep.instruction_prefixes]
+    for label, instruction, placement, messages in variants:
         for u in sweep.user_prompts:
-            v = add("variant", s.name, u.id, conv(s.text, False, u.text))
+            v = add("variant", label, u.id, messages(u))
             b = base_of[u.id]
             rv, rb = rendered[v], rendered[b]
             sv, sb = rows[v]["suffix_start"], rows[b]["suffix_start"]
@@ -336,10 +348,13 @@ def build_plan(sweep: SweepConfig, tok, dims: ModelDims, *, clock: TemplateClock
             else:  # tokenization merged across the user boundary: align the common tail
                 n_al = min(_common_suffix_len(rv.ids, rb.ids), lv, lb)
                 if n_al == 0:
-                    raise TemplateError(f"variant and baseline of ({s.name}, {u.id}) share no suffix tokens")
-            pair_rows.append(dict(pair=len(pair_rows), user_id=u.id, system=s.name, variant=v, baseline=b,
-                                  v_suffix_start=len(rv.ids) - n_al, b_suffix_start=len(rb.ids) - n_al,
-                                  suffix_len=n_al, category=u.category))
+                    raise TemplateError(f"variant and baseline of ({label}, {u.id}) share no suffix tokens")
+            row = dict(pair=len(pair_rows), user_id=u.id, system=label, variant=v, baseline=b,
+                       v_suffix_start=len(rv.ids) - n_al, b_suffix_start=len(rb.ids) - n_al, suffix_len=n_al,
+                       category=u.category)
+            if sweep.instruction_prefixes:  # only then: the plan (and hash) of other sweeps stays as it was
+                row.update(placement=placement, instruction=instruction)
+            pair_rows.append(row)
     prompts = pd.DataFrame(rows)
     if sweep.keep == "last":
         prompts["keep_start"] = prompts["n_tokens"] - 1
@@ -442,13 +457,38 @@ def check_context(n_tokens: int, n_new: int, context: int | None, what: str) -> 
 
 
 def _last_user_span(r: Rendered) -> tuple[int, int] | None:
-    """Token span of the last user message's content (the aligned suffix starts here)."""
+    """Token span of the last user message's content (the aligned suffix starts here). An
+    empty user prompt has no tokens: its span is empty, at the first token after its place
+    in the rendering (None when the template left no place for it)."""
     is_user = r.regions == REGION_CODE["user"]
-    if not is_user.any():
+    if is_user.any():
+        last_turn = r.turns[is_user].max()
+        idx = np.flatnonzero(is_user & (r.turns == last_turn))
+        return int(idx[0]), int(idx[-1]) + 1
+    users = [a for a in r.anchors if a.region == "user"]
+    if not users:
         return None
-    last_turn = r.turns[is_user].max()
-    idx = np.flatnonzero(is_user & (r.turns == last_turn))
-    return int(idx[0]), int(idx[-1]) + 1
+    at = users[-1].start
+    after = np.flatnonzero(r.offsets[:, 1] > at)  # first token that carries text at or after the place
+    first = int(after[0]) if after.size else len(r.ids)
+    return first, first
+
+
+def prefix_label(name: str) -> str:
+    """The `system` label of an instruction prefix's pairs and prompts in the plan and in
+    every table: distinct from a system prompt of the same name."""
+    return f"prefix:{name}"
+
+
+def pair_placement(pairs: pd.DataFrame) -> pd.DataFrame:
+    """``pairs`` with ``placement`` (system or prefix) and ``instruction`` (the system
+    prompt's or prefix's name) columns; plans without instruction prefixes lack them (their
+    plan hash predates them), and every pair of such a plan is a system pair."""
+    out = pairs.copy()
+    if "placement" not in out.columns:
+        out["placement"] = "system"
+        out["instruction"] = out["system"] if "system" in out.columns else []
+    return out
 
 
 def load_plan_inputs(sweep: SweepConfig):

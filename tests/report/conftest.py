@@ -31,6 +31,7 @@ CAUSAL_TABLE_NAMES = (  # written by metrics only when the store holds `promptsh
     "causal_steering_curve", "causal_steering_norms", "causal_phrases", "causal_phrase_rank", "causal_tokens",
     "multiturn", "multiturn_attention", "multiturn_turns",
 )
+PLACEMENT_TABLE_NAMES = ("placement_layers", "placement_compare")  # only for sweeps with instruction prefixes
 CONTROL = "__control__"
 
 INTERPRETATIONS = {
@@ -576,6 +577,27 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
                                         r_select=_corr(half[internal], half[output], method), n_select=len(half)))
     iv = pd.DataFrame(iv_rows)
     tables["internal_vs_output"] = iv
+
+    # -- instruction placement: concise_short also as a prefix (same name), pirate_short as `arr`
+    pl_rows, pc_rows = [], []
+    for (sys_name, pre_name), f in ((("concise_short", "concise_short"), 0.6), (("pirate_short", "arr"), 1.3)):
+        for label, placement, instr, g in ((sys_name, "system", sys_name, 1.0),
+                                            (f"prefix:{pre_name}", "prefix", pre_name, f)):
+            for comp in COMPONENTS:
+                prof = _profile(comp, L) * g
+                for lay in range(L):
+                    pl_rows.append(dict(system=label, placement=placement, instruction=instr, component=comp,
+                                        layer=lay, mean=prof[lay], ci_low=prof[lay] * 0.85, ci_high=prof[lay] * 1.15,
+                                        n_pairs=n_users))
+        for m, vs, vp in (("impact", 0.3, 0.3 * f), ("kl", 0.8, 0.8 * f), ("top1_changed", 0.25, 0.25 * f),
+                          ("attn_instruction", 0.05, 0.08), ("depth:resid_post", 3.1, 3.1 + (f - 1)),
+                          ("peak_layer:resid_post", 5.0, 5.0)):
+            d = vp - vs
+            pc_rows.append(dict(system_prompt=sys_name, prefix=pre_name, measure=m,
+                                component=m.split(":")[1] if ":" in m else None, system_value=vs, prefix_value=vp,
+                                diff=d, ci_low=d - 0.1 * abs(vs), ci_high=d + 0.1 * abs(vs), n_users=n_users))
+    tables["placement_layers"] = pd.DataFrame(pl_rows)
+    tables["placement_compare"] = pd.DataFrame(pc_rows)
 
     causal_summary = None
     if causal:

@@ -17,7 +17,7 @@ import pytest
 from promptshift.errors import PromptShiftError
 from promptshift.report import FIGURE_IDS, ReportError, Results, build_report
 
-from .conftest import CAUSAL_TABLE_NAMES, TABLE_NAMES, make_fake_results
+from .conftest import CAUSAL_TABLE_NAMES, PLACEMENT_TABLE_NAMES, TABLE_NAMES, make_fake_results
 
 CAUSAL_FIGURES = ("fig-causal-patching", "fig-causal-knockout", "fig-causal-phrases", "fig-causal-steering",
                   "fig-multiturn")
@@ -32,9 +32,14 @@ def _figure_block(html: str, fid: str) -> str:
 def test_every_figure_is_embedded_and_written(built_report, fake_results):
     html = built_report.read_text(encoding="utf-8")
     assert built_report == fake_results / "report.html"
-    assert len(FIGURE_IDS) == 17 and len(set(FIGURE_IDS)) == 17
-    assert FIGURE_IDS[12:] == CAUSAL_FIGURES  # after the existing ones, in this order
+    assert len(FIGURE_IDS) == 18 and len(set(FIGURE_IDS)) == 18
+    assert FIGURE_IDS[13:] == CAUSAL_FIGURES  # after the existing ones, in this order
     assert {"fig-system-layer", "fig-length-output-attention"} <= set(FIGURE_IDS)  # the notebook's views
+    assert "fig-placement" in FIGURE_IDS
+    from promptshift.metrics import PLACEMENT_TABLES
+    from promptshift.report.tables import PLACEMENT_TABLES as REPORT_PLACEMENT
+
+    assert set(PLACEMENT_TABLE_NAMES) == set(PLACEMENT_TABLES) == set(REPORT_PLACEMENT)
     assert html.count("<img") == len(FIGURE_IDS)
     found = IMG.findall(html)
     assert [fid for _, fid in found] == list(FIGURE_IDS)
@@ -102,7 +107,7 @@ def test_provenance_and_findings_in_html(built_report, fake_results):
 
 
 def _all_but(*keep: str) -> tuple[str, ...]:
-    return tuple(t for t in TABLE_NAMES + CAUSAL_TABLE_NAMES if t not in keep)
+    return tuple(t for t in TABLE_NAMES + CAUSAL_TABLE_NAMES + PLACEMENT_TABLE_NAMES if t not in keep)
 
 
 def test_missing_tables_become_notes_and_fallbacks_draw(tmp_path):

@@ -57,7 +57,13 @@ def test_json_prompt_file(tmp_path):
 @pytest.mark.parametrize(
     "content, match",
     [
-        ("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: ''}]\n", "empty or whitespace"),
+        # an empty user prompt is a prompt (tests/sweep/test_notebook_format.py); an empty instruction is not
+        ("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: hi}]\ninstruction_prefixes: {p: '  '}\n",
+         "instruction prefix `p` has empty or whitespace-only text"),
+        ("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: hi}]\n"
+         "instruction_prefixes: [{name: p, text: Hi, same_as: b}]\n", "`same_as: b`, which is not a system prompt"),
+        ("system_prompts: [{name: a, text: x}]\nuser_prompts: [{id: u, text: hi}]\n"
+         "instruction_prefixes: [{name: p, txt: Hi}]\n", r"unknown key\(s\) \['txt'\].*allowed: category"),
         ("system_prompts: [{name: a, text: '  '}]\nuser_prompts: [{id: u, text: hi}]\n", "empty text"),
         ("system_prompts: [{name: a, text: x}, {name: a, text: y}]\nuser_prompts: [{id: u, text: hi}]\n",
          "duplicate name 'a'"),

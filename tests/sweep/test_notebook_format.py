@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from promptshift.errors import SweepError
@@ -99,7 +100,7 @@ def test_yaml_attributes_and_empty_ones_leave_the_dict_unchanged(tmp_path):
 @pytest.mark.parametrize(
     "patch, match",
     [
-        ({"extra_section": {}}, r"unknown key\(s\) \['extra_section'\] in .*allowed: metadata, system_prompts, test_prompts"),
+        ({"extra_section": {}}, r"unknown key\(s\) \['extra_section'\] in .*allowed: instruction_prefixes, metadata, system_prompts, test_prompts"),
         ({"metadata": "v1"}, "`metadata` in .* must be an object"),
         ({"test_prompts": {"factual": [{"id": "x", "prompt": "q", "category": "other"}]}},
          "has `category` 'other' but sits under 'factual'"),
@@ -128,3 +129,91 @@ def test_plan_command_names_the_baseline_and_takes_baseline_option(tmp_path):
     assert "baseline: no_system_turn (template injects default system prompt: 'You are a helpful AI" in r.output
     r = CliRunner().invoke(app, ["plan", str(p), "--baseline", "empty_system"])
     assert r.exit_code == 0 and "baseline: empty_system\n" in r.output, r.output
+
+
+# --- instruction prefixes and empty user prompts in the plan -------------------------------
+PREFIXED = {
+    **NOTEBOOK,
+    "test_prompts": {**NOTEBOOK["test_prompts"], "edge_cases": [{"id": "empty", "prompt": ""}]},
+    "instruction_prefixes": {"brief": "Be brief.", "polite": {"text": "Please answer politely.", "same_as": "pirate"},
+                             "json": "Reply in JSON."},
+}
+
+
+def _plan(tok, tmp_path, data, **over):
+    import warnings
+
+    from promptshift.sweep.plan import ModelDims, build_plan
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no_system_turn carries SmolLM2's default system prompt
+        return build_plan(load_sweep(_write(tmp_path, data), **over), tok, ModelDims(2, 8, 2, 100, 4096))
+
+
+def test_prefixes_are_pairs_matched_with_system_prompts(tok, tmp_path):
+    s = load_sweep(_write(tmp_path, PREFIXED))
+    assert [x.name for x in s.instruction_prefixes] == ["brief", "polite", "json"]
+    assert s.placements() == [("brief", "brief"), ("pirate", "polite")]  # by name, and by same_as
+    plan = _plan(tok, tmp_path, PREFIXED)
+    p = plan.pairs
+    assert len(p) == (2 + 3) * 4 and set(p.placement) == {"system", "prefix"}
+    pre = p[p.placement == "prefix"]
+    assert set(pre.system) == {"prefix:brief", "prefix:polite", "prefix:json"}
+    assert set(pre.instruction) == {"brief", "polite", "json"}
+    # a prefix pair's baseline is the same user prompt without the prefix: the system pairs' baseline
+    for u, g in p.groupby("user_id"):
+        assert g.baseline.nunique() == 1, u
+    assert "2 system prompts + 3 instruction prefixes x 4 user prompts = 20 pairs" in plan.summary()
+    assert "brief (system) / brief (prefix), pirate (system) / polite (prefix)" in plan.summary()
+    d = s.to_dict()
+    assert SweepConfig.from_dict(json.loads(json.dumps(d))).instruction_prefixes == s.instruction_prefixes
+
+
+def test_prefix_regions_exact_by_token(tok, tmp_path):
+    """Every token of a prefix pair is labelled from the rendering: the prefix region is
+    exactly the instruction and its separator, the user region exactly the user prompt,
+    and everything else is the baseline's tokens, in the same order."""
+    from promptshift.sweep.chat import REGION_CODE
+
+    for baseline in ("no_system_turn", "empty_system", "brief"):
+        plan = _plan(tok, tmp_path, PREFIXED, baseline=baseline)
+        users = {u.id: u.text for u in plan.sweep.user_prompts}
+        texts = {x.name: x.text for x in plan.sweep.instruction_prefixes}
+        pre = plan.pairs[plan.pairs.placement == "prefix"]
+        assert len(pre) == 3 * 4
+        for r in pre.itertuples():
+            ids, reg = plan.prompt_tokens(r.variant), plan.prompt_regions(r.variant)
+            bids, breg = plan.prompt_tokens(r.baseline), plan.prompt_regions(r.baseline)
+            # the same rendering built by hand, tokenized independently
+            msgs = ([] if baseline == "no_system_turn" else
+                    [{"role": "system", "content": "" if baseline == "empty_system" else "Be brief."}])
+            msgs.append({"role": "user", "content": texts[r.instruction] + "\n\n" + users[r.user_id]})
+            want = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"]
+            assert ids.tolist() == want
+            pos = np.flatnonzero(reg == REGION_CODE["prefix"])
+            upos = np.flatnonzero(reg == REGION_CODE["user"])
+            assert pos.size and np.array_equal(pos, np.arange(pos[0], pos[-1] + 1))  # one contiguous span
+            assert tok.decode(ids[pos].tolist()) == texts[r.instruction] + "\n\n"
+            assert tok.decode(ids[upos].tolist()) == users[r.user_id]
+            # the prefix region holds exactly what the prefix adds: the rest is the baseline, token by token
+            rest = np.delete(np.arange(len(ids)), pos)
+            assert ids[rest].tolist() == bids.tolist() and reg[rest].tolist() == breg.tolist()
+            # aligned on the user text and after; the prefix ends right where the user text (or its place) begins
+            assert r.v_suffix_start == pos[-1] + 1 and r.suffix_len == len(bids) - r.b_suffix_start
+            assert np.array_equal(ids[r.v_suffix_start:], bids[r.b_suffix_start:])
+
+
+def test_empty_user_prompt_renders_with_no_user_tokens_and_aligns_on_what_follows(tok, tmp_path):
+    from promptshift.sweep.chat import REGION_CODE
+
+    plan = _plan(tok, tmp_path, PREFIXED)
+    e = plan.pairs[plan.pairs.user_id == "empty"]
+    assert len(e) == 5  # every system prompt and every prefix
+    for r in e.itertuples():
+        for p, start in ((r.variant, r.v_suffix_start), (r.baseline, r.b_suffix_start)):
+            ids, reg = plan.prompt_tokens(p), plan.prompt_regions(p)
+            assert not (reg == REGION_CODE["user"]).any()
+            # the aligned suffix begins at the end of the (empty) user turn: <|im_end|> and the assistant header
+            assert tok.decode(ids[start:].tolist()) == "<|im_end|>\n<|im_start|>assistant\n"
+        assert r.suffix_len == len(plan.prompt_tokens(r.baseline)) - r.b_suffix_start
