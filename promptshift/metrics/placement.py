@@ -5,7 +5,9 @@ Both placements are variants of the same baseline (the user prompt under the swe
 baseline condition), and each matched instruction has one pair per user prompt in each
 placement, so the comparison is paired by user prompt: a resample of user prompts draws
 the system pair and the prefix pair of a user prompt together, and the interval of a
-difference (prefix − system) is the percentile interval of the resampled differences.
+difference (prefix − system) is the percentile interval of the resampled differences. The
+rows ``all`` (the mean over matched instructions) resample the instructions too, as the
+crossed bootstrap of the system-prompt analyses resamples system prompts.
 
 Tables (docs/RESULTS.md):
 
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from promptshift.metrics.analyses import Context, grouped_ci
-from promptshift.metrics.bootstrap import mean_ci, percentile_ci
+from promptshift.metrics.bootstrap import mean_ci, percentile_ci, user_weights
 
 OUTPUT_MEASURES = ("impact", "kl", "top1_changed", "attn_instruction")
 LAYER_COLS = ["system", "placement", "instruction", "component", "layer", "mean", "ci_low", "ci_high", "n_pairs"]
@@ -112,10 +114,16 @@ def placement_compare(cc: pd.DataFrame, imp: pd.DataFrame, matches: list[tuple[s
                              prefix_value=vp, diff=vp - vs, ci_low=float(lo), ci_high=float(hi), n_users=n))
             collect.setdefault((m, comp), []).append((vs, vp, bs, bp, n))
     if len(matches) > 1:
+        # the mean over matched instructions: instructions and user prompts both resampled
+        # (pigeonhole, as the system-prompt analyses), a resample's value the mean of its
+        # drawn instructions' paired differences
+        wm = user_weights(len(matches), len(ctx.w), [ctx.seed, 4])  # (B, M)
         for (m, comp), xs in collect.items():
             vs = float(np.mean([x[0] for x in xs]))
             vp = float(np.mean([x[1] for x in xs]))
-            boot = np.mean([x[3] - x[2] for x in xs], axis=0)
+            d = np.stack([x[3] - x[2] for x in xs], axis=1)  # (B, M) per-instruction resampled differences
+            with np.errstate(invalid="ignore"):
+                boot = np.nansum(wm * d, axis=1) / np.where(np.isfinite(d), wm, 0).sum(1)
             lo, hi = percentile_ci(boot)
             rows.append(dict(system_prompt="all", prefix="all", measure=m, component=comp, system_value=vs,
                              prefix_value=vp, diff=vp - vs, ci_low=float(lo), ci_high=float(hi),

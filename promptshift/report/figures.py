@@ -820,6 +820,8 @@ def fig_placement(res: Results) -> Figure:
         ax.set_yticks(y, names if ax is axes[1] else [""] * len(y))
         ax.set_ylim(-0.7, len(matches) - 0.3)
         ax.invert_yaxis()
+    _scope(fig, f"{_n(res)}; {len(matches)} instruction(s) held in both places; bands and intervals: 95%, "
+                "bootstrap over user prompts (a user prompt's system and prefix pairs drawn together)")
     return fig
 
 

@@ -115,3 +115,13 @@ def test_placement_tables_equal_plain_loops(run):
     allrow = pc[(pc.system_prompt == "all") & (pc.measure == "kl")].iloc[0]
     both = pc[(pc.system_prompt != "all") & (pc.measure == "kl")]
     assert abs(allrow["diff"] - both["diff"].mean()) <= 1e-12
+    # the mean over matched instructions resamples the instructions too (pigeonhole)
+    wm = user_weights(2, 100, [0, 4])
+    d = []
+    for sys_name, pre_name in (("brief", "brief"), ("pirate", "arr")):
+        per = [np.array([oc.loc[pairs.index[(pairs.system == lab) & (pairs.user_id == u)][0], "kl"] for u in users])
+               for lab in (sys_name, f"prefix:{pre_name}")]
+        d.append([(wb @ per[1] - wb @ per[0]) / wb.sum() for wb in w])
+    d = np.array(d).T  # (B, 2)
+    lo, hi = np.percentile((wm * d).sum(1) / wm.sum(1), [2.5, 97.5])
+    assert abs(allrow["ci_low"] - lo) <= 1e-9 and abs(allrow["ci_high"] - hi) <= 1e-9
