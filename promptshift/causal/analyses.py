@@ -7,6 +7,12 @@ Every output distribution is the full next-token distribution at the prompt's la
 position, so every KL here is exact over the vocabulary (no top-k approximation).
 Notation: ``v`` variant (with the system prompt), ``b`` baseline, ``y_v`` the variant's
 top-1 next token, ``L`` layers; sites 0..L as in :mod:`promptshift.causal.runner`.
+
+A sweep's instruction prefixes are variants too: their *instruction span* is the ``prefix``
+region (the instruction and its separator, at the start of the user turn) where a system
+prompt's is the ``system`` region; knockout blocks it, phrase ablation leaves its phrases
+out, token attribution runs over its tokens. Every array is per pair (or per instruction
+label, ``prefix:<name>`` for a prefix), so ``promptshift metrics`` can tell them apart.
 """
 
 from __future__ import annotations
@@ -20,10 +26,38 @@ from promptshift.causal.phrases import split_phrases, without
 from promptshift.causal.runner import Edit, Row, Runner, kl
 from promptshift.errors import PromptShiftError
 from promptshift.extract.batching import plan_batches
-from promptshift.sweep.chat import REGION_CODE, conversation, render
+from promptshift.sweep.chat import REGION_CODE, REGIONS, conversation, render
 from promptshift.sweep.plan import pair_placement
 
 SYSTEM = REGION_CODE["system"]
+PREFIX = REGION_CODE["prefix"]
+
+
+def _span_code(r) -> int:
+    """Region code of a pair's instruction span: the prefix for a prefix pair, else the system prompt."""
+    return PREFIX if getattr(r, "placement", "system") == "prefix" else SYSTEM
+
+
+def _instructions(sweep) -> dict[str, tuple[str, str]]:
+    """Instruction label -> (placement, text) for every system prompt compared and every prefix."""
+    from promptshift.sweep.plan import prefix_label
+
+    out = {s.name: ("system", s.text) for s in sweep.variants}
+    out.update({prefix_label(x.name): ("prefix", x.text) for x in sweep.instruction_prefixes})
+    return out
+
+
+def _messages(tok, sweep, label: str, text: str, user: str, clock):
+    """The conversation of instruction ``label`` with its text replaced by ``text`` (a phrase
+    left out): a system prompt, or a prefix of the user turn under the sweep's baseline."""
+    placement, _ = _instructions(sweep)[label]
+    if placement == "system":
+        return conversation(tok, text, user, no_system_role=sweep.no_system_role, clock=clock)
+    base = sweep.baseline
+    system = None if base in ("no_system_turn", "empty_system") else \
+        next(s.text for s in sweep.system_prompts if s.name == base)
+    return conversation(tok, system, user, no_system_role=sweep.no_system_role, empty_system=base == "empty_system",
+                        clock=clock, prefix=text, prefix_separator=sweep.prefix_separator)
 
 
 class CausalError(PromptShiftError):
@@ -57,7 +91,6 @@ class Refs:
     def __init__(self, runner: Runner, plan, scope: Scope):
         self.plan = plan
         pairs = pair_placement(plan.pairs)
-        pairs = pairs[pairs["placement"] == "system"]  # instruction prefixes: not (yet) intervened on
         self.pairs = pairs[pairs["user_id"].isin(scope.users)].reset_index(drop=True)
         if self.pairs.empty:
             raise CausalError("no pairs in scope: the store's sweep has none of the requested user prompts")
@@ -66,9 +99,10 @@ class Refs:
         self.first: dict[int, int] = {}  # first position held in resid
         head: dict[int, int] = {}  # where each prompt's tail starts
         for r in self.pairs.itertuples():
-            # variants: from the end of the system prompt (knockout reruns from there) or the suffix
+            # variants: from the end of the instruction (knockout reruns from there) or the suffix
             reg = plan.prompt_regions(int(r.variant))
-            sys_end = int(np.flatnonzero(reg == SYSTEM)[-1]) + 1 if (reg == SYSTEM).any() else int(r.v_suffix_start)
+            span = reg == _span_code(r)
+            sys_end = int(np.flatnonzero(span)[-1]) + 1 if span.any() else int(r.v_suffix_start)
             self.first[int(r.variant)] = head[int(r.variant)] = min(int(r.v_suffix_start), sys_end)
         for r in self.pairs.itertuples():
             b = int(r.baseline)
@@ -169,10 +203,11 @@ def patching(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
     return arrays, {"modes": list(PATCH_MODES), "n_sites": L + 1, "users": scope.users}
 
 
-# --- 2. system-span attention knockout --------------------------------------------------------
+# --- 2. instruction-span attention knockout ---------------------------------------------------
 def knockout(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
-    """Run each variant with attention from every token after the system prompt to the
-    system tokens blocked in layers >= l, for l = 0..L (l = L: nothing blocked).
+    """Run each variant with attention from every token after the instruction (the system
+    prompt, or an instruction prefix) to its tokens blocked in layers >= l, for l = 0..L
+    (l = L: nothing blocked).
 
     The head (everything up to the end of the system region) is unaffected by the knockout
     and is computed once per system prompt, for all its user prompts."""
@@ -186,11 +221,12 @@ def knockout(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
     for i, r in enumerate(refs.pairs.itertuples()):
         v = int(r.variant)
         ids, reg = plan.prompt_tokens(v), plan.prompt_regions(v)
-        sys_pos = np.flatnonzero(reg == SYSTEM)
+        code = _span_code(r)
+        sys_pos = np.flatnonzero(reg == code)
         if sys_pos.size == 0:
-            raise CausalError(f"variant prompt {v} ({r.system}, {r.user_id}) has no system tokens to knock out")
+            raise CausalError(f"variant prompt {v} ({r.system}, {r.user_id}) has no {REGIONS[code]} tokens to knock out")
         end = int(sys_pos[-1]) + 1
-        keys = reg == SYSTEM
+        keys = reg == code
         own = refs.resid[v][end - refs.first[v] :]  # (n - end, L+1, H): the unablated run's tail
         for start in range(L + 1):
             # below `start` the tail is the unablated variant's: inject it there, skip those layers
@@ -231,13 +267,17 @@ def _common_prefix(seqs: list[np.ndarray]) -> int:
 
 
 def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=None):
-    """Leave each phrase of each system prompt out (:func:`split_phrases`), rerun every user
-    prompt, and measure the output and internal effects against the baseline; then
-    attribute the output change to single system tokens by gradient x input."""
+    """Leave each phrase of each instruction (system prompt or prefix) out
+    (:func:`split_phrases`), rerun every user prompt, and measure the output and internal
+    effects against the baseline; then attribute the output change to single instruction
+    tokens by gradient x input."""
+    from types import SimpleNamespace
+
     refs = refs or Refs(runner, plan, scope)
     sweep = plan.sweep
     pairs = refs.pairs
-    systems = [s for s in sweep.variants if s.name in set(pairs["system"])]
+    inst = _instructions(sweep)
+    systems = [SimpleNamespace(name=label, text=inst[label][1]) for label in dict.fromkeys(pairs["system"])]
     users = list(scope.users)
     U = len(users)
     key = {(r.system, r.user_id): r for r in pairs.itertuples()}
@@ -255,8 +295,7 @@ def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=No
             for u_i, u in enumerate(users):
                 base = plan.prompt_tokens(int(key[(s.name, u)].baseline))
                 if text.strip():
-                    msgs = conversation(tok, text, user_text[u], no_system_role=sweep.no_system_role, clock=clock)
-                    ids = render(tok, msgs, clock=clock).ids
+                    ids = render(tok, _messages(tok, sweep, s.name, text, user_text[u], clock), clock=clock).ids
                 else:  # the only phrase: leaving it out leaves the baseline
                     ids = base
                 group.append(ids)
@@ -329,7 +368,7 @@ def _embedding_gradients(runner: Runner, seqs: list[np.ndarray], targets: torch.
 
 
 def token_attribution(runner: Runner, plan, scope: Scope, refs: Refs, systems, key, tok):
-    """Gradient x input over the system tokens: for f(x) = KL(p_x || p_b) at the variant
+    """Gradient x input over the instruction's tokens (system, or prefix): for f(x) = KL(p_x || p_b) at the variant
     (the size of the output change), attribution of token i = <e_i, df/de_i>, the
     first-order change in f when e_i is removed. One forward and one backward pass per
     pair, instead of one forward per token for occlusion; the phrase ablation above is the
@@ -339,15 +378,15 @@ def token_attribution(runner: Runner, plan, scope: Scope, refs: Refs, systems, k
     bar = _bar(len(systems) * len(users), "token attribution", scope.progress)
     for s in systems:
         first = key[(s.name, users[0])]
+        code = _span_code(first)
         reg0 = plan.prompt_regions(int(first.variant))
         ids0 = plan.prompt_tokens(int(first.variant))
-        sys_idx0 = np.flatnonzero(reg0 == SYSTEM)
+        sys_idx0 = np.flatnonzero(reg0 == code)
         spans = split_phrases(s.text)
         u0 = next(x.text for x in plan.sweep.user_prompts if x.id == users[0])
         clock = plan.template_clock()
-        rd = render(tok, conversation(tok, s.text, u0, no_system_role=plan.sweep.no_system_role, clock=clock),
-                    clock=clock)
-        sp = next(x for x in rd.spans if x.region == "system" and x.message >= 0)
+        rd = render(tok, _messages(tok, plan.sweep, s.name, s.text, u0, clock), clock=clock)
+        sp = next(x for x in rd.spans if x.region == REGIONS[code] and x.message >= 0)
         for t, p in enumerate(sys_idx0):
             # character offset of the token inside the system text (a token may start with the
             # template's whitespace before it, or the template may have trimmed the text)
@@ -362,10 +401,10 @@ def token_attribution(runner: Runner, plan, scope: Scope, refs: Refs, systems, k
             r = key[(s.name, u)]
             v, b = int(r.variant), int(r.baseline)
             ids, reg = plan.prompt_tokens(v), plan.prompt_regions(v)
-            sys_idx = np.flatnonzero(reg == SYSTEM)
+            sys_idx = np.flatnonzero(reg == code)
             if len(sys_idx) != len(sys_idx0) or not np.array_equal(ids[sys_idx], ids0[sys_idx0]):
-                raise CausalError(f"system prompt {s.name!r} tokenizes differently with user prompt {u!r}; "
-                                  "token attribution needs the same system tokens in every pair")
+                raise CausalError(f"instruction {s.name!r} tokenizes differently with user prompt {u!r}; "
+                                  "token attribution needs the same instruction tokens in every pair")
             seqs.append(ids)
             targets.append(refs.logprobs[b])
             where.append(sys_idx)

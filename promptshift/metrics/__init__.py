@@ -53,7 +53,7 @@ CAUSAL_TABLES = ("causal_patching", "causal_patching_curve", "causal_knockout", 
                  "causal_steering", "causal_steering_curve", "causal_steering_norms", "causal_phrases",
                  "causal_phrase_rank", "causal_tokens", "multiturn", "multiturn_attention", "multiturn_turns")
 # written only when the sweep has instruction prefixes (docs/RESULTS.md, "Instruction placement")
-PLACEMENT_TABLES = ("placement_layers", "placement_compare")
+PLACEMENT_TABLES = ("placement_layers", "placement_compare", "placement_causal")
 SUMMARY = "summary.json"
 PROVENANCE = "provenance.json"
 
@@ -390,7 +390,15 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
         tables.update(_placement_tables(tables, pairs, plan.sweep, ctx))
     model = store.provenance.get("model_id") or plan.sweep.model or "embedded"
     summ = an.summary({**tables, **sys_tables}, ctx, len(plan.controls), model)
-    causal, summ["causal"] = causal_tables(store, plan.pairs, n_boot, seed)
+    causal, summ["causal"] = causal_tables(store, sys_pairs, n_boot, seed)
+    if len(sys_pairs) < len(pairs) and "placement_compare" in tables:
+        from promptshift.metrics import placement as pl
+        from promptshift.sweep.plan import prefix_label
+
+        curves, rows = pl.placement_causal(store, pairs, plan.sweep.placements(), prefix_label, n_boot, seed)
+        if len(curves):
+            tables["placement_causal"] = curves
+            tables["placement_compare"] = pd.concat([tables["placement_compare"], rows], ignore_index=True)
     tables.update(causal)
 
     if out is not None:

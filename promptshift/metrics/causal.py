@@ -372,11 +372,35 @@ BUILDERS = {"patching": patching_tables, "knockout": knockout_tables, "steering"
             "phrases": phrase_tables}
 
 
+# per-pair arrays of patching, knockout and steering (first axis: pair)
+_PAIR_ARRAYS = ("pair", "kl_vb", "lp_v", "lp_b", "top1_changed", "kl", "lp", "kl_ko0_b")
+
+
+def only_pairs(arrays: dict, meta: dict, keep: set[int], labels: list[str]) -> tuple[dict, dict]:
+    """The per-pair arrays of the ``keep`` pairs only, and the steering norms of their
+    instruction ``labels``: the system-prompt tables leave instruction-prefix pairs to the
+    placement tables."""
+    m = np.isin(arrays["pair"].astype(np.int64), list(keep))
+    out = {k: (v[m] if k in _PAIR_ARRAYS else v) for k, v in arrays.items()}
+    if "norm" in arrays and "systems" in meta:
+        rows = [i for i, s in enumerate(meta["systems"]) if s in set(labels)]
+        out["norm"] = arrays["norm"][rows]
+        meta = {**meta, "systems": [meta["systems"][i] for i in rows]}
+    return out, meta
+
+
 def causal_tables(store, pairs: pd.DataFrame, n_boot: int, seed: int) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Every table and summary entry for the causal analyses present in ``store``."""
+    """Every table and summary entry for the causal analyses present in ``store``.
+    Patching, knockout and steering cover the pairs in ``pairs`` (the system-prompt pairs;
+    a sweep's instruction-prefix pairs are compared in the placement tables); phrase
+    ablation lists every instruction the analysis ran on, prefixes as ``prefix:<name>``."""
     tables, summ = {}, {}
+    keep = set(pairs["pair"].astype(np.int64).tolist())
+    labels = list(dict.fromkeys(pairs["system"]))
     for name in store.causal_analyses():
         arrays, meta = store.read_causal(name)
+        if name in ("patching", "knockout", "steering"):
+            arrays, meta = only_pairs(arrays, meta, keep, labels)
         if name == "multiturn":
             t, s = multiturn_tables(arrays, meta, n_boot, seed)
         elif name in BUILDERS:
@@ -389,4 +413,4 @@ def causal_tables(store, pairs: pd.DataFrame, n_boot: int, seed: int) -> tuple[d
     return tables, summ
 
 
-__all__ = ["causal_tables"]
+__all__ = ["causal_tables", "only_pairs"]

@@ -131,4 +131,92 @@ def placement_compare(cc: pd.DataFrame, imp: pd.DataFrame, matches: list[tuple[s
     return pd.DataFrame(rows, columns=COMPARE_COLS)
 
 
-__all__ = ["COMPARE_COLS", "LAYER_COLS", "OUTPUT_MEASURES", "placement_compare", "placement_layers"]
+
+
+
+CAUSAL_COLS = ["system_prompt", "prefix", "placement", "analysis", "site", "value", "ci_low", "ci_high", "n_users"]
+
+
+def _label_sums(kl: np.ndarray, den: np.ndarray, pair_ids: np.ndarray, users_of: dict, pairs_of: list[int],
+                users: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per user prompt (U, M) sums of a curve's numerator ``kl`` (n, M) and denominator
+    ``den`` (n,) over the pairs ``pairs_of`` of one instruction label."""
+    U, M = len(users), kl.shape[1]
+    num, dd = np.zeros((U, M)), np.zeros((U, M))
+    row = {int(p): i for i, p in enumerate(pair_ids)}
+    for p in pairs_of:
+        if p not in row:
+            continue
+        u = users.index(users_of[p])
+        num[u] += np.nan_to_num(kl[row[p]])
+        dd[u] += np.nan_to_num(den[row[p]])
+    return num, dd
+
+
+def placement_causal(store, pairs: pd.DataFrame, matches: list[tuple[str, str]], prefix_label, n_boot: int,
+                     seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Causal curves of both placements of each matched instruction, and their onsets.
+
+    From the store's ``patching`` (modes ``suffix`` and ``last``: recovered share
+    1 − Σ KL(v ‖ patched) / Σ KL(v ‖ b) per site) and ``knockout`` (effect left
+    Σ KL(v ‖ knocked from l) / Σ KL(v ‖ knocked from 0)), each over the pairs of one
+    instruction label, with a bootstrap over user prompts (a user prompt's system and prefix
+    pairs drawn together). The onsets (first site recovering half; first layer from which
+    the knockout's effect left stays at or below 0.1, the thresholds of
+    :mod:`promptshift.metrics.causal`) are found again in every resample; the compare rows
+    (``onset:patching_<mode>``, ``stops_mattering:knockout``) give system, prefix and the
+    paired difference with its interval."""
+    from promptshift.metrics.causal import KNOCKOUT_LEFT, RECOVER_AT, _first, _stays_below
+
+    done = set(store.causal_analyses())
+    curves, rows = [], []
+    users_of = dict(zip(pairs["pair"].astype(int), pairs["user_id"]))
+    by_label = pairs.groupby("system")["pair"].apply(lambda x: [int(v) for v in x]).to_dict()
+    for name in ("patching", "knockout"):
+        if name not in done or not matches:
+            continue
+        arrays, meta = store.read_causal(name)
+        users = list(meta["users"])
+        w = user_weights(len(users), n_boot, seed)  # (B, U)
+        ids = arrays["pair"].astype(np.int64)
+        kl = arrays["kl"].astype(np.float64)
+        den = arrays["kl_vb"].astype(np.float64)
+        modes = list(meta["modes"]) if name == "patching" else [None]
+        for k, mode in enumerate(modes):
+            kl_m = kl[:, k, :] if name == "patching" else kl  # (n, sites)
+            analysis = f"patching_{mode}" if name == "patching" else "knockout"
+            for sys_name, pre_name in matches:
+                found = {}
+                for placement, label in (("system", sys_name), ("prefix", prefix_label(pre_name))):
+                    num, dd = _label_sums(kl_m, den, ids, users_of, by_label.get(label, []), users)
+                    n_users = int((dd[:, 0] > 0).sum())
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        frac = num.sum(0) / dd.sum(0)  # (sites,)
+                        frac_b = (w @ num) / (w @ dd)  # (B, sites)
+                    if name == "patching":
+                        value, boot = 1.0 - frac, 1.0 - frac_b
+                        point = _first(value[None], lambda x: x >= RECOVER_AT)[0]
+                        at_b = _first(boot, lambda x: x >= RECOVER_AT)
+                    else:
+                        with np.errstate(invalid="ignore", divide="ignore"):
+                            value, boot = frac / frac[0], frac_b / frac_b[:, :1]
+                        point = _stays_below(value[None], KNOCKOUT_LEFT)[0]
+                        at_b = _stays_below(boot, KNOCKOUT_LEFT)
+                    lo, hi = percentile_ci(boot.T)
+                    curves.append(pd.DataFrame({
+                        "system_prompt": sys_name, "prefix": pre_name, "placement": placement, "analysis": analysis,
+                        "site": np.arange(len(value)), "value": value, "ci_low": lo, "ci_high": hi,
+                        "n_users": n_users}))
+                    found[placement] = (point, at_b, n_users)
+                (ps, bs, ns), (pp, bp, npre) = found["system"], found["prefix"]
+                lo, hi = percentile_ci(bp - bs)
+                measure = f"onset:{analysis}" if name == "patching" else "stops_mattering:knockout"
+                rows.append(dict(system_prompt=sys_name, prefix=pre_name, measure=measure, component=None,
+                                 system_value=float(ps), prefix_value=float(pp), diff=float(pp - ps),
+                                 ci_low=float(lo), ci_high=float(hi), n_users=min(ns, npre)))
+    curves = pd.concat(curves, ignore_index=True)[CAUSAL_COLS] if curves else pd.DataFrame(columns=CAUSAL_COLS)
+    return curves, pd.DataFrame(rows, columns=COMPARE_COLS)
+
+
+__all__ = ["CAUSAL_COLS", "COMPARE_COLS", "LAYER_COLS", "OUTPUT_MEASURES", "placement_causal", "placement_compare",
+           "placement_layers"]

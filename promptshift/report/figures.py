@@ -780,10 +780,18 @@ def fig_placement(res: Results) -> Figure:
         comp = str(pl["component"].iloc[0])
     colors = _family_palette(len(matches))
     forests = [(m, lab) for m, lab in (("kl", "next-token KL"), ("top1_changed", "top-1 change rate"),
-                                        (f"depth:{comp}", "depth of the change (layer)"))
+                                        (f"depth:{comp}", "depth of the change (layer)"),
+                                        ("onset:patching_suffix", "onset, suffix patching"),
+                                        ("onset:patching_last", "onset, last-token patching"),
+                                        ("stops_mattering:knockout", "knockout stops mattering"))
                if m in set(pc["measure"].astype(str))]
-    fig = _fig(MAX_WIDTH_IN, max(3.8, 1.9 + 0.35 * len(matches)))
-    axes = fig.subplots(1, 1 + len(forests), squeeze=False, width_ratios=[1.6] + [1] * len(forests))[0]
+    # one row: the layer profile and up to three comparisons; a second row for the causal ones
+    cols = min(3, len(forests))
+    rows = 1 + (len(forests) > 3)
+    fig = _fig(MAX_WIDTH_IN, rows * max(3.6, 1.9 + 0.35 * len(matches)))
+    grid = fig.add_gridspec(rows, 1 + cols, width_ratios=[1.6] + [1] * cols)
+    axes = [fig.add_subplot(grid[:, 0])] + [fig.add_subplot(grid[k // cols, 1 + k % cols])
+                                            for k in range(len(forests))]
     ax = axes[0]
     handles = []
     for (sys_name, pre_name), col in zip(matches, colors):
@@ -817,7 +825,8 @@ def fig_placement(res: Results) -> Figure:
                         capsize=3)
         ax.axvline(0, color=NEUTRAL, linewidth=1)
         ax.set_title(f"{lab}:\nprefix − system", fontsize=9)
-        ax.set_yticks(y, names if ax is axes[1] else [""] * len(y))
+        first_col = axes.index(ax) % cols == 1 or cols == 1
+        ax.set_yticks(y, names if first_col else [""] * len(y))
         ax.set_ylim(-0.7, len(matches) - 0.3)
         ax.invert_yaxis()
     _scope(fig, f"{_n(res)}; {len(matches)} instruction(s) held in both places; bands and intervals: 95%, "
@@ -1539,7 +1548,10 @@ FIGURES: tuple[FigureSpec, ...] = (
         "over user prompts: where in depth each placement moves the model. Right: prefix minus system, paired by "
         "user prompt, for the next-token KL and the top-1 change rate (how much each placement changes the output) "
         "and for the change-weighted mean layer of the residual change (where in depth it sits), with 95% CIs; red "
-        "where the CI excludes zero.",
+        "where the CI excludes zero. When the store holds the causal analyses, the second row compares the "
+        "activation-patching onsets (first site recovering half of the output change) and the knockout's "
+        "stops-mattering layer (from which blocking attention to the instruction's tokens no longer matters) of the "
+        "two placements.",
         fig_placement),
     FigureSpec(
         "fig-lens", "When the output shift appears: logit lens by layer",

@@ -26,7 +26,7 @@ TABLES = (
 )
 
 # Written by the metrics stage only when the sweep has instruction prefixes.
-PLACEMENT_TABLES = ("placement_layers", "placement_compare")
+PLACEMENT_TABLES = ("placement_layers", "placement_compare", "placement_causal")
 
 # Written by the metrics stage only when the store holds the causal analyses
 # (`promptshift causal`); a results directory without them gets notes for their figures.

@@ -98,6 +98,7 @@ def check_plan(plan, limit: int = 5) -> list[str]:
 
 def _check_labels(plan, reg, start, n, limit) -> list[str]:
     from promptshift.sweep.chat import REGION_CODE, SCAFFOLD_REGIONS
+    from promptshift.sweep.plan import prefix_label
 
     if plan.token_offsets is None or plan.spans is None:
         return []  # a store written before token and content spans were kept
@@ -108,6 +109,7 @@ def _check_labels(plan, reg, start, n, limit) -> list[str]:
     texts = plan.prompts["text"].tolist()
     kinds = plan.prompts["kind"].tolist()
     system_text = {s.name: s.text for s in plan.sweep.system_prompts}
+    prefix_text = {prefix_label(x.name): x.text for x in plan.sweep.instruction_prefixes}
     names = plan.prompts["system"].tolist()
     mislabelled, missing = [], []
     for p, text in enumerate(texts):
@@ -129,10 +131,12 @@ def _check_labels(plan, reg, start, n, limit) -> list[str]:
         if wrong.size:
             mislabelled.append((p, int(wrong[0]), wrong.size))
         if kinds[p] == "variant":
-            sys_spans = sp[sp[:, 1] == REGION_CODE["system"]]
+            # an instruction prefix's variant holds its prefix (and separator) as `prefix` tokens
+            code = REGION_CODE["prefix" if names[p] in prefix_text else "system"]
+            want_text = prefix_text[names[p]] if names[p] in prefix_text else system_text.get(names[p], "")
+            sys_spans = sp[sp[:, 1] == code]
             shown = "".join(text[a:b] for _, _, a, b in sys_spans)
-            if not sys_spans.size or shown.strip() != system_text.get(names[p], "").strip() \
-                    or not (got == REGION_CODE["system"]).any():
+            if not sys_spans.size or shown.strip() != want_text.strip() or not (got == code).any():
                 missing.append(p)
     out = []
     if mislabelled:
@@ -140,7 +144,8 @@ def _check_labels(plan, reg, start, n, limit) -> list[str]:
         out.append(f"{len(mislabelled)} prompts have tokens not labelled by the content they carry (prompt {p}: "
                    f"{k} tokens, first token {i}; prompts {[m[0] for m in mislabelled[:limit]]}); re-plan the store")
     if missing:
-        out.append(f"{len(missing)} variants do not hold their whole system prompt as system tokens "
+        out.append(f"{len(missing)} variants do not hold their whole system prompt as system tokens (or "
+                   "instruction prefix as prefix tokens) "
                    f"(prompts {missing[:limit]}); re-plan the store")
     counted = np.add.reduceat((reg == REGION_CODE["system"]).astype(np.int64), start) if len(n) else np.zeros(0)
     if "n_system_tokens" in plan.prompts and not np.array_equal(counted, plan.prompts["n_system_tokens"].to_numpy()):

@@ -125,3 +125,22 @@ def test_placement_tables_equal_plain_loops(run):
     d = np.array(d).T  # (B, 2)
     lo, hi = np.percentile((wm * d).sum(1) / wm.sum(1), [2.5, 97.5])
     assert abs(allrow["ci_low"] - lo) <= 1e-9 and abs(allrow["ci_high"] - hi) <= 1e-9
+
+
+def test_verify_rechecks_prefix_variants(run):
+    from promptshift.store.verify import check_plan
+
+    store = run[0]
+    assert check_plan(store.plan) == []
+    # a prefix variant whose prefix tokens lost their label is caught (on a copy of the plan)
+    import copy
+
+    plan = copy.copy(store.plan)
+    v = int(plan.pairs[plan.pairs.placement == "prefix"].variant.iloc[0])
+    o = int(plan.prompts.token_offset[v])
+    reg = np.array(plan.token_region, copy=True)
+    pos = np.flatnonzero(reg[o : o + int(plan.prompts.n_tokens[v])] == REGION_CODE["prefix"])
+    reg[o + pos] = REGION_CODE["user"]
+    plan.token_region = reg
+    problems = check_plan(plan)
+    assert any("instruction prefix as prefix tokens" in p for p in problems), problems

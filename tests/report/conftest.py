@@ -591,7 +591,8 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
                                         n_pairs=n_users))
         for m, vs, vp in (("impact", 0.3, 0.3 * f), ("kl", 0.8, 0.8 * f), ("top1_changed", 0.25, 0.25 * f),
                           ("attn_instruction", 0.05, 0.08), ("depth:resid_post", 3.1, 3.1 + (f - 1)),
-                          ("peak_layer:resid_post", 5.0, 5.0)):
+                          ("peak_layer:resid_post", 5.0, 5.0), ("onset:patching_suffix", 2.0, 3.0),
+                          ("onset:patching_last", 4.0, 4.0), ("stops_mattering:knockout", 3.0, 2.0)):
             d = vp - vs
             pc_rows.append(dict(system_prompt=sys_name, prefix=pre_name, measure=m,
                                 component=m.split(":")[1] if ":" in m else None, system_value=vs, prefix_value=vp,
