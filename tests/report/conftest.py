@@ -31,7 +31,7 @@ CAUSAL_TABLE_NAMES = (  # written by metrics only when the store holds `promptsh
     "causal_steering_curve", "causal_steering_norms", "causal_phrases", "causal_phrase_rank", "causal_tokens",
     "multiturn", "multiturn_attention", "multiturn_turns",
 )
-PLACEMENT_TABLE_NAMES = ("placement_layers", "placement_compare")  # only for sweeps with instruction prefixes
+PLACEMENT_TABLE_NAMES = ("placement_layers", "placement_compare", "placement_causal")  # sweeps with prefixes
 CONTROL = "__control__"
 
 INTERPRETATIONS = {
@@ -599,6 +599,12 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
                                 diff=d, ci_low=d - 0.1 * abs(vs), ci_high=d + 0.1 * abs(vs), n_users=n_users))
     tables["placement_layers"] = pd.DataFrame(pl_rows)
     tables["placement_compare"] = pd.DataFrame(pc_rows)
+    tables["placement_causal"] = pd.DataFrame([
+        dict(system_prompt=a, prefix=b, placement=pl_, analysis=an_, site=k, value=v, ci_low=v - 0.1, ci_high=v + 0.1,
+             n_users=n_users)
+        for a, b in (("concise_short", "concise_short"), ("pirate_short", "arr")) for pl_ in ("system", "prefix")
+        for an_ in ("patching_suffix", "patching_last", "knockout") for k in range(L + 1)
+        for v in [float(1 / (1 + np.exp(-(k - L / 2)))) if an_ != "knockout" else float(np.exp(-k))]])
 
     causal_summary = None
     if causal:
