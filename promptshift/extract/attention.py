@@ -47,12 +47,13 @@ class AttnStats:
     sink: torch.Tensor  # (B, L, NH) sum over queries (pos > 0) of mass on key 0
     last_row: torch.Tensor  # (B, L, NH, Sk) last real query's attention row
     full_layers: tuple[int, ...] = ()  # layers whose whole pattern the user opted into
-    patterns: dict | None = None  # layer -> (B, NH, Sq, Sk) float16 on CPU
+    patterns: dict | None = None  # layer -> (B, NH, Sq, Sk) on CPU, in ``pattern_dtype``
+    pattern_dtype: torch.dtype = torch.float16  # the store's storage dtype
     _on: dict = field(default_factory=dict, repr=False)  # device -> the per-row tensors above, copied there
 
     @classmethod
     def allocate(cls, q_regions, k_regions, q_positions, last_q, sink_k, n_layers, n_heads, n_regions,
-                 full_layers=()):
+                 full_layers=(), pattern_dtype=torch.float16):
         """q_regions (B, Sq) / k_regions (B, Sk): region codes, -1 for padding."""
         B, Sq = q_regions.shape
         Sk = k_regions.shape[1]
@@ -71,6 +72,7 @@ class AttnStats:
             sink=z(B, n_layers, n_heads),
             last_row=z(B, n_layers, n_heads, Sk),
             full_layers=tuple(full_layers),
+            pattern_dtype=pattern_dtype,
             patterns={},
         )
 
@@ -98,7 +100,7 @@ class AttnStats:
         self.sink[:, layer] = (to_sink * q_notfirst.unsqueeze(1)).sum(-1).to(dev)  # (B, NH)
         self.last_row[:, layer] = probs[b, :, last_q, :].to(dev)  # (B, NH, Sk)
         if layer in self.full_layers:
-            self.patterns[layer] = probs.to("cpu", torch.float16)  # (B, NH, Sq, Sk)
+            self.patterns[layer] = probs.to("cpu", self.pattern_dtype)  # (B, NH, Sq, Sk)
 
 
 def set_stats(stats: AttnStats | None) -> None:

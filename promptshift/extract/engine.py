@@ -79,11 +79,14 @@ class Result:
 class Engine:
     def __init__(self, model, *, components, top_k: int, lens_top_k: int, token_budget: int,
                  padding_side: str = "right", full_attention_layers: tuple[int, ...] = (),
-                 resid_pre_layers: int | None = None, packed: bool | None = None):
+                 resid_pre_layers: int | None = None, packed: bool | None = None,
+                 pattern_dtype: str = "float16"):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
         self.padding_side = padding_side
         self.full_layers = tuple(full_attention_layers)
+        # opted-in full patterns are kept (on the CPU, until stored) in the storage dtype
+        self._pattern_dtype = {"float16": torch.float16, "float32": torch.float32}[pattern_dtype]
         install(model)
         bind_model(self, model)
         cfg = self.cfg
@@ -260,7 +263,7 @@ class Engine:
         # key index of absolute position 0: the prefix's first key, or the row's first token
         sink_k = torch.as_tensor([0 if offsets[b] else P + pad[b] for b in range(B)])
         stats = AttnStats.allocate(q_reg.to(dev), k_reg.to(dev), position_ids.to(dev), last_q.to(dev),
-                                   sink_k.to(dev), self.L, self.NH, R, self.full_layers)
+                                   sink_k.to(dev), self.L, self.NH, R, self.full_layers, self._pattern_dtype)
         b_idx = torch.as_tensor(np.concatenate([np.full(len(k), b) for b, k in enumerate(keep_local)]),
                                 dtype=torch.long)
         s_idx = torch.as_tensor(np.concatenate(keep_local), dtype=torch.long)
@@ -427,7 +430,8 @@ class Engine:
             pattern = None
             if self.full_layers:
                 n, Lb = o + lens[b], lens[b]
-                full = np.zeros((len(self.full_layers), self.NH, n, n), np.float16)  # (NFL, NH, q, k)
+                full = np.zeros((len(self.full_layers), self.NH, n, n),
+                                torch.empty(0, dtype=self._pattern_dtype).numpy().dtype)  # (NFL, NH, q, k)
                 if pre is not None:
                     full[:, :, :o, :o] = pre.patterns
                 rows = np.stack([st.patterns[la][b].numpy() for la in self.full_layers])  # (NFL, NH, Sq, Sk)

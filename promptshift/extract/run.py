@@ -323,7 +323,7 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     engine = Engine(model, components=sweep.components, top_k=sweep.top_k, lens_top_k=sweep.lens_top_k,
                     token_budget=sweep.token_budget, padding_side=cfg.padding_side,
                     full_attention_layers=sweep.full_attention_layers, resid_pre_layers=1 if derived else None,
-                    packed=None if cfg.packing else False)
+                    packed=None if cfg.packing else False, pattern_dtype=sweep.storage_dtype)
     try:
         # before anything is written: non-finite activations first, then (the store will keep
         # resid_pre at layer 0 only) the residual chain

@@ -209,7 +209,16 @@ class _H5Array:
         self.ds[key] = value
 
 
+# netCDF-4's mark for a dimension that has no coordinate variable (its dimension scale's NAME)
+_NC_DIM_NAME = "This is a netCDF dimension but not a netCDF variable.%10d"
+
+
 class HDF5Backend(Backend):
+    """One HDF5 file. Every dimension name is also a netCDF-4 dimension (an HDF5 dimension
+    scale of that name, attached to each array's axes), so ``xarray.open_dataset(PATH,
+    engine="h5netcdf")`` gives the same labelled dataset as ``xarray.open_zarr`` does for
+    zarr. The scales are not arrays of the store: :meth:`names` leaves them out."""
+
     format = "hdf5"
 
     def __init__(self, path: str | Path, mode: str = "r"):
@@ -224,7 +233,9 @@ class HDF5Backend(Backend):
         import h5py
 
         is_str = dtype is str
-        kw = dict(shape=tuple(shape), chunks=tuple(max(1, int(c)) for c in chunks) if all(shape) else None)
+        # HDF5 chunks may not exceed the array (zarr's may: a store smaller than one block)
+        kw = dict(shape=tuple(shape),
+                  chunks=tuple(max(1, min(int(c), int(n))) for c, n in zip(chunks, shape)) if all(shape) else None)
         if is_str:
             ds = self.file.create_dataset(name, dtype=h5py.string_dtype("utf-8"), **kw)
         else:
@@ -232,17 +243,38 @@ class HDF5Backend(Backend):
                                           compression_opts=1, **kw)
         ds.attrs["_dims"] = json.dumps(list(dims))
         ds.attrs["_is_str"] = is_str
+        for i, d in enumerate(dims):
+            ds.dims[i].attach_scale(self._scale(d, int(shape[i])))
         return _H5Array(ds, is_str)
+
+    def _scale(self, dim: str, n: int):
+        """The dimension scale of ``dim`` (length ``n``), created on first use; a dimension
+        whose arrays are all gone may come back with another length."""
+        ds = self.file.get(dim)
+        if ds is not None and not self._is_scale(ds):
+            raise StoreError(f"HDF5 store {self.path}: dimension {dim!r} has the name of an array")
+        if ds is not None and ds.shape != (n,):
+            raise StoreError(f"HDF5 store {self.path}: dimension {dim!r} has length {ds.shape[0]}, an array "
+                             f"needs {n}; a dimension name must mean one length in a store")
+        if ds is None:  # never written: HDF5 allocates no space for it
+            ds = self.file.create_dataset(dim, shape=(n,), dtype="f4")
+            ds.make_scale(_NC_DIM_NAME % n)
+        return ds
+
+    @staticmethod
+    def _is_scale(ds) -> bool:
+        cls = ds.attrs.get("CLASS")
+        return (cls.decode() if isinstance(cls, bytes) else cls) == "DIMENSION_SCALE"
 
     def array(self, name):
         ds = self.file[name]
         return _H5Array(ds, bool(ds.attrs.get("_is_str", False)))
 
     def has(self, name):
-        return name in self.file
+        return name in self.file and not self._is_scale(self.file[name])
 
     def names(self):
-        return sorted(self.file.keys())
+        return sorted(k for k, v in self.file.items() if not self._is_scale(v))
 
     def dims(self, name):
         return tuple(json.loads(self.file[name].attrs["_dims"]))
@@ -261,8 +293,18 @@ class HDF5Backend(Backend):
         self.file.attrs["promptshift"] = json.dumps(cur)
 
     def remove(self, name):
-        if name in self.file:
-            del self.file[name]
+        if not self.has(name):
+            return
+        ds = self.file[name]
+        dims = json.loads(ds.attrs["_dims"])
+        for i, d in enumerate(dims):
+            if d in self.file and ds.dims[i]:
+                ds.dims[i].detach_scale(self.file[d])
+        del self.file[name]
+        used = {d for n in self.names() for d in json.loads(self.file[n].attrs["_dims"])}
+        for d in set(dims) - used:  # a dimension no array uses any more
+            if d in self.file:
+                del self.file[d]
 
     def flush(self):
         self.file.flush()

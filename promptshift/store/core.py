@@ -26,7 +26,10 @@ from promptshift.errors import StoreError
 from promptshift.store.backends import Backend, MemoryBackend, NullBackend, open_backend, remove_path
 from promptshift.sweep.chat import REGIONS
 
-SCHEMA_VERSION = 2  # 2: resid_pre stored at layer 0 only when resid_post is stored (``resid_pre_0``)
+# 2: resid_pre stored at layer 0 only when resid_post is stored (``resid_pre_0``)
+# 3: attn_last and attn_pattern in the storage dtype; causal dimensions named <analysis>_<dim>;
+#    HDF5 dimensions as netCDF-4 dimension scales (xarray opens every store as one dataset)
+SCHEMA_VERSION = 3
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 N_REGIONS = len(REGIONS)
 
@@ -91,7 +94,7 @@ def array_specs(plan) -> list[ArraySpec]:
         ArraySpec("attn_entropy", (P, L, NH, R), np.float32, (cp, L, NH, R),
                   ("prompt", "layer", "head", "qregion"), np.nan),
         ArraySpec("attn_sink", (P, L, NH), np.float32, (cp, L, NH), ("prompt", "layer", "head"), np.nan),
-        ArraySpec("attn_last", (K, L, NH), np.float16, (ck, L, NH), ("key", "layer", "head"), 0),
+        ArraySpec("attn_last", (K, L, NH), sd, (ck, L, NH), ("key", "layer", "head"), 0),
         # output side at the last prompt position
         ArraySpec("logits_topk_ids", (P, s.top_k), np.int32, (cp, s.top_k), ("prompt", "k"), -1),
         ArraySpec("logits_topk_logprobs", (P, s.top_k), np.float32, (cp, s.top_k), ("prompt", "k"), np.nan),
@@ -116,7 +119,7 @@ def array_specs(plan) -> list[ArraySpec]:
         NFL, cq = len(s.full_attention_layers), plan.meta["pattern_chunk"]
         specs += [
             ArraySpec("pattern_start", (P,), np.int64, (cp,), ("prompt",), -1, True),
-            ArraySpec("attn_pattern", (plan.pattern_size, NFL, NH), np.float16, (cq, NFL, NH),
+            ArraySpec("attn_pattern", (plan.pattern_size, NFL, NH), sd, (cq, NFL, NH),
                       ("pattern", "pattern_layer", "head"), 0),
         ]
     return specs
@@ -423,7 +426,13 @@ class Store:
         """Replace one causal analysis's results: arrays ``causal_<analysis>_<name>`` with
         their dimension names, then ``causal_<analysis>_meta`` (JSON) last, which marks the
         analysis complete. A rerun first removes the old meta, so an interrupted rewrite is
-        never read as complete."""
+        never read as complete.
+
+        Dimension names are stored as ``<analysis>_<dim>`` (``patching_pair``,
+        ``knockout_meta_byte``): a name means one length in a whole store (xarray opens the
+        store as one dataset), and two analyses can cover different pairs or users."""
+        if not analysis or "_" in analysis:
+            raise StoreError(f"causal analysis name {analysis!r}: a word without underscores (it prefixes its dims)")
         prefix = f"causal_{analysis}_"
         self.backend.remove(prefix + "meta")
         for name in [n for n in self.names() if n.startswith(prefix)]:
@@ -433,9 +442,11 @@ class Store:
             if value.ndim != len(dims):
                 raise StoreError(f"causal array {name}: {value.ndim} dimensions but {len(dims)} names")
             chunks = tuple(max(1, s) for s in value.shape)
+            dims = tuple(f"{analysis}_{d}" for d in dims)
             self.backend.create_array(prefix + name, value.shape, value.dtype, chunks, dims)[...] = value
         blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-        self.backend.create_array(prefix + "meta", blob.shape, np.uint8, (max(1, blob.size),), ("meta_byte",))[...] = blob
+        self.backend.create_array(prefix + "meta", blob.shape, np.uint8, (max(1, blob.size),),
+                                  (f"{analysis}_meta_byte",))[...] = blob
         if hasattr(self.backend, "flush"):
             self.backend.flush()
 

@@ -167,6 +167,17 @@ def _check_alignment(plan, start, n, limit) -> list[str]:
     return [f"{len(bad)} pairs' aligned suffixes are not identical token ids (pairs {bad[:limit]})"] if bad else []
 
 
+def _dims_for_copy(name: str, dims: tuple[str, ...]) -> tuple[str, ...]:
+    """A causal array's dims as schema 3 names them (``<analysis>_<dim>``): stores of
+    schema 1-2 share names like ``pair`` and ``meta_byte`` between analyses whose lengths
+    differ, which the copy (one dataset in xarray, one dimension scale per name in HDF5)
+    cannot hold."""
+    if not name.startswith("causal_"):
+        return dims
+    analysis = name[len("causal_"):].split("_")[0]
+    return tuple(d if d.startswith(f"{analysis}_") else f"{analysis}_{d}" for d in dims)
+
+
 def export_store(src: str | Path, dst: str | Path) -> None:
     """Copy every array and attribute into a new store of the other format."""
     st = open_store(src)
@@ -183,7 +194,7 @@ def export_store(src: str | Path, dst: str | Path) -> None:
         for name in st.names():
             a = st.array(name)
             dtype = str if st.backend.array(name).dtype.kind in ("O", "T", "U") else a.dtype
-            out = be.create_array(name, a.shape, dtype, st.chunks(name), st.dims(name))
+            out = be.create_array(name, a.shape, dtype, st.chunks(name), _dims_for_copy(name, st.dims(name)))
             c0 = st.chunks(name)[0] * 16 if a.shape else 1
             for i in range(0, a.shape[0], max(c0, 1)):
                 out[i : i + c0] = a[i : i + c0]

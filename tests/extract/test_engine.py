@@ -340,11 +340,17 @@ def test_cuda_oom_halves_the_batch_and_retries(sweep_path, tok, tiny_model, batc
     _assert_stores_close(st, batched, tiny_model, ("resid_post", "attn_region_mass", "logits_topk_logprobs"))
 
 
-def test_full_patterns_for_opted_in_layers(sweep_path, tok, tiny_model):
-    """Shared prefix rows and suffix rows reassemble into the model's full pattern."""
-    s = load_sweep(sweep_path, full_attention_layers=[0, 2])
+@pytest.mark.parametrize("storage_dtype", ["float32", "float16"])
+def test_full_patterns_for_opted_in_layers(sweep_path, tok, tiny_model, storage_dtype):
+    """Shared prefix rows and suffix rows reassemble into the model's full pattern. The
+    attention arrays (full patterns, last rows) are stored in the storage dtype, like the
+    activations: with float32 they match the model's own attentions to float32 rounding."""
+    s = load_sweep(sweep_path, full_attention_layers=[0, 2], storage_dtype=storage_dtype)
     st = extract(s, ExtractConfig(store=None, progress=False, min_shared=2), model=tiny_model, tok=tok)
     plan = st.plan
+    for name in ("attn_pattern", "attn_last", *st.components):
+        assert st.array(name).dtype == np.dtype(storage_dtype), name
+    f16 = storage_dtype == "float16"
     tiny_model.config._attn_implementation = "eager"
     try:
         for p in (0, int(plan.pairs.iloc[-1].variant)):
@@ -355,8 +361,12 @@ def test_full_patterns_for_opted_in_layers(sweep_path, tok, tiny_model):
             for i, layer in enumerate((0, 2)):
                 ref = att[layer][0].numpy()
                 bound = array_bound("attn_pattern", ref, tiny_model.config, ids.shape[1], vocab=1, logit_scale=0.0,
-                                    float16=st.array("attn_pattern").dtype == np.float16)
+                                    float16=f16)
                 assert_within(got[i], ref, bound, f"pattern of layer {layer}")
+                last = ref[:, -1, :].T  # (n, NH)
+                bound = array_bound("attn_last", last, tiny_model.config, ids.shape[1], vocab=1, logit_scale=0.0,
+                                    float16=f16)
+                assert_within(st.attn_last_row(p)[:, layer], last, bound, f"last row of layer {layer}")
     finally:
         tiny_model.config._attn_implementation = "promptshift"
     with pytest.raises(Exception, match="no full attention patterns"):
