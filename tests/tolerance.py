@@ -137,7 +137,7 @@ _PROBABILITIES = {"attn_region_mass", "attn_sink", "attn_last", "attn_pattern", 
                   "pattern"}
 _ATTN_ENTROPY = {"attn_entropy", "entropy"}
 _LOGPROBS = {"logits_topk_logprobs", "lens_topk_logprobs", "lens_final_top1_logprob", "topk_logprobs",
-             "lens_logprobs", "lens_final_top1", "logits_lse", "lse"}
+             "lens_logprobs", "lens_final_top1", "logits_lse", "lse", "logits_logprobs", "logprobs"}
 _OUT_ENTROPY = {"logits_entropy", "lens_entropy", "entropy_out"}
 
 
@@ -177,4 +177,6 @@ def logit_scale_of(store) -> float:
     lse = np.abs(np.asarray(store.array("logits_lse")[...], np.float64))
     lp = np.abs(np.asarray(store.array("lens_topk_logprobs")[...], np.float64))
     lp0 = np.abs(np.asarray(store.array("logits_topk_logprobs")[...], np.float64))
+    if "logits_logprobs" in store.names():  # every token's log-prob, not only the top-k
+        lp0 = np.abs(np.asarray(store.array("logits_logprobs")[...], np.float64))
     return float(np.nanmax(lse) + max(np.nanmax(lp), np.nanmax(lp0)))

@@ -74,13 +74,14 @@ class Result:
     lens_final_top1: np.ndarray  # (L,)
     gen_ids: np.ndarray | None = None  # greedy continuation, up to and including EOS
     pattern: np.ndarray | None = None  # (n*n, NFL, NH) opted-in full patterns, query-major
+    logprobs: np.ndarray | None = None  # (V,) full next-token log-probabilities (``full_logprobs``)
 
 
 class Engine:
     def __init__(self, model, *, components, top_k: int, lens_top_k: int, token_budget: int,
                  padding_side: str = "right", full_attention_layers: tuple[int, ...] = (),
                  resid_pre_layers: int | None = None, packed: bool | None = None,
-                 pattern_dtype: str = "float16"):
+                 pattern_dtype: str = "float16", full_logprobs: bool = False):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
         self.padding_side = padding_side
@@ -96,6 +97,7 @@ class Engine:
         # derives the rest from resid_post, see check_residual_chain); None: every layer
         self._pre_layers = self.L if resid_pre_layers is None else int(resid_pre_layers)
         self.top_k, self.lens_top_k, self.token_budget = top_k, lens_top_k, token_budget
+        self.full_logprobs = bool(full_logprobs)  # also return each prompt's whole (V,) log-probs
         if self.device.type == "cpu":
             tune_glibc_malloc()
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -340,7 +342,7 @@ class Engine:
         # the lens works where the unembedding is (split models: often not the final norm's device)
         normed = normed.to(self.lm_head.weight.device)
         return output_stats(self._logits(final_h), normed, self._unembed_into, self.top_k, self.lens_top_k,
-                            self._lens_ws)
+                            self._lens_ws, full=self.full_logprobs)
 
     def _unembed_into(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return unembed(self.lm_head, self.softcap, h, out)
@@ -447,6 +449,7 @@ class Engine:
                 lens_ids=outs["lens_ids"][b], lens_logprobs=outs["lens_logprobs"][b],
                 lens_entropy=outs["lens_entropy"][b], lens_final_top1=outs["lens_final_top1"][b],
                 gen_ids=gens[b], pattern=pattern,
+                logprobs=outs["logprobs"][b] if self.full_logprobs else None,
             ))
         if state is not None and defer_decode:
             self._pending.append((state, results))
@@ -532,7 +535,7 @@ _LENS_CHUNK_BYTES_GPU = 1 << 30
 
 @torch.inference_mode()
 def output_stats(logits: torch.Tensor, normed_last: torch.Tensor, unembed_fn, top_k: int, lens_top_k: int,
-                 workspace: dict | None = None) -> dict:
+                 workspace: dict | None = None, full: bool = False) -> dict:
     """Last-position outputs of a batch, as numpy: ``logits`` (B, V); ``normed_last``
     (B, L, H): every layer's last-position residual after the final norm; ``unembed_fn``:
     ``(rows (N, H), out (N, V) float32) -> out``, the logits written into ``out``. Top-k
@@ -540,7 +543,8 @@ def output_stats(logits: torch.Tensor, normed_last: torch.Tensor, unembed_fn, to
     (top-k, entropy, log-prob of the final top-1), as one (rows, H) @ (H, V) product per
     chunk of rows, so the unembedding matrix is read once per chunk instead of once per
     layer. The lens is computed in place in two (chunk, V) buffers held in ``workspace``
-    (a dict the caller keeps between calls; None: buffers for this call only)."""
+    (a dict the caller keeps between calls; None: buffers for this call only). ``full``
+    adds ``logprobs`` (B, V): the whole next-token log-softmax, float32."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     top = logp.topk(top_k, dim=-1)
@@ -570,7 +574,8 @@ def output_stats(logits: torch.Tensor, normed_last: torch.Tensor, unembed_fn, to
         ent_c.append(-torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(m))
         t1_c.append(x.gather(1, t1[i : i + m, None])[:, 0])
     np_ = lambda t: t.cpu().numpy()  # noqa: E731
-    return dict(
+    extra = {"logprobs": np_(logp)} if full else {}
+    return dict(**extra,
         topk_ids=np_(top.indices).astype(np.int32), topk_logprobs=np_(top.values),
         entropy_out=np_(-(logp.exp() * logp).sum(-1)), lse=np_(torch.logsumexp(logits, dim=-1)),
         lens_ids=np_(torch.cat(ids_c).view(B, L, -1)).astype(np.int32),

@@ -86,6 +86,7 @@ def provenance(model, tok, sweep: SweepConfig, plan: Plan) -> dict:
         "baseline": sweep.baseline,
         "injected_system": plan.meta.get("injected_system"),
         "baseline_carries_default": plan.meta.get("baseline_carries_default"),
+        "eos_token_ids": list(eos_ids(model, tok)),  # a continuation ending in one of these is finished
         "versions": versions(),
         "sweep": sweep.to_dict(),
     }
@@ -198,7 +199,7 @@ class BlockRunner:
         self.tokens_done += sum(lengths)
         self.attn_qk += sum(n * c + n * (n + 1) // 2 for n, c in zip(lengths, ctx))
 
-        self.engine.flush_decode(self.sweep.max_new_tokens, self.eos)
+        self.engine.flush_decode(self.sweep.gen_tokens, self.eos)
         check = float("nan")
         if self.selfcheck:
             check = self._selfcheck(block, prompts, items, results)
@@ -211,7 +212,7 @@ class BlockRunner:
         pre = dict(zip(ps, prefixes))
 
         def fn(sub):  # an out-of-memory retry runs halves of the batch, each row with its prefix
-            return self.engine.run([items[p] for p in sub], [pre[p] for p in sub], self.sweep.max_new_tokens,
+            return self.engine.run([items[p] for p in sub], [pre[p] for p in sub], self.sweep.gen_tokens,
                                    self.eos, defer_decode=True)
 
         return dict(zip(ps, run_with_oom_retry(fn, ps)))
@@ -230,7 +231,7 @@ class BlockRunner:
         plan, s = self.plan, self.sweep
         b = plan.blocks.iloc[block]
         data = empty_block(plan, block)
-        gens = s.max_new_tokens > 0
+        gens = s.gen_tokens > 0
         # activations are cast by torch (numpy's float16 conversion is ~8x slower), then
         # checked once per block; only a failing block is searched for the prompt to name
         dst = {}
@@ -252,6 +253,8 @@ class BlockRunner:
             data["logits_topk_logprobs"][j] = r.topk_logprobs
             data["logits_entropy"][j] = r.entropy_out
             data["logits_lse"][j] = r.lse
+            if s.full_logprobs:
+                data["logits_logprobs"][j] = r.logprobs
             data["lens_topk_ids"][j] = r.lens_ids
             data["lens_topk_logprobs"][j] = r.lens_logprobs
             data["lens_entropy"][j] = r.lens_entropy
@@ -323,7 +326,8 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     engine = Engine(model, components=sweep.components, top_k=sweep.top_k, lens_top_k=sweep.lens_top_k,
                     token_budget=sweep.token_budget, padding_side=cfg.padding_side,
                     full_attention_layers=sweep.full_attention_layers, resid_pre_layers=1 if derived else None,
-                    packed=None if cfg.packing else False, pattern_dtype=sweep.storage_dtype)
+                    packed=None if cfg.packing else False, pattern_dtype=sweep.storage_dtype,
+                    full_logprobs=sweep.full_logprobs)
     try:
         # before anything is written: non-finite activations first, then (the store will keep
         # resid_pre at layer 0 only) the residual chain

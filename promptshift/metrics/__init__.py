@@ -311,7 +311,8 @@ def _tasks(plan, ref: StoreRef, mu: dict[str, np.ndarray], recent_k: int) -> dic
             n_al=g["suffix_len"].to_numpy(), v_keys=kst[v], b_keys=kst[b],
             regions={int(p): regions(p) for p in np.unique(np.concatenate([v, b]))},
         )))
-        out_calls.append((output_task, ref, PairOutTask(g["pair"].to_numpy(), v, b, has_gen)))
+        out_calls.append((output_task, ref, PairOutTask(g["pair"].to_numpy(), v, b, has_gen,
+                                                        plan.sweep.max_new_tokens)))
     return {"components": comp_calls, "attention": attn_calls, "attention_change": pair_calls, "output": out_calls}
 
 

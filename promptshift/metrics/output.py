@@ -1,5 +1,13 @@
 """Output change: next-token distributions, logit lens and generated text, per pair.
 
+Exact distances
+---------------
+A store made with ``full_logprobs`` (the default) keeps every prompt's whole next-token
+log-probability vector at its last position, and each pair gets KL(P || Q), JS(P, Q) and
+the cosine of the two logit vectors over the full vocabulary (:func:`full_distances`):
+``kl_full``, ``js_full``, ``logit_cosine``. The top-k columns below stay, for stores
+without the full vectors and for the logit lens.
+
 KL and JS from top-k supports
 -----------------------------
 The store keeps each prompt's top-k log-probabilities, not the full next-token
@@ -87,6 +95,36 @@ def topk_kl_js(ids_p, lp_p, ids_q, lp_q) -> tuple[np.ndarray, np.ndarray]:
     return kl, js
 
 
+def full_distances(lp_p, lp_q) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact KL(P || Q), JS(P, Q) in nats and the cosine of the logit vectors, from whole
+    log-probability rows (N, V) -> (N,) each, in float64.
+
+    The logit cosine is taken after centring each row over the vocabulary: logits are
+    defined up to a constant (softmax ignores it), and log-probs are the logits minus their
+    log-sum-exp, so centred log-probs are the centred logits. A row with a non-finite entry
+    (a token the model gives probability 0, e.g. a masked vocabulary slot) has a NaN cosine;
+    KL and JS treat 0 log 0 as 0 (and KL is inf where Q gives 0 to a token P does not)."""
+    lp_p, lp_q = np.asarray(lp_p), np.asarray(lp_q)
+    N, V = lp_p.shape
+    kl, js, cos = np.empty(N), np.empty(N), np.empty(N)
+    step = max(1, (1 << 21) // max(V, 1))  # rows per chunk: a few (rows, V) float64 temporaries of 16 MB
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for s in range(0, N, step):
+            a = lp_p[s : s + step].astype(np.float64)  # (n, V)
+            b = lp_q[s : s + step].astype(np.float64)
+            p, q = np.exp(a), np.exp(b)
+            kl[s : s + step] = np.where(p > 0, p * (a - b), 0.0).sum(1)
+            lm = np.log(0.5 * (p + q))  # (n, V) log of the mixture
+            js[s : s + step] = 0.5 * (np.where(p > 0, p * (a - lm), 0.0).sum(1)
+                                       + np.where(q > 0, q * (b - lm), 0.0).sum(1))
+            ca = a - a.mean(1, keepdims=True)
+            cb = b - b.mean(1, keepdims=True)
+            cos[s : s + step] = (ca * cb).sum(1) / np.sqrt((ca * ca).sum(1) * (cb * cb).sum(1))
+    bad = ~(np.isfinite(lp_p).all(1) & np.isfinite(lp_q).all(1))
+    cos[bad] = np.nan
+    return kl, js, cos
+
+
 def edit_distance(a, b) -> int:
     """Levenshtein distance between two token id sequences."""
     a, b = list(a), list(b)
@@ -117,6 +155,7 @@ class PairOutTask:
     variant: np.ndarray  # (n,) prompt
     baseline: np.ndarray
     has_gen: bool
+    n_gen: int = 0  # continuation tokens the distance columns compare (the sweep's max_new_tokens)
 
 
 def output_task(ref: StoreRef, t: PairOutTask) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -137,9 +176,15 @@ def output_task(ref: StoreRef, t: PairOutTask) -> tuple[pd.DataFrame, pd.DataFra
         "topk_overlap": overlap,
         "entropy_variant": ent[iv], "entropy_baseline": ent[ib],
     })
+    if store.backend.has("logits_logprobs"):
+        full = get("logits_logprobs")  # (n, V) float32
+        out["kl_full"], out["js_full"], out["logit_cosine"] = full_distances(full[iv], full[ib])
+    else:  # a store made without full_logprobs (or before it existed)
+        out["kl_full"] = out["js_full"] = out["logit_cosine"] = np.nan
     if t.has_gen:
         gid, glen, gtext = get("gen_ids"), get("gen_len"), as_str(get("gen_text"))
-        seqs = [gid[i, : max(int(glen[i]), 0)] for i in range(len(prompts))]
+        # the first n_gen tokens: a longer continuation kept for behaviour does not change these
+        seqs = [gid[i, : min(max(int(glen[i]), 0), t.n_gen)] for i in range(len(prompts))]
         ed, fd = [], []
         for a, b in zip(iv, ib):
             m = max(len(seqs[a]), len(seqs[b]))
@@ -147,7 +192,7 @@ def output_task(ref: StoreRef, t: PairOutTask) -> tuple[pd.DataFrame, pd.DataFra
             fd.append(first_divergence(seqs[a], seqs[b]))
         out["gen_edit_distance"] = np.asarray(ed, dtype=np.float64)
         out["first_divergence"] = np.asarray(fd, dtype=np.int64)
-        out["len_change"] = (glen[iv].astype(np.int64) - glen[ib].astype(np.int64))
+        out["len_change"] = np.asarray([len(seqs[a]) - len(seqs[b]) for a, b in zip(iv, ib)], dtype=np.int64)
         out["gen_variant"], out["gen_baseline"] = gtext[iv], gtext[ib]
     else:
         out["gen_edit_distance"] = np.nan
@@ -175,4 +220,5 @@ def output_task(ref: StoreRef, t: PairOutTask) -> tuple[pd.DataFrame, pd.DataFra
     return out, lens
 
 
-__all__ = ["PairOutTask", "edit_distance", "first_divergence", "output_task", "topk_buckets", "topk_kl_js"]
+__all__ = ["PairOutTask", "edit_distance", "first_divergence", "full_distances", "output_task", "topk_buckets",
+           "topk_kl_js"]

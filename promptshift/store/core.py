@@ -100,6 +100,8 @@ def array_specs(plan) -> list[ArraySpec]:
         ArraySpec("logits_topk_logprobs", (P, s.top_k), np.float32, (cp, s.top_k), ("prompt", "k"), np.nan),
         ArraySpec("logits_entropy", (P,), np.float32, (cp,), ("prompt",), np.nan),
         ArraySpec("logits_lse", (P,), np.float32, (cp,), ("prompt",), np.nan),
+        *([ArraySpec("logits_logprobs", (P, d.vocab), np.float32, (cp, d.vocab), ("prompt", "vocab"), np.nan)]
+          if s.full_logprobs else []),
         ArraySpec("lens_topk_ids", (P, L, s.lens_top_k), np.int32, (cp, L, s.lens_top_k),
                   ("prompt", "layer", "lens_k"), -1),
         ArraySpec("lens_topk_logprobs", (P, L, s.lens_top_k), np.float32, (cp, L, s.lens_top_k),
@@ -107,8 +109,8 @@ def array_specs(plan) -> list[ArraySpec]:
         ArraySpec("lens_entropy", (P, L), np.float32, (cp, L), ("prompt", "layer"), np.nan),
         ArraySpec("lens_final_top1_logprob", (P, L), np.float32, (cp, L), ("prompt", "layer"), np.nan),
     ]
-    if s.max_new_tokens > 0:
-        G = s.max_new_tokens
+    if s.gen_tokens > 0:
+        G = s.gen_tokens
         specs += [
             ArraySpec("gen_ids", (P, G), np.int32, (cp, G), ("prompt", "gen"), -1),
             ArraySpec("gen_len", (P,), np.int32, (cp,), ("prompt",), -1),

@@ -114,6 +114,7 @@ class SweepConfig:
     block_prompts: int = 64
     storage_dtype: str = "float16"
     full_attention_layers: tuple[int, ...] = ()
+    full_logprobs: bool = True  # keep every prompt's whole next-token log-probs (exact KL/JS; 4 x vocab bytes)
     metadata: dict[str, Any] = field(default_factory=dict)  # the prompt file's own `metadata`, kept as is
     instruction_prefixes: list[InstructionPrefix] = field(default_factory=list)
     prefix_separator: str = "\n\n"  # between an instruction prefix and the user prompt, inside the user turn
@@ -144,6 +145,8 @@ class SweepConfig:
             v = getattr(self, fname)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise SweepError(f"`{fname}` must be an integer in [{lo}, {hi}], got {v!r}")
+        if not isinstance(self.full_logprobs, bool):
+            raise SweepError(f"`full_logprobs` must be true or false, got {self.full_logprobs!r}")
         if self.storage_dtype not in ("float16", "float32"):
             raise SweepError(f"`storage_dtype` must be float16 or float32, got {self.storage_dtype!r}")
         if not self.system_prompts:
@@ -250,6 +253,8 @@ class SweepConfig:
         else:
             for it in d["instruction_prefixes"]:
                 it["tags"] = list(it["tags"])
+        if d["full_logprobs"]:  # the default: stores made before the setting existed hash as before
+            del d["full_logprobs"]
         for sp, it in zip(self.system_prompts, d["system_prompts"]):
             if sp.checks:
                 it["checks"] = [c.to_dict() for c in sp.checks]

@@ -139,7 +139,8 @@ class Plan:
         acts = kept * layers * self.dims.hidden * bytes_per
         attn = len(n) * self.dims.n_layers * self.dims.n_heads * (len(REGIONS) ** 2 + 2 * len(REGIONS) + 4) * 4
         last_rows = int(n.sum()) * self.dims.n_layers * self.dims.n_heads * 2
-        return int(acts + attn + last_rows)
+        logprobs = len(n) * self.dims.vocab * 4 if self.sweep.full_logprobs else 0
+        return int(acts + attn + last_rows + logprobs)
 
     def hash(self) -> str:
         """Identity of what the store holds; execution-only settings (batch budget, how the

@@ -16,7 +16,7 @@ from tests.tolerance import (U32, array_bound, assert_below, assert_within, forw
 
 FLOAT_ARRAYS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "attn_region_mass", "attn_entropy", "attn_sink",
                 "attn_last", "logits_topk_logprobs", "logits_entropy", "logits_lse", "lens_topk_logprobs",
-                "lens_entropy", "lens_final_top1_logprob")
+                "lens_entropy", "lens_final_top1_logprob", "logits_logprobs")
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +275,9 @@ def test_matches_hf_hidden_states_logits_and_attentions(batched, tiny_model):
     lp_bound = logprob_bound(cfg, n, float(out.logits[0, -1].abs().max()), float(np.abs(logp[ids_k]).max()), len(logp))
     assert_within(batched.array("logits_topk_logprobs")[p], logp[ids_k], lp_bound, "log-probs")
     assert ids_k[0] == logp.argmax()
+    # the whole vocabulary: the same bound, at the largest |log-prob| of any token
+    full_bound = logprob_bound(cfg, n, float(out.logits[0, -1].abs().max()), float(np.abs(logp).max()), len(logp))
+    assert_within(batched.array("logits_logprobs")[p], logp, full_bound, "whole log-probs")
 
     # attention statistics from the full eager attention matrices
     reg = plan.prompt_regions(p)
@@ -308,6 +311,36 @@ def test_generation_matches_hf_generate(batched, tiny_model, tok):
         n = int(batched.array("gen_len")[p])
         got = batched.array("gen_ids")[p, :n]
         assert np.array_equal(got, ref[:n])
+
+
+def test_longer_continuation_for_behaviour(tmp_path, tok, tiny_model):
+    """`behaviour.max_new_tokens` lengthens the stored continuation (HF generate is the
+    reference); the output-change columns still compare the first `max_new_tokens` tokens.
+    Without `full_logprobs` the store has no whole distributions and the exact columns are NaN."""
+    from promptshift.metrics import compute
+
+    p = write_sweep(tmp_path / "beh.yaml", max_new_tokens=3, behaviour={"max_new_tokens": 9}, full_logprobs=False,
+                    storage_dtype="float32", block_prompts=6)
+    st = extract(load_sweep(p), ExtractConfig(store=None, progress=False), model=tiny_model, tok=tok)
+    assert st.array("gen_ids").shape[1] == 9 and "logits_logprobs" not in st.names()
+    assert st.provenance["eos_token_ids"] == [tok.eos_token_id]
+    for q in (0, int(st.plan.pairs.iloc[-1].variant)):
+        ids = torch.as_tensor(st.plan.prompt_tokens(q), dtype=torch.long)[None]
+        with torch.no_grad():
+            ref = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False,
+                                      pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].numpy()
+        n = int(st.array("gen_len")[q])
+        assert n == min(9, len(ref)) and np.array_equal(st.array("gen_ids")[q, :n], ref[:n])
+    oc = compute(st, workers=0, n_boot=20, progress=False)["output_change"]
+    gid, glen = st.array("gen_ids")[...], st.array("gen_len")[...]
+    for _, pa in st.plan.pairs.iterrows():
+        v, b = int(pa.variant), int(pa.baseline)
+        nv, nb = min(int(glen[v]), 3), min(int(glen[b]), 3)
+        row = oc[oc["pair"] == pa.pair].iloc[0]
+        assert row["len_change"] == nv - nb
+        same = nv == nb and np.array_equal(gid[v, :nv], gid[b, :nb])
+        assert (row["first_divergence"] == -1) == same
+    assert oc[["kl_full", "js_full", "logit_cosine"]].isna().all().all()
 
 
 def test_logit_lens_last_layer_is_final_distribution(batched, tiny_model):

@@ -123,6 +123,8 @@ def build(path: str | Path | None, keep: str = "suffix", fmt: str = "zarr", seed
             data["logits_topk_ids"][j], data["logits_topk_logprobs"][j] = top, lp[top]
             data["logits_entropy"][j] = -(np.exp(lp) * lp).sum()
             data["logits_lse"][j] = float(rng.normal())
+            if "logits_logprobs" in data:  # sweeps keep the whole distribution by default
+                data["logits_logprobs"][j] = lp
             lens = np.stack([_dist(rng, V, 2.0 - 0.5 * l) for l in range(L)])  # (L, V)
             truth["lens_logp"][p] = lens
             lt = np.argsort(-lens, axis=1, kind="stable")[:, : sweep.lens_top_k]
