@@ -215,8 +215,10 @@ def metrics(
     slurm_workers: Optional[int] = typer.Option(None, help="start this many dask workers as Slurm jobs"),
     recent_k: int = typer.Option(5, help="\"recent tokens\": attention share of the last K keys of the last "
                                  "query row (attention_layers.recent_mass)"),
+    sweep: Optional[str] = typer.Option(None, help="judge replies with this sweep's checks and matchers (same "
+                                        "prompts and settings as the store's; default: the store's own)"),
 ):
-    """Compute similarity, attention and output-change tables and the analyses from a store."""
+    """Compute similarity, attention, output-change and behaviour tables and the analyses from a store."""
     from promptshift import metrics as m
 
     cluster = None
@@ -228,7 +230,7 @@ def metrics(
         cluster = start_slurm_cluster(slurm_workers)
         scheduler = cluster.scheduler_address
     try:
-        m.compute(str(store), str(out), scheduler=scheduler, workers=workers, recent_k=recent_k)
+        m.compute(str(store), str(out), scheduler=scheduler, workers=workers, recent_k=recent_k, sweep=sweep)
     finally:
         if cluster is not None:
             cluster.close()

@@ -37,6 +37,7 @@ import pandas as pd
 from promptshift.errors import MetricsError
 from promptshift.metrics import analyses as an
 from promptshift.metrics.attention import PairAttnTask, PromptBlock, attention_change_task, attention_task
+from promptshift.metrics.behaviour import BEHAVIOUR_TABLES, behaviour_tables
 from promptshift.metrics.causal import causal_tables
 from promptshift.metrics.components import component_task, plan_tasks, sweep_means
 from promptshift.metrics.io import StoreRef
@@ -47,7 +48,7 @@ from promptshift.sweep.plan import pair_placement
 
 TABLES = ("component_change", "attention_regions", "attention_heads", "attention_layers", "attention_change",
           "output_change", "lens_change", "layer_ranking", "length_impact", "length_tests", "tag_impact",
-          "position_change", "internal_vs_output")
+          "position_change", "internal_vs_output", *BEHAVIOUR_TABLES)
 # written only when the store holds the causal analyses (`promptshift causal`)
 CAUSAL_TABLES = ("causal_patching", "causal_patching_curve", "causal_knockout", "causal_knockout_curve",
                  "causal_steering", "causal_steering_curve", "causal_steering_norms", "causal_phrases",
@@ -317,16 +318,22 @@ def _tasks(plan, ref: StoreRef, mu: dict[str, np.ndarray], recent_k: int) -> dic
 
 
 def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: int | None = None,
-            n_boot: int = 1000, seed: int = 0, progress: bool = True, recent_k: int = 5) -> dict[str, pd.DataFrame]:
+            n_boot: int = 1000, seed: int = 0, progress: bool = True, recent_k: int = 5,
+            sweep=None) -> dict[str, pd.DataFrame]:
     """Compute every table of docs/RESULTS.md from a complete store; write them to ``out_dir``
     (default: ``<store>_results`` beside a store on disk; nothing is written for an
-    in-memory store unless ``out_dir`` is given) and return them."""
+    in-memory store unless ``out_dir`` is given) and return them.
+
+    ``sweep`` (a SweepConfig or anything ``load_sweep`` takes): judge replies with its
+    declared checks, matchers and behaviour settings instead of the ones stored with the
+    store; it must describe the same prompts and settings (only judging may differ)."""
     store = store_path if isinstance(store_path, Store) else open_store(store_path)
     cfg = MetricsConfig(store=None if store.path is None else str(store.path),
                         out=None if out_dir is None else str(out_dir), scheduler=scheduler, workers=workers,
                         n_boot=n_boot, seed=seed, progress=progress, recent_k=recent_k)
     store.require_complete()
     plan = store.plan
+    judging = _judging_sweep(plan, sweep)
     if out_dir is None and store.path is not None:
         p = Path(store.path)
         out_dir = p.with_name(f"{p.stem}_results")
@@ -401,6 +408,13 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
             tables["placement_causal"] = curves
             tables["placement_compare"] = pd.concat([tables["placement_compare"], rows], ignore_index=True)
     tables.update(causal)
+    # behaviour of every pair, system prompts and instruction prefixes alike: per label, the
+    # user prompts are resampled (each label held fixed, as in the placement tables)
+    labels = pd.DataFrame({"name": list(dict.fromkeys(pairs["system"]))})
+    lab_ctx = an.Context(w=ctx.w, users=ctx.users, pairs=pairs[["pair", "system", "user_id", "category"]].copy(),
+                         systems=labels, impact_component=ctx.impact_component, seed=ctx.seed)
+    tables.update(behaviour_tables(store, plan, judging, lambda df, keys, value: an.grouped_ci(df, keys, value,
+                                                                                              lab_ctx)))
 
     if out is not None:
         # the store's provenance as is (model, sweep, versions, ...), plus the plan and this run
@@ -460,6 +474,25 @@ def _placement_tables(tables: dict[str, pd.DataFrame], pairs: pd.DataFrame, swee
     imp["attn_instruction"] = imp["pair"].map(attn)
     return {"placement_layers": pl.placement_layers(cc, pairs, ctx),
             "placement_compare": pl.placement_compare(cc, imp, sweep.placements(), prefix_label, ctx)}
+
+
+def _judging_sweep(plan, sweep):
+    """The sweep whose behaviour declarations judge the replies: the store's own, or the
+    given one when it holds the same content (prompts and every setting that changes the
+    store; only checks, matchers and judging settings may differ)."""
+    if sweep is None:
+        return plan.sweep
+    from promptshift.sweep.config import SweepConfig, content_dict, load_sweep
+    from promptshift.sweep.plan import EXECUTION_ONLY
+
+    s = sweep if isinstance(sweep, SweepConfig) else load_sweep(sweep)
+    strip = lambda x: {k: v for k, v in content_dict(x.to_dict()).items() if k not in EXECUTION_ONLY}  # noqa: E731
+    if strip(s) != strip(plan.sweep):
+        a, b = strip(s), strip(plan.sweep)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise MetricsError(f"the sweep given to judge replies differs from the store's beyond its checks and "
+                           f"matchers (in {', '.join(diff)}); give the sweep the store was extracted with")
+    return s
 
 
 def _versions() -> dict[str, str]:
@@ -556,10 +589,10 @@ def load_summary(out_dir) -> dict:
 
 
 def cli_main(store, out=None, scheduler=None, workers=None, n_boot: int = 1000, seed: int = 0,
-             progress: bool = True, recent_k: int = 5) -> Path:
+             progress: bool = True, recent_k: int = 5, sweep=None) -> Path:
     """Thin entry for the CLI: compute, then return where the outputs went."""
     compute(store, out, scheduler=scheduler, workers=workers, n_boot=n_boot, seed=seed, progress=progress,
-            recent_k=recent_k)
+            recent_k=recent_k, sweep=sweep)
     if out is None:
         p = Path(store)
         out = p.with_name(f"{p.stem}_results")
@@ -572,7 +605,8 @@ def metrics(store, out: str | Path | None = None, **options):  # -> promptshift.
     ``out``: the results directory (default ``<store>_results`` beside a store on disk; a
     temporary directory for a store in memory). ``options``: ``workers`` (local dask
     worker processes; 0 runs in this process), ``scheduler`` (address of a running dask
-    cluster), ``n_boot``, ``seed``, ``progress``. Returns the results
+    cluster), ``n_boot``, ``seed``, ``progress``, ``sweep`` (judge replies with this sweep's checks
+    and matchers: same prompts and settings as the store's). Returns the results
     (:class:`promptshift.report.tables.Results`: ``.tables``, ``.summary``, ``.report``).
     Calling the subpackage, ``promptshift.metrics(...)``, runs this."""
     from promptshift.report.tables import Results  # the reader of a results directory

@@ -71,14 +71,17 @@ def _dist(rng, V: int, temp: float):
 
 
 def build(path: str | Path | None, keep: str = "suffix", fmt: str = "zarr", seed: int = 0, tok=None,
-          max_new_tokens: int = 5):
+          max_new_tokens: int = 5, sweep: SweepConfig | None = None, replies=None):
     """Create and fill a store; returns (store, truth) where truth holds the full attention
-    matrices and full next-token / lens log-distributions per prompt."""
+    matrices and full next-token / lens log-distributions per prompt. ``sweep`` replaces
+    :func:`sweep_config`; ``replies(system, user_id) -> (text, finished)`` sets each prompt's
+    continuation text (finished: shorter than the budget; unfinished: the whole budget)."""
     if tok is None:
         from promptshift.models import load_tokenizer
 
         tok = load_tokenizer()
-    sweep = sweep_config(keep, max_new_tokens)
+    sweep = sweep or sweep_config(keep, max_new_tokens)
+    max_new_tokens = sweep.gen_tokens
     plan = build_plan(sweep, tok, DIMS)
     store = Store.create(path, plan, provenance={"model_id": "synthetic", "storage_dtype": "float32"}, fmt=fmt,
                          overwrite=True)
@@ -146,5 +149,11 @@ def build(path: str | Path | None, keep: str = "suffix", fmt: str = "zarr", seed
                 data["gen_ids"][j, : len(g)] = g
                 data["gen_len"][j] = len(g)
                 data["gen_text"][j] = " ".join(f"t{t}" for t in g)
+                if replies is not None:
+                    text, fin = replies(row.system, row.user_id)
+                    n = max_new_tokens if not fin else int(rng.integers(1, max_new_tokens))
+                    data["gen_ids"][j] = -1
+                    data["gen_ids"][j, :n] = rng.integers(0, V, size=n)
+                    data["gen_len"][j], data["gen_text"][j] = n, text
         store.write_block(int(b), data)
     return store, truth
