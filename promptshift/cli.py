@@ -350,15 +350,36 @@ def run(
                  overwrite=overwrite, baseline=baseline, echo=typer.echo)
 
 
+# commands that fill a store in resumable steps (blocks, analyses): a rerun continues them
+_RESUMABLE = ("extract", "causal", "run")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The console script. A mistake in the input (a :class:`PromptShiftError`) is one line
+    and exit code 2; any other failure (a model's own error, a bug) is one line too, exit
+    code 1, naming the exception; ``PROMPTSHIFT_DEBUG=1`` shows its traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, standalone_mode=True)
     except PromptShiftError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
+    except Exception as e:
+        if os.environ.get("PROMPTSHIFT_DEBUG", "") not in ("", "0"):
+            raise
+        cmd = next((a for a in argv if not a.startswith("-")), "promptshift")
+        resume = ("; what finished is kept: rerun the same command to resume (no --overwrite)"
+                  if cmd in _RESUMABLE else "")
+        typer.echo(f"error: {cmd} failed: {type(e).__name__}: {_one_line(e)}{resume} "
+                   "(PROMPTSHIFT_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(1)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -177,3 +177,65 @@ def test_cli_errors_are_one_line(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_any_failure_is_one_line_and_the_store_resumes(tok, tmp_path, monkeypatch, capsys):
+    """A failure that is not a mistake in the input (here an injected RuntimeError from the
+    model's forward pass, then from a causal analysis) ends `extract` and `causal` with one
+    line on stderr and exit code 1, and the store stays resumable: rerunning the same
+    command, without --overwrite, completes it, byte-identical to an uninterrupted run."""
+    from promptshift.causal.runner import Runner
+    from promptshift.cli import main
+    from promptshift.extract.engine import Engine
+
+    model_dir = tmp_path / "model"
+    tiny_llama(tok, n_layers=2, seed=3).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    sw = write_sweep(tmp_path / "s.yaml", model=str(model_dir), block_prompts=3, max_new_tokens=2, top_k=4,
+                     lens_top_k=2)
+
+    def cli(*args) -> tuple[int, str]:
+        """Exit code, and the error line: the last line on stderr (above it, only progress bars)."""
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main([*map(str, args), "--no-progress"])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.endswith("\n"), err
+        lines = err.splitlines()
+        assert sum(line.startswith("error:") for line in lines) == (e.value.code != 0), err
+        return e.value.code, lines[-1] if lines else ""
+
+    ref, store = tmp_path / "ref.zarr", tmp_path / "s.zarr"
+    assert cli("extract", sw, "--store", ref)[0] == 0
+
+    def failing(orig, after: int):
+        calls = {"n": 0}
+
+        def fn(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] > after:
+                raise RuntimeError("injected failure\nin the forward pass")
+            return orig(self, *a, **k)
+
+        return fn
+
+    monkeypatch.setattr(Engine, "run", failing(Engine.run, 2))
+    code, err = cli("extract", sw, "--store", store)
+    assert code == 1, err
+    assert err.startswith("error: extract failed: RuntimeError: injected failure in the forward pass; what finished is "
+                          "kept: rerun the same command to resume"), err
+    assert 0 < open_store(store).done().sum() < open_store(store).done().size
+    monkeypatch.undo()
+    assert cli("extract", sw, "--store", store)[0] == 0
+    a, b = open_store(ref), open_store(store)
+    for name in a.names():
+        x, y = np.asarray(a.array(name)[...]), np.asarray(b.array(name)[...])
+        assert list(x) == list(y) if x.dtype.kind in "OTU" else x.tobytes() == y.tobytes(), name
+
+    monkeypatch.setattr(Runner, "_batch", failing(Runner._batch, 3))
+    code, err = cli("causal", sw, "--store", store, "--users", "2")
+    assert code == 1 and err.startswith("error: causal failed: RuntimeError: injected failure"), err
+    monkeypatch.undo()
+    code, err = cli("causal", sw, "--store", store, "--users", "2")
+    assert code == 0, err
+    assert open_store(store).causal_analyses() == ["knockout", "multiturn", "patching", "phrases", "steering"]
