@@ -37,7 +37,7 @@ import pandas as pd
 from promptshift.errors import MetricsError
 from promptshift.metrics import analyses as an
 from promptshift.metrics.attention import PairAttnTask, PromptBlock, attention_change_task, attention_task
-from promptshift.metrics.behaviour import BEHAVIOUR_TABLES, behaviour_tables
+from promptshift.metrics.behaviour import BEHAVIOUR_OUTPUTS, BEHAVIOUR_TABLES, behaviour_summary, behaviour_tables
 from promptshift.metrics.causal import causal_tables
 from promptshift.metrics.components import component_task, plan_tasks, sweep_means
 from promptshift.metrics.io import StoreRef
@@ -409,12 +409,19 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
             tables["placement_compare"] = pd.concat([tables["placement_compare"], rows], ignore_index=True)
     tables.update(causal)
     # behaviour of every pair, system prompts and instruction prefixes alike: per label, the
-    # user prompts are resampled (each label held fixed, as in the placement tables)
+    # user prompts are resampled (each label held fixed, as in the placement tables); pooled
+    # over the system prompts (not the prefixes), both are resampled (crossed, ``ctx``)
     labels = pd.DataFrame({"name": list(dict.fromkeys(pairs["system"]))})
     lab_ctx = an.Context(w=ctx.w, users=ctx.users, pairs=pairs[["pair", "system", "user_id", "category"]].copy(),
                          systems=labels, impact_component=ctx.impact_component, seed=ctx.seed)
-    tables.update(behaviour_tables(store, plan, judging, lambda df, keys, value: an.grouped_ci(df, keys, value,
-                                                                                              lab_ctx)))
+    tables.update(behaviour_tables(
+        store, plan, judging, lambda df, keys, value: an.grouped_ci(df, keys, value, lab_ctx),
+        pooled_ci=lambda df, keys, value: an.grouped_ci(df, keys, value, ctx), pooled_pairs=sys_pairs["pair"]))
+    pb = tables["behaviour_pairs"]
+    pb_sys = pb[pb["pair"].isin(sys_pairs["pair"])]
+    tables["internal_vs_behaviour"] = an.internal_vs(cct, pb_sys, ctx, BEHAVIOUR_OUTPUTS)
+    summ["behaviour"] = behaviour_summary(tables, lambda o: an.held_out_strongest(
+        tables["internal_vs_behaviour"][tables["internal_vs_behaviour"]["output"] == o], cct, pb_sys, ctx))
 
     if out is not None:
         # the store's provenance as is (model, sweep, versions, ...), plus the plan and this run

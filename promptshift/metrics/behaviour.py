@@ -14,7 +14,12 @@ was followed and whether the answer stayed right. Every judgement is made by
 * per pair (``behaviour_pairs``): adherence (share of the declared checks passed),
   correctness and length, variant, baseline and change;
 * per system prompt (``behaviour_systems``): their means with bootstrap intervals over user
-  prompts.
+  prompts, and pooled over the system prompts (``system`` = ``__all__``) with crossed
+  intervals (system and user prompts resampled: a claim about system prompts in general);
+* ``internal_vs_behaviour``: per layer and component, how well the internal change at the
+  last prompt token predicts each pair's adherence, correctness and length change
+  (:func:`promptshift.metrics.analyses.internal_vs`, the table ``internal_vs_output`` is for
+  the next-token distances).
 
 Verdicts are 1.0 (pass), 0.0 (fail) or NaN (undecided: an unfinished reply that more
 tokens could still change, or nothing to judge) so that means skip what cannot be judged;
@@ -32,7 +37,10 @@ from promptshift.sweep.behaviour import (
     Check, correct, count_words, detect_language, evaluate, has_refusal,
 )
 
-BEHAVIOUR_TABLES = ("behaviour", "behaviour_checks", "behaviour_pairs", "behaviour_systems")
+BEHAVIOUR_TABLES = ("behaviour", "behaviour_checks", "behaviour_pairs", "behaviour_systems", "internal_vs_behaviour")
+# behaviour changes that internal change is related to (columns of behaviour_pairs)
+BEHAVIOUR_OUTPUTS = ("adherence_change", "correct_change", "words_change")
+ALL = "__all__"  # behaviour_systems rows pooled over system prompts
 # per-system measures (columns of behaviour_pairs), in table order
 SYSTEM_MEASURES = ("adherence_variant", "adherence_baseline", "adherence_change", "correct_variant",
                    "correct_baseline", "correct_change", "words_variant", "words_baseline", "words_change",
@@ -151,10 +159,14 @@ def pair_behaviour(beh: pd.DataFrame, checks: pd.DataFrame, pairs: pd.DataFrame)
     return out[PAIR_COLUMNS]
 
 
-def system_behaviour(pb: pd.DataFrame, judge: Judge, systems: list[str], ci) -> pd.DataFrame:
+def system_behaviour(pb: pd.DataFrame, judge: Judge, systems: list[str], ci, pooled_ci=None,
+                     pooled_pairs=None) -> pd.DataFrame:
     """Per system prompt and measure: mean over its pairs with a bootstrap interval over user
-    prompts. ``ci(df, keys, value)`` is the project's grouped interval
-    (:func:`promptshift.metrics.analyses.grouped_ci`). Pairs whose value is NaN are left out
+    prompts, then one row per measure pooled over the pairs ``pooled_pairs`` (the system
+    prompts' pairs; default every pair) as ``__all__``. ``ci(df, keys, value)`` and
+    ``pooled_ci`` (default ``ci``) are the project's grouped interval
+    (:func:`promptshift.metrics.analyses.grouped_ci`: user prompts resampled when ``system``
+    is a key, system and user prompts when it is not). Pairs whose value is NaN are left out
     of the mean; ``n_undecided`` counts those that could have been judged (a declared check,
     an expected answer) but were not: unfinished replies."""
     if pb.empty:
@@ -170,26 +182,32 @@ def system_behaviour(pb: pd.DataFrame, judge: Judge, systems: list[str], ci) -> 
         t = ci(d, ["system"], m)
         # a system prompt without any value (no checks, no expected answers) keeps its row
         t = t.set_index("system").reindex(pd.Index(pd.unique(pb["system"]), name="system")).reset_index()
+        dp = d if pooled_pairs is None else d[pb["pair"].isin(pooled_pairs).to_numpy()]
+        pooled = (pooled_ci or ci)(dp.assign(scope=ALL), ["scope"], m).rename(columns={"scope": "system"})
+        t = pd.concat([t, pooled if len(pooled) else pd.DataFrame({"system": [ALL]})], ignore_index=True)
         t["n_pairs"] = t["n_pairs"].fillna(0)
-        can = judgeable.get(m.split("_")[0], np.ones(len(pb), bool))
-        t["n_undecided"] = (t["system"].map(pd.Series(can, index=pb.index).groupby(pb["system"]).sum())
-                            .fillna(0).astype(np.int64) - t["n_pairs"].astype(np.int64))
+        can = pd.Series(judgeable.get(m.split("_")[0], np.ones(len(pb), bool)), index=pb.index)
+        n_can = can.groupby(pb["system"]).sum()
+        n_can[ALL] = can[pb.index if pooled_pairs is None else pb["pair"].isin(pooled_pairs)].sum()
+        t["n_undecided"] = t["system"].map(n_can).fillna(0).astype(np.int64) - t["n_pairs"].astype(np.int64)
         t.insert(1, "measure", m)
         parts.append(t)
     out = pd.concat(parts, ignore_index=True)
     out["n_pairs"] = out["n_pairs"].astype(np.int64)
-    out["checks"] = out["system"].map(lambda s: "; ".join(c.label for c in judge.checks.get(s, ())))
-    order = {s: i for i, s in enumerate(systems)}
+    out["checks"] = out["system"].map(lambda s: "; ".join(c.label for c in judge.checks.get(s, ())) if s != ALL
+                                      else "(each system prompt's own)")
+    order = {s: i for i, s in enumerate([*systems, ALL])}
     mi = {m: i for i, m in enumerate(SYSTEM_MEASURES)}
     out = out.assign(_s=out["system"].map(order), _m=out["measure"].map(mi))
     out = out.sort_values(["_s", "_m"], kind="stable").drop(columns=["_s", "_m"]).reset_index(drop=True)
     return out[SYSTEM_COLUMNS]
 
 
-def behaviour_tables(store, plan, sweep, ci) -> dict[str, pd.DataFrame]:
-    """The four behaviour tables of a store (empty frames when it holds no continuations).
-    ``sweep``: whose declarations judge the replies (the store's own, or one given to
-    ``promptshift metrics --sweep`` with the same content); ``ci``: see :func:`system_behaviour`."""
+def behaviour_tables(store, plan, sweep, ci, pooled_ci=None, pooled_pairs=None) -> dict[str, pd.DataFrame]:
+    """The per-prompt, per-check, per-pair and per-system behaviour tables of a store (empty
+    frames when it holds no continuations). ``sweep``: whose declarations judge the replies
+    (the store's own, or one given to ``promptshift metrics --sweep`` with the same
+    content); ``ci``, ``pooled_ci``, ``pooled_pairs``: see :func:`system_behaviour`."""
     if not store.backend.has("gen_text"):
         return {"behaviour": pd.DataFrame(columns=PROMPT_COLUMNS), "behaviour_checks": pd.DataFrame(columns=CHECK_COLUMNS),
                 "behaviour_pairs": pd.DataFrame(columns=PAIR_COLUMNS),
@@ -210,8 +228,46 @@ def behaviour_tables(store, plan, sweep, ci) -> dict[str, pd.DataFrame]:
     pb = pair_behaviour(beh, checks, pairs)
     systems = list(dict.fromkeys(pairs["system"]))  # system prompts, then instruction prefixes
     return {"behaviour": beh, "behaviour_checks": checks, "behaviour_pairs": pb,
-            "behaviour_systems": system_behaviour(pb, judge, systems, ci)}
+            "behaviour_systems": system_behaviour(pb, judge, systems, ci, pooled_ci, pooled_pairs)}
 
 
-__all__ = ["BEHAVIOUR_TABLES", "Judge", "SYSTEM_MEASURES", "behaviour_tables", "finished_mask", "pair_behaviour",
-           "pair_checks", "prompt_behaviour", "system_behaviour"]
+def _cell(t: pd.DataFrame, system: str, measure: str) -> dict:
+    r = t[(t["system"] == system) & (t["measure"] == measure)]
+    if r.empty:
+        return {"mean": None, "ci": [None, None], "n_pairs": 0}
+    r = r.iloc[0]
+    f = lambda x: None if x is None or not np.isfinite(float(x)) else float(x)  # noqa: E731
+    return {"mean": f(r["mean"]), "ci": [f(r["ci_low"]), f(r["ci_high"])], "n_pairs": int(r["n_pairs"]),
+            "n_undecided": int(r["n_undecided"])}
+
+
+def behaviour_summary(tables: dict[str, pd.DataFrame], strongest) -> dict:
+    """The ``behaviour`` block of summary.json: adherence and correctness with and without the
+    system prompt, pooled (crossed intervals) and per system prompt (intervals over user
+    prompts), the number of undecided replies, and per behaviour output the layer and
+    component whose change predicts it best (``strongest(output)``: chosen on one half of the
+    user prompts, measured on the other; :func:`promptshift.metrics.analyses.held_out_strongest`)."""
+    sy, beh = tables.get("behaviour_systems"), tables.get("behaviour")
+    if sy is None or sy.empty:
+        return {}
+    out: dict = {"pooled": {m: _cell(sy, ALL, m) for m in SYSTEM_MEASURES}}
+    names = [s for s in pd.unique(sy["system"]) if s != ALL]
+    checks = sy.drop_duplicates("system").set_index("system")["checks"]
+    out["systems"] = [{"system": s, "checks": checks.get(s, ""),
+                       **{m: _cell(sy, s, m) for m in ("adherence_variant", "adherence_baseline", "adherence_change",
+                                                        "correct_variant", "correct_baseline", "correct_change",
+                                                        "words_change")}}
+                      for s in names]
+    out["n_systems_with_checks"] = int(sum(bool(checks.get(s)) for s in names))
+    pb = tables["behaviour_pairs"]
+    out["n_pairs"] = int(len(pb))
+    out["n_pairs_with_checks"] = int((pb["n_checks"] > 0).sum())
+    out["n_pairs_with_expected"] = int((pb["correct_variant"].notna() | pb["correct_baseline"].notna()).sum())
+    out["unfinished_replies"] = int((~beh["finished"].astype(bool)).sum()) if len(beh) else 0
+    out["n_replies"] = int(len(beh))
+    out["strongest_internal"] = {o: strongest(o) for o in BEHAVIOUR_OUTPUTS}
+    return out
+
+
+__all__ = ["ALL", "BEHAVIOUR_OUTPUTS", "BEHAVIOUR_TABLES", "Judge", "SYSTEM_MEASURES", "behaviour_summary",
+           "behaviour_tables", "finished_mask", "pair_behaviour", "pair_checks", "prompt_behaviour", "system_behaviour"]

@@ -139,7 +139,8 @@ def test_system_table_intervals_against_resample_loop(beh):
     sy = t["behaviour_systems"]
     users = [u.id for u in USERS]
     w = user_weights(len(users), N_BOOT, 0)  # per system prompt: user prompts resampled
-    for (system, measure), row in sy.set_index(["system", "measure"]).iterrows():
+    assert set(sy["system"]) == {s.name for s in SYSTEMS} | {"__all__"}
+    for (system, measure), row in sy[sy["system"] != "__all__"].set_index(["system", "measure"]).iterrows():
         d = pb[pb["system"] == system]
         x = d[measure].to_numpy(np.float64)
         ok = np.isfinite(x)
@@ -173,3 +174,66 @@ def test_judging_sweep_replaces_the_stored_checks(beh, tok):
     changed.__post_init__()
     with pytest.raises(MetricsError, match="differs from the store's beyond its checks"):
         compute(store, workers=0, n_boot=20, progress=False, sweep=changed)
+
+
+def test_pooled_rows_against_materialised_crossed_resamples(beh):
+    """The `__all__` rows generalise over system prompts: mean over every pair, interval from
+    the pigeonhole resamples (system and user prompts drawn independently, every drawn cell
+    kept), materialised here as one weight per pair."""
+    from promptshift.metrics.bootstrap import crossed_weights
+
+    store, t = beh
+    pb, sy = t["behaviour_pairs"], t["behaviour_systems"]
+    systems, users = [s.name for s in SYSTEMS], [u.id for u in USERS]
+    ws, wu = crossed_weights(len(systems), len(users), N_BOOT, 0)
+    s_idx = np.asarray([systems.index(x) for x in pb["system"]])
+    u_idx = np.asarray([users.index(x) for x in pb["user_id"]])
+    for m in ("adherence_change", "correct_variant", "words_change"):
+        row = sy[(sy["system"] == "__all__") & (sy["measure"] == m)].iloc[0]
+        x = pb[m].to_numpy(np.float64)
+        ok = np.isfinite(x)
+        assert row["mean"] == pytest.approx(x[ok].mean()) and row["n_pairs"] == ok.sum()
+        w = ws[:, s_idx[ok]] * wu[:, u_idx[ok]]  # (B, n) multiplicity of each pair in each resample
+        with np.errstate(invalid="ignore"):
+            boot = (w * x[ok]).sum(1) / w.sum(1)
+        lo, hi = percentile_ci(boot)
+        assert row["ci_low"] == pytest.approx(lo) and row["ci_high"] == pytest.approx(hi)
+
+
+def test_internal_vs_behaviour_against_scipy(beh):
+    """r of each layer's internal change with each behaviour change, across the pairs where
+    the behaviour is defined, equals scipy's."""
+    from scipy import stats
+
+    store, t = beh
+    io = t["internal_vs_behaviour"]
+    assert set(io["output"]) == {"adherence_change", "correct_change", "words_change"}
+    cc = t["component_change"]
+    last = cc[~cc["is_control"] & (cc["position"] == "last") & (cc["component"] == "resid_post")]
+    pb = t["behaviour_pairs"].set_index("pair")
+    for output in ("adherence_change", "words_change"):
+        for layer, g in last.groupby("layer"):
+            g = g.sort_values("pair")
+            y = pb.loc[g["pair"], output].to_numpy(np.float64)
+            ok = np.isfinite(y)
+            row = io[(io.component == "resid_post") & (io.layer == layer) & (io.measure == "rel_change")
+                     & (io.output == output) & (io.method == "pearson")].iloc[0]
+            assert row["n"] == ok.sum()
+            if ok.sum() >= 3 and np.ptp(y[ok]) > 0:
+                assert row["r"] == pytest.approx(stats.pearsonr(g["rel_change"].to_numpy()[ok], y[ok]).statistic)
+
+
+def test_summary_block(beh, tmp_path):
+    store, t = beh
+    compute(store, tmp_path / "res", workers=0, n_boot=N_BOOT, progress=False)
+    import json
+
+    b = json.loads((tmp_path / "res" / "summary.json").read_text())["behaviour"]
+    sy = t["behaviour_systems"]
+    pooled = sy[(sy["system"] == "__all__") & (sy["measure"] == "adherence_change")].iloc[0]
+    assert b["pooled"]["adherence_change"]["mean"] == pytest.approx(pooled["mean"])
+    assert [x["system"] for x in b["systems"]] == ["brief", "french", "json", "plain"]
+    assert b["n_systems_with_checks"] == 3 and b["n_pairs"] == 16 and b["n_pairs_with_checks"] == 12
+    beh_t = t["behaviour"]
+    assert b["unfinished_replies"] == int((~beh_t["finished"]).sum()) == 3  # baseline poem, french add, json poem
+    assert set(b["strongest_internal"]) == {"adherence_change", "correct_change", "words_change"}
