@@ -339,8 +339,8 @@ def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=No
 
 
 # share of the runner's token budget that one gradient pass takes (its backward keeps every
-# layer's activations: ~1 MB per token for a 30-layer, 576-wide model)
-_GRAD_BUDGET_SHARE = 8
+# layer's activations: ~0.5 MB per token for a 30-layer, 576-wide model)
+_GRAD_BUDGET_SHARE = 4
 
 
 def _embedding_gradients(runner: Runner, seqs: list[np.ndarray], targets: torch.Tensor):
@@ -357,13 +357,23 @@ def _embedding_gradients(runner: Runner, seqs: list[np.ndarray], targets: torch.
         mask[b, : lens[b]] = 1
     pos = torch.arange(S).unsqueeze(0).expand(B, S)
     emb = runner.model.get_input_embeddings()
-    with torch.enable_grad():
-        e = emb(x.to(dev)).detach().requires_grad_(True)  # (B, S, H)
-        out = runner.base(inputs_embeds=e, attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False)
-        h = out.last_hidden_state[torch.arange(B, device=dev), torch.as_tensor(lens, device=dev) - 1]  # (B, H)
-        lp = runner.logprobs(h)  # (B, V)
-        f = kl(lp, targets.to(lp.device))  # (B,)
-        (g,) = torch.autograd.grad(f.sum(), e)
+    # only the inputs' gradient is wanted: parameters that do not require one keep autograd
+    # from saving every layer's inputs for weight gradients (memory, not arithmetic)
+    params = [p for p in runner.model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            e = emb(x.to(dev)).detach().requires_grad_(True)  # (B, S, H)
+            out = runner.base(inputs_embeds=e, attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                              use_cache=False)
+            h = out.last_hidden_state[torch.arange(B, device=dev), torch.as_tensor(lens, device=dev) - 1]  # (B, H)
+            lp = runner.logprobs(h)  # (B, V)
+            f = kl(lp, targets.to(lp.device))  # (B,)
+            (g,) = torch.autograd.grad(f.sum(), e)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return g.detach(), e.detach()
 
 

@@ -133,7 +133,7 @@ def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(),
     a dialogue that, with its reply, would not fit. Where the template puts the system text
     is recorded per row (``system_after_turns``: user turns rendered before it; Mistral v0.3
     puts it into the last user turn, so attention to it is not measured across the dialogue)."""
-    from promptshift.causal.analyses import _bar
+    from promptshift.causal.analyses import _bar, _common_prefix
     from promptshift.extract.engine import Item
     from promptshift.sweep.plan import check_context
 
@@ -153,15 +153,34 @@ def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(),
     share = np.full(n, np.nan, np.float32)
     obey = np.zeros(n, np.uint8)
     replies = []
+    # the turns of one conversation under one condition share their start (system prompt,
+    # first user message, assistant header): computed once, as a prefix every turn continues
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (cond, ci, _, _) in enumerate(rows):
+        groups.setdefault((cond, ci), []).append(i)
+    specs, prefix_of = [], [0] * n
+    for g, idx in enumerate(groups.values()):
+        seqs = [rows[i][3].ids for i in idx]
+        h = max(1, min(_common_prefix(seqs), min(len(x) for x in seqs) - 1))
+        specs.append((seqs[0][:h], rows[idx[0]][3].regions[:h], h))  # nothing of the prefix is kept
+        for i in idx:
+            prefix_of[i] = g
+    prefixes = engine.compute_prefixes(specs)
+    offs = [prefixes[prefix_of[i]].length for i in range(n)]
+    order = engine.batches([len(r[3].ids) - o for r, o in zip(rows, offs)], contexts=offs)
     bar = _bar(n, "multi-turn", progress)
-    order = engine.batches([len(r[3].ids) for r in rows])
     results = [None] * n
     for batch in order:
         items = [Item(prompt=i, ids=rows[i][3].ids, regions=rows[i][3].regions, keep_start=len(rows[i][3].ids))
                  for i in batch]
-        for i, res in zip(batch, engine.run(items, max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))):
+        # replies are decoded for all batches together at the end (one decode step costs about
+        # the same for many rows as for few)
+        outs = engine.run(items, prefix=[prefixes[prefix_of[i]] for i in batch], max_new_tokens=max_new_tokens,
+                          eos_ids=tuple(eos_ids), defer_decode=True)
+        for i, res in zip(batch, outs):
             results[i] = res
         bar.update(len(batch))
+    engine.flush_decode(max_new_tokens, tuple(eos_ids))
     bar.close()
     sys_code, sink = REGION_CODE["system"], REGION_CODE["sink"]
     after = np.full(n, -1, np.int16)
