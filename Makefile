@@ -9,7 +9,7 @@ CAUSAL_USERS ?= 9
 # CPU machines take the CPU build of torch (a file on this disk); GPU machines take the default build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: run test bench bench-peers clean-venv
+.PHONY: run test bench bench-peers bench-causal clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,13 @@ $(PEERS_STAMP): pyproject.toml scripts/peers-constraints.txt
 bench-peers: $(STAMP) $(PEERS_STAMP)
 	$(PY) scripts/bench_extract.py $(BENCH_PEERS_ARGS) --modes loop,promptshift,null,nnsight,tlens \
 		--peers-python $(PEERS_PY)
+
+# Causal benchmark: activation patching in promptshift vs TransformerLens's patching helpers and an
+# nnsight loop (same pairs, sites and KL outputs), the peers in their own venv as above.
+BENCH_CAUSAL_ARGS ?= --max-user 2
+
+bench-causal: $(STAMP) $(PEERS_STAMP)
+	$(PY) scripts/bench_causal.py $(BENCH_CAUSAL_ARGS) --modes promptshift,tlens,nnsight --peers-python $(PEERS_PY)
 
 clean-venv:
 	rm -rf $(VENV)
