@@ -63,12 +63,18 @@ def _plan(args):
     from promptshift.sweep.config import load_sweep
     from promptshift.sweep.plan import build_plan, load_plan_inputs
 
-    s = load_sweep(args.sweep, max_new_tokens=0, model=args.model)
+    import warnings
+
+    with warnings.catch_warnings():  # declared checks warn about a continuation length nothing here uses
+        warnings.simplefilter("ignore", UserWarning)
+        s = load_sweep(args.sweep, max_new_tokens=0, model=args.model)
     if args.max_user:
         s.user_prompts = s.user_prompts[: args.max_user]
     if args.max_system:
         s.system_prompts = s.system_prompts[: args.max_system]
-    s.__post_init__()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        s.__post_init__()
     tok, dims = load_plan_inputs(s)
     return s, tok, build_plan(s, tok, dims), materialize(resolve_source(s.model))
 
@@ -106,7 +112,8 @@ def worker_promptshift(args) -> dict:
         arrays, _ = patching(runner, plan, Scope(users=users, progress=False))
     el = time.perf_counter() - t0
     runner.close()
-    return {"seconds": el, "load_seconds": load_s, "kl": arrays["kl"][:, :, :L].astype(np.float64).tolist()}
+    kl, _dims = arrays["kl"]  # (pairs, mode, site): modes in PATCH_MODES order (suffix, last)
+    return {"seconds": el, "load_seconds": load_s, "kl": kl[:, :, :L].astype(np.float64).tolist()}
 
 
 def worker_tlens(args) -> dict:
@@ -182,17 +189,20 @@ def worker_nnsight(args) -> dict:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i, (v_ids, b_ids, n_al) in enumerate(pairs):
+            # containers made before a trace: what its body saves into them is there after it
+            clean, got = [None] * L, [None] * L
+            logits_v = [None]
             with lm.trace(torch.as_tensor(v_ids)[None]):
-                clean = [layer.input.save() for layer in lm.model.layers]  # (1, S_v, H) each
-                logits_v = lm.lm_head.output[0, -1].save()
-            lp_v = torch.log_softmax(logits_v.float(), -1)
+                for layer in range(L):
+                    clean[layer] = lm.model.layers[layer].input.save()  # (1, S_v, H)
+                logits_v[0] = lm.lm_head.output[0, -1].save()
+            lp_v = torch.log_softmax(logits_v[0].float(), -1)
             for m, n in enumerate([n_al, 1]):
-                got = []
                 with lm.trace() as tracer:
                     for layer in range(L):
                         with tracer.invoke(torch.as_tensor(b_ids)[None]):
                             lm.model.layers[layer].input[:, -n:] = clean[layer][:, -n:]
-                            got.append(lm.lm_head.output[0, -1].save())
+                            got[layer] = lm.lm_head.output[0, -1].save()
                 out[i, m] = [_kl(lp_v, torch.log_softmax(g.float(), -1)) for g in got]
     el = time.perf_counter() - t0
     return {"seconds": el, "load_seconds": load_s, "kl": out.tolist()}

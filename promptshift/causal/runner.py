@@ -22,6 +22,7 @@ attention.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,11 +38,13 @@ from promptshift.extract.kvcache import KV, plain_layers, prefilled_cache
 
 # Memory caps of one batch (bytes), as the extraction engine's: the padded head key/value
 # cache of all layers, one layer's attention probabilities, the (rows, vocab) float32
-# log-probabilities of the output; and of the heads held at once (all layers).
+# log-probabilities of the output; and of the heads kept between batches and analyses
+# (all layers; the analyses share many: a variant's head serves its reference run, its
+# knockout and its patching).
 _KV_BYTES_BUDGET = 1 << 30
 _ATTN_BYTES_BUDGET = 1 << 29
 _OUT_BYTES_BUDGET = 1 << 28
-_HEADS_BYTES_BUDGET = 1 << 30
+_HEADS_BYTES_BUDGET = 1 << 29
 
 
 @dataclass
@@ -118,6 +121,8 @@ class Runner:
         self._capture: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, tail positions) to keep
         self._captured: list[torch.Tensor | None] = []
         self._knockout: Knockout | None = None
+        self._head_cache: OrderedDict[bytes, KV] = OrderedDict()  # least recently used first
+        self._head_bytes = 0
         self._handles = [self.arch.hook("resid_pre", i, lambda h, i=i: self._apply(i, h)) for i in range(self.L)]
         self._handles.append(self.arch.hook("resid_post", self.L - 1, lambda h: self._apply(self.L, h)))
         attn = self.arch.spec.attn_module
@@ -145,6 +150,8 @@ class Runner:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._head_cache.clear()
+        self._head_bytes = 0
 
     @torch.inference_mode()
     def _layers_return_hidden(self) -> bool:
@@ -205,12 +212,32 @@ class Runner:
                           for la in o.cache.layers]  # (1, NKV, n, D) each
         return out
 
+    def _cached_heads(self, heads: list[np.ndarray], keys: list[bytes]) -> list[KV]:
+        """:meth:`heads`, computing only those not kept from earlier calls; keeps what fits
+        in the budget, dropping the least recently used (never those of this call)."""
+        missing = [i for i, k in enumerate(keys) if k not in self._head_cache]
+        for i, kv in zip(missing, self.heads([heads[i] for i in missing])):
+            self._head_cache[keys[i]] = kv
+            self._head_bytes += len(heads[i]) * self._kv_bytes
+        for k in keys:
+            self._head_cache.move_to_end(k)
+        out = [self._head_cache[k] for k in keys]
+        mine = set(keys)
+        while self._head_bytes > _HEADS_BYTES_BUDGET:
+            old = next((k for k in self._head_cache if k not in mine), None)
+            if old is None:
+                break
+            kv = self._head_cache.pop(old)
+            self._head_bytes -= kv[0][0].shape[-2] * self._kv_bytes
+        return out
+
     def stream(self, rows: list[Row], capture: bool = False, progress=None) -> Iterator[tuple[int, Out]]:
         """Run every row; yields ``(row index, Out)`` batch by batch, so that a caller
         reducing each output at once never holds all the (V,) log-probabilities.
 
         Rows are split into chunks of distinct heads whose keys and values fit in memory
-        together (heads sorted by first use); in each chunk the heads run once, then the
+        together (heads sorted by first use); in each chunk the heads run once (or come
+        from an earlier call), then the
         rows of each first layer (``Row.start``) run in batches that mix heads where the
         model allows (:func:`promptshift.extract.batching.plan_batches`, tails and heads as
         contexts)."""
@@ -234,7 +261,7 @@ class Runner:
         for i, k in enumerate(keys):
             by_head.setdefault(k, []).append(i)
         for chunk in chunks:
-            kv = dict(zip(chunk, self.heads([rows[head_of[k]].head for k in chunk])))
+            kv = dict(zip(chunk, self._cached_heads([rows[head_of[k]].head for k in chunk], chunk)))
             groups: dict[tuple, list[int]] = {}
             for k in chunk:
                 for i in by_head[k]:

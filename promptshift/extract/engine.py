@@ -16,7 +16,7 @@ from promptshift.extract.alloc import tune_glibc_malloc
 from promptshift.extract.arch import bind_model
 from promptshift.extract.attention import AttnStats, Packing, Positions, install, set_packing, set_positions, set_stats
 from promptshift.extract.batching import plan_batches
-from promptshift.extract.kvcache import prefilled_cache
+from promptshift.extract.kvcache import Prefilled, prefilled_cache
 from promptshift.sweep.chat import REGIONS
 
 R = len(REGIONS)
@@ -470,7 +470,7 @@ class Engine:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        state = _merge_states([st for st, _ in pending]) if len(pending) > 1 else pending[0][0]
+        state = _merge_states([st for st, _ in pending], room=max_new_tokens) if len(pending) > 1 else pending[0][0]
         gens = self._decode(state, max_new_tokens, eos_ids)
         rows = [r for _, results in pending for r in results]
         for r, g in zip(rows, gens):
@@ -623,21 +623,32 @@ def _key_positions(offsets, P: int, pad, lens, S: int) -> torch.Tensor:
     return out
 
 
-def _merge_states(states: list[_DecodeState]) -> _DecodeState:
+def _merge_states(states: list[_DecodeState], room: int = 0) -> _DecodeState:
     """Concatenate decode batches with different cache lengths: shorter caches are padded
     at the end, and the mask hides the padding, as inside any right-padded batch. The
-    merged cache keeps every key of every layer (a config-less DynamicCache: no layer
-    slides its window over the padding)."""
+    merged cache keeps every key of every layer (no layer slides its window over the
+    padding), in buffers with ``room`` more slots that the decode steps fill in place
+    (:class:`promptshift.extract.kvcache.Prefilled`) instead of concatenating the whole
+    cache at every step."""
     from transformers import DynamicCache
 
     T = max(s.mask.shape[1] for s in states)
     pad = lambda t, dim_from_end, v=0: F.pad(  # noqa: E731
         t, (0, 0) * (dim_from_end - 1) + (0, T - t.shape[-dim_from_end]), value=v)
+    B = sum(s.mask.shape[0] for s in states)
     cache = DynamicCache()
     for i in range(len(states[0].cache.layers)):
-        k = torch.cat([pad(s.cache.layers[i].keys, 2) for s in states])  # (B, NKV, T, D)
-        v = torch.cat([pad(s.cache.layers[i].values, 2) for s in states])
-        cache.update(k, v, i)
+        k0 = states[0].cache.layers[i].keys
+        kb = k0.new_zeros(B, k0.shape[1], T + room, k0.shape[3])  # (B, NKV, T + room, D)
+        vb = torch.zeros_like(kb)
+        b = 0
+        for s in states:
+            la = s.cache.layers[i]
+            n, t = la.keys.shape[0], la.keys.shape[2]
+            kb[b : b + n, :, :t] = la.keys
+            vb[b : b + n, :, :t] = la.values
+            b += n
+        cache.layers.append(Prefilled(kb, vb, T))
     return _DecodeState(
         cache=cache,
         mask=torch.cat([pad(s.mask, 1) for s in states]),  # (B, T)
