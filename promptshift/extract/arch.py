@@ -3,8 +3,9 @@ residual stream.
 
 ``attn_out`` and ``mlp_out`` must be exactly the tensors added to the residual stream,
 so that ``resid_post = resid_pre + attn_out + mlp_out`` holds. For most families these
-are the attention and MLP module outputs; Gemma 2/3 normalise both before adding, so
-there the hooks sit on the post-norms instead.
+are the attention and MLP module outputs; Gemma 2/3 and OLMo 2 normalise both before
+adding, so there the hooks sit on the post-norms instead. Extraction checks the identity
+on a probe before it stores anything (:meth:`promptshift.extract.engine.Engine.preflight`).
 
 :meth:`Arch.hook` is the one way anything hooks the stack: named points
 (``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_post`` of a layer, the component
@@ -34,8 +35,10 @@ class ArchSpec:
 
 
 _LLAMA_LIKE = ArchSpec("model.layers", "self_attn", "mlp", "model.norm", "self_attn")
-_GEMMA = ArchSpec("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "model.norm",
-                  "self_attn")
+# sub-layer outputs normalised before they are added (Gemma 2/3: "sandwich" norms; OLMo 2:
+# no input norms, post-norms only); Gemma 1's post_attention_layernorm is the MLP's input norm
+_POST_NORM = ArchSpec("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "model.norm",
+                      "self_attn")
 
 ARCHS: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
@@ -43,10 +46,10 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
+    "olmo2": _POST_NORM,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _GEMMA,
-    "gemma3_text": _GEMMA,
+    "gemma2": _POST_NORM,
+    "gemma3_text": _POST_NORM,
     "gpt2": ArchSpec("transformer.h", "attn", "mlp", "transformer.ln_f", "attn"),
     "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm", "attention"),
 }

@@ -173,16 +173,21 @@ class Engine:
     def preflight(self, chain: bool, n_tokens: int = 8) -> None:
         """One short forward pass before anything is written. Non-finite activations are
         refused first (:func:`nonfinite_error`: a float16 overflow, a NaN weight), since a
-        comparison with NaN would otherwise read as any other fault; then, with ``chain``,
-        that the input of layer l+1 is bit for bit the output of layer l, which is what lets
-        a store keep ``resid_pre`` at layer 0 only. True of every decoder stack that feeds
-        each layer's output straight to the next; a model that changes the residual stream
-        between layers is refused here."""
+        comparison with NaN would otherwise read as any other fault. Then, where the sweep
+        keeps ``attn_out`` or ``mlp_out``, that the hooks capture what each layer adds to the
+        residual stream (``resid_post = resid_pre + attn_out + mlp_out`` to the rounding of
+        two additions): a family whose :class:`~promptshift.extract.arch.ArchSpec` points at
+        the wrong modules (a norm applied after the hooked output) is refused, not stored.
+        Then, with ``chain``, that the input of layer l+1 is bit for bit the output of layer
+        l, which is what lets a store keep ``resid_pre`` at layer 0 only. True of every
+        decoder stack that feeds each layer's output straight to the next; a model that
+        changes the residual stream between layers is refused here."""
         vocab = int(self.cfg.vocab_size)
         n = max(2, min(n_tokens, vocab - 1))
         ids = (np.arange(1, n + 1, dtype=np.int64) * 7919) % vocab
         saved, comps = self._pre_layers, self.components
-        self._pre_layers, self.components = self.L, tuple(dict.fromkeys((*comps, "resid_pre", "resid_post")))
+        self._pre_layers = self.L
+        self.components = tuple(dict.fromkeys((*comps, "resid_pre", "resid_post", "attn_out", "mlp_out")))
         try:  # one pass, every layer's resid_pre captured, no output side
             got = self._forward([ids], [np.zeros(n, np.int8)], [None], [np.arange(n)], want_output=False)[0]
         finally:
@@ -192,6 +197,20 @@ class Engine:
             if not np.isfinite(a).all():
                 layer = int(np.flatnonzero(~np.isfinite(a).all(axis=(0, 2)))[0])
                 raise nonfinite_error(f"{name} of layer {layer} (a probe of {n} tokens, before any prompt)", self.model)
+        if {"attn_out", "mlp_out"} & set(comps):
+            attn, mlp = got["attn_out"][0].astype(np.float64), got["mlp_out"][0].astype(np.float64)
+            u = torch.finfo(self._dtype).eps / 2  # unit roundoff of the dtype the layer adds in
+            err = np.abs(post - (pre.astype(np.float64) + attn + mlp))  # (n, L, H)
+            bad = err > 2 * u * (1 + u) * (np.abs(pre) + np.abs(attn) + np.abs(mlp))
+            if bad.any():
+                layer = int(np.flatnonzero(bad.any(axis=(0, 2)))[0])
+                spec = self.arch.spec
+                raise ExtractError(
+                    f"{type(self.model).__name__} (model_type {self.arch.model_type!r}): resid_post of layer {layer} "
+                    f"is not resid_pre + attn_out + mlp_out, so the modules hooked for attn_out and mlp_out "
+                    f"({spec.attn_add!r}, {spec.mlp_add!r} in promptshift/extract/arch.py) are not what the layer "
+                    "adds to the residual stream; fix its ArchSpec, or keep only resid_pre and resid_post"
+                )
         if not chain:
             return
         bad = [la for la in range(1, self.L) if not np.array_equal(pre[:, la], post[:, la - 1])]
