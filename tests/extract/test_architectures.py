@@ -216,3 +216,18 @@ def test_a_wrong_archspec_is_refused_before_storing(tok, sweep_file, tmp_path, m
     st = extract(load_sweep(sweep_file, components=["resid_pre", "resid_post"]),
                  ExtractConfig(store=None, progress=False), model=model, tok=tok)
     assert st.components == ("resid_pre", "resid_post")
+
+
+def test_unsupported_attention_layer_type_is_refused():
+    """Layers whose attention is neither global nor a sliding window (Llama 4's chunked
+    attention) are refused by name, not run with a wrong mask."""
+    import transformers as tf
+
+    from promptshift.extract.arch import layer_windows
+
+    cfg = tf.LlamaConfig(num_hidden_layers=2)
+    cfg.layer_types, cfg.attention_chunk_size = ["full_attention", "chunked_attention"], 8
+    with pytest.raises(ExtractError, match="layer 1 of 'llama' uses 'chunked_attention' attention"):
+        layer_windows(cfg)
+    assert layer_windows(tf.Gemma3TextConfig(num_hidden_layers=2, sliding_window=5,
+                                             layer_types=["sliding_attention", "full_attention"])) == (5, None)
