@@ -273,11 +273,13 @@ def causal(
     sweep: Optional[str] = typer.Argument(None, help="the sweep the store was extracted with (optional: the store "
                                           "holds it; when given, it is checked against the store's)"),
     store: Path = typer.Option(..., help="store made by `extract` (the results are added to it)"),
-    analysis: list[str] = typer.Option(["all"], help="patching, knockout, phrases, steering, multiturn or all "
-                                       "(repeat the option for several)"),
+    analysis: list[str] = typer.Option(["all"], help="patching, knockout, phrases, steering, multiturn, "
+                                       "continuation or all (repeat the option for several)"),
     users: Optional[int] = typer.Option(None, help="only N user prompts, spread evenly over the sweep (default: all)"),
     suite: str = typer.Option("multiturn", help="multi-turn suite (name or YAML) for the multiturn analysis"),
     max_new_tokens: int = typer.Option(16, help="reply length for the multi-turn rule check"),
+    continuation_tokens: int = typer.Option(16, help="first tokens of each variant's stored reply that the "
+                                            "continuation analysis scores"),
     model: Optional[str] = typer.Option(None, help="load the weights from here (HF id, local dir or .gguf) instead "
                                         "of the store's model; they must be the same weights (sha256)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: auto)"),
@@ -314,7 +316,8 @@ def causal(
             return
         analysis = left
     cfg = CausalConfig(store=str(store), analyses=tuple(analysis), users=users, suite=suite,
-                       max_new_tokens=max_new_tokens, model=model, device=device, dtype=dtype,
+                       max_new_tokens=max_new_tokens, continuation_tokens=continuation_tokens, model=model,
+                       device=device, dtype=dtype,
                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
     timings = run_causal(s, cfg)
     typer.echo(f"store {store}: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))

@@ -238,4 +238,5 @@ def test_any_failure_is_one_line_and_the_store_resumes(tok, tmp_path, monkeypatc
     monkeypatch.undo()
     code, err = cli("causal", sw, "--store", store, "--users", "2")
     assert code == 0, err
-    assert open_store(store).causal_analyses() == ["knockout", "multiturn", "patching", "phrases", "steering"]
+    assert open_store(store).causal_analyses() == ["continuation", "knockout", "multiturn", "patching", "phrases",
+                                                   "steering"]

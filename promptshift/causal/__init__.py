@@ -7,7 +7,9 @@ Analyses (docs/CAUSAL.md explains each, and what ``promptshift metrics`` derives
 * ``knockout``: attention to the system prompt blocked from layer l on, per l;
 * ``phrases``: each phrase of each system prompt left out; token attribution;
 * ``steering``: mean residual difference added to held-out baselines, per layer;
-* ``multiturn``: attention to the system prompt and rule adherence over dialogue turns.
+* ``multiturn``: attention to the system prompt and rule adherence over dialogue turns;
+* ``continuation``: patching as above, scored on the variant's whole greedy reply
+  (teacher-forced mean log-probability) instead of the first answer token.
 
 Each analysis is stored as ``causal_<name>_*`` arrays with a JSON ``causal_<name>_meta``
 written last; rerunning an analysis replaces it.
@@ -26,7 +28,7 @@ from promptshift.stage import callable_stage
 from promptshift.store.core import Store, open_store
 from promptshift.sweep.config import SweepConfig, load_sweep
 
-ANALYSES = ("patching", "knockout", "phrases", "steering", "multiturn")
+ANALYSES = ("patching", "knockout", "phrases", "steering", "multiturn", "continuation")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class CausalConfig:
     users: int | None = None  # N user prompts spread evenly over the sweep (default: all); see scope_users
     suite: str = "multiturn"  # multi-turn suite for `multiturn`
     max_new_tokens: int = 16  # reply length for the multi-turn adherence check
+    continuation_tokens: int = 16  # first tokens of the variant's stored reply that `continuation` scores
     model: str | None = None  # load the weights from here instead of the sweep's model (checked by sha256)
     device: str | None = None
     dtype: str | None = None
@@ -58,6 +61,9 @@ class CausalConfig:
             raise CausalError(f"`--users` must be a positive integer, got {self.users!r}")
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 512:
             raise CausalError(f"`--max-new-tokens` must be an integer in [1, 512], got {self.max_new_tokens!r}")
+        if not isinstance(self.continuation_tokens, int) or not 1 <= self.continuation_tokens <= 512:
+            raise CausalError(f"`--continuation-tokens` must be an integer in [1, 512], got "
+                              f"{self.continuation_tokens!r}")
 
 
 def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None, tok=None) -> dict[str, float]:
@@ -108,7 +114,11 @@ def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None
                 if refs is None:
                     refs = Refs(runner, plan, scope)
                 fn = {"patching": patching, "knockout": knockout, "steering": steering}.get(name)
-                arrays, meta = (fn(runner, plan, scope, refs) if fn else phrases(runner, plan, scope, refs, tok=tok))
+                if name == "continuation":
+                    arrays, meta = _continuation(runner, plan, scope, refs, store, cfg.continuation_tokens)
+                else:
+                    arrays, meta = (fn(runner, plan, scope, refs) if fn else
+                                    phrases(runner, plan, scope, refs, tok=tok))
             meta = {**meta, "analysis": name, "weights_sha256": sha, "seconds": time.perf_counter() - t0,
                     "n_layers": runner.L}
             store.write_causal(name, arrays, meta)
@@ -118,6 +128,16 @@ def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None
     finally:
         runner.close()
     return timings
+
+
+def _continuation(runner, plan, scope, refs, store, n_tokens: int):
+    from promptshift.causal.continuation import continuation
+
+    if not store.backend.has("gen_ids"):
+        raise CausalError(f"the store {store.path} holds no continuations (the sweep's max_new_tokens is 0), so "
+                          "`continuation` has nothing to score; drop it or extract with max_new_tokens > 0")
+    return continuation(runner, plan, scope, refs, np.asarray(store.array("gen_ids")[...]),
+                        np.asarray(store.array("gen_len")[...]), n_tokens)
 
 
 def check_sweep(given: SweepConfig, stored: SweepConfig, where) -> None:

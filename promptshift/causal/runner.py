@@ -69,6 +69,8 @@ class Row:
     capture: np.ndarray | None = None  # tail positions whose residuals to return (default: the last)
     start: int = 0  # first layer to run on the tail (below it the tail's states are never read): needs a
     # replace edit of every tail position at a site >= start, and no capture
+    targets: np.ndarray | None = None  # (m,) token ids scored teacher-forced: the last m tail positions
+    # predict them (position len(tail) - m + j predicts targets[j]); their log-probs land in Out.target_logprobs
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Out:
     logprobs: torch.Tensor  # (V,) float32 log-softmax of the last position's logits
     resid: torch.Tensor | None = None  # (L+1, H) last-position residual at every site, if captured;
     # (n, L+1, H) at the row's ``capture`` positions when it names them
+    target_logprobs: torch.Tensor | None = None  # (m,) log p(targets[j]) under this run, for a row with targets
 
 
 @dataclass
@@ -354,6 +357,14 @@ class Runner:
         h = out.last_hidden_state[torch.arange(B, device=dev), last]  # (B, H)
         lp = self.logprobs(h).cpu()  # (B, V)
         outs = [Out(lp[b]) for b in range(B)]
+        for b, r in enumerate(rows):  # teacher-forced scores, one row's (m, V) log-probs at a time
+            if r.targets is not None and len(r.targets):
+                m = len(r.targets)
+                if m > lens[b]:
+                    raise ValueError(f"a row scores {m} targets but its tail has {lens[b]} positions")
+                hs = out.last_hidden_state[b, lens[b] - m : lens[b]]  # (m, H)
+                y = torch.as_tensor(np.asarray(r.targets), dtype=torch.long, device=hs.device)
+                outs[b].target_logprobs = self.logprobs(hs).gather(1, y[:, None])[:, 0].float().cpu()  # (m,)
         if capture:
             flat = torch.stack(self._captured, dim=1).cpu()  # (N, L+1, H)
             parts = torch.split(flat, [len(w) for w in want])

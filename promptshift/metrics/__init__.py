@@ -52,7 +52,8 @@ TABLES = ("component_change", "attention_regions", "attention_heads", "attention
 # written only when the store holds the causal analyses (`promptshift causal`)
 CAUSAL_TABLES = ("causal_patching", "causal_patching_curve", "causal_knockout", "causal_knockout_curve",
                  "causal_steering", "causal_steering_curve", "causal_steering_norms", "causal_phrases",
-                 "causal_phrase_rank", "causal_tokens", "multiturn", "multiturn_attention", "multiturn_turns")
+                 "causal_phrase_rank", "causal_tokens", "multiturn", "multiturn_attention", "multiturn_turns",
+                 "causal_continuation", "causal_continuation_curve")
 # written only when the sweep has instruction prefixes (docs/RESULTS.md, "Instruction placement")
 PLACEMENT_TABLES = ("placement_layers", "placement_compare", "placement_causal")
 SUMMARY = "summary.json"

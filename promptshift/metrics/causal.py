@@ -234,6 +234,50 @@ def steering_tables(arrays, meta, pairs, n_boot: int, seed: int):
     return {"causal_steering": long, "causal_steering_curve": curve, "causal_steering_norms": norms}, summ
 
 
+def continuation_tables(arrays, meta, pairs, n_boot: int, seed: int):
+    """Patching scored on the variant's continuation (promptshift/causal/continuation.py):
+    per pair, mode and site the mean log-probability of the variant's reply under the
+    patched baseline, and ``recovered_cont`` = sum (lp - lp_b) / sum (lp_v - lp_b) over pairs
+    (crossed intervals, as the first-token curves), with the onset of each mode."""
+    L1 = int(meta["n_sites"])
+    modes = list(meta["modes"])
+    ids = arrays["pair"].astype(np.int64)
+    base = pairs.set_index("pair").loc[ids, ["system", "user_id", "category"]].reset_index()
+    base["n_tokens"] = arrays["n_tokens"].astype(np.int64)
+    base["lp_v"], base["lp_b"] = arrays["lp_v"].astype(np.float64), arrays["lp_b"].astype(np.float64)
+    lp = arrays["lp"].astype(np.float64).reshape(len(base), -1)  # (n, modes * sites)
+    ok = np.isfinite(base["lp_v"].to_numpy()) & np.isfinite(base["lp_b"].to_numpy()) & np.isfinite(lp).all(1)
+    den = (base["lp_v"] - base["lp_b"]).to_numpy()  # (n,) how much likelier the reply is with the system prompt
+    rows = []
+    for j in range(lp.shape[1]):
+        d = base.copy()
+        d["mode"], d["site"] = modes[j // L1], j % L1
+        d["lp_cont"] = lp[:, j]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d["recovered_cont"] = np.where(np.abs(den) > 1e-6, (lp[:, j] - base["lp_b"].to_numpy()) / den, np.nan)
+        rows.append(d)
+    long = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    cells = _Cells(base[ok], pairs, list(meta["users"]), n_boot, seed)
+    num = cells.sums(lp[ok] - base["lp_b"].to_numpy()[ok, None])  # (M, S, U)
+    dd = cells.sums(np.repeat(den[ok, None], lp.shape[1], 1))
+    rec, rec_b = cells.ratio(num, dd)  # (M,), (M, B)
+    lo, hi = percentile_ci(rec_b)
+    curve = pd.DataFrame({"mode": [modes[j // L1] for j in range(lp.shape[1])],
+                          "site": [j % L1 for j in range(lp.shape[1])],
+                          "lp_mean": np.nanmean(np.where(ok[:, None], lp, np.nan), 0) if ok.any() else np.nan,
+                          "recovered_cont": rec, "recovered_cont_ci_low": lo, "recovered_cont_ci_high": hi,
+                          "n_pairs": int(ok.sum())})
+    summ = {"n_pairs": int(ok.sum()), **cells.summary(), "n_layers": L1 - 1, "threshold": RECOVER_AT,
+            "max_tokens": meta.get("max_tokens"), "lp_v_mean": _num(base["lp_v"][ok].mean()),
+            "lp_b_mean": _num(base["lp_b"][ok].mean()), "modes": {}}
+    for m, mode in enumerate(modes):
+        sl = slice(m * L1, (m + 1) * L1)
+        onset = _first(rec[sl][None], lambda x: x >= RECOVER_AT)[0]
+        summ["modes"][mode] = {"onset": _onset_ci(onset, _first(rec_b[sl].T, lambda x: x >= RECOVER_AT)),
+                               "recovered_mid": _num(rec[sl][L1 // 2]), "recovered_final": _num(rec[sl][-1])}
+    return {"causal_continuation": long, "causal_continuation_curve": curve}, summ
+
+
 def phrase_tables(arrays, meta, pairs, n_boot: int, seed: int):
     users, systems = list(meta["users"]), list(meta["systems"])
     U = len(users)
@@ -369,11 +413,11 @@ def _num(x):
 
 
 BUILDERS = {"patching": patching_tables, "knockout": knockout_tables, "steering": steering_tables,
-            "phrases": phrase_tables}
+            "phrases": phrase_tables, "continuation": continuation_tables}
 
 
 # per-pair arrays of patching, knockout and steering (first axis: pair)
-_PAIR_ARRAYS = ("pair", "kl_vb", "lp_v", "lp_b", "top1_changed", "kl", "lp", "kl_ko0_b")
+_PAIR_ARRAYS = ("pair", "kl_vb", "lp_v", "lp_b", "top1_changed", "kl", "lp", "kl_ko0_b", "n_tokens")
 
 
 def only_pairs(arrays: dict, meta: dict, keep: set[int], labels: list[str]) -> tuple[dict, dict]:
@@ -399,7 +443,7 @@ def causal_tables(store, pairs: pd.DataFrame, n_boot: int, seed: int) -> tuple[d
     labels = list(dict.fromkeys(pairs["system"]))
     for name in store.causal_analyses():
         arrays, meta = store.read_causal(name)
-        if name in ("patching", "knockout", "steering"):
+        if name in ("patching", "knockout", "steering", "continuation"):
             arrays, meta = only_pairs(arrays, meta, keep, labels)
         if name == "multiturn":
             t, s = multiturn_tables(arrays, meta, n_boot, seed)

@@ -33,7 +33,7 @@ PLACEMENT_TABLES = ("placement_layers", "placement_compare", "placement_causal")
 CAUSAL_TABLES = (
     "causal_patching", "causal_patching_curve", "causal_knockout", "causal_knockout_curve", "causal_steering",
     "causal_steering_curve", "causal_steering_norms", "causal_phrases", "causal_phrase_rank", "causal_tokens",
-    "multiturn", "multiturn_attention", "multiturn_turns",
+    "multiturn", "multiturn_attention", "multiturn_turns", "causal_continuation", "causal_continuation_curve",
 )
 
 

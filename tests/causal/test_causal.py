@@ -224,9 +224,10 @@ def full(store, sweep, tok, model):
 def test_all_analyses_stored(store, full, sweep, model):
     from promptshift.causal import missing_analyses
 
-    assert store.causal_analyses() == ["knockout", "multiturn", "patching", "phrases", "steering"]
+    assert store.causal_analyses() == ["continuation", "knockout", "multiturn", "patching", "phrases", "steering"]
     assert missing_analyses(store, sweep) == ()  # what `promptshift run` skips when rerun
-    assert missing_analyses(store, sweep, users=2) == ("patching", "knockout", "phrases", "steering")
+    assert missing_analyses(store, sweep, users=2) == ("patching", "knockout", "phrases", "steering",
+                                                       "continuation")
     pa, meta = store.read_causal("patching")
     n = len(store.plan.pairs)
     assert pa["kl"].shape == (n, 2, meta["n_layers"] + 1)
@@ -348,6 +349,86 @@ def test_analyses_against_a_plain_hf_loop(store, full, model):
                 return h
             ref, _, sc = _hf_run(model, b_ids, pre=[(site, add)]) if site < L else _hf_run(model, b_ids, post=add)
             check(stv["kl"][i, site], stv["lp"][i, site], lp_v, ref, max(sc, sc_v), f"steering {i} {site}")
+
+
+def _hf_continuation(model, ids, y, *, pre=(), post=None):
+    """Reference: one plain HF forward of ``ids`` followed by the reply ``y`` minus its last
+    token, with the hooks of :func:`_hf_run` on the prompt positions; the mean float64
+    log-probability of ``y`` (position len(ids) - 1 + t predicts y[t]), the largest |logit| and
+    the largest |log-probability| of the scored tokens."""
+    layers = model.model.layers
+    handles = []
+    for layer, fn in pre:
+        def hook(mod, args, kwargs, fn=fn):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+        handles.append(layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+    if post is not None:
+        handles.append(layers[-1].register_forward_hook(lambda mod, args, out: post(out)))
+    try:
+        with torch.no_grad():
+            x = torch.as_tensor(np.concatenate([ids, y[:-1]]))[None]
+            z = model(x, attention_mask=torch.ones_like(x)).logits[0].double()  # (S, V)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = z[len(ids) - 1 : len(ids) - 1 + len(y)]  # (m, V)
+    lp = torch.log_softmax(rows, -1)[torch.arange(len(y)), torch.as_tensor(y)]
+    return float(lp.mean()), float(rows.abs().max()), float(lp.abs().max())
+
+
+def test_continuation_against_a_plain_hf_loop(store, full, model):
+    """Every stored value of the continuation analysis (variant, baseline, both patching
+    modes at every site) recomputed one run at a time by a plain Hugging Face forward over
+    prompt + reply with hooks written here (eager attention, no cache, no batching), within
+    the float32 rounding bound of one log-probability (a mean of such log-probabilities
+    moves by at most the largest bound)."""
+    _eager(model)
+    plan, L, V = store.plan, model.config.num_hidden_layers, model.config.vocab_size
+    ct, meta = store.read_causal("continuation")
+    gid, glen = store.array("gen_ids")[...], store.array("gen_len")[...]
+    n_keys = int(plan.prompts["n_tokens"].max()) + int(meta["max_tokens"])
+    runs = {p: _hf_run(model, plan.prompt_tokens(p)) for p in set(plan.pairs["variant"])}
+    assert np.array_equal(ct["pair"], plan.pairs["pair"].to_numpy())
+
+    def check(got, ids, y, what, **hooks):
+        ref, scale, lp_abs = _hf_continuation(model, ids, y, **hooks)
+        bound = logprob_bound(model.config, n_keys, scale, lp_abs, V)  # each token's; so their mean's too
+        assert_within(got, ref, bound, what)
+        return ref, bound
+
+    for i, r in plan.pairs.iterrows():
+        v, b = int(r.variant), int(r.baseline)
+        y = np.asarray(gid[v, : min(int(glen[v]), meta["max_tokens"])], dtype=np.int64)
+        assert ct["n_tokens"][i] == len(y) > 0
+        v_ids, b_ids = plan.prompt_tokens(v), plan.prompt_tokens(b)
+        check(ct["lp_v"][i], v_ids, y, f"variant {i}")
+        lp_b, b_bound = check(ct["lp_b"][i], b_ids, y, f"baseline {i}")
+        h_v = runs[v][1]  # (L+1, S, H) every layer's input and the last layer's output, prompt positions
+        vs, bs, n = int(r.v_suffix_start), int(r.b_suffix_start), int(r.suffix_len)
+        nb = len(b_ids)
+        for site in range(L + 1):
+            for m, (src, dst) in enumerate([(slice(vs, vs + n), slice(bs, bs + n)), (slice(len(v_ids) - 1, None),
+                                                                                     slice(nb - 1, nb))]):
+                def put(h, site=site, src=src, dst=dst):
+                    h = h.clone()
+                    h[0, dst] = h_v[site][src]
+                    return h
+                hooks = {"pre": [(site, put)]} if site < L else {"post": put}
+                check(ct["lp"][i, m, site], b_ids, y, f"continuation {i} mode {m} site {site}", **hooks)
+        # fixed point: suffix patching at site 0 swaps identical embeddings (the baseline again)
+        assert_within(ct["lp"][i, 0, 0], lp_b, 2 * b_bound, f"suffix site 0 is the baseline {i}")
+
+
+def test_continuation_curve_is_a_ratio_of_sums(full):
+    long, curve = full["causal_continuation"], full["causal_continuation_curve"]
+    assert len(curve) == 2 * long["site"].nunique()
+    for (mode, site), g in long.groupby(["mode", "site"]):
+        want = (g["lp_cont"] - g["lp_b"]).sum() / (g["lp_v"] - g["lp_b"]).sum()
+        row = curve[(curve["mode"] == mode) & (curve["site"] == site)].iloc[0]
+        assert row["recovered_cont"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert row["recovered_cont_ci_low"] <= row["recovered_cont"] + 1e-12 <= row["recovered_cont_ci_high"] + 2e-12
 
 
 def test_curves_are_ratios_of_sums(full):

@@ -58,7 +58,7 @@ def test_make_run_store_with_every_causal_analysis(tok, model, tmp_path):
     extract(sweep, ExtractConfig(store=str(path), progress=False), model=model, tok=tok)
     run_causal(sweep, CausalConfig(store=str(path), users=2, max_new_tokens=4, progress=False), model=model, tok=tok)
     st = open_store(path)
-    assert st.causal_analyses() == ["knockout", "multiturn", "patching", "phrases", "steering"]
+    assert st.causal_analyses() == ["continuation", "knockout", "multiturn", "patching", "phrases", "steering"]
     run_causal(sweep, CausalConfig(store=str(path), analyses=("patching",), users=1, progress=False), model=model,
                tok=tok)
     st = open_store(path)
