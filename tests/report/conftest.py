@@ -29,7 +29,7 @@ TABLE_NAMES = (  # every table of docs/RESULTS.md
 CAUSAL_TABLE_NAMES = (  # written by metrics only when the store holds `promptshift causal` analyses
     "causal_patching", "causal_patching_curve", "causal_knockout", "causal_knockout_curve", "causal_steering",
     "causal_steering_curve", "causal_steering_norms", "causal_phrases", "causal_phrase_rank", "causal_tokens",
-    "multiturn", "multiturn_attention", "multiturn_turns",
+    "multiturn", "multiturn_attention", "multiturn_turns", "causal_continuation", "causal_continuation_curve",
 )
 PLACEMENT_TABLE_NAMES = ("placement_layers", "placement_compare", "placement_causal")  # sweeps with prefixes
 CONTROL = "__control__"
@@ -334,6 +334,35 @@ def _fake_causal(sys_df: pd.DataFrame, users: pd.DataFrame, pairs: pd.DataFrame,
         conds[cond] = ent
     summ["multiturn"] = {"rule": "Every assistant reply must start with the exact word \"Ahoy\".",
                          "n_conversations": len(convs), "n_turns": n_turns, "conditions": conds, "seconds": 40.0}
+
+    # -- patching scored on the continuation: later than the first token's onset ----------------
+    base = pairs[["pair", "system", "user_id", "category"]].copy()
+    base["n_tokens"] = 16
+    base["lp_v"] = -rng.uniform(0.5, 1.5, n_pairs)
+    base["lp_b"] = base["lp_v"] - rng.uniform(0.5, 2.0, n_pairs)
+    ccurves, long, cmodes = [], [], {}
+    for mode, centre in (("suffix", 0.45), ("last", 0.85)):
+        rec = _sigmoid((depth - centre) * 10)
+        rec = (rec - rec[0]) / (rec[-1] - rec[0]) * (0.95 if mode == "suffix" else 0.6)
+        half = 0.03 + 0.04 * rng.random(L + 1)
+        ccurves.append(pd.DataFrame({"mode": mode, "site": sites, "lp_mean": (base["lp_b"].mean() + rec * (
+            base["lp_v"] - base["lp_b"]).mean()), "recovered_cont": rec, "recovered_cont_ci_low": rec - half,
+            "recovered_cont_ci_high": rec + half, "n_pairs": n_pairs}))
+        for k in sites:
+            d = base.copy()
+            d["mode"], d["site"] = mode, int(k)
+            d["recovered_cont"] = rec[k] + 0.1 * rng.standard_normal(n_pairs)
+            d["lp_cont"] = d["lp_b"] + d["recovered_cont"] * (d["lp_v"] - d["lp_b"])
+            long.append(d)
+        hit = np.flatnonzero(rec >= 0.5)
+        cmodes[mode] = {"onset": _onset(int(hit[0]), float(max(hit[0] - 2, 0)), float(min(hit[0] + 2, L)))
+                        if hit.size else {"site": None, "ci": [None, None], "undefined_share": 0.9},
+                        "recovered_mid": float(rec[(L + 1) // 2]), "recovered_final": float(rec[-1])}
+    tables["causal_continuation_curve"] = pd.concat(ccurves, ignore_index=True)
+    tables["causal_continuation"] = pd.concat(long, ignore_index=True)
+    summ["continuation"] = {"n_pairs": n_pairs, **crossed, "n_layers": L, "threshold": 0.5, "max_tokens": 16,
+                            "lp_v_mean": float(base["lp_v"].mean()), "lp_b_mean": float(base["lp_b"].mean()),
+                            "modes": cmodes, "seconds": 30.0}
     return tables, summ
 
 
