@@ -102,7 +102,7 @@ def worker_promptshift(args) -> dict:
 
     s, tok, plan, _ = _plan(args)
     t0 = time.perf_counter()
-    model = load_model(s.model, device="cpu", dtype="float32")
+    model = load_model(s.model, device=args.device, dtype="float32")
     runner = Runner(model, token_budget=s.token_budget)
     load_s = time.perf_counter() - t0
     L = runner.L
@@ -223,7 +223,7 @@ def _versions() -> dict:
 
 def run_worker(mode: str, args, python: str) -> dict:
     cmd = [python, __file__, "--worker", mode, "--sweep", args.sweep]
-    for k in ("max_user", "max_system", "model"):
+    for k in ("max_user", "max_system", "model", "device"):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -243,6 +243,8 @@ def main(argv=None):
     ap.add_argument("--max-user", type=int, default=4, help="the sweep's first N user prompts")
     ap.add_argument("--max-system", type=int, default=None, help="the sweep's first N system prompts")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, any of {', '.join(MODES)}")
+    ap.add_argument("--device", default="cpu", help="device of the promptshift mode (cuda for a GPU check); the "
+                    "peer modes run on the CPU")
     ap.add_argument("--peers-python", default=None,
                     help="interpreter for the peer modes (default: .venv-peers/bin/python if it exists)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -261,6 +263,8 @@ def main(argv=None):
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; use {', '.join(MODES)}")
+    if args.device != "cpu" and any(m in PEER_MODES for m in modes):
+        ap.error("the peer modes run on the CPU here: use --device cpu, or --modes promptshift")
     peers = args.peers_python or str(REPO / ".venv-peers" / "bin" / "python")
     if any(m in PEER_MODES for m in modes) and not Path(peers).exists():
         ap.error(f"no peers interpreter at {peers}: run `make .venv-peers/.peers-installed` or pass --peers-python")
