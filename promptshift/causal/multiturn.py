@@ -195,8 +195,10 @@ def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(),
             after[i] = sum(1 for sp in r.spans if sp.region == "user" and sp.end <= sys_span.start)
         if is_sys.any():
             row = res.last_row.astype(np.float64)  # (n_tokens, L, NH)
-            sink_mass = row[r.regions == sink].sum(0)  # (L, NH)
-            rest = 1.0 - sink_mass
+            # the mass off the sink, summed directly: as 1 - sink mass it would cancel to rounding
+            # noise for a head that puts all but ~1e-6 on the sink (float32 probabilities near 1
+            # carry ~6e-8 of rounding), and the ratio below would be noise over noise
+            rest = row[r.regions != sink].sum(0)  # (L, NH)
             with np.errstate(invalid="ignore", divide="ignore"):
                 # (L, NH) renormalised without the sink; undefined for a head that looks only at the sink
                 m = np.where(rest > 1e-6, row[is_sys].sum(0) / rest, np.nan)

@@ -523,10 +523,11 @@ def test_multiturn_attention_against_output_attentions(store, tok, model):
     with torch.no_grad():
         att = model(torch.as_tensor(r.ids)[None], output_attentions=True).attentions  # L x (1, NH, S, S)
     row = torch.stack([a[0, :, -1] for a in att]).double().numpy()  # (L, NH, S)
-    sysm = row[..., r.regions == SYSTEM].sum(-1) / (1 - row[..., 0])
-    # probabilities (scale 1) through every layer; a / (1 - p0) moves by (da + a dp0 / (1 - p0)) / (1 - p0)
+    rest = row[..., 1:].sum(-1)  # (L, NH) the mass off the sink (the first token)
+    sysm = row[..., r.regions == SYSTEM].sum(-1) / rest
+    # probabilities (scale 1) through every layer; a / rest moves by (da + a d rest / rest) / rest
     dp = 2 * forward_bound(model.config, len(r.ids), 1.0)  # softmax: |dp| <= 2 max|d score| for p <= 1
-    bound = (dp * (1 + sysm / (1 - row[..., 0])) / (1 - row[..., 0])).max(-1)  # (L,)
+    bound = (dp * (1 + sysm / rest) / rest).max(-1)  # (L,)
     assert_within(arrays["sys_mass"][i], sysm.mean(-1), bound, "system mass")
 
 
