@@ -67,8 +67,8 @@ class Row:
     knockout_keys: np.ndarray | None = None  # (P + S,) bool: keys hidden from tail queries
     knockout_start: int | None = None  # first knocked-out layer
     capture: np.ndarray | None = None  # tail positions whose residuals to return (default: the last)
-    start: int = 0  # first layer to run on the tail (below it the tail's states are never read): needs a
-    # replace edit of every tail position at a site >= start, and no capture
+    start: int = 0  # first layer to run on the tail (below it the tail's states are never read): needs
+    # replace edits covering every tail position at one site >= start, and no capture
     targets: np.ndarray | None = None  # (m,) token ids scored teacher-forced: the last m tail positions
     # predict them (position len(tail) - m + j predicts targets[j]); their log-probs land in Out.target_logprobs
 
@@ -95,6 +95,16 @@ class Knockout:
         rows = (self.start <= module.layer_idx).to(mask.device)  # (B,)
         hide = (self.keys.to(mask.device) & rows[:, None])[:, None, None, : mask.shape[-1]]  # (B, 1, 1, Sk)
         return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+
+
+def _replaces_tail(row: Row, start: int, n: int) -> bool:
+    """Whether the replace edits of ``row`` at one site ``>= start`` together cover all ``n``
+    tail positions (so the layers below ``start`` are never read)."""
+    covered: dict[int, set[int]] = {}
+    for e in row.edits:
+        if e.site >= start and not e.add:
+            covered.setdefault(e.site, set()).update(np.asarray(e.positions).tolist())
+    return any(c >= set(range(n)) for c in covered.values())
 
 
 def _identity(hidden_states, *args, **kwargs):
@@ -341,8 +351,7 @@ class Runner:
         self._captured = [None] * (self.L + 1)
         if start:
             for b, r in enumerate(rows):
-                full = [e for e in r.edits if e.site >= start and not e.add and len(e.positions) == lens[b]]
-                if not full or capture:
+                if capture or not _replaces_tail(r, start, lens[b]):
                     raise ValueError(f"a row starting at layer {start} must replace every tail position at a site "
                                      ">= its start, and cannot capture the layers it skips")
         self._knockout = ko

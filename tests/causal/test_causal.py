@@ -378,33 +378,31 @@ def _hf_continuation(model, ids, y, *, pre=(), post=None):
     return float(lp.mean()), float(rows.abs().max()), float(lp.abs().max())
 
 
-def test_continuation_against_a_plain_hf_loop(store, full, model):
-    """Every stored value of the continuation analysis (variant, baseline, both patching
-    modes at every site) recomputed one run at a time by a plain Hugging Face forward over
-    prompt + reply with hooks written here (eager attention, no cache, no batching), within
-    the float32 rounding bound of one log-probability (a mean of such log-probabilities
-    moves by at most the largest bound)."""
+@pytest.fixture(scope="module")
+def cont_refs(store, full, model):
+    """Every value of the continuation analysis recomputed one run at a time by a plain
+    Hugging Face forward over prompt + reply with hooks written here (eager attention, no
+    cache, no batching): ``{("lp_v", i) | ("lp_b", i) | ("lp", i, mode, site): (reference,
+    bound)}``, the bound the float32 rounding bound of one log-probability (a mean of such
+    log-probabilities moves by at most the largest bound)."""
     _eager(model)
     plan, L, V = store.plan, model.config.num_hidden_layers, model.config.vocab_size
-    ct, meta = store.read_causal("continuation")
+    _, meta = store.read_causal("continuation")
     gid, glen = store.array("gen_ids")[...], store.array("gen_len")[...]
     n_keys = int(plan.prompts["n_tokens"].max()) + int(meta["max_tokens"])
     runs = {p: _hf_run(model, plan.prompt_tokens(p)) for p in set(plan.pairs["variant"])}
-    assert np.array_equal(ct["pair"], plan.pairs["pair"].to_numpy())
 
-    def check(got, ids, y, what, **hooks):
-        ref, scale, lp_abs = _hf_continuation(model, ids, y, **hooks)
-        bound = logprob_bound(model.config, n_keys, scale, lp_abs, V)  # each token's; so their mean's too
-        assert_within(got, ref, bound, what)
-        return ref, bound
+    def ref(ids, y, **hooks):
+        lp, scale, lp_abs = _hf_continuation(model, ids, y, **hooks)
+        return lp, logprob_bound(model.config, n_keys, scale, lp_abs, V)  # each token's; so their mean's too
 
+    out = {}
     for i, r in plan.pairs.iterrows():
         v, b = int(r.variant), int(r.baseline)
         y = np.asarray(gid[v, : min(int(glen[v]), meta["max_tokens"])], dtype=np.int64)
-        assert ct["n_tokens"][i] == len(y) > 0
         v_ids, b_ids = plan.prompt_tokens(v), plan.prompt_tokens(b)
-        check(ct["lp_v"][i], v_ids, y, f"variant {i}")
-        lp_b, b_bound = check(ct["lp_b"][i], b_ids, y, f"baseline {i}")
+        out["lp_v", i] = ref(v_ids, y)
+        out["lp_b", i] = ref(b_ids, y)
         h_v = runs[v][1]  # (L+1, S, H) every layer's input and the last layer's output, prompt positions
         vs, bs, n = int(r.v_suffix_start), int(r.b_suffix_start), int(r.suffix_len)
         nb = len(b_ids)
@@ -416,9 +414,51 @@ def test_continuation_against_a_plain_hf_loop(store, full, model):
                     h[0, dst] = h_v[site][src]
                     return h
                 hooks = {"pre": [(site, put)]} if site < L else {"post": put}
-                check(ct["lp"][i, m, site], b_ids, y, f"continuation {i} mode {m} site {site}", **hooks)
-        # fixed point: suffix patching at site 0 swaps identical embeddings (the baseline again)
+                out["lp", i, m, site] = ref(b_ids, y, **hooks)
+    return out
+
+
+def _check_continuation(arrays, cont_refs, what):
+    """Every value of ``arrays`` (name -> (n_pairs, ...) array) within its reference's bound."""
+    for key, (ref, bound) in cont_refs.items():
+        assert_within(arrays[key[0]][key[1:]], ref, bound, f"{what}: {key}")
+
+
+def test_continuation_against_a_plain_hf_loop(store, cont_refs):
+    """Every stored value of the continuation analysis (variant, baseline, both patching
+    modes at every site) within the float32 bound of the plain HF loop (:func:`cont_refs`);
+    suffix patching at site 0 swaps identical embeddings (the baseline again)."""
+    plan = store.plan
+    ct, meta = store.read_causal("continuation")
+    gid, glen = store.array("gen_ids")[...], store.array("gen_len")[...]
+    assert np.array_equal(ct["pair"], plan.pairs["pair"].to_numpy())
+    for i, r in plan.pairs.iterrows():
+        assert ct["n_tokens"][i] == min(int(glen[int(r.variant)]), meta["max_tokens"]) > 0
+    _check_continuation(ct, cont_refs, "stored")
+    for i in range(len(plan.pairs)):
+        lp_b, b_bound = cont_refs["lp_b", i]
         assert_within(ct["lp"][i, 0, 0], lp_b, 2 * b_bound, f"suffix site 0 is the baseline {i}")
+
+
+def test_continuation_in_chunks_against_a_plain_hf_loop(store, cont_refs, model, monkeypatch):
+    """With a memory budget that fits one pair's reply residuals, every pair runs in its own
+    chunk (its baseline, then its variant and patched rows from their sites): every value
+    again within the float32 bound of the plain HF loop (:func:`cont_refs`)."""
+    from promptshift.causal import continuation as cmod
+    from promptshift.causal.analyses import Scope
+
+    plan = store.plan
+    _, meta = store.read_causal("continuation")
+    gid, glen = store.array("gen_ids")[...], store.array("gen_len")[...]
+    monkeypatch.setattr(cmod, "_CONT_RESID_BYTES_BUDGET", 1)
+    runner = Runner(model)
+    try:
+        arrays, _ = cmod.continuation(runner, plan, Scope(list(meta["users"]), progress=False), None, gid, glen,
+                                      n_tokens=int(meta["max_tokens"]))
+    finally:
+        runner.close()
+    assert runner.can_skip  # the patched rows ran from their sites
+    _check_continuation({k: a for k, (a, _) in arrays.items()}, cont_refs, "in chunks")
 
 
 def test_continuation_curve_is_a_ratio_of_sums(full):
@@ -641,6 +681,13 @@ def test_skipping_layers_below_a_full_replacement_changes_nothing(store, model):
             assert_within(o[2].logprobs, o[3].logprobs, bound, f"knockout from site {site}")
         with pytest.raises(ValueError, match="must replace every tail position"):
             runner.run([Row(b_ids[:bs], b_ids[bs:], start=2)])
+        # replace edits of one site together covering the tail suffice; leaving one position out does not
+        split = [Edit(2, np.arange(1), res[:1, 2]), Edit(2, 1 + np.arange(n - 1), res[1:, 2])]
+        whole = Row(b_ids[:bs], b_ids[bs:], [Edit(2, np.arange(n), res[:, 2])])
+        o = runner.run([Row(b_ids[:bs], b_ids[bs:], split, start=2), whole])
+        assert_within(o[0].logprobs, o[1].logprobs, bound, "split edits from site 2")
+        with pytest.raises(ValueError, match="must replace every tail position"):
+            runner.run([Row(b_ids[:bs], b_ids[bs:], split[1:], start=2)])
     finally:
         runner.close()
 
