@@ -167,6 +167,128 @@ class Positions:
         return m
 
 
+@dataclass
+class Decoding:
+    """One greedy decode step of many rows (one query each), each row continuing its own
+    shared prefix: cascade attention (Juravsky et al., "Hydragen: High-Throughput LLM
+    Inference with Shared Prefixes", 2024; FlashInfer's cascade attention).
+
+    Row b attends to the keys of its prefix group ``group[b]`` (none for -1), then to its
+    own keys (the cache layer's: the prompt tokens after the prefix, padding, the tokens
+    generated so far). A group's prefix keys and values are held once per layer
+    (``prefix_kv``), and the queries of all its rows meet them in one product, so a step
+    reads each shared prefix once instead of once per row: on a block of the built-in
+    sweep the keys and values read per step shrink several-fold, and they, not the
+    weights, were the larger read. The softmax runs over the prefix's and the row's own
+    scores together, so it is the same function as attention over the concatenated keys;
+    only the order of the float sums differs.
+
+    Windows: a key slot's absolute position is ``key_pos`` (-1: padding, or not yet
+    written), so sliding-window layers see a query at position q attend to positions
+    q - w + 1 .. q, as :class:`Positions` does for prompt passes."""
+
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor] | None]  # per layer (G, NKV, Pmax, D); None: no prefix
+    group: torch.Tensor  # (B,) long: each row's prefix group, -1 for none
+    key_pos: torch.Tensor  # (B, Pmax + T) long: positions of the prefix slots, then of the own slots
+    windows: tuple[int | None, ...]  # per layer: its window, None for global attention
+    q_pos: torch.Tensor | None = None  # (B,) long: position of this step's query
+    _dev: dict = field(default_factory=dict, repr=False)  # device -> (gq, slot, slot_any, key_pos) there
+    _qdev: dict = field(default_factory=dict, repr=False)  # device -> this step's q_pos there
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        G = next((kv[0].shape[0] for kv in self.prefix_kv if kv is not None), 0)
+        g = self.group.cpu()
+        sizes = torch.bincount(g[g >= 0], minlength=G) if G else torch.zeros(0, dtype=torch.long)
+        self.G, self.nmax = G, int(sizes.max()) if G else 0
+        # the rows of each group side by side, padded to the largest group: group slot
+        # g * nmax + j holds the j-th row of group g (padding slots: row 0, never read back)
+        gq = torch.zeros(G * self.nmax, dtype=torch.long)
+        slot = torch.full((len(g),), G * self.nmax, dtype=torch.long)  # no group: a zero row after the last slot
+        filled = [0] * G
+        for b, gb in enumerate(g.tolist()):
+            if gb >= 0:
+                slot[b] = gb * self.nmax + filled[gb]
+                gq[slot[b]] = b
+                filled[gb] += 1
+        self._no_group = bool((g < 0).any())
+        # scores of rows without a group may come from any slot: the mask hides them all
+        self._gq, self._slot, self._slot_any = gq, slot, slot.clamp(max=max(G * self.nmax - 1, 0))
+
+    def step(self, q_pos: torch.Tensor) -> None:
+        """Start a step whose queries sit at ``q_pos`` (B,)."""
+        self.q_pos = q_pos
+        self._qdev, self._masks = {}, {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(gq, slot, slot_any, key_pos, q_pos) on ``device``: each layer of a model split over
+        devices attends on its own device; the indices are copied there once."""
+        t = self._dev.get(device)
+        if t is None:
+            t = self._dev[device] = tuple(x.to(device) for x in (self._gq, self._slot, self._slot_any, self.key_pos))
+        q = self._qdev.get(device)
+        if q is None:
+            q = self._qdev[device] = self.q_pos.to(device)
+        return (*t, q)
+
+    def mask(self, layer: int, window: int | None, Sk: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """Additive (B, 1, 1, Sk) mask over the prefix slots and the first own slots."""
+        w = window if window is not None else self.windows[layer]
+        key = (w, Sk, dtype, device)
+        m = self._masks.get(key)
+        if m is None:
+            *_, kpos, qpos = self._on(device)
+            k = kpos[:, :Sk]  # (B, Sk)
+            ok = (k >= 0) & (k <= qpos[:, None])  # slots not yet written hold -1 or later positions
+            if w is not None:  # a query at q sees q - w + 1 .. q, as Positions does
+                ok &= qpos[:, None] - k < w
+            m = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, torch.finfo(dtype).min)
+            m = self._masks[key] = m[:, None, None]  # (B, 1, 1, Sk)
+        return m
+
+    def attend(self, module, query, key, value, scaling: float, softcap, window, hooks=None) -> torch.Tensor:
+        """query (B, NH, 1, D); key/value (B, NKV, T, D): the rows' own keys; ``hooks``:
+        the module's mask hooks, given the (B, 1, 1, Pmax + T) mask of this layout. Returns
+        (B, 1, NH, D)."""
+        B, NH, _, D = query.shape
+        NKV, T = key.shape[1], key.shape[2]
+        rep = NH // NKV
+        q = (query * scaling).reshape(B, NKV, rep, D)  # head h = kv * rep + r, as in promptshift_attention
+        scores = q @ key.transpose(2, 3)  # (B, NKV, rep, T)
+        kv = self.prefix_kv[module.layer_idx]
+        G, n = self.G, self.nmax
+        P = 0
+        if kv is not None:
+            gq, slot, slot_any, _, _ = self._on(query.device)
+            kp, vp = kv  # (G, NKV, P, D)
+            P = kp.shape[2]
+            qg = q.index_select(0, gq).view(G, n, NKV, rep, D).transpose(1, 2).reshape(G, NKV, n * rep, D)
+            sp = (qg @ kp.transpose(2, 3)).view(G, NKV, n, rep, P).transpose(1, 2).reshape(G * n, NKV, rep, P)
+            scores = torch.cat([sp.index_select(0, slot_any), scores], dim=-1)  # (B, NKV, rep, P + T)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        mask = self.mask(module.layer_idx, window, P + T, scores.dtype, query.device)
+        for fn in (hooks or {}).values():
+            mask = fn(module, mask)
+        probs = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(value.dtype)  # (B, NKV, rep, P + T)
+        out = probs[..., P:] @ value  # (B, NKV, rep, D)
+        if kv is not None:
+            pg = probs[..., :P].index_select(0, gq).view(G, n, NKV, rep, P).transpose(1, 2).reshape(G, NKV, n * rep, P)
+            og = (pg @ vp).view(G, NKV, n, rep, D).transpose(1, 2).reshape(G * n, NKV, rep, D)
+            if self._no_group:  # rows without a prefix add nothing: they read the zero row
+                og = torch.cat([og, og.new_zeros(1, NKV, rep, D)])
+            out = out + og.index_select(0, slot)
+        return out.reshape(B, 1, NH, D)
+
+
+def set_decoding(decoding: Decoding | None) -> None:
+    _local.decoding = decoding
+
+
+def get_decoding() -> Decoding | None:
+    return getattr(_local, "decoding", None)
+
+
 def set_positions(positions: Positions | None) -> None:
     _local.positions = positions
 
@@ -213,20 +335,23 @@ def promptshift_attention(module, query, key, value, attention_mask, scaling=Non
 
     Grouped-query heads are handled by folding the ``rep`` query heads of each key/value
     head into the query axis, so keys and values are never copied per head."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    hooks = getattr(module, _MASK_HOOKS, None)
+    dec = get_decoding()
+    if dec is not None:  # a greedy decode step: one query per row, shared prefixes read once
+        return dec.attend(module, query, key, value, scaling, softcap, sliding_window, hooks), None
     pk = get_packing()
     if pk is not None:  # a packed batch: its keys are already padded (the cache wrote them so)
         query, attention_mask = pk.unpack(query), pk.mask
     B, NH, Sq, D = query.shape
     NKV, Sk = key.shape[1], key.shape[2]
     rep = NH // NKV
-    scaling = scaling if scaling is not None else D**-0.5
     stats = get_stats()
     pos = get_positions()
     if pos is not None:  # sliding windows: the mask from positions replaces the slot-index one
         mask = pos.mask(module.layer_idx, sliding_window, Sk, query.dtype)
     else:
         mask = attention_mask[:, :, :, :Sk] if attention_mask is not None else None
-    hooks = getattr(module, _MASK_HOOKS, None)
     if hooks:
         if mask is None:
             causal = torch.ones(Sq, Sk, dtype=torch.bool, device=query.device).tril(Sk - Sq)

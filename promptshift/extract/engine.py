@@ -9,14 +9,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from promptshift.errors import ExtractError
 from promptshift.extract.alloc import tune_glibc_malloc
 from promptshift.extract.arch import bind_model
 from promptshift.extract.attention import AttnStats, Packing, Positions, install, set_packing, set_positions, set_stats
 from promptshift.extract.batching import plan_batches
-from promptshift.extract.kvcache import Prefilled, prefilled_cache
+from promptshift.extract.decode import Pending, greedy, own_keys
+from promptshift.extract.kvcache import prefilled_cache
 from promptshift.sweep.chat import REGIONS
 
 R = len(REGIONS)
@@ -103,7 +103,7 @@ class Engine:
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
         self._on_dev: dict = {}  # (index name, device) -> the batch's index tensor copied there
         self._lens_ws: dict = {}  # the logit lens's buffers, reused by every batch
-        self._pending: list[tuple[_DecodeState, list[Result]]] = []
+        self._pending: list[tuple[Pending, list[Result]]] = []
         # sliding-window layers get their masks from absolute positions (attention.Positions),
         # so padding gaps (rows of different prefix lengths in one batch, decode batches
         # merged after prompts of different lengths) never shift a window; and every layer
@@ -417,10 +417,10 @@ class Engine:
         gens = [None] * len(items)
         state = None
         if max_new_tokens > 0:
-            state = _DecodeState(cache, mask, final_h, [o + n for o, n in zip(offs, lens)],
-                                 _key_positions(offs, P, pad, lens, max(lens)))
+            state = Pending(own_keys(cache, P, pad, lens), lens, prefixes, final_h, [o + n for o, n in zip(offs, lens)])
+            del cache  # the batch's padded cache: the rows' own keys are copied out
         if state is not None and not defer_decode:
-            gens = self._decode(state, max_new_tokens, eos_ids)
+            gens = greedy(self, [state], max_new_tokens, eos_ids)
         rm = st.region_mass.cpu().numpy()
         en = st.entropy.cpu().numpy()
         sk = st.sink.cpu().numpy()
@@ -485,62 +485,19 @@ class Engine:
 
     @torch.inference_mode()
     def flush_decode(self, max_new_tokens: int, eos_ids: tuple[int, ...]) -> None:
-        """Decode every deferred batch, merged into one batch."""
+        """Decode every deferred batch, all as one batch (:func:`promptshift.extract.decode.greedy`)."""
         pending, self._pending = self._pending, []
         if not pending:
             return
-        state = _merge_states([st for st, _ in pending], room=max_new_tokens) if len(pending) > 1 else pending[0][0]
-        gens = self._decode(state, max_new_tokens, eos_ids)
+        gens = greedy(self, [st for st, _ in pending], max_new_tokens, eos_ids)
         rows = [r for _, results in pending for r in results]
         for r, g in zip(rows, gens):
             r.gen_ids = g
 
-    @torch.inference_mode()
-    def _decode(self, state: _DecodeState, max_new_tokens, eos_ids) -> list[np.ndarray]:
-        """Greedy continuation on the extraction's own cache: no second prefill.
-
-        Rows are right-padded, so each row's next token goes at its own position
-        (``position_ids``) while the 2D mask hides the padding slots in between; this is
-        the same arithmetic as left padding, with the gap in the middle. Sliding-window
-        layers measure their window in positions (``state.key_pos``), so the gap does not
-        count as distance."""
-        dev = self.device
-        cache, mask, final_h = state.cache, state.mask, state.final_h
-        B = final_h.shape[0]
-        tok = self._logits(final_h).argmax(-1).to(dev)  # (B,) (logits sit on the unembedding's device)
-        pos = torch.as_tensor(state.next_pos, device=dev)  # (B,)
-        key_pos = state.key_pos.to(dev)  # (B, P+S)
-        eos = torch.as_tensor(list(eos_ids) or [-1], device=dev)
-        out = [tok]
-        done = torch.isin(tok, eos)
-        mask = mask.to(dev)
-        for _ in range(max_new_tokens - 1):
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)  # (B, P+S+t)
-            if self._sliding:
-                key_pos = torch.cat([key_pos, pos[:, None]], dim=1)  # (B, P+S+t)
-                set_positions(Positions(pos[:, None], key_pos, self.windows))
-            try:
-                o = self.base(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], cache=cache,
-                              use_cache=True)
-            finally:
-                set_positions(None)
-            pos = pos + 1
-            tok = self._logits(o.last_hidden_state[:, -1].float()).argmax(-1).to(dev)
-            out.append(tok)
-            done |= torch.isin(tok, eos)
-        gen = torch.stack(out, 1).cpu().numpy()  # (B, T)
-        eos_set = set(int(e) for e in eos_ids)
-        res = []
-        for row in gen:
-            n = len(row)
-            for j, t in enumerate(row):
-                if int(t) in eos_set:
-                    n = j + 1
-                    break
-            res.append(row[:n].astype(np.int32))
-        return res
+    def greedy_token(self, h: torch.Tensor) -> torch.Tensor:
+        """(B,) the greedy next token after (B, H) last hidden states (after the final
+        norm): the argmax of the logits, the first of equal maxima, as ``generate`` takes it."""
+        return self._logits(h).argmax(-1)
 
 
 # Rows per chunk of the logit lens, as bytes of one (rows, vocab) float32 buffer. The lens
@@ -621,15 +578,6 @@ def unembed(lm_head, softcap: float | None, h: torch.Tensor, out: torch.Tensor |
     return logits
 
 
-@dataclass
-class _DecodeState:
-    cache: object  # DynamicCache holding prefix + prompt keys/values, (B, NKV, T, D) per layer
-    mask: torch.Tensor  # (B, T) 1 for real keys
-    final_h: torch.Tensor  # (B, H) last-position hidden state after the final norm
-    next_pos: list[int]  # position of each row's first generated token
-    key_pos: torch.Tensor  # (B, T) absolute position of each key slot, -1 for padding
-
-
 def _key_positions(offsets, P: int, pad, lens, S: int) -> torch.Tensor:
     """(B, P + S) absolute position of every key slot of a batch's layout: row b's prefix
     (``offsets[b]`` tokens) at slots 0.., its own ``lens[b]`` tokens at slots P + pad[b]..;
@@ -640,41 +588,6 @@ def _key_positions(offsets, P: int, pad, lens, S: int) -> torch.Tensor:
         out[b, : offsets[b]] = torch.arange(offsets[b])
         out[b, P + pad[b] : P + pad[b] + lens[b]] = offsets[b] + torch.arange(lens[b])
     return out
-
-
-def _merge_states(states: list[_DecodeState], room: int = 0) -> _DecodeState:
-    """Concatenate decode batches with different cache lengths: shorter caches are padded
-    at the end, and the mask hides the padding, as inside any right-padded batch. The
-    merged cache keeps every key of every layer (no layer slides its window over the
-    padding), in buffers with ``room`` more slots that the decode steps fill in place
-    (:class:`promptshift.extract.kvcache.Prefilled`) instead of concatenating the whole
-    cache at every step."""
-    from transformers import DynamicCache
-
-    T = max(s.mask.shape[1] for s in states)
-    pad = lambda t, dim_from_end, v=0: F.pad(  # noqa: E731
-        t, (0, 0) * (dim_from_end - 1) + (0, T - t.shape[-dim_from_end]), value=v)
-    B = sum(s.mask.shape[0] for s in states)
-    cache = DynamicCache()
-    for i in range(len(states[0].cache.layers)):
-        k0 = states[0].cache.layers[i].keys
-        kb = k0.new_zeros(B, k0.shape[1], T + room, k0.shape[3])  # (B, NKV, T + room, D)
-        vb = torch.zeros_like(kb)
-        b = 0
-        for s in states:
-            la = s.cache.layers[i]
-            n, t = la.keys.shape[0], la.keys.shape[2]
-            kb[b : b + n, :, :t] = la.keys
-            vb[b : b + n, :, :t] = la.values
-            b += n
-        cache.layers.append(Prefilled(kb, vb, T))
-    return _DecodeState(
-        cache=cache,
-        mask=torch.cat([pad(s.mask, 1) for s in states]),  # (B, T)
-        final_h=torch.cat([s.final_h for s in states]),
-        next_pos=[p for s in states for p in s.next_pos],
-        key_pos=torch.cat([pad(s.key_pos, 1, -1) for s in states]),  # (B, T)
-    )
 
 
 def nonfinite_error(what: str, model) -> ExtractError:

@@ -90,5 +90,16 @@ class Prefilled(DynamicLayer):
         self._kbuf = self._vbuf = None
         return super().update(key_states, value_states, *args, **kwargs)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (long): a decode batch drops its finished rows."""
+        n = self.keys.shape[-2]
+        if self._kbuf is not None:
+            rows = rows.to(self._kbuf.device)
+            self._kbuf, self._vbuf = self._kbuf.index_select(0, rows), self._vbuf.index_select(0, rows)
+            self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+        else:
+            rows = rows.to(self.keys.device)
+            self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+
 
 __all__ = ["KV", "Prefilled", "plain_layers", "prefilled_cache"]
