@@ -24,9 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable
 
 from promptshift.sweep.config import SweepConfig, load_sweep
 
@@ -34,6 +32,9 @@ from promptshift.sweep.config import SweepConfig, load_sweep
 # ``Sweep.builtin`` and ``Sweep.from_prompts`` build one; every stage also takes a path or
 # a built-in name where it takes a sweep.
 Sweep = SweepConfig
+
+if TYPE_CHECKING:  # pandas (~1 s to import) only where a stage that makes tables runs
+    import pandas as pd
 
 
 def _sweep(sweep: SweepConfig | str | Path | None, **overrides: Any) -> SweepConfig:

@@ -8,13 +8,17 @@ prompt pairs, all producing the same outputs (see scripts/bench_peers.py).
     python scripts/bench_extract.py --max-user 4 --modes loop,promptshift,null,nnsight,tlens
     python scripts/bench_extract.py --scaling 50,500,5000  # time/pair and peak RSS vs sweep size
     python scripts/bench_extract.py --device cuda --dtype bfloat16 --model DIR --modes loop,promptshift,null
+    python scripts/bench_extract.py --max-system 16 --max-user 4 --gen-tokens 32 --modes loop,promptshift
+                                                          # 64 pairs with continuations: whole process, decode
 
 Modes:
   loop           two unbatched forward passes per pair (variant, baseline), eager attention
                  with output_attentions, forward hooks for the components, as the notebook
-                 promptshift grew out of did
+                 promptshift grew out of did; with --gen-tokens, then `generate` (greedy) of
+                 each prompt
   promptshift    `extract` to a zarr store (all four components at suffix positions,
-                 attention statistics, logits and logit lens; no generation, to match)
+                 attention statistics, logits and logit lens; greedy continuations only
+                 with --gen-tokens, to match)
   null           the same extraction writing nowhere, to price the store
   nnsight        nnsight.LanguageModel tracing, batched, eager attention
   tlens          TransformerLens (TransformerBridge in 4.x) run_with_cache, batched
@@ -24,11 +28,20 @@ mode saves a few check prompts; the table's last column is their largest scale-f
 difference from promptshift's store (float16 storage rounding is ~1e-3).
 Also measured in the same run: matmul throughput in the compute dtype on the compute device
 (float32 on a CPU, bfloat16 on a GPU by default), for model FLOP utilisation.
+
+Each mode's whole process is timed too, spawn to exit (imports, model load, plan, store
+creation, the work, the check file): the start-up a user waits for, which the per-mode
+seconds leave out. With --gen-tokens N every mode produces N greedy tokens per prompt (up to
+and including an end-of-sequence token), the check prompts' continuations are compared
+token for token, and promptshift's decode steps are priced against the matmul peak: model
+FLOPs of the decoded rows (2 x (non-embedding + unembedding parameters) per row-step, plus
+4 x layers x hidden per attended key) per decode second.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -36,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,12 +90,19 @@ def _compute(args) -> tuple[str, str]:
 def _sweep(args):
     from promptshift.sweep.config import load_sweep
 
-    s = load_sweep(args.sweep, max_new_tokens=0, model=args.model)
+    gen = getattr(args, "gen_tokens", 0) or 0
+    with warnings.catch_warnings():  # the sweep's word limits vs short continuations: not this script's concern
+        warnings.simplefilter("ignore", UserWarning)
+        s = load_sweep(args.sweep, max_new_tokens=gen, model=args.model)
+    # exactly ``--gen-tokens`` greedy tokens (0: none) per prompt in every mode
+    s.behaviour = dataclasses.replace(s.behaviour, max_new_tokens=None)
     if args.max_user:
         s.user_prompts = s.user_prompts[: args.max_user]
     if args.max_system:
         s.system_prompts = s.system_prompts[: args.max_system]
-    s.__post_init__()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        s.__post_init__()
     return s
 
 
@@ -93,7 +114,7 @@ def worker_loop(args) -> dict:
 
     from bench_peers import COMPS, Batch, Outputs, output_stats, versions
     from promptshift.extract.arch import resolve_arch
-    from promptshift.models import load_model
+    from promptshift.models import eos_ids, load_model
     from promptshift.sweep.plan import build_plan, load_plan_inputs
 
     s = _sweep(args)
@@ -103,6 +124,7 @@ def worker_loop(args) -> dict:
     dev, dt = _compute(args)
     model = load_model(s.model, attn_implementation="eager", device=dev, dtype=dt)
     load_s = time.perf_counter() - t0
+    eos = list(eos_ids(model, tok))
     arch = resolve_arch(model)
     L, NH = len(arch.layers), model.config.num_attention_heads
     full: dict[str, list] = {c: [None] * L for c in COMPS}
@@ -133,6 +155,12 @@ def worker_loop(args) -> dict:
                 normed = arch.final_norm(torch.stack([bt.last(full["resid_post"][i]) for i in range(L)], 1))
                 outs = output_stats(o.logits[:, -1], normed, model.get_output_embeddings(), s.top_k, s.lens_top_k)
             out.add_batch(bt, comps, outs)
+            if s.gen_tokens:  # the notebook's continuation: `generate` on the prompt, a second prefill
+                with torch.inference_mode():
+                    x = bt.ids.to(model.device)  # (1, n)
+                    g = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=s.gen_tokens,
+                                       do_sample=False, eos_token_id=eos, pad_token_id=eos[0])[0, x.shape[1]:]
+                out.add_gen(p, _cut_at_eos(g.cpu().numpy(), eos))
     el = time.perf_counter() - t0
     out.save(args.check_out)
     n = plan.prompts.n_tokens
@@ -140,6 +168,14 @@ def worker_loop(args) -> dict:
              for r in plan.pairs.itertuples())
     return {"pairs": len(plan.pairs), "tokens": tokens, "seconds": el, "load_seconds": load_s,
             "computed_tokens": tokens, "attn_qk": qk, "versions": versions(), "attention": "eager"}
+
+
+def _cut_at_eos(ids, eos):
+    """``ids`` up to and including its first end-of-sequence token."""
+    import numpy as np
+
+    hit = np.flatnonzero(np.isin(ids, eos))
+    return np.asarray(ids[: hit[0] + 1] if len(hit) else ids, dtype=np.int64)
 
 
 def worker_promptshift(args, fmt: str) -> dict:
@@ -171,7 +207,9 @@ def worker_promptshift(args, fmt: str) -> dict:
         kept = int(plan.prompts.n_kept.sum())
         return {"pairs": len(plan.pairs), "tokens": pair_tokens, "seconds": el, "bytes": size, "kept_tokens": kept,
                 "computed_tokens": st.run_stats["tokens"], "attn_qk": st.run_stats["attn_qk"],
-                "load_seconds": load_s, "versions": versions("zarr")}
+                "decode_rows": st.run_stats["decode_rows"], "decode_keys": st.run_stats["decode_keys"],
+                "decode_seconds": st.run_stats["decode_seconds"], "load_seconds": load_s,
+                "versions": versions("zarr")}
 
 
 # store array -> key in the peers' check files
@@ -193,6 +231,8 @@ def _save_store_check(path, prompts, out) -> None:
         for a, k in _CHECK_ARRAYS.items():
             d[f"{p}/{k}"] = np.asarray(st.array(a)[p])
         d[f"{p}/last_row"] = st.attn_last_row(p)
+        if "gen_ids" in st.names():
+            d[f"{p}/gen_ids"] = np.asarray(st.array("gen_ids")[p, : int(st.array("gen_len")[p])], np.int64)
     np.savez(out, **d)
 
 
@@ -203,6 +243,8 @@ def compare_checks(ref_path, path) -> float:
     ref, other = np.load(ref_path), np.load(path)
     worst = 0.0
     for k in ref.files:
+        if k.endswith("/gen_ids"):  # token ids: compared for equality (gen_agreement)
+            continue
         if k not in other.files:
             return float("inf")
         a, b = np.asarray(other[k], np.float64), np.asarray(ref[k], np.float64)
@@ -214,9 +256,18 @@ def compare_checks(ref_path, path) -> float:
     return worst
 
 
+def gen_agreement(ref_path, path) -> tuple[int, int]:
+    """(continuations equal token for token, continuations checked) of the check prompts."""
+    import numpy as np
+
+    ref, other = np.load(ref_path), np.load(path)
+    keys = [k for k in ref.files if k.endswith("/gen_ids")]
+    return sum(k in other.files and np.array_equal(ref[k], other[k]) for k in keys), len(keys)
+
+
 def run_worker(mode: str, args, python: str | None = None, extra: list[str] | None = None) -> dict:
     cmd = [python or sys.executable, __file__, "--worker", mode, "--sweep", args.sweep]
-    for k in ("max_user", "max_system", "model", "tmp", "device", "dtype"):
+    for k in ("max_user", "max_system", "model", "tmp", "device", "dtype", "gen_tokens"):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -233,11 +284,15 @@ def run_worker(mode: str, args, python: str | None = None, extra: list[str] | No
             return {"error": f"{type(e).__name__}: {e}"}
         return json.loads(buf.getvalue().strip().splitlines()[-1])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
+    wall = time.perf_counter() - t0
     if r.returncode != 0:
         sys.stderr.write(r.stderr[-3000:])
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res["process_seconds"] = wall  # spawn to exit: start-up included
+    return res
 
 
 PEER_MODES = ("nnsight", "tlens")
@@ -265,6 +320,9 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
     ap.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16 (default: bfloat16 "
                     "on a GPU, float32 on a CPU); the matmul peak is measured in it")
+    ap.add_argument("--gen-tokens", type=int, default=0,
+                    help="greedy continuation tokens per prompt in every mode (default 0: none); only the loop, "
+                    "promptshift and null modes generate")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--in-process", action="store_true", help="run the modes in this process, one after the "
                     "other (quick checks of the script: start-up is paid once, peak RSS is the whole process's)")
@@ -318,6 +376,8 @@ def main(argv=None):
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; use {', '.join(MODES)}")
+    if args.gen_tokens and set(modes) & set(PEER_MODES):
+        ap.error("--gen-tokens: the peer modes do not generate; use loop, promptshift, null")
     dev, dt = _compute(args)
     peak = matmul_flops(device=dev, dtype=dt)
     results = {}
@@ -334,6 +394,8 @@ def main(argv=None):
             chk = r.pop("_check", None)
             if ref and chk:
                 r["max_rel_diff_vs_promptshift"] = compare_checks(ref, chk)
+                if args.gen_tokens:
+                    r["gen_equal"] = gen_agreement(ref, chk)
     peak_after = matmul_flops(device=dev, dtype=dt)
     base = results.get("promptshift", {})
     null = results.get("null", {})
@@ -370,6 +432,27 @@ def main(argv=None):
     if "seconds" in base and "seconds" in null:
         over = base["seconds"] / null["seconds"] - 1
         print(f"store overhead (zarr vs nowhere): {100 * over:+.1f}%")
+    work = "work, continuations" if args.gen_tokens else "work"
+    print(f"whole process, spawn to exit (imports, model load, plan, store, {work}):")
+    for mode, r in results.items():
+        if "process_seconds" in r and mode == "promptshift":
+            print(f"  {mode}: {r['process_seconds']:.1f} s")
+        elif "process_seconds" in r:
+            speedup = r["process_seconds"] / base["process_seconds"] if "process_seconds" in base else float("nan")
+            r["process_ratio"] = speedup
+            eq = (f"; continuations equal to promptshift's: {r['gen_equal'][0]}/{r['gen_equal'][1]}"
+                  if "gen_equal" in r else "")
+            print(f"  {mode}: {r['process_seconds']:.1f} s (promptshift {speedup:.2f}x faster){eq}")
+    if args.gen_tokens and base.get("decode_seconds"):
+        peak_max = max(peak, peak_after)
+        dflops = (2 * (n_params_nonemb + dims.vocab * dims.hidden) * base["decode_rows"]
+                  + 4 * dims.n_layers * dims.hidden * base["decode_keys"])
+        dmfu = dflops / base["decode_seconds"] / peak_max
+        base.update(decode_flops=dflops, decode_mfu=dmfu)
+        print(f"promptshift decode: {base['decode_rows']} row-steps, {base['decode_keys']} attended keys in "
+              f"{base['decode_seconds']:.1f} s ({base['decode_rows'] / base['decode_seconds']:.0f} tokens/s): "
+              f"{dflops / base['decode_seconds'] / 1e9:.1f} GFLOP/s = {100 * dmfu:.1f}% of the matmul peak; "
+              f"extraction without decode {base['seconds'] - base['decode_seconds']:.1f} s")
     for mode, r in results.items():
         if "versions" in r:
             extra = "".join(f", {k}: {r[k]}" for k in ("api", "attention") if k in r)

@@ -137,6 +137,12 @@ class Outputs:
             if p in self.check and p not in self.kept:
                 self.kept[p] = res
 
+    def add_gen(self, p: int, ids: np.ndarray) -> None:
+        """Prompt ``p``'s greedy continuation (token ids, up to and including its
+        end-of-sequence token), kept for a check prompt."""
+        if p in self.kept:
+            self.kept[p]["gen_ids"] = ids
+
     def save(self, path: str | None) -> None:
         if path:
             np.savez(path, **{f"{p}/{k}": np.asarray(v) for p, r in self.kept.items() for k, v in r.items()})

@@ -22,6 +22,7 @@ resolve differently; the tokens are the exact argmax of the logits computed.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,6 +145,7 @@ def greedy(engine, batches: list[Pending], max_new_tokens: int, eos_ids) -> list
     and the mask hides the slots between its prompt and its generated tokens: the same
     arithmetic as left padding, with the gap in the middle; sliding-window layers measure
     their window in positions, so the gap never counts as distance."""
+    t0 = time.perf_counter()
     dev = engine.device
     final_h = torch.cat([b.final_h for b in batches])  # (B, H)
     B = final_h.shape[0]
@@ -166,6 +168,10 @@ def greedy(engine, batches: list[Pending], max_new_tokens: int, eos_ids) -> list
                     dec = _compact(cache, dec, keep.cpu())
                     rows, tok, pos, done = rows[keep], tok[keep], pos[keep], done[keep]
                 dec.step(pos)
+                # work done, for pricing decode steps (scripts/bench_extract.py): rows through
+                # the model, and keys they attend (positions 0..pos of each row)
+                engine.decode_rows += len(rows)
+                engine.decode_keys += int(pos.sum()) + len(rows)
                 set_decoding(dec)
                 try:
                     o = engine.base(input_ids=tok[:, None], attention_mask=placeholder, position_ids=pos[:, None],
@@ -179,6 +185,7 @@ def greedy(engine, batches: list[Pending], max_new_tokens: int, eos_ids) -> list
         finally:
             del cache
     gen = out.cpu().numpy()  # (B, T); -1 after a row stopped
+    engine.decode_seconds += time.perf_counter() - t0
     eos_set = set(int(e) for e in eos_ids)
     res = []
     for row in gen:

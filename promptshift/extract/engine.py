@@ -104,6 +104,8 @@ class Engine:
         self._on_dev: dict = {}  # (index name, device) -> the batch's index tensor copied there
         self._lens_ws: dict = {}  # the logit lens's buffers, reused by every batch
         self._pending: list[tuple[Pending, list[Result]]] = []
+        # decode work so far: row-steps through the model, keys they attended, seconds
+        self.decode_rows, self.decode_keys, self.decode_seconds = 0, 0, 0.0
         # sliding-window layers get their masks from absolute positions (attention.Positions),
         # so padding gaps (rows of different prefix lengths in one batch, decode batches
         # merged after prompts of different lengths) never shift a window; and every layer

@@ -379,7 +379,9 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     if hasattr(store.backend, "flush"):
         store.backend.flush()
     store.run_stats = {"tokens": runner.tokens_done, "attn_qk": runner.attn_qk, "blocks": len(todo),
-                       "seconds": time.perf_counter() - t0, "stopped_by": stop.signal}
+                       "seconds": time.perf_counter() - t0, "stopped_by": stop.signal,
+                       "decode_rows": engine.decode_rows, "decode_keys": engine.decode_keys,
+                       "decode_seconds": engine.decode_seconds}
     if stop.signal is not None:
         print(f"promptshift: stopped by signal {stop.signal} after finishing the current block; "
               "rerun the same command to resume", file=sys.stderr, flush=True)
