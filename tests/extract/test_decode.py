@@ -2,7 +2,8 @@
 prompt at a time, where one decode batch mixes rows of several shared prefixes (attended
 once per prefix) and rows without one, and rows stop at different steps (finished rows
 are compacted out of the batch): right and left padding, packed and padded prompt passes,
-a sliding-window model."""
+a sliding-window model; and one decode step's cascade attention against plain attention
+over each row's keys."""
 
 from __future__ import annotations
 
@@ -75,3 +76,61 @@ def test_continuations_with_early_stops_match_generate(family, options, tok, tmp
         ref = _generate(model, st.plan.prompt_tokens(p), eos)
         n = int(glen[p])
         assert n == len(ref) and np.array_equal(st.array("gen_ids")[p, :n], ref), p
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (4, None), (None, 5.0)])
+def test_cascade_attention_equals_attention_over_each_rows_keys(window, softcap):
+    """One decode step of :class:`Decoding` (each shared prefix attended once for all its
+    rows, groups of unequal size, a row without a prefix, grouped-query heads) against plain
+    softmax attention, row by row, over the row's prefix keys followed by its own keys, in
+    float64, with the causal and sliding-window rule by position."""
+    from types import SimpleNamespace
+
+    from promptshift.extract.attention import Decoding
+
+    g = torch.Generator().manual_seed(0)
+    NKV, rep, D, T = 2, 3, 8, 6
+    plens = [7, 4]  # two shared prefixes
+    group = torch.tensor([0, 1, -1, 0, 1, 0])  # (B,): group 0 has three rows, group 1 two, row 2 none
+    own = [3, 5, 2, 4, 1, 3]  # own keys per row; the last is this step's token
+    B, Pm = len(group), max(plens)
+    kp, vp = torch.randn(2, NKV, Pm, D, generator=g), torch.randn(2, NKV, Pm, D, generator=g)
+    key, value = torch.randn(B, NKV, T, D, generator=g), torch.randn(B, NKV, T, D, generator=g)
+    query = torch.randn(B, NKV * rep, 1, D, generator=g)
+    key_pos = torch.full((B, Pm + T), -1, dtype=torch.long)
+    q_pos = torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        o = plens[group[b]] if group[b] >= 0 else 0
+        key_pos[b, :o] = torch.arange(o)
+        key_pos[b, Pm : Pm + own[b]] = o + torch.arange(own[b])
+        q_pos[b] = o + own[b] - 1
+    dec = Decoding([(kp, vp)], group, key_pos, (window,))
+    dec.step(q_pos)
+    scale = D**-0.5
+    got = dec.attend(SimpleNamespace(layer_idx=0), query, key, value, scale, softcap, None)  # (B, 1, NH, D)
+
+    eps = torch.finfo(torch.float32).eps
+    for b in range(B):
+        o = plens[group[b]] if group[b] >= 0 else 0
+        for h in range(NKV * rep):
+            kv = h // rep  # head h reads key/value head h // rep (transformers' repeat_kv)
+            ks = [kp[group[b], kv, :o]] if o else []
+            vs = [vp[group[b], kv, :o]] if o else []
+            k = torch.cat([*ks, key[b, kv, : own[b]]]).double()  # (n, D)
+            v = torch.cat([*vs, value[b, kv, : own[b]]]).double()
+            pos = torch.arange(o + own[b])
+            s = k @ query[b, h, 0].double() * scale  # (n,)
+            if softcap is not None:
+                s = torch.tanh(s / softcap) * softcap
+            ok = pos <= q_pos[b]
+            if window is not None:
+                ok &= q_pos[b] - pos < window
+            p = torch.softmax(s.masked_fill(~ok, -torch.inf), 0)
+            ref = p @ v  # (D,)
+            # float32 bound: each score is a D-term dot product (error <= D eps sum|q||k|), which
+            # exp turns into that relative error of each weight; the softmax sum and the weighted
+            # sum of n values add n eps relative each, on a scale of max |v|
+            n = len(pos)
+            err_s = D * eps * float((k.abs() @ query[b, h, 0].double().abs()).max()) * scale
+            tol = (2 * err_s + 2 * n * eps) * float(v.abs().max())
+            assert float((got[b, 0, h].double() - ref).abs().max()) <= tol, (b, h)
