@@ -11,7 +11,8 @@ with no model hub:
    ``--device auto-split`` (skipped with one GPU);
 3. the extraction benchmark (scripts/bench_extract.py) on the Llama shape in bf16, with MFU
    against a bf16 matmul measured in the same run;
-4. the causal benchmark (scripts/bench_causal.py), when the repository has it.
+4. the causal benchmark (scripts/bench_causal.py): promptshift's activation patching on the
+   Llama shape (CAUSAL_ARGS: the size of the run).
 
 It ends with one table (check, result, numbers), printed and written to
 ``OUT/gpu_check.md`` (and ``gpu_check.json``), rewritten after every step so that a run cut
@@ -38,7 +39,7 @@ SCRIPTS = REPO / "scripts"
 
 # seconds each step may take (GPU run / dry run), inside the overall deadline
 LIMITS = {"models": (120, 60), "tests": (270, 90), "bench_extract": (120, 60), "bench_causal": (120, 60)}
-DEADLINE = (480, 170)
+DEADLINE = (480, 200)  # dry run: the causal benchmark step adds two process start-ups
 # packages a GPU image may lack, for --prepare (the versions installed here are pinned)
 BUNDLE_PACKAGES = ("transformers", "zarr", "numcodecs", "donfig", "google-crc32c")
 
@@ -235,10 +236,16 @@ def run_bench_extract(args, models: dict, device: str, work: Path, env: dict, li
     rep.add("matmul peak (same run)", "PASS", f"{d['dtype']} on {d['device']}: {peak / 1e12:.2f} TFLOP/s")
 
 
-# Arguments of scripts/bench_causal.py in this check, GPU run / dry run. None: the script's
-# arguments for a run of this size are not set here yet, and the step only checks that it
-# starts (``--help``); set them (or pass --causal-args) to run the benchmark itself.
-CAUSAL_ARGS: tuple[list[str] | None, list[str] | None] = (None, None)
+# Arguments of scripts/bench_causal.py in this check, GPU run / dry run (the model, device and
+# JSON output are added by the step: the Llama 3.2 1B shape, or its tiny dry-run version).
+# GPU: promptshift's activation patching (the peers need their own venv and run on the CPU,
+# `make bench-causal`) on the quick sweep's first 4 user prompts x 14 system prompts = 56
+# pairs x 17 sites x 2 modes, float32: seconds on one GPU, well inside the step's 120 s.
+# Dry run: 2 pairs on the tiny model, a few seconds on a CPU.
+CAUSAL_ARGS: tuple[list[str] | None, list[str] | None] = (
+    ["--modes", "promptshift", "--max-user", "4"],
+    ["--modes", "promptshift", "--max-user", "1", "--max-system", "2"],
+)
 
 
 def run_bench_causal(args, models: dict, device: str, work: Path, env: dict, limit: float, rep: Report) -> None:
@@ -246,9 +253,14 @@ def run_bench_causal(args, models: dict, device: str, work: Path, env: dict, lim
     if not script.exists():
         rep.add("causal benchmark", "SKIP", "scripts/bench_causal.py is not in this repository yet")
         return
-    log = work / "bench_causal.log"
+    js, log = work / "bench_causal.json", work / "bench_causal.log"
+    js.unlink(missing_ok=True)
     chosen = args.causal_args or CAUSAL_ARGS[1 if args.dry_run else 0]
-    cmd = [sys.executable, str(script), *(chosen if chosen is not None else ["--help"])]
+    if chosen is None:
+        cmd = [sys.executable, str(script), "--help"]
+    else:
+        cmd = [sys.executable, str(script), "--model", models["llama-3.2-1b"], "--device", device, "--json", str(js),
+               *chosen]
     code, secs = run_step(cmd, limit, env, log)
     if code is None:
         rep.add("causal benchmark", "TIMEOUT", f"after {secs:.0f} s: {tail(log)}")
@@ -257,8 +269,22 @@ def run_bench_causal(args, models: dict, device: str, work: Path, env: dict, lim
     elif chosen is None:
         rep.add("causal benchmark", "SKIP", "scripts/bench_causal.py starts (--help); its arguments for this check "
                 "are not set (CAUSAL_ARGS in scripts/gpu_check.py, or --causal-args)")
+    elif not js.exists():
+        rep.add("causal benchmark", "FAIL", f"no results written: {tail(log)}")
     else:
-        rep.add("causal benchmark", "PASS", f"{secs:.0f} s; {tail(log, 3)}")
+        results = json.loads(js.read_text())
+        bad = {m: r.get("error") or r.get("unavailable") for m, r in results.items() if "kl" not in r}
+        if bad:
+            rep.add("causal benchmark", "FAIL", "; ".join(f"{m}: {why}" for m, why in bad.items())[:400])
+            return
+        parts = []
+        for mode, r in results.items():
+            n, L = len(r["kl"]), len(r["kl"][0][0])  # kl: (pairs, 2 modes, sites)
+            parts.append(f"{mode}: {n} pairs x {L} sites x 2 modes in {r['seconds']:.1f} s "
+                         f"({n / r['seconds']:.2f} pairs/s), peak RSS {r['peak_rss_mb']:.0f} MB")
+            if "max_abs_kl_diff_vs_promptshift" in r and mode != "promptshift":
+                parts[-1] += f", max |KL diff| vs promptshift {r['max_abs_kl_diff_vs_promptshift']:.1e}"
+        rep.add("causal benchmark", "PASS", f"{'; '.join(parts)}; step {secs:.0f} s")
 
 
 def prepare(out: Path, python_version: str) -> None:
@@ -290,7 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out: tests, bench_extract, "
                     "bench_causal")
     ap.add_argument("--causal-args", default="", help="arguments for scripts/bench_causal.py")
-    ap.add_argument("--deadline", type=float, default=None, help="overall seconds (default 480; dry run 170); "
+    ap.add_argument("--deadline", type=float, default=None, help="overall seconds (default 480; dry run 200); "
                     "the steps' own limits scale with it")
     ap.add_argument("--prepare", default=None, metavar="DIR", help="instead of checking: collect the tokenizer and "
                     "wheels an offline GPU machine needs into DIR")
