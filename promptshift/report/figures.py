@@ -658,7 +658,7 @@ def fig_attention_regions(res: Results) -> Figure:
             ax.plot(m["layer"], m["mean"], color=NEUTRAL, linestyle=ls)
         u = al[al["role"].astype(str) == "variant"].groupby("layer")["recent_uniform"].mean()
         ax.plot(u.index, u.to_numpy(), color=MUTED, linestyle=":", linewidth=1.3)
-        ax.set_title(f"→ last {k if k else 'k'} tokens (recent)", color=NEUTRAL)
+        ax.set_title(f"→ recent (last {k if k else 'k'})", color=NEUTRAL)
         ax.set_xlabel("layer")
         ax.set_ylim(bottom=0)
         _layer_ticks(ax, al["layer"])

@@ -102,8 +102,8 @@ def test_recent_tokens_panel_draws_attention_layers_and_names_k(small, tmp_path,
     (d / "provenance.json").write_text(json.dumps(prov))
     al = pd.read_parquet(d / "attention_layers.parquet")
     fig = figure(d, "attention-regions")
-    ax = _axis(fig, "(recent)")
-    assert ax.get_title() == f"→ last {k} tokens (recent)"
+    ax = _axis(fig, "→ recent")
+    assert ax.get_title() == f"→ recent (last {k})"
     variant, baseline, uniform = ax.lines[:3]
     for line, role in ((variant, "variant"), (baseline, "baseline")):
         want = _user_mean(al[al.role == role], ["layer"], "recent_mass")
@@ -149,3 +149,20 @@ def test_placement_figure_draws_both_placements_and_their_paired_differences(sma
             (lo, _), (hi, _) = bars.get_segments()[0]
             assert (lo, hi) == (pytest.approx(r.ci_low, rel=1e-9, abs=1e-12), pytest.approx(r.ci_high, rel=1e-9,
                                                                                             abs=1e-12))
+
+
+def test_tag_figure_shows_keyword_features_next_to_declared_tags(small):
+    ti = pd.read_parquet(small / "tag_impact.parquet")
+    ti = ti[ti.target == "impact"]
+    assert set(ti.source) == {"tag", "keyword"}
+    fig = figure(small, "tag-impact")
+    ax = _axis(fig, "impact: with tag")
+    names = [t.get_text().split("  (")[0] for t in ax.get_yticklabels()]  # "persona (keyword)  (3 vs 9)"
+    got = {}
+    for cont in ax.containers:
+        data_line = cont.lines[0]
+        for x, y in zip(data_line.get_xdata(), data_line.get_ydata()):
+            got[names[int(y)]] = x
+    want = {f"{r.tag} ({r.source})": r["diff"] for _, r in ti.iterrows()}
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=RTOL)
