@@ -5,6 +5,7 @@ tiny model with the embedded tokenizer and chat template."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -44,6 +45,15 @@ def test_example_file_end_to_end(tok, tmp_path):
     assert {"persona", "constraint", "reasoning", "format"} <= set(ti.loc[ti.source == "tag", "tag"])  # category
     pc = tables["placement_compare"]
     assert {("concise", "concise"), ("step_by_step", "step_by_step")} <= set(zip(pc.system_prompt, pc.prefix))
+    # docs/SEED.md's table of the notebook's outputs names columns these tables have
+    from tests.test_docs_seed import named_tables_and_columns, outputs_table
+
+    for _, where, _ in outputs_table():
+        for table, col in named_tables_and_columns(where)[1]:
+            assert col in tables[table].columns, (table, col)
+        if "`length_impact.parquet`:" in where:  # the text features, listed after the table's name
+            named = re.findall(r"`(\w+)`", where.split("`length_impact.parquet`:", 1)[1].split("(", 1)[0])
+            assert len(named) >= 7 and set(named) <= set(tables["length_impact"].columns), named
     html = build_report(out, strict=True).read_text(encoding="utf-8")
     for fid in ("fig-placement", "fig-system-layer", "fig-length-output-attention", "fig-tag-impact"):
         block = html[html.index(f'<figure id="{fid}">'):]

@@ -162,6 +162,10 @@ def test_prefix_phrases_and_placement_tables(store, model, tok, tmp_path):
     got = set(pc.loc[pc.measure.str.contains(":patching_|:knockout", regex=True), "measure"])
     assert got == {"onset:patching_suffix", "onset:patching_last", "stops_mattering:knockout"}
     cur = t["placement_causal"]
+    from tests.metrics.test_placement import documented
+
+    assert set(cur.columns) <= documented("placement_causal")  # docs/RESULTS.md, as written
+    assert set(cur.analysis) <= documented("placement_causal")
     assert set(cur.placement) == {"system", "prefix"} and set(cur.analysis) == {"patching_suffix", "patching_last",
                                                                                   "knockout"}
     # a curve is the ratio of sums over the label's pairs

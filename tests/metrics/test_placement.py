@@ -144,3 +144,27 @@ def test_verify_rechecks_prefix_variants(run):
     plan.token_region = reg
     problems = check_plan(plan)
     assert any("instruction prefix as prefix tokens" in p for p in problems), problems
+
+
+def documented(table: str) -> set[str]:
+    """The backticked names in docs/RESULTS.md's entry for ``table`` (its columns and values)."""
+    import re
+
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    start = text.index(f"- `{table}.parquet`")
+    end = min(i for i in (text.find("\n- `", start + 1), text.find("\n\n", start), len(text)) if i > 0)
+    return set(re.findall(r"`([^`]+)`", text[start:end]))
+
+
+def test_results_doc_names_every_column_and_measure_written(run):
+    """docs/RESULTS.md documents the placement tables and the text features as written."""
+    _, tables, _, _ = run
+    for name in ("placement_layers", "placement_compare", "length_impact", "tag_impact"):
+        cols = set(tables[name].columns)
+        assert cols <= documented(name), (name, cols - documented(name))
+    measures = {m.split(":")[0] + (":<component>" if ":" in m else "")
+                for m in tables["placement_compare"]["measure"]}
+    assert measures <= documented("placement_compare"), measures - documented("placement_compare")
+    assert set(tables["tag_impact"]["source"]) == {"tag", "keyword"} <= documented("tag_impact")
