@@ -86,9 +86,9 @@ def run(sweep: SweepConfig | str | Path | None = "quick", out: str | Path = "run
     from promptshift.report import report
 
     say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    s = _sweep(sweep if sweep is not None else "quick", model=model, baseline=baseline)  # bad input: nothing written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    s = _sweep(sweep if sweep is not None else "quick", model=model, baseline=baseline)
     store_path = out / "store.zarr"
     n = 4 if causal else 3
     t0 = time.perf_counter()

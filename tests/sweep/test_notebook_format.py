@@ -131,6 +131,29 @@ def test_plan_command_names_the_baseline_and_takes_baseline_option(tmp_path):
     assert r.exit_code == 0 and "baseline: empty_system\n" in r.output, r.output
 
 
+def test_baseline_option_on_extract_and_run(tmp_path, capsys):
+    """`--baseline` reaches the sweep from `extract` and `run` as from `plan`: a bad name is
+    refused before any model runs, and the store `extract` creates holds the baseline given."""
+    from promptshift.cli import main
+    from promptshift.store import open_store
+
+    p = _write(tmp_path, NOTEBOOK)
+    for argv in (["extract", str(p), "--store", str(tmp_path / "x.zarr")],
+                 ["run", "--sweep", str(p), "--out", str(tmp_path / "r")]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--baseline", "nope"])
+        assert e.value.code == 2 and "unknown `baseline` 'nope'" in capsys.readouterr().err, argv
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "r").exists()
+    for baseline in ("empty_system", "brief"):
+        st = tmp_path / f"{baseline}.zarr"
+        with pytest.raises(SystemExit) as e:  # the store created from the plan, no prompt run
+            main(["extract", str(p), "--store", str(st), "--init-only", "--baseline", baseline, "--no-progress"])
+        assert e.value.code == 0
+        store = open_store(st)
+        assert store.provenance["sweep"]["baseline"] == baseline
+        assert "brief" not in set(store.plan.pairs.system) or baseline != "brief"  # the baseline is no variant
+
+
 # --- instruction prefixes and empty user prompts in the plan -------------------------------
 PREFIXED = {
     **NOTEBOOK,
