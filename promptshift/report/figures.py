@@ -30,14 +30,17 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from promptshift.report.figkit import (
+    MAX_WIDTH_IN, _band_line, _causal, _causal_n, _causal_unit, _ci_text, _components, _crossed, _f, _fig, _finite_num, _heat_height, _layer_ticks, _mark_site, _mean_se, _n, _note, _num_cols, _p, _pearson, _scope, _site_axis, _summary_layer, _systems_order,
+)
+from promptshift.report.figures_behaviour import fig_behaviour, fig_behaviour_internal
 from promptshift.report.style import (
-    COMPONENTS, HIGHLIGHT, METRIC_LABELS, MUTED, NEUTRAL, component_color, region_color, short,
+    HIGHLIGHT, METRIC_LABELS, MUTED, NEUTRAL, component_color, region_color, short,
 )
 from promptshift.report.tables import (
     NotAvailable, Results, at_position, not_control, only_control, pick, system_info,
 )
 
-Z95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
@@ -46,157 +49,6 @@ class FigureSpec:
     title: str
     caption: str
     draw: Callable[[Results], Figure]
-
-
-# ---------------------------------------------------------------------------------------
-# helpers
-
-
-def _components(values) -> list[str]:
-    present = [str(v) for v in pd.unique(pd.Series(values).astype(str))]
-    return [c for c in COMPONENTS if c in present] + sorted(c for c in present if c not in COMPONENTS)
-
-
-def _mean_se(df: pd.DataFrame, by: list[str], value: str, unit: str = "user_id") -> pd.DataFrame:
-    """Mean of `value` per `by` with a normal-approximation 95% CI across `unit`s.
-
-    Rows are first averaged within each unit (a user prompt), so a user prompt with many
-    rows (many system prompts, many tokens) counts once, as in the metrics bootstrap.
-    """
-    d = df[by + ([unit] if unit in df.columns else []) + [value]].copy()
-    d[value] = pd.to_numeric(d[value], errors="coerce").astype(float)
-    if unit in d.columns:
-        d = d.groupby(by + [unit], observed=True, sort=False)[value].mean().reset_index()
-    g = d.groupby(by, observed=True, sort=True)[value]
-    out = g.agg(["mean", "std", "count"]).reset_index()
-    se = out["std"].fillna(0.0) / np.sqrt(out["count"].clip(lower=1))
-    out["ci_low"], out["ci_high"] = out["mean"] - Z95 * se, out["mean"] + Z95 * se
-    return out
-
-
-MAX_WIDTH_IN = 11.8  # the report's figure column is ~1140 CSS px; wider figures would be shrunk
-
-
-def _fig(w: float, h: float) -> Figure:
-    return Figure(figsize=(min(w, MAX_WIDTH_IN), h), layout="constrained")
-
-
-def _note(fig: Figure, text: str) -> None:
-    """A sentence the report prints under the figure (e.g. that a fallback was used)."""
-    fig.promptshift_notes = [*getattr(fig, "promptshift_notes", []), text]
-
-
-def _scope(fig: Figure, text: str) -> None:
-    """What the figure rests on: its n and the unit its intervals resample. The report
-    prints it at the head of the caption, so no figure is read without its sample size."""
-    fig.promptshift_scope = text
-
-
-def _design(res: Results) -> tuple[int | None, int | None, int | None]:
-    """(system prompts, user prompts, pairs) of the sweep: summary.json's `sample` block, or
-    counted from the first per-pair table there is."""
-    d = res.summary.get("sample")
-    if isinstance(d, dict) and all(isinstance(d.get(k), int) and not isinstance(d.get(k), bool)
-                                   for k in ("n_systems", "n_users", "n_pairs")):
-        return d["n_systems"], d["n_users"], d["n_pairs"]
-    for name in ("output_change", "component_change", "length_impact"):
-        if res.has(name):
-            t = not_control(res.table(name))
-            S = int(t["system"].nunique()) if "system" in t.columns else None
-            U = int(t["user_id"].nunique()) if "user_id" in t.columns else None
-            P = int(t["pair"].nunique()) if "pair" in t.columns else None
-            return S, U, P
-    return None, None, None
-
-
-def _n(res: Results, pairs: bool = True) -> str:
-    """`n = 14 system prompts × 18 user prompts (252 pairs)` (the parts that are known)."""
-    S, U, P = _design(res)
-    parts = [f"{S} system prompts" if S is not None else None, f"{U} user prompts" if U is not None else None]
-    text = " × ".join(p for p in parts if p) or "n unknown"
-    if pairs and P is not None:
-        text += f" ({P} pairs)"
-    return "n = " + text if text != "n unknown" else text
-
-
-def _crossed(res: Results) -> str:
-    """The resampling unit of the metrics tables' intervals, from summary.json's `sample`
-    (results written before the crossed bootstrap resampled user prompts only)."""
-    d = res.summary.get("sample")
-    if isinstance(d, dict) and d.get("resampling") == "crossed":
-        return "crossed bootstrap over system prompts and user prompts"
-    return "bootstrap over user prompts"
-
-
-def _causal_unit(res: Results, name: str) -> str:
-    """The resampling unit of one causal analysis's intervals (summary.json `causal.<name>`)."""
-    d = _causal(res, name)
-    if isinstance(d, dict) and d.get("resampling") == "crossed":
-        return "crossed bootstrap over system prompts and user prompts"
-    return "bootstrap over user prompts"
-
-
-def _causal_n(res: Results, name: str) -> str:
-    d = _causal(res, name)
-    if not isinstance(d, dict):
-        return "n unknown"
-    parts = []
-    if isinstance(d.get("n_systems"), int) and isinstance(d.get("n_users"), int):
-        parts.append(f"{d['n_systems']} system prompts × {d['n_users']} user prompts")
-    if isinstance(d.get("n_pairs"), int):
-        parts.append(f"({d['n_pairs']} pairs)" if parts else f"{d['n_pairs']} pairs")
-    return "n = " + " ".join(parts) if parts else "n unknown"
-
-
-def _systems_order(values: pd.Series) -> list[str]:
-    """System prompts sorted by `values` (descending), for heatmaps that read top-down."""
-    return list(values.sort_values(ascending=False).index.astype(str))
-
-
-def _heat_height(n_rows: int) -> float:
-    return max(3.6, 1.6 + 0.27 * n_rows)
-
-
-def _pearson(x, y) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
-        return float("nan")
-    return float(np.corrcoef(x[ok], y[ok])[0, 1])
-
-
-def _f(x, digits: int = 2) -> str:
-    x = float(x)
-    if not np.isfinite(x):
-        return "n/a"
-    return f"{x:.{digits}f}" if abs(x) >= 10 ** -digits or x == 0 else f"{x:.1e}"
-
-
-def _p(p, n_boot: int | None = None) -> str:
-    """A p-value; a bootstrap p of 0 (no resample on the other side of zero) is shown as
-    below the resolution of the resamples, 1 / n_boot, never as 0."""
-    p = float(p)
-    if not np.isfinite(p):
-        return "n/a"
-    if p == 0:
-        return f"< {1 / n_boot:.2g}" if n_boot else "< 1/n_boot"
-    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
-
-
-def _summary_layer(res: Results, comp: str) -> int | None:
-    d = (res.summary.get("most_affected_layer") or {}).get(comp)
-    if isinstance(d, dict) and isinstance(d.get("layer"), (int, float)) and not isinstance(d.get("layer"), bool):
-        return int(d["layer"])
-    return None
-
-
-def _layer_ticks(ax, layers, nbins: int = 8) -> None:
-    """Integer layer ticks, at most ~`nbins` of them, so 30+ layers stay legible in a narrow panel."""
-    layers = np.asarray(sorted(set(int(v) for v in layers)))
-    if len(layers) == 0:
-        return
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=nbins, integer=True))
-    ax.set_xlim(layers.min() - 0.5, layers.max() + 0.5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1039,74 +891,6 @@ CONDITION_LABELS = {
 SYSTEM_PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#8c564b", "#F0E442"]
 
 
-def _causal(res: Results, *path: str):
-    """summary.json's `causal.<path>`, or None when any level is missing or not an object."""
-    d = res.summary.get("causal")
-    for key in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(key)
-    return d
-
-
-def _finite_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(float(x)))
-
-
-def _ci_pair(c) -> tuple[float, float] | None:
-    if isinstance(c, (list, tuple)) and len(c) == 2 and all(_finite_num(v) for v in c):
-        return float(c[0]), float(c[1])
-    return None
-
-
-def _num_cols(df: pd.DataFrame, cols) -> pd.DataFrame:
-    df = df.copy()
-    for c in cols:
-        if c in df.columns:
-            df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
-    return df
-
-
-def _band_line(ax, x, d: pd.DataFrame, value: str, color: str, label: str | None, linestyle: str = "-",
-               marker: str = "o", alpha: float = 0.2):
-    lo, hi = f"{value}_ci_low", f"{value}_ci_high"
-    if lo in d.columns and hi in d.columns:
-        ax.fill_between(x, d[lo], d[hi], color=color, alpha=alpha, linewidth=0)
-    return ax.plot(x, d[value], color=color, linestyle=linestyle, marker=marker, markersize=3.5, label=label)[0]
-
-
-def _site_axis(ax, sites, what: str = "site") -> None:
-    sites = np.asarray(sorted(set(int(v) for v in sites)))
-    if len(sites) == 0:
-        return
-    L = int(sites.max())
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
-    ax.set_xlim(sites.min() - 0.4, L + 0.4)
-    if what == "site":
-        ax.set_xlabel(f"site l  (l < {L}: input of layer l; l = {L}: final residual)")
-    else:
-        ax.set_xlabel(f"knockout in layers ≥ start  (start = {L}: no knockout)")
-
-
-def _mark_site(ax, site, ci, color: str, label: str) -> Line2D | None:
-    """A vertical line at `site` and a span over its CI; None (nothing drawn) when undefined."""
-    if not _finite_num(site):
-        return None
-    c = _ci_pair(ci)
-    if c is not None and c[1] > c[0]:
-        ax.axvspan(c[0] - 0.15, c[1] + 0.15, color=color, alpha=0.1, linewidth=0)
-    ax.axvline(float(site), color=color, linestyle="--", linewidth=1.3)
-    return Line2D([], [], color=color, linestyle="--", label=label)
-
-
-def _ci_text(ci) -> str:
-    c = _ci_pair(ci)
-    if c is None:
-        return "CI undefined"
-    lo, hi = (_f(v, 0) if v.is_integer() else _f(v) for v in c)
-    return f"95% CI {lo}–{hi}"
-
-
 def fig_causal_patching(res: Results) -> Figure:
     pc = res.table("causal_patching_curve", ["mode", "site"], finite=["recovered_kl"])
     pc = _num_cols(pc, [c for c in pc.columns if c.startswith("recovered")])
@@ -1154,6 +938,50 @@ def fig_causal_patching(res: Results) -> Figure:
     if _causal(res, "patching") is None:
         _note(fig, "summary.json has no `causal.patching` section: onsets are not marked.")
     _scope(fig, f"{_causal_n(res, 'patching')}; bands and onset CI: 95%, {_causal_unit(res, 'patching')}")
+    return fig
+
+
+def fig_causal_continuation(res: Results) -> Figure:
+    cc = res.table("causal_continuation_curve", ["mode", "site", "recovered_cont"], finite=["recovered_cont"])
+    cc = _num_cols(cc, [c for c in cc.columns if c.startswith("recovered") or c == "site"])
+    modes = [m for m in ("suffix", "last") if m in set(cc["mode"].astype(str))] + \
+        sorted(set(cc["mode"].astype(str)) - {"suffix", "last"})
+    pc = res.table("causal_patching_curve") if res.has("causal_patching_curve") else None
+    fig = _fig(8.6, 4.5)
+    ax = fig.subplots(1, 1)
+    thr = _causal(res, "continuation", "threshold")
+    thr = float(thr) if _finite_num(thr) else 0.5
+    handles = []
+    for mode in modes:
+        d = cc[cc["mode"].astype(str) == mode].sort_values("site")
+        col = MODE_COLORS.get(mode, NEUTRAL)
+        handles.append(_band_line(ax, d["site"].to_numpy(int), d, "recovered_cont", col,
+                                  f"{mode}: the reply (mean log-prob of its tokens)"))
+        if pc is not None and {"mode", "site", "recovered_kl"} <= set(pc.columns):
+            p = _num_cols(pc[pc["mode"].astype(str) == mode], ["site", "recovered_kl"]).sort_values("site")
+            handles.append(ax.plot(p["site"], p["recovered_kl"], color=col, linestyle=":", linewidth=1.2,
+                                   label=f"{mode}: first token only (patching, KL)")[0])
+        onset = _causal(res, "continuation", "modes", mode, "onset") or {}
+        site = onset.get("site") if isinstance(onset, dict) else None
+        h = _mark_site(ax, site, onset.get("ci") if isinstance(onset, dict) else None, col,
+                       f"{mode}: reply onset at site {int(site)} ({_ci_text(onset.get('ci'))})"
+                       if _finite_num(site) else "")
+        if h is not None:
+            handles.append(h)
+        elif isinstance(_causal(res, "continuation", "modes", mode), dict):
+            _note(fig, f"Mode `{mode}` never recovers half of the reply's log-probability before the final residual: "
+                       "its continuation onset is undefined.")
+    ax.axhline(0, color=NEUTRAL, linewidth=0.8)
+    ax.axhline(1, color=MUTED, linewidth=0.8, linestyle=":")
+    ax.axhline(thr, color=MUTED, linewidth=1.0, linestyle="-.")
+    _site_axis(ax, cc["site"])
+    ax.set_ylabel("recovered: Σ(lp_patched − lp_b) / Σ(lp_v − lp_b)")
+    n_tok = _causal(res, "continuation", "max_tokens")
+    ax.set_title("the variant's reply recovered" + (f" (first {int(n_tok)} tokens, teacher-forced)"
+                                                    if _finite_num(n_tok) else ""))
+    handles.append(Patch(color=NEUTRAL, alpha=0.2, label=f"95% CI, {_causal_unit(res, 'continuation')}"))
+    fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=8)
+    _scope(fig, f"{_causal_n(res, 'continuation')}; bands and onset CI: 95%, {_causal_unit(res, 'continuation')}")
     return fig
 
 
@@ -1577,6 +1405,26 @@ FIGURES: tuple[FigureSpec, ...] = (
         "the same for one residual component at every layer.",
         fig_position),
     FigureSpec(
+        "fig-behaviour", "Does the model do what the system prompt asks, and stay right?",
+        "Left: for each system prompt that declares checks of its instruction (in brackets: `max_words:15`, "
+        "`language:fr`, `json`, ...), the share of its checks the replies pass with the system prompt (filled) and, "
+        "for the same user prompts, without it (hollow: how often the model does it unasked). Right: the share of "
+        "replies that give the user prompt's expected answer, with and without each system prompt. Replies are the "
+        "stored greedy continuations; a reply cut at the token budget whose verdict more tokens could change is "
+        "left out (note below). Sorted by the change; the bottom row pools the system prompts, and only its "
+        "interval speaks for system prompts in general. A filled dot far right of its hollow one: the instruction "
+        "is followed; far left on the right panel: it costs correct answers.",
+        fig_behaviour),
+    FigureSpec(
+        "fig-behaviour-internal", "Does internal change predict behaviour change?",
+        "Correlation across pairs between a component's relative change at the last prompt token (per layer) and "
+        "the pair's change in behaviour: adherence to the declared checks, correctness, reply length (variant minus "
+        "baseline), with its 95% CI band. A layer whose r is high predicts which pairs change their behaviour, not "
+        "only their next token (compare with the internal-vs-output figure). ★ marks the layer and component "
+        "summary.json names for each behaviour: chosen on one half of the user prompts, with the r and interval "
+        "measured on the other half; the rest of each curve is computed on every pair.",
+        fig_behaviour_internal),
+    FigureSpec(
         "fig-causal-patching", "Where the system prompt's effect is carried: activation patching",
         "The baseline run (no system prompt) is re-run with its residual stream replaced by the variant's at one site; "
         "site l < L is the input of layer l and site L the final residual. The curve is the share of the output change "
@@ -1589,6 +1437,18 @@ FIGURES: tuple[FigureSpec, ...] = (
         "has already been written into the user tokens; a `last` curve that rises only late means the last token picks "
         "it up late.",
         fig_causal_patching),
+    FigureSpec(
+        "fig-causal-continuation", "Which site carries the reply, not only the first token: patching scored on the "
+        "continuation",
+        "The same patches as the activation-patching figure (the baseline re-run with the variant's residual stream "
+        "at one site, at every aligned suffix position or the last prompt position), each run continued with the "
+        "variant's own greedy reply and scored by the mean log-probability it gives that reply's tokens. The curve "
+        "is the share recovered, Σ(patched − baseline) / Σ(variant − baseline) over pairs (0: as unlikely as "
+        "without the system prompt; 1: as likely as with it), with its 95% CI; dotted, the first-token curve of "
+        "the patching figure. The dashed line and span mark the onset (first site recovering half) and its CI. A "
+        "reply onset later than the first-token onset means the reply keeps needing the instruction after its "
+        "first token.",
+        fig_causal_continuation),
     FigureSpec(
         "fig-causal-knockout", "Until which layer the model reads the system prompt: attention knockout",
         "The variant is re-run with attention from later tokens to the system-prompt tokens blocked in every layer "

@@ -1,8 +1,8 @@
 """The findings paragraph, in words, generated only from summary.json.
 
 No claim in the report is written by hand: every sentence is a template over one block of
-summary.json, every number in it is one value of summary.json formatted by `fmt`, `pct`
-or `layer`, and a block that is missing or malformed drops its sentence instead of
+summary.json, every number in it is one value of summary.json formatted by `fmt`, `pct`,
+`pp` or `layer`, and a block that is missing or malformed drops its sentence instead of
 printing a stale or invented number. The wording that depends on a value (e.g. "above"
 vs "not above" the control floor) is chosen from that value, never assumed.
 
@@ -48,6 +48,12 @@ def pval(p) -> str:
     if not math.isfinite(p):
         return "n/a"
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def pp(x) -> str:
+    """A difference of two shares in percentage points, signed, one decimal."""
+    x = float(x)
+    return "n/a" if not math.isfinite(x) else f"{100 * x:+.1f}"
 
 
 def layer(x) -> str:
@@ -601,8 +607,142 @@ def _causal_multiturn(s: dict) -> list[str]:
             out.append(f"With {label}, {text}.")
     return out
 
+def _cell(d) -> dict:
+    return d if isinstance(d, dict) else {}
+
+
+def _behaviour_change(v: dict, b: dict, c: dict, n: str, verbs: tuple[str, str, str], noun: str) -> str:
+    """One pooled behaviour sentence: an effect only when the crossed interval of the change
+    excludes zero, else "no evidence", with the numbers."""
+    up, down, none = verbs
+    nums = f"{pct(v['mean'])} of {noun} with the system prompt against {pct(b['mean'])} without"
+    stats = [f"change {pp(c['mean'])} percentage points"]
+    if _ci_ok(c.get("ci")):
+        stats.append(f"95% CI {pp(c['ci'][0])} to {pp(c['ci'][1])}")
+    if n:
+        stats.append(n)
+    if _excludes_zero(c.get("ci")):
+        return f"{up if float(c['mean']) > 0 else down}: {nums} ({'; '.join(stats)})."
+    return f"{none}: {nums} ({'; '.join(stats)}; the interval includes zero)."
+
+
+def _behaviour(s: dict) -> list[str]:
+    """Adherence to the declared checks and correctness, pooled over system prompts (crossed
+    intervals: stated only when they exclude zero) and per system prompt (intervals over
+    user prompts), the replies left undecided, and the layer that predicts behaviour change."""
+    d = s.get("behaviour")
+    if not isinstance(d, dict) or not isinstance(d.get("pooled"), dict):
+        return []
+    pooled = d["pooled"]
+    units = _units(s)
+    out = []
+    k = int(d["n_systems_with_checks"]) if _num(d.get("n_systems_with_checks")) else None
+    av, ab, ac = (_cell(pooled.get(m)) for m in ("adherence_variant", "adherence_baseline", "adherence_change"))
+    n_users = _sample_block(s).get("n_users")
+    if k and _num(av.get("mean")) and _num(ab.get("mean")) and _num(ac.get("mean")):
+        n = f"n = {k} system prompts with checks" + (f" × {int(n_users)} user prompts, both resampled"
+                                                     if _num(n_users) else "")
+        out.append(_behaviour_change(av, ab, ac, n, (
+            "Replies follow the instructions the system prompts declare checks for",
+            "Replies follow the declared instructions less with the system prompt than without",
+            "There is no evidence that the system prompts' declared checks are followed more often with them than "
+            "without"), "their checks passed"))
+        small = _sample_block(s).get("min_units")
+        if k < (int(small) if _num(small) else 8):
+            out.append(f"Only {k} system prompts declare checks: a small sample for a claim about system prompts in "
+                       "general; read the per-system-prompt results instead.")
+    rows = [r for r in d.get("systems", []) if isinstance(r, dict) and r.get("checks")]
+    up = [r for r in rows if _excludes_zero(_cell(r.get("adherence_change")).get("ci"))
+          and float(r["adherence_change"]["mean"]) > 0]
+    if rows:
+        def item(r):
+            return (f"`{r['system']}` ({r['checks']}: {pct(r['adherence_baseline']['mean'])} → "
+                    f"{pct(r['adherence_variant']['mean'])})")
+        if up:
+            out.append("Followed, each against its own baseline (95% interval of the change over user prompts above "
+                       "zero; each interval on its own, not corrected for the number of system prompts compared): "
+                       + ", ".join(item(r) for r in up) + ".")
+        rest = [r["system"] for r in rows if r not in up]
+        if rest:
+            out.append(f"No evidence of a change in adherence for {', '.join(f'`{x}`' for x in rest)}.")
+    cv, cb, cc = (_cell(pooled.get(m)) for m in ("correct_variant", "correct_baseline", "correct_change"))
+    if _num(cv.get("mean")) and _num(cb.get("mean")) and _num(cc.get("mean")):
+        n = (f"{int(d['n_pairs_with_expected'])} pairs with an expected answer" if _num(d.get("n_pairs_with_expected"))
+             else "") + (f"; n = {units}" if units else "")
+        out.append(_behaviour_change(cv, cb, cc, n.strip("; "), (
+            "System prompts raise the share of correct answers", "System prompts lower the share of correct answers",
+            "There is no evidence that the system prompts change how often the answer is right"),
+            "expected answers given"))
+        worse = [r for r in d.get("systems", []) if isinstance(r, dict)
+                 and _excludes_zero(_cell(r.get("correct_change")).get("ci")) and float(r["correct_change"]["mean"]) < 0]
+        if worse:
+            out.append("Correct answers drop, against the same user prompts without it (interval over user prompts "
+                       "below zero; each on its own, not corrected for the number of system prompts compared), under "
+                       + ", ".join(
+                           f"`{r['system']}` ({pct(r['correct_baseline']['mean'])} → {pct(r['correct_variant']['mean'])})"
+                           for r in worse) + ".")
+    wc = _cell(pooled.get("words_change"))
+    if _num(wc.get("mean")) and _ci_ok(wc.get("ci")):
+        verb = ("shorter" if float(wc["mean"]) < 0 else "longer") if _excludes_zero(wc["ci"]) else None
+        out.append((f"Replies get {verb} with a system prompt: {fmt(wc['mean'])} words on average ({ci(wc['ci'])})."
+                    if verb else f"There is no evidence that system prompts change reply length: {fmt(wc['mean'])} "
+                                 f"words on average, and the interval includes zero ({ci(wc['ci'])})."))
+    if _num(d.get("unfinished_replies")) and int(d["unfinished_replies"]) > 0 and _num(d.get("n_replies")):
+        out.append(f"{int(d['unfinished_replies'])} of {int(d['n_replies'])} replies used their whole token budget "
+                   "without finishing; a check or an answer that more tokens could still change is left undecided "
+                   "for them (not counted as a failure): raise `behaviour.max_new_tokens` to judge more.")
+    how = _selection(s)
+    names = {"adherence_change": "adherence", "correct_change": "correctness", "words_change": "reply length"}
+    for o, st in (d.get("strongest_internal") or {}).items():
+        if not isinstance(st, dict) or not _num(st.get("r")) or not _num(st.get("layer")):
+            continue
+        where = f"`{st.get('component')}` layer {layer(st['layer'])}"
+        chosen = f", {how}," if how.startswith("chosen on") and st.get("selection") == "split" else \
+            " (chosen and measured on the same pairs, so optimistic)"
+        stats = [ci(st["ci"])] if _ci_ok(st.get("ci")) else []
+        if _num(st.get("n_pairs")):
+            stats.append(f"{int(st['n_pairs'])} pairs")
+        text = (f"The internal change that best predicts the change in {names.get(o, o)}{chosen} is {where}: "
+                f"r = {fmt(st['r'])}" + (f" ({'; '.join(stats)})" if stats else ""))
+        if _ci_ok(st.get("ci")):
+            text += (": the relation holds on prompts it was not chosen on" if _excludes_zero(st["ci"]) else
+                     ": the interval includes zero, so there is no evidence of the relation")
+        out.append(text + ".")
+    return out
+
+
+def _causal_continuation(s: dict) -> list[str]:
+    """Where patching recovers half of the variant's whole reply, next to the first token's onset."""
+    d = _causal(s, "continuation")
+    modes = d.get("modes")
+    if not isinstance(modes, dict):
+        return []
+    first = _causal(s, "patching").get("modes") or {}
+    toks = f"its first {int(d['max_tokens'])} tokens" if _num(d.get("max_tokens")) else "its tokens"
+    out = []
+    for mode in [m for m in ("suffix", "last") if m in modes]:
+        onset = _cell(modes[mode].get("onset"))
+        if "site" not in onset:
+            continue
+        head = (f"Scored on the variant's whole reply ({toks}, teacher-forced mean log-probability), `{mode}` "
+                "patching")
+        if _num(onset.get("site")):
+            text = f"{head} first recovers half at site {layer(onset['site'])} {_site_ci(onset)}"
+        else:
+            text = f"{head} never recovers half of the reply's log-probability, so its onset is undefined"
+        f = _cell(_cell(first.get(mode)).get("onset"))
+        if _num(f.get("site")):
+            text += f"; the first answer token's onset is site {layer(f['site'])}"
+            if _num(onset.get("site")) and int(onset["site"]) > int(f["site"]) and _ci_ok(onset.get("ci")) \
+                    and float(onset["ci"][0]) > float(f["site"]):
+                text += ", so the reply needs the instruction beyond what carries its first token"
+        out.append(text + ".")
+    return out
+
+
 SECTIONS = (_overview, _sample, _layers, _above, _length, _tag, _attention, _internal_output, _output, _lens,
-            _causal_sample, _causal_patching, _causal_knockout, _causal_steering, _causal_phrases, _causal_multiturn)
+            _behaviour, _causal_sample, _causal_patching, _causal_continuation, _causal_knockout, _causal_steering,
+            _causal_phrases, _causal_multiturn)
 
 
 def findings(summary: dict) -> list[str]:

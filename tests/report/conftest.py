@@ -32,6 +32,7 @@ CAUSAL_TABLE_NAMES = (  # written by metrics only when the store holds `promptsh
     "multiturn", "multiturn_attention", "multiturn_turns", "causal_continuation", "causal_continuation_curve",
 )
 PLACEMENT_TABLE_NAMES = ("placement_layers", "placement_compare", "placement_causal")  # sweeps with prefixes
+BEHAVIOUR_TABLE_NAMES = ("behaviour_systems", "internal_vs_behaviour")  # the behaviour tables the figures read
 CONTROL = "__control__"
 
 INTERPRETATIONS = {
@@ -366,6 +367,31 @@ def _fake_causal(sys_df: pd.DataFrame, users: pd.DataFrame, pairs: pd.DataFrame,
     return tables, summ
 
 
+def _behaviour_summary(sy: pd.DataFrame, ib: pd.DataFrame) -> dict:
+    """summary.json's `behaviour` block, as promptshift/metrics/behaviour.py writes it."""
+    def cell(system, measure):
+        r = sy[(sy["system"] == system) & (sy["measure"] == measure)].iloc[0]
+        f = lambda x: None if not np.isfinite(x) else float(x)  # noqa: E731
+        return {"mean": f(r["mean"]), "ci": [f(r["ci_low"]), f(r["ci_high"])], "n_pairs": int(r["n_pairs"]),
+                "n_undecided": int(r["n_undecided"])}
+    names = [x for x in dict.fromkeys(sy["system"]) if x != "__all__"]
+    measures = list(dict.fromkeys(sy["measure"]))
+    strongest = {}
+    for o in ("adherence_change", "correct_change", "words_change"):
+        t = ib[(ib["output"] == o) & (ib["method"] == "pearson")]
+        b = t.loc[t["r_select"].abs().idxmax()]
+        strongest[o] = {"component": str(b["component"]), "layer": int(b["layer"]), "measure": "rel_change",
+                        "output": o, "method": "pearson", "r": float(b["r"]) * 0.8,
+                        "ci": [float(b["ci_low"]), float(b["ci_high"])], "p": 0.03, "n_pairs": int(b["n"]) // 2,
+                        "r_select": float(b["r_select"]), "n_select": int(b["n_select"]), "selection": "split"}
+    checks = sy.drop_duplicates("system").set_index("system")["checks"]
+    return {"pooled": {m: cell("__all__", m) for m in measures},
+            "systems": [{"system": n, "checks": checks[n], **{m: cell(n, m) for m in measures}} for n in names],
+            "n_systems_with_checks": int(sum(bool(checks[n]) for n in names)), "n_pairs": 96,
+            "n_pairs_with_checks": 32, "n_pairs_with_expected": 60, "unfinished_replies": 7, "n_replies": 100,
+            "strongest_internal": strongest}
+
+
 def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_layers: int = 6, seed: int = 0,
                       csv: bool = False, omit: tuple[str, ...] = (), causal: bool = True) -> Path:
     """Write every table of docs/RESULTS.md, summary.json and provenance.json into `directory`.
@@ -607,6 +633,39 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
     iv = pd.DataFrame(iv_rows)
     tables["internal_vs_output"] = iv
 
+    # -- behaviour (docs/RESULTS.md, "Behaviour"): checks declared on the named system prompts
+    checks = {"concise_short": "max_words:15", "concise_medium": "max_words:15", "concise_long": "max_words:15",
+              "pirate_short": "regex:(?i)ahoy", "pirate_medium": "regex:(?i)ahoy", "pirate_long": "regex:(?i)ahoy",
+              "french": "language:fr", "json_only": "json"}
+    by_rows = []
+    for i, name in enumerate([*sys_df["system"], "__all__"]):
+        has = name == "__all__" or name in checks
+        base_adh, var_adh = 0.1 + 0.05 * (i % 3), min(0.95, 0.35 + 0.07 * (i % 9))
+        base_cor, var_cor = 0.7, 0.7 - (0.2 if name in ("french", "json_only") else 0.02 * (i % 3))
+        vals = {"adherence_variant": var_adh if has else np.nan, "adherence_baseline": base_adh if has else np.nan,
+                "adherence_change": var_adh - base_adh if has else np.nan, "correct_variant": var_cor,
+                "correct_baseline": base_cor, "correct_change": var_cor - base_cor,
+                "words_variant": 20.0 - i, "words_baseline": 25.0, "words_change": -5.0 - i,
+                "refusal_change": 0.0, "finished_variant": 0.6}
+        for m, v in vals.items():
+            half = 0.12 if name != "__all__" else 0.08
+            by_rows.append(dict(system=name, checks=checks.get(name, "") if name != "__all__" else
+                                "(each system prompt's own)", measure=m, mean=v, ci_low=v - half, ci_high=v + half,
+                                n_pairs=0 if np.isnan(v) else n_users, n_undecided=1 if m == "adherence_variant" and has
+                                else 0))
+    tables["behaviour_systems"] = pd.DataFrame(by_rows)
+    ib_rows = []
+    for comp in COMPONENTS:
+        for lay in range(L):
+            for k, output in enumerate(("adherence_change", "correct_change", "words_change")):
+                r = float(np.tanh((lay - L / 2) / L * 3) * (0.5 - 0.15 * k) + 0.05 * rng.standard_normal())
+                for method in ("pearson", "spearman"):
+                    ib_rows.append(dict(component=comp, layer=lay, measure="rel_change", output=output, method=method,
+                                        r=r, p=0.04, ci_low=r - 0.25, ci_high=r + 0.25, n=len(pairs) // 2,
+                                        r_select=r + 0.05 * rng.standard_normal(), n_select=len(pairs) // 4))
+    ib = pd.DataFrame(ib_rows)
+    tables["internal_vs_behaviour"] = ib
+
     # -- instruction placement: concise_short also as a prefix (same name), pirate_short as `arr`
     pl_rows, pc_rows = [], []
     for (sys_name, pre_name), f in ((("concise_short", "concise_short"), 0.6), (("pirate_short", "arr"), 1.3)):
@@ -696,6 +755,7 @@ def make_fake_results(directory, *, n_systems: int = 8, n_users: int = 4, n_laye
                    "mean_gen_edit_distance": float(oc["gen_edit_distance"].mean())},
         "lens_shift_layer": int(below.index.min()) if len(below) else None,
         "impact_component": "resid_post",
+        "behaviour": _behaviour_summary(tables["behaviour_systems"], ib),
     }
     if causal_summary is not None:
         summary["causal"] = causal_summary

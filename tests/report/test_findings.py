@@ -298,3 +298,120 @@ def test_causal_findings_follow_the_values_and_survive_bad_input():
            "multiturn": {"conditions": {"system": {"sys_mass_first": "a"}, "x": 3}}}
     assert findings({"causal": bad}) == []
     assert findings({"n_pairs": 3, "causal": bad}) == findings({"n_pairs": 3})
+
+
+# summary.json's `behaviour` block as promptshift/metrics/behaviour.py writes it
+def _cell(mean, lo, hi, n=16, und=0):
+    return {"mean": mean, "ci": [lo, hi], "n_pairs": n, "n_undecided": und}
+
+
+BEHAVIOUR = {
+    "pooled": {"adherence_variant": _cell(0.72, 0.6, 0.83), "adherence_baseline": _cell(0.12, 0.05, 0.2),
+               "adherence_change": _cell(0.6, 0.45, 0.74), "correct_variant": _cell(0.55, 0.42, 0.66),
+               "correct_baseline": _cell(0.61, 0.5, 0.7), "correct_change": _cell(-0.06, -0.15, 0.03),
+               "words_change": _cell(-11.5, -15.2, -7.9)},
+    "systems": [
+        {"system": "answer_french", "checks": "language:fr", "adherence_variant": _cell(0.875, 0.7, 1.0),
+         "adherence_baseline": _cell(0.0, 0.0, 0.0), "adherence_change": _cell(0.875, 0.7, 1.0),
+         "correct_variant": _cell(0.25, 0.1, 0.45), "correct_baseline": _cell(0.625, 0.4, 0.8),
+         "correct_change": _cell(-0.375, -0.6, -0.15), "words_change": _cell(-2.0, -6.0, 2.0)},
+        {"system": "concise_short", "checks": "max_words:15", "adherence_variant": _cell(0.4375, 0.2, 0.7),
+         "adherence_baseline": _cell(0.3125, 0.1, 0.55), "adherence_change": _cell(0.125, -0.1, 0.35),
+         "correct_variant": _cell(0.6, 0.4, 0.8), "correct_baseline": _cell(0.625, 0.4, 0.8),
+         "correct_change": _cell(-0.025, -0.2, 0.15), "words_change": _cell(-20.5, -25.0, -16.0)},
+        {"system": "nonsense", "checks": "", "adherence_variant": _cell(None, None, None, 0),
+         "adherence_baseline": _cell(None, None, None, 0), "adherence_change": _cell(None, None, None, 0),
+         "correct_variant": _cell(0.6, 0.4, 0.8), "correct_baseline": _cell(0.625, 0.4, 0.8),
+         "correct_change": _cell(-0.025, -0.2, 0.15), "words_change": _cell(1.0, -3.0, 5.0)},
+    ],
+    "n_systems_with_checks": 9, "n_pairs": 96, "n_pairs_with_checks": 72, "n_pairs_with_expected": 56,
+    "unfinished_replies": 31, "n_replies": 104,
+    "strongest_internal": {
+        "adherence_change": {"component": "resid_post", "layer": 14, "measure": "rel_change", "output":
+                             "adherence_change", "method": "pearson", "r": 0.41, "ci": [0.18, 0.6], "p": 0.002,
+                             "n_pairs": 36, "r_select": 0.52, "n_select": 36, "selection": "split"},
+        "correct_change": {"component": "mlp_out", "layer": 20, "measure": "rel_change", "output": "correct_change",
+                           "method": "pearson", "r": -0.12, "ci": [-0.4, 0.15], "p": 0.4, "n_pairs": 28,
+                           "r_select": -0.35, "n_select": 28, "selection": "split"},
+        "words_change": None},
+}
+CONTINUATION = {"n_pairs": 9, "resampling": "crossed", "n_systems": 3, "n_users": 3, "n_layers": 4, "threshold": 0.5,
+                "max_tokens": 16, "lp_v_mean": -0.9, "lp_b_mean": -2.4,
+                "modes": {"suffix": {"onset": {"site": 3, "ci": [3.0, 4.0], "undefined_share": 0.0},
+                                     "recovered_mid": 0.41, "recovered_final": 0.93},
+                          "last": {"onset": {"site": None, "ci": [None, None], "undefined_share": 1.0},
+                                   "recovered_mid": 0.02, "recovered_final": 0.31}}}
+
+
+def _behaviour_text(s):
+    full = findings(s)
+    base = set(findings({k: v for k, v in s.items() if k != "behaviour"} | {"causal": {}}))
+    return [x for x in full if x not in base]
+
+
+def test_behaviour_findings_claim_only_what_the_intervals_support():
+    s = {**SUMMARY, "behaviour": BEHAVIOUR}
+    text = " ".join(_behaviour_text(s))
+    for needle in (
+            "Replies follow the instructions the system prompts declare checks for: 72.0% of their checks passed with "
+            "the system prompt against 12.0% without (change +60.0 percentage points; 95% CI +45.0 to +74.0; n = 9 "
+            "system prompts with checks × 8 user prompts, both resampled).",
+            "`answer_french` (language:fr: 0.0% → 87.5%)", "No evidence of a change in adherence for `concise_short`.",
+            "There is no evidence that the system prompts change how often the answer is right: 55.0% of expected "
+            "answers given with the system prompt against 61.0% without (change -6.0 percentage points; 95% CI -15.0 "
+            "to +3.0; 56 pairs with an expected answer",
+            "Correct answers drop", "under `answer_french` (62.5% → 25.0%)",
+            "Replies get shorter with a system prompt: -11.5 words on average (95% CI -15.2 to -7.9).",
+            "31 of 104 replies used their whole token budget without finishing",
+            "best predicts the change in adherence, chosen on 4 of the user prompts and measured on the other 4 (a "
+            "fixed split, seed 0), is `resid_post` layer 14: r = 0.41 (95% CI 0.18 to 0.6; 36 pairs): the relation "
+            "holds on prompts it was not chosen on.",
+            "is `mlp_out` layer 20: r = -0.12 (95% CI -0.4 to 0.15; 28 pairs): the interval includes zero"):
+        assert needle in text, needle
+    assert "`nonsense`" not in text  # no checks: neither followed nor "no evidence"
+    # the same numbers with the pooled adherence interval reaching zero: no claim
+    s2 = copy.deepcopy(s)
+    s2["behaviour"]["pooled"]["adherence_change"] = _cell(0.06, -0.02, 0.15)
+    t2 = " ".join(_behaviour_text(s2))
+    assert "There is no evidence that the system prompts' declared checks are followed more often" in t2
+    assert "Replies follow the instructions" not in t2
+    # fewer than 8 system prompts with checks is named
+    s3 = copy.deepcopy(s)
+    s3["behaviour"]["n_systems_with_checks"] = 3
+    assert any(x.startswith("Only 3 system prompts declare checks: a small sample") for x in _behaviour_text(s3))
+    # a malformed block drops its sentences, never raises
+    assert _behaviour_text({**SUMMARY, "behaviour": {"pooled": None}}) == []
+    assert _behaviour_text({**SUMMARY, "behaviour": []}) == []
+
+
+def test_every_number_in_behaviour_findings_comes_from_summary():
+    from promptshift.report.findings import pp
+
+    s = {**SUMMARY, "behaviour": BEHAVIOUR, "causal": {"continuation": CONTINUATION,
+                                                       "patching": CAUSAL["patching"]}}
+    allowed = _numbers_in_summary(s)
+
+    def walk(o):
+        if isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+        elif isinstance(o, (int, float)) and not isinstance(o, bool):
+            allowed.add(pp(o))
+    walk(s)
+    sentences = [x for x in findings(s) if x not in set(findings(SUMMARY))]
+    assert len(sentences) >= 10
+    for sentence in sentences:
+        stripped = sentence.replace("95%", "").replace("1 − KL ratio", "")  # fixed vocabulary, no measurement
+        for num in NUMBER.findall(stripped):
+            assert num.lstrip("-+") in allowed or num in allowed or f"+{num}" in allowed, (num, sentence)
+
+
+def test_continuation_findings():
+    text = " ".join(findings({"causal": {"continuation": CONTINUATION, "patching": CAUSAL["patching"]}}))
+    assert ("Scored on the variant's whole reply (its first 16 tokens, teacher-forced mean log-probability), `suffix` "
+            "patching first recovers half at site 3 (95% CI of the site 3 to 4); the first answer token's onset is "
+            "site 2, so the reply needs the instruction beyond what carries its first token.") in text
+    assert "`last` patching never recovers half of the reply's log-probability, so its onset is undefined" in text

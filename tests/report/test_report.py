@@ -17,10 +17,11 @@ import pytest
 from promptshift.errors import PromptShiftError
 from promptshift.report import FIGURE_IDS, ReportError, Results, build_report
 
-from .conftest import CAUSAL_TABLE_NAMES, PLACEMENT_TABLE_NAMES, TABLE_NAMES, make_fake_results
+from .conftest import (BEHAVIOUR_TABLE_NAMES, CAUSAL_TABLE_NAMES, PLACEMENT_TABLE_NAMES, TABLE_NAMES,
+                       make_fake_results)
 
-CAUSAL_FIGURES = ("fig-causal-patching", "fig-causal-knockout", "fig-causal-phrases", "fig-causal-steering",
-                  "fig-multiturn")
+CAUSAL_FIGURES = ("fig-causal-patching", "fig-causal-continuation", "fig-causal-knockout", "fig-causal-phrases",
+                  "fig-causal-steering", "fig-multiturn")
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"[^>]*data-figure="([^"]+)"')
 
 
@@ -32,8 +33,9 @@ def _figure_block(html: str, fid: str) -> str:
 def test_every_figure_is_embedded_and_written(built_report, fake_results):
     html = built_report.read_text(encoding="utf-8")
     assert built_report == fake_results / "report.html"
-    assert len(FIGURE_IDS) == 18 and len(set(FIGURE_IDS)) == 18
-    assert FIGURE_IDS[13:] == CAUSAL_FIGURES  # after the existing ones, in this order
+    assert len(FIGURE_IDS) == 21 and len(set(FIGURE_IDS)) == 21
+    assert FIGURE_IDS[15:] == CAUSAL_FIGURES  # after the existing ones, in this order
+    assert FIGURE_IDS[13:15] == ("fig-behaviour", "fig-behaviour-internal")
     assert {"fig-system-layer", "fig-length-output-attention"} <= set(FIGURE_IDS)  # the notebook's views
     assert "fig-placement" in FIGURE_IDS
     from promptshift.metrics import PLACEMENT_TABLES
@@ -107,7 +109,8 @@ def test_provenance_and_findings_in_html(built_report, fake_results):
 
 
 def _all_but(*keep: str) -> tuple[str, ...]:
-    return tuple(t for t in TABLE_NAMES + CAUSAL_TABLE_NAMES + PLACEMENT_TABLE_NAMES if t not in keep)
+    return tuple(t for t in TABLE_NAMES + CAUSAL_TABLE_NAMES + PLACEMENT_TABLE_NAMES + BEHAVIOUR_TABLE_NAMES
+                 if t not in keep)
 
 
 def test_missing_tables_become_notes_and_fallbacks_draw(tmp_path):
