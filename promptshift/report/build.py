@@ -20,6 +20,7 @@ from pathlib import Path
 
 import matplotlib
 
+from promptshift.report.behaviour import behaviour_section
 from promptshift.report.figures import FIGURES, FigureSpec
 from promptshift.report.findings import findings
 from promptshift.report.style import RC
@@ -160,6 +161,8 @@ figcaption { color:#333; font-size:14px; max-width:1000px; }
 table.prov { border-collapse:collapse; width:100%; font-size:14px; }
 table.prov th { text-align:left; width:240px; color:var(--muted); font-weight:600; vertical-align:top; }
 table.prov th, table.prov td { padding:6px 10px; border-bottom:1px solid var(--line); }
+table.behaviour { font-size:13px; }
+table.behaviour th { width:auto; vertical-align:bottom; }
 footer { margin-top:40px; color:var(--muted); font-size:13px; }
 """
 
@@ -253,7 +256,8 @@ def render_html(res: Results, rendered: list[Rendered], cfg: ReportConfig) -> st
     for w in res.warnings:
         parts.append(f'<div class="warn">{_md(w)}</div>')
 
-    parts.append('<nav><b>Contents</b><ol><li><a href="#findings">Findings</a></li>')
+    parts.append('<nav><b>Contents</b><ol><li><a href="#findings">Findings</a></li>'
+                 '<li><a href="#behaviour">Behaviour</a></li>')
     for r in rendered:
         parts.append(f'<li><a href="#{r.spec.id}">{e(r.spec.title)}</a>'
                      + (" <small>(not available)</small>" if r.png is None else "") + "</li>")
@@ -267,6 +271,7 @@ def render_html(res: Results, rendered: list[Rendered], cfg: ReportConfig) -> st
     else:
         parts.append('<div class="na">not available: <code>summary.json</code> is missing or holds no findings</div>')
     parts.append("</section>")
+    parts.append(behaviour_section(res))
 
     parts.append('<section id="figures"><h2>Figures</h2>')
     for i, r in enumerate(rendered, 1):
