@@ -20,6 +20,8 @@ from promptshift.report.findings import fmt, pct, pp
 from promptshift.report.tables import NotAvailable, Results
 
 ALL = "__all__"  # behaviour_systems rows pooled over the system prompts
+# figures drawn in this section (each after its table), not in the report's list of figures
+BEHAVIOUR_FIGURES = ("fig-behaviour", "fig-behaviour-internal")
 # (label, measure prefix, formatter of the values, formatter of the change, unit of the change)
 COLUMNS = (("adherence: declared checks passed", "adherence", pct, pp, " pp"),
            ("correct: expected answer given", "correct", pct, pp, " pp"),
@@ -83,16 +85,22 @@ def _strongest_rows(summary: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def behaviour_section(res: Results) -> str:
-    """The section's HTML (``<section id="behaviour">``): a note when ``behaviour_systems``
-    is missing or empty, else the two tables."""
+def behaviour_section(res: Results, figures: dict[str, str] | None = None) -> str:
+    """The section's HTML (``<section id="behaviour">``): the per-system-prompt table, then
+    ``figures["fig-behaviour"]``, the internal-vs-behaviour table, then
+    ``figures["fig-behaviour-internal"]`` (``figures``: figure id -> its rendered
+    ``<figure>``; absent ones are left out). Without ``behaviour_systems`` a note takes the
+    tables' place."""
     e = html.escape
+    fig = figures or {}
     parts = ['<section id="behaviour"><h2>Behaviour</h2>']
     try:
         rows = system_rows(res.table("behaviour_systems"))
     except NotAvailable as err:
         parts.append(f'<div class="na">not available: {e(str(err))} (a sweep without continuations, '
-                     "<code>max_new_tokens: 0</code>, has no replies to judge)</div></section>")
+                     "<code>max_new_tokens: 0</code>, has no replies to judge)</div>")
+        parts.extend(fig[f] for f in BEHAVIOUR_FIGURES if f in fig)
+        parts.append("</section>")
         return "\n".join(parts)
     sample = res.summary.get("sample") if isinstance(res.summary.get("sample"), dict) else {}
     pooled_unit = ("crossed bootstrap over system prompts and user prompts" if sample.get("resampling") == "crossed"
@@ -118,6 +126,8 @@ def behaviour_section(res: Results) -> str:
                       f"<td>{r[f'{m}_n']}</td>" for _, m, *_ in COLUMNS)
         parts.append(f'<tr data-system="{e(r["system"])}"><td>{name}</td><td>{e(r["checks"])}</td>{tds}</tr>')
     parts.append("</tbody></table>")
+    if BEHAVIOUR_FIGURES[0] in fig:
+        parts.append(fig[BEHAVIOUR_FIGURES[0]])
     strongest = _strongest_rows(res.summary)
     if strongest:
         parts.append("<h3>Internal change vs behaviour change</h3>"
@@ -140,8 +150,10 @@ def behaviour_section(res: Results) -> str:
                          f"<td>{int(st['n_pairs']) if _num(st.get('n_pairs')) else '–'}</td>"
                          f"<td>{e(str(st.get('selection', '–')))}</td></tr>")
         parts.append("</tbody></table>")
+    if BEHAVIOUR_FIGURES[1] in fig:
+        parts.append(fig[BEHAVIOUR_FIGURES[1]])
     parts.append("</section>")
     return "\n".join(parts)
 
 
-__all__ = ["behaviour_section", "system_rows"]
+__all__ = ["BEHAVIOUR_FIGURES", "behaviour_section", "system_rows"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import matplotlib
 
-from promptshift.report.behaviour import behaviour_section
+from promptshift.report.behaviour import BEHAVIOUR_FIGURES, behaviour_section
 from promptshift.report.figures import FIGURES, FigureSpec
 from promptshift.report.findings import findings
 from promptshift.report.style import RC
@@ -161,8 +161,9 @@ figcaption { color:#333; font-size:14px; max-width:1000px; }
 table.prov { border-collapse:collapse; width:100%; font-size:14px; }
 table.prov th { text-align:left; width:240px; color:var(--muted); font-weight:600; vertical-align:top; }
 table.prov th, table.prov td { padding:6px 10px; border-bottom:1px solid var(--line); }
-table.behaviour { font-size:13px; }
+table.behaviour { font-size:12px; }
 table.behaviour th { width:auto; vertical-align:bottom; }
+table.behaviour th, table.behaviour td { padding:4px 6px; white-space:nowrap; }
 footer { margin-top:40px; color:var(--muted); font-size:13px; }
 """
 
@@ -271,20 +272,11 @@ def render_html(res: Results, rendered: list[Rendered], cfg: ReportConfig) -> st
     else:
         parts.append('<div class="na">not available: <code>summary.json</code> is missing or holds no findings</div>')
     parts.append("</section>")
-    parts.append(behaviour_section(res))
+    blocks = {r.spec.id: _figure_html(i, r) for i, r in enumerate(rendered, 1)}
+    parts.append(behaviour_section(res, blocks))  # takes the behaviour figures
 
     parts.append('<section id="figures"><h2>Figures</h2>')
-    for i, r in enumerate(rendered, 1):
-        parts.append(f'<figure id="{r.spec.id}"><h3>{i}. {e(r.spec.title)}</h3>')
-        if r.png is None:
-            parts.append(f'<div class="na">not available: {_md(r.missing or "unknown reason")}</div>')
-        else:
-            b64 = base64.b64encode(r.png).decode("ascii")
-            parts.append(f'<img src="data:image/png;base64,{b64}" alt="{e(r.spec.title)}" '
-                         f'style="width:{r.width_px}px" data-figure="{r.spec.id}">')
-        notes = "".join(f'<p class="fignote">Note: {_md(n)}</p>' for n in r.notes)
-        scope = f'<span class="scope">{_md(r.scope)}.</span> ' if r.scope else ""
-        parts.append(f"<figcaption>{scope}{_md(r.spec.caption)}{notes}</figcaption></figure>")
+    parts.extend(blocks[r.spec.id] for r in rendered if r.spec.id not in BEHAVIOUR_FIGURES)
     parts.append("</section>")
 
     parts.append('<section id="provenance"><h2>Provenance</h2>')
@@ -301,6 +293,23 @@ def render_html(res: Results, rendered: list[Rendered], cfg: ReportConfig) -> st
     parts.append("</main>")
     parts.append(f"<script>{_JS}</script>")
     parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _figure_html(i: int, r: Rendered) -> str:
+    """One `<figure>`: number and title, the PNG inline (or why it is not available), the
+    caption headed by the figure's n and resampling unit, and its notes."""
+    e = html.escape
+    parts = [f'<figure id="{r.spec.id}"><h3>{i}. {e(r.spec.title)}</h3>']
+    if r.png is None:
+        parts.append(f'<div class="na">not available: {_md(r.missing or "unknown reason")}</div>')
+    else:
+        b64 = base64.b64encode(r.png).decode("ascii")
+        parts.append(f'<img src="data:image/png;base64,{b64}" alt="{e(r.spec.title)}" '
+                     f'style="width:{r.width_px}px" data-figure="{r.spec.id}">')
+    notes = "".join(f'<p class="fignote">Note: {_md(n)}</p>' for n in r.notes)
+    scope = f'<span class="scope">{_md(r.scope)}.</span> ' if r.scope else ""
+    parts.append(f"<figcaption>{scope}{_md(r.spec.caption)}{notes}</figcaption></figure>")
     return "\n".join(parts)
 
 

@@ -1295,6 +1295,26 @@ def fig_multiturn(res: Results) -> Figure:
 
 FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
+        "fig-behaviour", "Does the model do what the system prompt asks, and stay right?",
+        "Left: for each system prompt that declares checks of its instruction (in brackets: `max_words:15`, "
+        "`language:fr`, `json`, ...), the share of its checks the replies pass with the system prompt (filled) and, "
+        "for the same user prompts, without it (hollow: how often the model does it unasked). Right: the share of "
+        "replies that give the user prompt's expected answer, with and without each system prompt. Replies are the "
+        "stored greedy continuations; a reply cut at the token budget whose verdict more tokens could change is "
+        "left out (note below). Sorted by the change; the bottom row pools the system prompts, and only its "
+        "interval speaks for system prompts in general. A filled dot far right of its hollow one: the instruction "
+        "is followed; far left on the right panel: it costs correct answers.",
+        fig_behaviour),
+    FigureSpec(
+        "fig-behaviour-internal", "Does internal change predict behaviour change?",
+        "Correlation across pairs between a component's relative change at the last prompt token (per layer) and "
+        "the pair's change in behaviour: adherence to the declared checks, correctness, reply length (variant minus "
+        "baseline), with its 95% CI band. A layer whose r is high predicts which pairs change their behaviour, not "
+        "only their next token (compare with the internal-vs-output figure). ★ marks the layer and component "
+        "summary.json names for each behaviour: chosen on one half of the user prompts, with the r and interval "
+        "measured on the other half; the rest of each curve is computed on every pair.",
+        fig_behaviour_internal),
+    FigureSpec(
         "fig-component-layer", "Where the system prompt changes the model: change by layer and component",
         "Each panel is one component (colour) and one metric, at the last prompt token. The line is the mean over "
         "(user prompt, system prompt) pairs of the change between the run with the system prompt (v) and the "
@@ -1404,26 +1424,6 @@ FIGURES: tuple[FigureSpec, ...] = (
         "token, at each component's most affected layer, with 95% CI; shaded spans show the token region. Right: "
         "the same for one residual component at every layer.",
         fig_position),
-    FigureSpec(
-        "fig-behaviour", "Does the model do what the system prompt asks, and stay right?",
-        "Left: for each system prompt that declares checks of its instruction (in brackets: `max_words:15`, "
-        "`language:fr`, `json`, ...), the share of its checks the replies pass with the system prompt (filled) and, "
-        "for the same user prompts, without it (hollow: how often the model does it unasked). Right: the share of "
-        "replies that give the user prompt's expected answer, with and without each system prompt. Replies are the "
-        "stored greedy continuations; a reply cut at the token budget whose verdict more tokens could change is "
-        "left out (note below). Sorted by the change; the bottom row pools the system prompts, and only its "
-        "interval speaks for system prompts in general. A filled dot far right of its hollow one: the instruction "
-        "is followed; far left on the right panel: it costs correct answers.",
-        fig_behaviour),
-    FigureSpec(
-        "fig-behaviour-internal", "Does internal change predict behaviour change?",
-        "Correlation across pairs between a component's relative change at the last prompt token (per layer) and "
-        "the pair's change in behaviour: adherence to the declared checks, correctness, reply length (variant minus "
-        "baseline), with its 95% CI band. A layer whose r is high predicts which pairs change their behaviour, not "
-        "only their next token (compare with the internal-vs-output figure). ★ marks the layer and component "
-        "summary.json names for each behaviour: chosen on one half of the user prompts, with the r and interval "
-        "measured on the other half; the rest of each curve is computed on every pair.",
-        fig_behaviour_internal),
     FigureSpec(
         "fig-causal-patching", "Where the system prompt's effect is carried: activation patching",
         "The baseline run (no system prompt) is re-run with its residual stream replaced by the variant's at one site; "

@@ -64,6 +64,13 @@ def test_behaviour_section_prints_each_system_prompts_adherence_and_correctness(
     n = f"all system prompts ({summary['sample']['n_systems']} system prompts × {summary['sample']['n_users']} user " \
         "prompts): crossed bootstrap over system prompts and user prompts"
     assert n in sec
+    # the behaviour figures are drawn in this section, each once, not in the list of figures
+    figs = page.split('<section id="figures">', 1)[1]
+    for fid in ("fig-behaviour", "fig-behaviour-internal"):
+        assert f'<figure id="{fid}">' in sec and page.count(f'<figure id="{fid}">') == 1
+        assert f'<figure id="{fid}">' not in figs
+    assert sec.index('id="behaviour-systems"') < sec.index('<figure id="fig-behaviour">') \
+        < sec.index('id="behaviour-internal"') < sec.index('<figure id="fig-behaviour-internal">')
 
 
 def test_behaviour_section_names_the_layer_that_predicts_behaviour(built_report, fake_results):

@@ -81,10 +81,11 @@ def test_report_renders_in_chromium(chromium, built_report, tmp_path):
     assert m.group(1) == f"{n}/{n}", f"images loaded: {m.group(1)}, expected {n}/{n}"
 
     shot = tmp_path / "report_screenshot.png"
-    r = _run(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1400,4000", url)
+    # tall enough to reach past the findings and the behaviour section's table into the figures
+    r = _run(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1400,8000", url)
     assert shot.is_file(), f"no screenshot (rc={r.returncode}): {r.stderr[-2000:]}"
     img = mpimg.imread(shot)
-    assert img.shape[:2] == (4000, 1400)
+    assert img.shape[:2] == (8000, 1400)
     rgb = img[..., :3]
     assert rgb.std() > 0.05, "screenshot is (nearly) uniform: the page did not render"
     # the figures are there: a good share of the page is neither background nor text colour

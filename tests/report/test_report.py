@@ -35,7 +35,7 @@ def test_every_figure_is_embedded_and_written(built_report, fake_results):
     assert built_report == fake_results / "report.html"
     assert len(FIGURE_IDS) == 21 and len(set(FIGURE_IDS)) == 21
     assert FIGURE_IDS[15:] == CAUSAL_FIGURES  # after the existing ones, in this order
-    assert FIGURE_IDS[13:15] == ("fig-behaviour", "fig-behaviour-internal")
+    assert FIGURE_IDS[:2] == ("fig-behaviour", "fig-behaviour-internal")  # drawn in the behaviour section
     assert {"fig-system-layer", "fig-length-output-attention"} <= set(FIGURE_IDS)  # the notebook's views
     assert "fig-placement" in FIGURE_IDS
     from promptshift.metrics import PLACEMENT_TABLES
@@ -159,7 +159,7 @@ def test_empty_results_dir_gives_a_report_of_notes(tmp_path):
     html = out.read_text(encoding="utf-8")
     assert out == tmp_path / "sub" / "r.html"
     assert "<img" not in html
-    assert html.count("not available:") == len(FIGURE_IDS) + 2  # + findings + provenance
+    assert html.count("not available:") == len(FIGURE_IDS) + 3  # + findings + behaviour + provenance
 
 
 def test_unusable_inputs_raise_typed_errors(tmp_path):
