@@ -237,3 +237,27 @@ def test_summary_block(beh, tmp_path):
     beh_t = t["behaviour"]
     assert b["unfinished_replies"] == int((~beh_t["finished"]).sum()) == 3  # baseline poem, french add, json poem
     assert set(b["strongest_internal"]) == {"adherence_change", "correct_change", "words_change"}
+
+
+def test_results_doc_names_every_behaviour_column_written(beh):
+    """docs/RESULTS.md's entry for each behaviour table names every column the metrics stage
+    writes (and behaviour_systems' every measure, internal_vs_behaviour's every output)."""
+    import re
+
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+
+    def documented(table: str) -> set[str]:
+        start = text.index(f"### {table}.parquet")
+        end = min(i for i in (text.find("\n### ", start + 1), text.find("\n## ", start + 1)) if i > 0)
+        return set(re.findall(r"`([^`]+)`", text[start:end]))
+
+    _, t = beh
+    for name in ("behaviour", "behaviour_checks", "behaviour_pairs", "behaviour_systems"):
+        cols = set(t[name].columns)
+        assert cols <= documented(name), (name, cols - documented(name))
+    assert set(t["behaviour_systems"]["measure"]) <= documented("behaviour_systems")
+    assert set(t["internal_vs_behaviour"]["output"]) <= documented("internal_vs_behaviour")
+    # internal_vs_behaviour is documented as internal_vs_output's columns: they are the same
+    assert list(t["internal_vs_behaviour"].columns) == list(t["internal_vs_output"].columns)
