@@ -38,7 +38,7 @@ from promptshift.report.style import (
     HIGHLIGHT, METRIC_LABELS, MUTED, NEUTRAL, component_color, region_color, short,
 )
 from promptshift.report.tables import (
-    NotAvailable, Results, at_position, not_control, only_control, pick, system_info,
+    NotAvailable, Results, at_position, not_control, only_control, pick, system_info, without_prefixes,
 )
 
 
@@ -494,6 +494,7 @@ def fig_attention_regions(res: Results) -> Figure:
     if not regions:
         raise NotAvailable("`attention_regions.parquet` has none of the regions sink, system, user, gen_prompt")
     al = res.raw("attention_layers")
+    al = without_prefixes(al) if al is not None else None  # system-prompt pairs, as every other panel
     recent = al is not None and "recent_mass" in al.columns and al["recent_mass"].notna().any()
     fig = _fig(3.3 * (len(regions) + recent) + 0.4, 3.6)
     axes = fig.subplots(1, len(regions) + recent, squeeze=False, sharex=True)[0]

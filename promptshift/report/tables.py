@@ -37,6 +37,24 @@ CAUSAL_TABLES = (
 )
 
 
+# Per-pair and per-prompt tables: with instruction prefixes they also hold the prefix pairs
+# (`placement == "prefix"`; per-prompt tables label a prefix variant's `system` as
+# `prefix:<name>`). The system-prompt figures read them without those rows, as the metrics
+# analyses and summary.json do; the prefixes are compared in fig-placement.
+PAIR_TABLES = ("component_change", "attention_change", "output_change", "lens_change", "attention_regions",
+               "attention_heads", "attention_layers")
+PREFIX_LABEL = "prefix:"
+
+
+def without_prefixes(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of system-prompt pairs (and of their variant and baseline prompts) only."""
+    if "placement" in df.columns:
+        return df[df["placement"].astype(str) != "prefix"]
+    if {"role", "system"} <= set(df.columns):
+        return df[~((df["role"].astype(str) == "variant") & df["system"].astype(str).str.startswith(PREFIX_LABEL))]
+    return df
+
+
 class ReportError(PromptShiftError):
     """The results directory cannot be reported on at all (it does not exist, or is not a folder)."""
 
@@ -83,13 +101,16 @@ class Results:
         return self._cache[name]
 
     def table(self, name: str, columns: tuple[str, ...] | list[str] = (),
-              finite: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
+              finite: tuple[str, ...] | list[str] = (), prefixes: bool = False) -> pd.DataFrame:
         """The table with at least `columns`, without the rows where a `finite` column is NaN
-        or infinite (an undefined metric, e.g. a relative change against a zero norm);
-        raises NotAvailable saying what is missing."""
+        or infinite (an undefined metric, e.g. a relative change against a zero norm), and,
+        for the per-pair and per-prompt tables (PAIR_TABLES), without instruction-prefix
+        pairs unless `prefixes`; raises NotAvailable saying what is missing."""
         df = self.raw(name)
         if df is None:
             raise NotAvailable(f"`{name}.parquet` is not in {self.dir.name}/ (the metrics stage did not write it)")
+        if name in PAIR_TABLES and not prefixes:
+            df = without_prefixes(df)
         if df.empty:
             raise NotAvailable(f"`{name}.parquet` is empty")
         missing = [c for c in (*columns, *finite) if c not in df.columns]

@@ -28,6 +28,35 @@ def small(tmp_path_factory):
     return make_fake_results(tmp_path_factory.mktemp("numbers"), n_systems=8, n_users=5, n_layers=6, seed=3)
 
 
+@pytest.fixture(scope="module")
+def prefixed(small, tmp_path_factory):
+    """The same results with instruction-prefix pairs added, as a sweep with
+    `instruction_prefixes` writes them (`placement` column; per-prompt tables label a prefix
+    variant `prefix:<name>`), with values far from every system prompt's: the system-prompt
+    figures must leave them out, as the metrics analyses and summary.json do."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("prefixed") / "r"
+    shutil.copytree(small, d)
+    cc = pd.read_parquet(d / "component_change.parquet")
+    first = cc.loc[~cc.is_control, "system"].iloc[0]
+    pre = cc[cc.system == first].assign(system="prefix:far", placement="prefix", pair=lambda x: x["pair"] + 10_000)
+    pre["rel_change"], pre["cosine"] = 50.0, 0.01
+    cc["placement"] = np.where(cc.is_control, None, "system")
+    pd.concat([cc, pre], ignore_index=True).to_parquet(d / "component_change.parquet")
+    for name, col in (("attention_layers", "recent_mass"), ("attention_regions", "mass")):
+        t = pd.read_parquet(d / f"{name}.parquet")
+        pre = t[(t.system == first) & (t.role == "variant")].assign(system="prefix:far",
+                                                                     prompt=lambda x: x["prompt"] + 10_000)
+        pre[col] = 0.99
+        pd.concat([t, pre], ignore_index=True).to_parquet(d / f"{name}.parquet")
+    return d
+
+
+def _system_only(df: pd.DataFrame) -> pd.DataFrame:
+    return df[~df.system.astype(str).str.startswith("prefix:")]
+
+
 def _title(ax) -> str:
     return " ".join(ax.get_title(loc) for loc in ("left", "center", "right") if ax.get_title(loc))
 
@@ -43,8 +72,10 @@ def _user_mean(df: pd.DataFrame, by: list[str], value: str) -> pd.Series:
     return df.groupby(by + ["user_id"])[value].mean().groupby(by).mean()
 
 
-def test_system_layer_heatmap_cells_are_the_table_means(small):
-    cc = pd.read_parquet(small / "component_change.parquet")
+@pytest.mark.parametrize("which", ["small", "prefixed"])
+def test_system_layer_heatmap_cells_are_the_table_means(request, which):
+    small = request.getfixturevalue(which)
+    cc = _system_only(pd.read_parquet(small / "component_change.parquet"))
     comp = json.loads((small / "summary.json").read_text())["impact_component"]
     last = cc[(cc.position == "last") & (cc.component == comp)]
     var, ctrl = last[~last.is_control], last[last.is_control]
@@ -91,16 +122,17 @@ def test_length_views_plot_each_system_prompt_and_the_metrics_correlation(small)
             np.testing.assert_array_equal(hollow, li[["n_system_tokens", "attn_system_uniform"]].to_numpy(float))
 
 
-@pytest.mark.parametrize("k", [5, 3])
-def test_recent_tokens_panel_draws_attention_layers_and_names_k(small, tmp_path, k):
+@pytest.mark.parametrize("k, which", [(5, "small"), (3, "small"), (5, "prefixed")])
+def test_recent_tokens_panel_draws_attention_layers_and_names_k(request, tmp_path, k, which):
     import shutil
 
+    small = request.getfixturevalue(which)
     d = tmp_path / "r"
     shutil.copytree(small, d)
     prov = json.loads((d / "provenance.json").read_text())
     prov["metrics"]["recent_k"] = k  # what `metrics --recent-k` records
     (d / "provenance.json").write_text(json.dumps(prov))
-    al = pd.read_parquet(d / "attention_layers.parquet")
+    al = _system_only(pd.read_parquet(d / "attention_layers.parquet"))
     fig = figure(d, "attention-regions")
     ax = _axis(fig, "→ recent")
     assert ax.get_title() == f"→ recent (last {k})"
@@ -112,7 +144,7 @@ def test_recent_tokens_panel_draws_attention_layers_and_names_k(small, tmp_path,
     want = al[al.role == "variant"].groupby("layer")["recent_uniform"].mean()
     np.testing.assert_allclose(uniform.get_ydata(), want.to_numpy(), rtol=RTOL)
     # beside the template regions: the system panel from attention_regions at scope `last`
-    ar = pd.read_parquet(d / "attention_regions.parquet")
+    ar = _system_only(pd.read_parquet(d / "attention_regions.parquet"))
     sys_ = ar[(ar.scope == "last") & (ar.region == "system") & (ar.uniform != 0)]
     ax = _axis(fig, "→ system")
     np.testing.assert_allclose(ax.lines[0].get_ydata(), _user_mean(sys_[sys_.role == "variant"], ["layer"], "mass"),
