@@ -333,7 +333,7 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
                         out=None if out_dir is None else str(out_dir), scheduler=scheduler, workers=workers,
                         n_boot=n_boot, seed=seed, progress=progress, recent_k=recent_k)
     store.require_complete()
-    plan = store.plan
+    plan = store.read_plan(text=False)  # no table reads the prompts' texts (a million of them on cluster sweeps)
     judging = _judging_sweep(plan, sweep)
     if out_dir is None and store.path is not None:
         p = Path(store.path)

@@ -29,7 +29,8 @@ from promptshift.sweep.chat import REGIONS
 # 2: resid_pre stored at layer 0 only when resid_post is stored (``resid_pre_0``)
 # 3: attn_last and attn_pattern in the storage dtype; causal dimensions named <analysis>_<dim>;
 #    HDF5 dimensions as netCDF-4 dimension scales (xarray opens every store as one dataset)
-SCHEMA_VERSION = 3
+# 4: the plan column by column (plan version 2: tables as arrays, texts as UTF-8 bytes)
+SCHEMA_VERSION = 4
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 N_REGIONS = len(REGIONS)
 
@@ -71,16 +72,21 @@ def array_specs(plan) -> list[ArraySpec]:
     P, T, K, B = plan.n_prompts, plan.kept_size, plan.key_size, plan.n_blocks
     cp, ct, ck = s.block_prompts, plan.meta["token_chunk"], plan.meta["key_chunk"]
     sd = np.float16 if s.storage_dtype == "float16" else np.float32
+    # Arrays from the plan are written once, whole, when the store is created (never by
+    # workers), so their chunks need not be a block's: ~1M entries (a multiple of the block
+    # chunk), not the block chunk, which would make 200,000 files per array on a
+    # million-pair sweep; never more than the array (HDF5 refuses a chunk past its shape).
+    sp, st = min(cp * -(-(1 << 20) // cp), max(1, P)), min(ct * -(-(1 << 20) // ct), max(1, T))
     specs = [
         # static, from the plan
-        ArraySpec("token_start", (P,), np.int64, (cp,), ("prompt",), -1, True),
-        ArraySpec("n_tokens", (P,), np.int32, (cp,), ("prompt",), 0, True),
-        ArraySpec("prompt_len", (P,), np.int32, (cp,), ("prompt",), 0, True),
-        ArraySpec("key_start", (P,), np.int64, (cp,), ("prompt",), -1, True),
-        ArraySpec("token_prompt", (T,), np.int32, (ct,), ("token",), -1, True),
-        ArraySpec("token_pos", (T,), np.int32, (ct,), ("token",), -1, True),
-        ArraySpec("token_region", (T,), np.int8, (ct,), ("token",), -1, True),
-        ArraySpec("token_id", (T,), np.int32, (ct,), ("token",), -1, True),
+        ArraySpec("token_start", (P,), np.int64, (sp,), ("prompt",), -1, True),
+        ArraySpec("n_tokens", (P,), np.int32, (sp,), ("prompt",), 0, True),
+        ArraySpec("prompt_len", (P,), np.int32, (sp,), ("prompt",), 0, True),
+        ArraySpec("key_start", (P,), np.int64, (sp,), ("prompt",), -1, True),
+        ArraySpec("token_prompt", (T,), np.int32, (st,), ("token",), -1, True),
+        ArraySpec("token_pos", (T,), np.int32, (st,), ("token",), -1, True),
+        ArraySpec("token_region", (T,), np.int8, (st,), ("token",), -1, True),
+        ArraySpec("token_id", (T,), np.int32, (st,), ("token",), -1, True),
         # per block
         ArraySpec("block_done", (B,), np.uint8, (1,), ("block",), 0),
         ArraySpec("block_selfcheck", (B,), np.float32, (1,), ("block",), np.nan),
@@ -120,7 +126,7 @@ def array_specs(plan) -> list[ArraySpec]:
     if s.full_attention_layers:
         NFL, cq = len(s.full_attention_layers), plan.meta["pattern_chunk"]
         specs += [
-            ArraySpec("pattern_start", (P,), np.int64, (cp,), ("prompt",), -1, True),
+            ArraySpec("pattern_start", (P,), np.int64, (sp,), ("prompt",), -1, True),
             ArraySpec("attn_pattern", (plan.pattern_size, NFL, NH), sd, (cq, NFL, NH),
                       ("pattern", "pattern_layer", "head"), 0),
         ]
@@ -145,8 +151,11 @@ def empty_block(plan, block: int) -> dict[str, np.ndarray]:
 
 
 def _static_values(plan) -> dict[str, np.ndarray]:
+    """The arrays a store gets from the plan at creation: per prompt, its kept rows' offsets
+    and lengths, and per kept row its prompt, position, region and token id (vectorised:
+    a plan of a million prompts has tens of millions of kept rows)."""
     pr = plan.prompts
-    P, T = plan.n_prompts, plan.kept_size
+    T = plan.kept_size
     out = {
         "token_start": pr["kept_start"].to_numpy(np.int64),
         "n_tokens": pr["n_kept"].to_numpy(np.int32),
@@ -154,20 +163,33 @@ def _static_values(plan) -> dict[str, np.ndarray]:
         "key_start": pr["key_start"].to_numpy(np.int64),
         "pattern_start": pr["pattern_start"].to_numpy(np.int64),
     }
-    tp = np.full(T, -1, np.int32)
-    tpos = np.full(T, -1, np.int32)
-    treg = np.full(T, -1, np.int8)
-    tid = np.full(T, -1, np.int32)
-    for p in range(P):
-        r = pr.iloc[p]
-        k0, n = int(r.kept_start), int(r.n_kept)
-        pos = np.arange(int(r.keep_start), int(r.n_tokens))
-        tp[k0 : k0 + n] = p
-        tpos[k0 : k0 + n] = pos
-        treg[k0 : k0 + n] = plan.token_region[int(r.token_offset) + pos]
-        tid[k0 : k0 + n] = plan.token_ids[int(r.token_offset) + pos]
+    n = pr["n_kept"].to_numpy(np.int64)  # (P,)
+    keep0, kept0, off0 = (pr[c].to_numpy(np.int64) for c in ("keep_start", "kept_start", "token_offset"))
+    tp, tpos = np.full(T, -1, np.int32), np.full(T, -1, np.int32)
+    treg, tid = np.full(T, -1, np.int8), np.full(T, -1, np.int32)
+    for a in range(0, len(n), 1 << 14):  # bounded temporaries: tens of millions of kept rows in all
+        nc = n[a : a + (1 << 14)]
+        p = a + np.repeat(np.arange(len(nc), dtype=np.int64), nc)  # (kept,) prompt of each kept row
+        local = np.arange(len(p), dtype=np.int64) - np.repeat(np.cumsum(nc) - nc, nc)  # (kept,) index within it
+        pos = keep0[p] + local  # (kept,) absolute position
+        row = kept0[p] + local  # (kept,) row in the token axis
+        flat = off0[p] + pos  # (kept,) index into the plan's token arrays
+        tp[row], tpos[row] = p, pos
+        treg[row], tid[row] = plan.token_region[flat], plan.token_ids[flat]
     out.update(token_prompt=tp, token_pos=tpos, token_region=treg, token_id=tid)
     return out
+
+
+def _plan_dim(name: str) -> str:
+    """Dimension of a stored plan column: ``plan_prompt`` for ``plan_prompts__*``, ...; a text
+    column's offsets and bytes have their own (``plan_prompts__text__offsets``: one more
+    than the prompts)."""
+    table, _, rest = name[len("plan_"):].partition("__")
+    if rest.endswith("__offsets"):
+        return f"plan_{table}_text_offset"
+    if rest.endswith("__bytes"):
+        return f"plan_{table}_text_byte"
+    return "plan_" + table[:-1]
 
 
 class Store:
@@ -198,7 +220,12 @@ class Store:
         either no store or a complete one; a loser of that race opens the winner's store
         and checks that it holds the same plan."""
         specs = array_specs(plan)
-        plan_hash = plan.hash()
+        from promptshift.sweep.plan import PLAN_VERSION
+
+        # a new store is written with the current plan format and records its hash (the
+        # columns are encoded once: hashed, then written)
+        columns = plan.columns()
+        plan_hash = plan.hash(PLAN_VERSION, columns=columns)
         attrs = {
             "schema_version": SCHEMA_VERSION,
             "plan_hash": plan_hash,
@@ -213,7 +240,7 @@ class Store:
         }
         if path is None or fmt == "null":
             be = NullBackend() if fmt == "null" else MemoryBackend()
-            cls._fill(be, specs, plan, attrs)
+            cls._fill(be, specs, plan, attrs, columns)
             return cls(be, None, "r+")
         path = Path(path)
         if path.exists():
@@ -221,7 +248,9 @@ class Store:
                 remove_path(path)
             else:
                 existing = open_store(path)
-                if existing.attrs.get("plan_hash") != plan_hash:
+                # a store planned with an older plan format recorded that format's hash
+                v = existing.plan_version
+                if existing.attrs.get("plan_hash") != (plan_hash if v == PLAN_VERSION else plan.hash(v)):
                     try:
                         why = existing.plan.difference(plan) or "another sweep, model or settings"
                     except Exception:  # an unreadable plan: say what is certain
@@ -241,7 +270,7 @@ class Store:
         remove_path(tmp)
         try:
             be = open_backend(tmp, "w", fmt)
-            cls._fill(be, specs, plan, attrs)
+            cls._fill(be, specs, plan, attrs, columns)
             be.close()
             os.rename(tmp, path)
         except OSError as e:
@@ -255,12 +284,15 @@ class Store:
         return open_store(path, mode="r+")
 
     @staticmethod
-    def _fill(be: Backend, specs, plan, attrs) -> None:
+    def _fill(be: Backend, specs, plan, attrs, columns=None) -> None:
         static = _static_values(plan)
-        blob = np.frombuffer(json.dumps(plan.to_json()).encode("utf-8"), dtype=np.uint8)
+        blob = np.frombuffer(json.dumps(plan.header()).encode("utf-8"), dtype=np.uint8)
         jobs = [(sp.name, sp.shape, sp.dtype, sp.chunks, sp.dims, sp.fill_value,
                  static[sp.name] if sp.static and sp.shape[0] else None) for sp in specs]
         jobs.append(("plan_json", blob.shape, np.uint8, (max(1, blob.size),), ("plan_byte",), 0, blob))
+        # the plan's tables, column by column (docs/STORE.md, "The plan")
+        for name, a in (plan.columns() if columns is None else columns).items():
+            jobs.append((name, a.shape, a.dtype, (max(1, min(a.size, 1 << 20)),), (_plan_dim(name),), 0, a))
         for name, a in (("plan_token_ids", plan.token_ids), ("plan_token_region", plan.token_region),
                         ("plan_token_turn", plan.token_turn)):
             jobs.append((name, a.shape, a.dtype, (max(1, min(a.size, 1 << 20)),), ("plan_token",), 0, a))
@@ -273,8 +305,17 @@ class Store:
         def make(job):
             name, shape, dtype, chunks, dims, fill, value = job
             arr = be.create_array(name, shape, dtype, chunks, dims, fill)
-            if value is not None:
+            if value is None:
+                return
+            # whole chunks at a time, ~4M entries: the backend's encoding buffers stay bounded
+            # (arrays of tens of millions of tokens on million-pair plans, 8 written at once)
+            n = len(value) if value.ndim else 0
+            step = chunks[0] * max(1, (1 << 22) // max(1, int(np.prod(chunks))))
+            if value.ndim == 0 or n <= step:
                 arr[...] = value
+                return
+            for a in range(0, n, step):
+                arr[a : a + step] = value[a : a + step]
 
         if be.concurrent_create:  # each array is its own files: create them side by side (I/O latency)
             from concurrent.futures import ThreadPoolExecutor
@@ -288,20 +329,34 @@ class Store:
 
     # --- reading --------------------------------------------------------------------------
     @cached_property
+    def _plan_header(self) -> dict:
+        blob = np.asarray(self.backend.array("plan_json")[...], dtype=np.uint8).tobytes()
+        return json.loads(blob.decode("utf-8"))
+
+    @property
+    def plan_version(self) -> int:
+        """The format the plan is stored in (1: one JSON document; 2: column by column)."""
+        return int(self._plan_header.get("plan_version", 1))
+
+    @cached_property
     def plan(self):
+        return self.read_plan()
+
+    def read_plan(self, *, text: bool = True):
+        """The store's plan (:attr:`plan` is this, read once). Its token arrays are read when
+        first used; ``text=False`` leaves the prompt texts out, for readers that never use
+        them on sweeps of millions of prompts (the metrics)."""
         from promptshift.sweep.plan import Plan
 
-        blob = np.asarray(self.backend.array("plan_json")[...], dtype=np.uint8).tobytes()
-        names = set(self.names())
-        extra = {k: self.backend.array(name)[...] for k, name in (("token_offsets", "plan_token_offsets"),
-                                                                   ("spans", "plan_spans")) if name in names}
-        return Plan.from_json(
-            json.loads(blob.decode("utf-8")),
-            self.backend.array("plan_token_ids")[...],
-            self.backend.array("plan_token_region")[...],
-            self.backend.array("plan_token_turn")[...],
-            **extra,
-        )
+        head = self._plan_header
+        read = lambda name: self.backend.array(name)[...]  # noqa: E731
+        if head.get("plan_version") == 1:  # one JSON document (stores planned before plan version 2)
+            names = set(self.names())
+            extra = {k: read(name) for k, name in (("token_offsets", "plan_token_offsets"), ("spans", "plan_spans"))
+                     if name in names}
+            return Plan.from_json(head, read("plan_token_ids"), read("plan_token_region"), read("plan_token_turn"),
+                                  **extra)
+        return Plan.from_store(head, read, self.names(), text=text)
 
     @property
     def provenance(self) -> dict:

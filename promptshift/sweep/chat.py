@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -199,14 +200,29 @@ def _apply(tok, messages: list[dict], add_generation_prompt: bool, clock: Templa
         raise TemplateError(f"the chat template failed to render {[m['role'] for m in messages]}: {e}") from e
 
 
+_HAS_SYSTEM_ROLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tok -> {(template, clock): bool}
+
+
 def template_has_system_role(tok, clock: TemplateClock | None = None) -> bool:
     """True when a system message's content appears in the rendering (in its own turn or
-    folded into a user turn)."""
+    folded into a user turn). Remembered per tokenizer, chat template and clock (every
+    prompt of a plan asks: a million renderings of the probe otherwise); a template that
+    reads the clock is asked again each time when no clock is given."""
+    template = getattr(tok, "chat_template", None)
+    key = (template if isinstance(template, str) else repr(template), None if clock is None else clock.iso())
+    cacheable = clock is not None or not template_reads_clock(tok)
     try:
-        text = _apply(tok, [{"role": "system", "content": _ph(0)}, {"role": "user", "content": _ph(1)}], True, clock)
-    except TemplateError:
-        return False
-    return _ph(0) in text
+        known = _HAS_SYSTEM_ROLE.setdefault(tok, {}) if cacheable else {}
+    except TypeError:  # a tokenizer that cannot be weakly referenced: not remembered
+        known = {}
+    if key not in known:
+        try:
+            text = _apply(tok, [{"role": "system", "content": _ph(0)}, {"role": "user", "content": _ph(1)}], True,
+                          clock)
+            known[key] = _ph(0) in text
+        except TemplateError:
+            known[key] = False
+    return known[key]
 
 
 def injected_default_system(tok, clock: TemplateClock | None = None) -> str | None:

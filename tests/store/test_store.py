@@ -169,7 +169,7 @@ def test_not_a_store(tmp_path):
 def test_plan_blob_is_json(plan, tmp_path):
     st = _make("zarr", plan, tmp_path)
     blob = bytes(np.asarray(st.array("plan_json")[...], dtype=np.uint8))
-    assert json.loads(blob)["plan_version"] == 1
+    assert json.loads(blob)["plan_version"] == 2  # version 2: the tables column by column
 
 
 @pytest.mark.parametrize("h", [5, 45_000])  # 45,000: 1.08 MB chunks, written past the page cache (directio)
