@@ -104,7 +104,8 @@ def run_scaling(args, run_worker) -> None:
 
 
 # --- plans and metrics at cluster scale (issue 20): `python scripts/bench_scaling.py --plan ...` -----------------
-def grid_sweep(n_pairs: int, model=None, seed: int = 0, keep: str = "suffix", max_new_tokens: int = 32):
+def grid_sweep(n_pairs: int, model=None, seed: int = 0, keep: str = "suffix", max_new_tokens: int = 32,
+               full_logprobs: bool = True):
     """A crossed synthetic sweep of about ``n_pairs`` pairs: S system prompts x U user prompts
     with S = floor(sqrt(n_pairs)) and U = n_pairs // S (1000 x 1000 at 1,000,000; 316 x 316 =
     99,856 at 100,000; 100 x 100 at 10,000), texts as in :func:`synthetic_sweep`."""
@@ -118,7 +119,7 @@ def grid_sweep(n_pairs: int, model=None, seed: int = 0, keep: str = "suffix", ma
     systems = [SystemPrompt(name=f"sys{i:04d}", text="You are " + _text(rng, 12, 60, ".")) for i in range(n_sys)]
     users = [UserPrompt(id=f"u{j:06d}", text=_text(rng, 6, 30, "?"), category=f"cat{j % 5}") for j in range(n_user)]
     return SweepConfig(name=f"grid{n_pairs}", model=model, system_prompts=systems, user_prompts=users, keep=keep,
-                       max_new_tokens=max_new_tokens)
+                       max_new_tokens=max_new_tokens, full_logprobs=full_logprobs)
 
 
 def _peak_mb() -> float:
@@ -174,7 +175,10 @@ def synthetic_store(path: str | Path, n_pairs: int, *, keep: str = "last", max_n
     from promptshift.sweep.chat import REGIONS
     from promptshift.sweep.plan import ModelDims, build_plan, load_plan_inputs
 
-    s = grid_sweep(n_pairs, keep=keep, max_new_tokens=max_new_tokens)
+    # top-k log-probs only: whole next-token log-probs are 4 x vocab bytes a prompt (20 GB of
+    # NaN at 100,000 pairs with this vocabulary, read back by every output task) and are
+    # read per block by the workers, never by the driver whose memory this measures
+    s = grid_sweep(n_pairs, keep=keep, max_new_tokens=max_new_tokens, full_logprobs=False)
     tok, _ = load_plan_inputs(s)
     dims = ModelDims(**SYNTH_DIMS)
     plan = build_plan(s, tok, dims)

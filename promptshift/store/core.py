@@ -317,6 +317,11 @@ class Store:
             for a in range(0, n, step):
                 arr[a : a + step] = value[a : a + step]
 
+        del static  # the jobs hold the static arrays now: each is freed once written
+        # arrays past 64 MB (a million-pair plan's tokens) one at a time, after the rest: the
+        # backend encodes their chunks in parallel itself, and their encoding buffers never add up
+        large = [j for j in jobs if j[6] is not None and j[6].nbytes > 64 << 20]
+        jobs = [j for j in jobs if j[6] is None or j[6].nbytes <= 64 << 20]
         if be.concurrent_create:  # each array is its own files: create them side by side (I/O latency)
             from concurrent.futures import ThreadPoolExecutor
 
@@ -325,6 +330,8 @@ class Store:
         else:
             for job in jobs:
                 make(job)
+        while large:
+            make(large.pop(0))
         be.set_attrs(attrs)
 
     # --- reading --------------------------------------------------------------------------
