@@ -19,7 +19,7 @@ import importlib
 from promptshift.api import Comparison, Sweep, compare, open, plan, run
 
 _LAZY = {"extract": "promptshift.extract", "causal": "promptshift.causal", "metrics": "promptshift.metrics",
-         "report": "promptshift.report", "Results": "promptshift.report.tables"}
+         "report": "promptshift.report", "Results": "promptshift.results"}
 
 
 def __getattr__(name: str):

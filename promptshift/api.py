@@ -71,41 +71,52 @@ def open(path: str | Path):  # noqa: A001 - ps.open(PATH), like zarr.open / xarr
 
 def run(sweep: SweepConfig | str | Path | None = "quick", out: str | Path = "runs/default", *, model: str | None = None,
         causal: bool = True, causal_users: int | None = None, workers: int | None = None, overwrite: bool = False,
-        baseline: str | None = None, echo: Callable[[str], None] | None = None):
+        baseline: str | None = None, device: str | None = None, dtype: str | None = None, progress: bool = True,
+        echo: Callable[[str], None] | None = None, **sweep_overrides: Any):
     """The whole pipeline: plan -> extract -> causal analyses -> metrics -> report.
 
     Writes ``out/store.zarr``, ``out/results/`` and ``out/report.html`` and returns the
     :class:`Results` (``.report`` is the HTML path). ``causal_users=N`` runs the causal
-    analyses on N user prompts spread over the sweep (default all); a rerun keeps what an
-    earlier run finished (extraction blocks, causal analyses). ``echo`` receives one line per
-    stage (default: stderr)."""
-    from promptshift.causal import CausalConfig, missing_analyses, run_causal
+    analyses on N user prompts spread over the sweep (default all; steering, which tests
+    on held-out user prompts, is skipped with a note below 2); a rerun keeps what an
+    earlier run finished (extraction blocks, causal analyses). ``device`` / ``dtype`` as for
+    extract (default: auto); ``sweep_overrides``: sweep fields (``keep``,
+    ``chat_template``, ``trust_remote_code``, ``max_new_tokens``, ...). ``echo`` receives one
+    line per stage (default: stderr). Errors: SweepError / TemplateError for the sweep,
+    ExtractError, CausalError, MetricsError from the stages."""
+    from promptshift.causal import CausalConfig, missing_analyses, run_causal, scope_users
     from promptshift.extract.run import ExtractConfig
     from promptshift.extract.run import extract as _extract
     from promptshift.metrics import metrics
     from promptshift.report import report
 
     say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    s = _sweep(sweep if sweep is not None else "quick", model=model, baseline=baseline)  # bad input: nothing written
+    s = _sweep(sweep if sweep is not None else "quick", model=model, baseline=baseline,
+               **sweep_overrides)  # bad input: nothing written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store_path = out / "store.zarr"
     n = 4 if causal else 3
     t0 = time.perf_counter()
     say(f"[1/{n}] extract {s.name}: {len(s.variants)} system x {len(s.user_prompts)} user prompts -> {store_path}")
-    st = _extract(s, ExtractConfig(store=str(store_path), overwrite=overwrite))
+    st = _extract(s, ExtractConfig(store=str(store_path), overwrite=overwrite, device=device, dtype=dtype,
+                                   progress=progress))
     t1 = time.perf_counter()
     say(f"      done in {t1 - t0:.0f} s")
     if causal:
         todo = missing_analyses(st, s, causal_users)  # a rerun keeps what an earlier run finished
+        if "steering" in todo and len(scope_users(s, causal_users)) < 2:
+            todo = tuple(a for a in todo if a != "steering")
+            say("      steering skipped: it tests on held-out user prompts, and the causal scope has fewer than 2")
         say(f"[2/{n}] causal analyses: {', '.join(todo) or 'all already in the store'}")
         if todo:
-            run_causal(s, CausalConfig(store=str(store_path), analyses=tuple(todo), users=causal_users))
+            run_causal(s, CausalConfig(store=str(store_path), analyses=tuple(todo), users=causal_users,
+                                       device=device, dtype=dtype, progress=progress))
         say(f"      done in {time.perf_counter() - t1:.0f} s")
     t2 = time.perf_counter()
     results_dir = out / "results"
     say(f"[{n - 1}/{n}] metrics -> {results_dir}")
-    res = metrics(str(store_path), results_dir, workers=workers, sweep=s)  # judged with the sweep's checks as given
+    res = metrics(str(store_path), results_dir, workers=workers, sweep=s, progress=progress)  # judged with the sweep's checks as given
     t3 = time.perf_counter()
     say(f"      done in {t3 - t2:.0f} s")
     say(f"[{n}/{n}] report")

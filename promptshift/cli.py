@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -19,6 +19,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 SweepArg = typer.Argument(None, help="sweep YAML, JSON prompt file, or built-in suite name (default: default)")
 
+# Options that several commands share, each defined once (same name, type and help everywhere).
+Model = Annotated[Optional[str], typer.Option(help="model: HF id, local dir or .gguf (default: the sweep's, else "
+                                              "the embedded SmolLM2-135M-Instruct)")]
+Keep = Annotated[Optional[str], typer.Option(help="positions to keep: last, suffix or all")]
+ChatTemplate = Annotated[Optional[str], typer.Option(help="Jinja chat template file for models without one")]
+TrustRemoteCode = Annotated[bool, typer.Option(help="allow the model repository's own code")]
+AllowPickle = Annotated[bool, typer.Option(help="allow pickled .bin weights (they can run code)")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ..., or auto-split to spread a model over "
+                                               "all GPUs (default: auto)")]
+Dtype = Annotated[Optional[str], typer.Option(help="compute dtype: auto, float32, float16, bfloat16")]
+Progress = Annotated[bool, typer.Option(help="show progress bars")]
+Overwrite = Annotated[bool, typer.Option(help="replace a store that holds a different plan")]
+Baseline = Annotated[Optional[str], typer.Option(
+    help="baseline condition: no_system_turn, empty_system or a system prompt's name (default: the sweep's; "
+         "no_system_turn for a JSON prompt file, empty_system for YAML)")]
+Workers = Annotated[Optional[int], typer.Option(help="local dask workers for metrics (default 1)")]
+
 
 def _sweep_overrides(model, keep, storage_dtype, chat_template, trust_remote_code, max_new_tokens=None,
                      baseline=None):
@@ -27,43 +44,25 @@ def _sweep_overrides(model, keep, storage_dtype, chat_template, trust_remote_cod
                 baseline=baseline)
 
 
-def _baseline_option():
-    return typer.Option(None, help="baseline condition: no_system_turn, empty_system or a system prompt's name "
-                        "(default: the sweep's; no_system_turn for a JSON prompt file, empty_system for YAML)")
-
-
 @app.command()
 def suites():
     """List the built-in prompt suites and sweeps."""
-    import yaml
+    from promptshift.sweep.config import describe_suites
 
-    from promptshift.sweep.config import builtin_suites
-
-    for name, path in sorted(builtin_suites().items()):
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if "system_prompts" in d:
-            cats = sorted({u.get("category", "?") for u in d["user_prompts"]})
-            tags = sorted({t for s in d["system_prompts"] for t in s.get("tags", [])})
-            typer.echo(f"{name}: {len(d['system_prompts'])} system prompts ({', '.join(tags)}), "
-                       f"{len(d['user_prompts'])} user prompts ({', '.join(cats)})")
-        elif "conversations" in d:
-            turns = sum(len(c["turns"]) for c in d["conversations"])
-            typer.echo(f"{name}: multi-turn, {len(d['conversations'])} conversations, {turns} turns, "
-                       f"rule: {d['rule']['description']}")
-        if d.get("description"):
-            typer.echo(f"    {d['description']}")
+    for line in describe_suites():
+        typer.echo(line)
 
 
 @app.command()
 def plan(
     sweep: Optional[str] = SweepArg,
-    model: Optional[str] = typer.Option(None, help="model: HF id, local dir or .gguf (default: embedded SmolLM2)"),
-    keep: Optional[str] = typer.Option(None, help="positions to keep: last, suffix or all"),
+    model: Model = None,
+    keep: Keep = None,
     shards: int = typer.Option(1, help="show how the blocks split into this many shards"),
-    chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file for models without one"),
-    trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
+    chat_template: ChatTemplate = None,
+    trust_remote_code: TrustRemoteCode = False,
     out: Optional[Path] = typer.Option(None, help="also write the plan as JSON here"),
-    baseline: Optional[str] = _baseline_option(),
+    baseline: Baseline = None,
 ):
     """Render every prompt, pair and align them, and print counts and store-size estimates."""
     from promptshift.sweep.config import load_sweep
@@ -88,33 +87,36 @@ def extract(
     sweep: Optional[str] = SweepArg,
     store: Path = typer.Option(..., help="store path (zarr directory, or .h5 file with --format hdf5)"),
     shard: Optional[str] = typer.Option(None, help="I/N: fill only shard I of N (0-based)"),
-    keep: Optional[str] = typer.Option(None, help="positions to keep: last, suffix or all"),
+    keep: Keep = None,
     format: str = typer.Option("zarr", help="zarr or hdf5"),
-    overwrite: bool = typer.Option(False, help="replace a store that holds a different plan"),
-    model: Optional[str] = typer.Option(None, help="model: HF id, local dir or .gguf (default: embedded SmolLM2)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..., or auto-split to spread a model "
-                                         "over all GPUs (default: auto)"),
+    overwrite: Overwrite = False,
+    model: Model = None,
+    device: Device = None,
     devices: Optional[str] = typer.Option(None, help="comma-separated devices: one process per device, each "
                                           "filling one shard (e.g. cuda:0,cuda:1)"),
-    dtype: Optional[str] = typer.Option(None, help="compute dtype: auto, float32, float16, bfloat16"),
+    dtype: Dtype = None,
     storage_dtype: Optional[str] = typer.Option(None, help="float16 (default) or float32 on disk"),
     max_new_tokens: Optional[int] = typer.Option(None, help="greedy continuation length (0 to skip)"),
     prefix_sharing: bool = typer.Option(True, help="compute each shared system prefix once"),
     packing: bool = typer.Option(True, help="run each batch's real tokens as one packed sequence outside "
                                  "attention (models on one device); --no-packing pads every module"),
-    chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file for models without one"),
-    trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
-    allow_pickle: bool = typer.Option(False, help="allow pickled .bin weights (they can run code)"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    chat_template: ChatTemplate = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    progress: Progress = True,
     init_only: bool = typer.Option(False, help="only create the store from the plan"),
     requeue: bool = typer.Option(True, help="under SLURM, requeue this task when stopped by SIGTERM/SIGUSR1"),
-    baseline: Optional[str] = _baseline_option(),
+    baseline: Baseline = None,
 ):
     """Run the model over the sweep and fill (this shard of) the activation store."""
     if devices:
         if shard:
             raise typer.BadParameter("--devices makes its own shards; do not combine it with --shard")
-        _launch_per_device(devices.split(","), sys.argv[1:])
+        from promptshift.scale.devices import launch_per_device
+
+        code = launch_per_device(devices.split(","), sys.argv[1:])
+        if code:
+            raise typer.Exit(code)
         return
     from promptshift.extract.run import ExtractConfig
     from promptshift.extract.run import extract as run_extract
@@ -131,56 +133,13 @@ def extract(
     typer.echo(f"store {store}: {int(d.sum())}/{d.size} blocks done ({time.perf_counter() - t0:.1f} s)")
 
 
-def _launch_per_device(devs: list[str], argv: list[str]) -> None:
-    """One extract process per device, shard i of len(devs) on device i; they share the
-    store safely because each shard owns whole chunks."""
-    import subprocess
-
-    args, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--devices":
-            skip = True
-            continue
-        if a.startswith("--devices="):
-            continue
-        args.append(a)
-    procs = [subprocess.Popen([sys.executable, "-m", "promptshift.cli", *args, "--shard", f"{i}/{len(devs)}",
-                               "--device", d]) for i, d in enumerate(devs)]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise typer.Exit(max(codes))
-
-
 @app.command()
 def info(store: Path = typer.Argument(..., help="store path")):
     """Summarise a store: plan, provenance, completeness, sizes."""
     from promptshift.store import open_store
+    from promptshift.store.verify import describe_store
 
-    st = open_store(store)
-    typer.echo(describe_store(st))
-
-
-def describe_store(st) -> str:
-    p, prov = st.plan, st.provenance
-    d = st.done()
-    lines = [
-        f"store: {st.path} (format {st.backend.format}, schema {st.attrs['schema_version']})",
-        f"model: {prov.get('model_id')} [{prov.get('model_type')}] weights sha256 {str(prov.get('weights_sha256'))[:16]}"
-        f" dtype {prov.get('dtype')} on {prov.get('device')}, stored as {prov.get('storage_dtype')}",
-        p.summary(),
-        f"keep: {st.attrs['keep']}; components: {', '.join(st.components)}",
-        f"blocks done: {int(d.sum())}/{d.size}" + ("" if d.all() else f" (missing e.g. {list(map(int, (~d).nonzero()[0][:5]))})"),
-    ]
-    sc = st.array("block_selfcheck")[...]
-    if (~(sc != sc)).any():
-        lines.append(f"batched-vs-alone self-check (max relative diff): {float(max(x for x in sc if x == x)):.2e}")
-    if st.path is not None and st.path.exists():
-        size = sum(f.stat().st_size for f in st.path.rglob("*") if f.is_file()) if st.path.is_dir() else st.path.stat().st_size
-        lines.append(f"size on disk: {size / 2**20:.1f} MiB")
-    return "\n".join(lines)
+    typer.echo(describe_store(open_store(store)))
 
 
 @app.command()
@@ -211,7 +170,7 @@ def metrics(
     store: Path = typer.Argument(..., help="store path"),
     out: Path = typer.Option(..., help="results directory"),
     scheduler: Optional[str] = typer.Option(None, help="address of a running dask scheduler (tcp://host:port)"),
-    workers: Optional[int] = typer.Option(None, help="local dask workers (default 1)"),
+    workers: Workers = None,
     slurm_workers: Optional[int] = typer.Option(None, help="start this many dask workers as Slurm jobs"),
     recent_k: int = typer.Option(5, help="\"recent tokens\": attention share of the last K keys of the last "
                                  "query row (attention_layers.recent_mass)"),
@@ -280,19 +239,18 @@ def causal(
     max_new_tokens: int = typer.Option(16, help="reply length for the multi-turn rule check"),
     continuation_tokens: int = typer.Option(16, help="first tokens of each variant's stored reply that the "
                                             "continuation analysis scores"),
-    model: Optional[str] = typer.Option(None, help="load the weights from here (HF id, local dir or .gguf) instead "
-                                        "of the store's model; they must be the same weights (sha256)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: auto)"),
-    dtype: Optional[str] = typer.Option(None, help="compute dtype: auto, float32, float16, bfloat16"),
-    chat_template: Optional[str] = typer.Option(None, help="with SWEEP: Jinja chat template file for models "
-                                                "without one (the store's sweep names its own)"),
-    trust_remote_code: bool = typer.Option(False, help="allow the model repository's own code"),
-    allow_pickle: bool = typer.Option(False, help="allow pickled .bin weights (they can run code)"),
-    progress: bool = typer.Option(True, help="show progress bars"),
+    model: Annotated[Optional[str], typer.Option(
+        help="load the weights from here (HF id, local dir or .gguf) instead of the store's model; they must be "
+             "the same weights (sha256)")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    chat_template: ChatTemplate = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    progress: Progress = True,
     skip_done: bool = typer.Option(False, help="skip the analyses already in the store for these user prompts "
                                    "(resume after an interruption)"),
-    baseline: Optional[str] = typer.Option(None, help="with SWEEP: its baseline condition, as for `extract` (the "
-                                           "store's sweep holds the one it was extracted with)"),
+    baseline: Baseline = None,
 ):
     """Causal analyses (activation patching, system-span knockout, phrase ablation, steering
     vectors, multi-turn decay) with the model, written into the store for `metrics`."""
@@ -336,21 +294,30 @@ def report(results: Path = typer.Argument(..., help="results directory from `pro
 @app.command()
 def run(
     sweep: Optional[str] = typer.Option(None, help="sweep YAML, JSON prompt file or suite (default: quick)"),
-    model: Optional[str] = typer.Option(None, help="model (default: embedded SmolLM2-135M-Instruct)"),
+    model: Model = None,
     out: Path = typer.Option(Path("runs/default"), help="output directory"),
-    workers: Optional[int] = typer.Option(None, help="local dask workers for metrics"),
-    overwrite: bool = typer.Option(False, help="replace an existing store with a different plan"),
+    workers: Workers = None,
+    overwrite: Overwrite = False,
     causal: bool = typer.Option(True, help="run the causal analyses (patching, knockout, phrases, steering, "
                                 "multi-turn) between extract and metrics"),
     causal_users: Optional[int] = typer.Option(None, help="causal analyses on N user prompts spread evenly over "
                                                "the sweep (default: all)"),
-    baseline: Optional[str] = _baseline_option(),
+    baseline: Baseline = None,
+    keep: Keep = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    chat_template: ChatTemplate = None,
+    trust_remote_code: TrustRemoteCode = False,
+    progress: Progress = True,
 ):
     """plan -> extract -> causal -> metrics -> report, in one go."""
     from promptshift.api import run as run_pipeline
 
     run_pipeline(sweep or "quick", out, model=model, causal=causal, causal_users=causal_users, workers=workers,
-                 overwrite=overwrite, baseline=baseline, echo=typer.echo)
+                 overwrite=overwrite, baseline=baseline, device=device, dtype=dtype, progress=progress,
+                 echo=typer.echo, **{k: v for k, v in _sweep_overrides(None, keep, None, chat_template,
+                                                                       trust_remote_code).items()
+                                     if v is not None and k != "model"})
 
 
 # commands that fill a store in resumable steps (blocks, analyses): a rerun continues them

@@ -60,7 +60,7 @@ class Batch:
 
     def __init__(self, plan, prompts: list[int], n_layers: int, n_heads: int):
         from promptshift.extract.attention import AttnStats
-        from promptshift.sweep.chat import REGIONS
+        from promptshift.vocabulary import REGIONS
 
         self.prompts = prompts
         self.lens = [int(plan.prompts.n_tokens.iloc[p]) for p in prompts]

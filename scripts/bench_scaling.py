@@ -172,8 +172,8 @@ def synthetic_store(path: str | Path, n_pairs: int, *, keep: str = "last", max_n
     import numpy as np
 
     from promptshift.store.core import Store, empty_block, stored_name
-    from promptshift.sweep.chat import REGIONS
     from promptshift.sweep.plan import ModelDims, build_plan, load_plan_inputs
+    from promptshift.vocabulary import REGIONS
 
     # top-k log-probs only: whole next-token log-probs are 4 x vocab bytes a prompt (20 GB of
     # NaN at 100,000 pairs with this vocabulary, read back by every output task) and are

@@ -13,6 +13,9 @@ region (the instruction and its separator, at the start of the user turn) where 
 prompt's is the ``system`` region; knockout blocks it, phrase ablation leaves its phrases
 out, token attribution runs over its tokens. Every array is per pair (or per instruction
 label, ``prefix:<name>`` for a prefix), so ``promptshift metrics`` can tell them apart.
+
+Size: five analyses that share the reference runs, the scope and the row builders; each is
+one function of about eighty lines.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from promptshift.causal.phrases import split_phrases, without
 from promptshift.causal.runner import Edit, Row, Runner, kl
 from promptshift.errors import PromptShiftError
 from promptshift.extract.batching import plan_batches
-from promptshift.sweep.chat import REGION_CODE, REGIONS, conversation, render
+from promptshift.progress import progress
+from promptshift.sweep.chat import conversation, render
 from promptshift.sweep.plan import pair_placement
+from promptshift.vocabulary import REGION_CODE, REGIONS
 
 SYSTEM = REGION_CODE["system"]
 PREFIX = REGION_CODE["prefix"]
@@ -72,12 +77,6 @@ class Scope:
     progress: bool = True
 
 
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
 class Refs:
     """The unpatched runs every analysis compares against: for each prompt in scope, its
     last-position log-probabilities and its residual stream at every site, at the aligned
@@ -115,7 +114,7 @@ class Refs:
             ids = plan.prompt_tokens(p)
             h = max(1, min(head[p], len(ids) - 1))
             rows.append(Row(ids[:h], ids[h:], capture=np.arange(min(self.first[p], len(ids) - 1), len(ids)) - h))
-        bar = _bar(len(prompts), "reference runs", scope.progress)
+        bar = progress(len(prompts), "reference runs", unit="row", enabled=scope.progress, leave=False)
         for i, o in runner.stream(rows, capture=True, progress=bar):
             self.resid[prompts[i]], self.logprobs[prompts[i]] = o.resid, o.logprobs.clone()
         bar.close()
@@ -192,7 +191,7 @@ def patching(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
             rows.append(Row(b_ids[:-1], b_ids[-1:], [Edit(site, np.array([0]), src[-1:, site])], start=start))
             where.append((i, 1, site, v))
     targets = _Targets(refs, [w[3] for w in where])
-    bar = _bar(len(rows), "patching", scope.progress)
+    bar = progress(len(rows), "patching", unit="row", enabled=scope.progress, leave=False)
     for j, o in runner.stream(rows, progress=bar):
         i, m, site, v = where[j]
         out_kl[i, m, site], out_lp[i, m, site] = targets.measure(v, o.logprobs)
@@ -235,7 +234,7 @@ def knockout(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
                             knockout_keys=keys, knockout_start=start, start=s0))
             where.append((i, start, v, int(r.baseline)))
     targets = _Targets(refs, [w[2] for w in where])
-    bar = _bar(len(rows), "knockout", scope.progress)
+    bar = progress(len(rows), "knockout", unit="row", enabled=scope.progress, leave=False)
     for j, o in runner.stream(rows, progress=bar):
         i, start, v, b = where[j]
         out_kl[i, start], out_lp[i, start] = targets.measure(v, o.logprobs)
@@ -307,7 +306,7 @@ def phrases(runner: Runner, plan, scope: Scope, refs: Refs | None = None, tok=No
     kl_ab = np.full((n_ph, U), np.nan, np.float32)
     kl_va = np.full((n_ph, U), np.nan, np.float32)
     internal_a = np.full((n_ph, U), np.nan, np.float32)
-    bar = _bar(len(rows), "phrase ablation", scope.progress)
+    bar = progress(len(rows), "phrase ablation", unit="row", enabled=scope.progress, leave=False)
     for j, o in runner.stream(rows, capture=True, progress=bar):
         pi, u_i = where[j]
         r = key[(phrase_rows[pi]["system"], users[u_i])]
@@ -385,7 +384,7 @@ def token_attribution(runner: Runner, plan, scope: Scope, refs: Refs, systems, k
     occlusion check of these attributions at the phrase level (see docs/CAUSAL.md)."""
     users = list(scope.users)
     token_rows, blocks = [], []
-    bar = _bar(len(systems) * len(users), "token attribution", scope.progress)
+    bar = progress(len(systems) * len(users), "token attribution", unit="row", enabled=scope.progress, leave=False)
     for s in systems:
         first = key[(s.name, users[0])]
         code = _span_code(first)
@@ -469,7 +468,7 @@ def steering(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
     out_kl = np.zeros((len(pairs), L + 1), np.float32)
     out_lp = np.zeros_like(out_kl)
     targets = _Targets(refs, [w[2] for w in where])
-    bar = _bar(len(rows), "steering", scope.progress)
+    bar = progress(len(rows), "steering", unit="row", enabled=scope.progress, leave=False)
     for j, o in runner.stream(rows, progress=bar):
         i, site, v = where[j]
         out_kl[i, site], out_lp[i, site] = targets.measure(v, o.logprobs)

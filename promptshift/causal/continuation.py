@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from promptshift.causal.analyses import PATCH_MODES, Refs, Scope, _bar
+from promptshift.causal.analyses import PATCH_MODES, Refs, Scope
 from promptshift.causal.runner import Edit, Row, Runner
+from promptshift.progress import progress
 
 # Memory cap (bytes) of the reply residuals kept at once (float32, (len(y) - 1, L+1, H) per
 # pair): the pairs run in chunks that fit, each chunk's baselines first.
@@ -124,7 +125,8 @@ def continuation(runner: Runner, plan, scope: Scope, refs: Refs, gen_ids: np.nda
         else:
             lp[i, k[0], k[1]] = score
 
-    bar = _bar(len(ys) * (2 + 2 * (L + 1)), "continuation patching", scope.progress)
+    bar = progress(len(ys) * (2 + 2 * (L + 1)), "continuation patching", unit="row", enabled=scope.progress,
+                   leave=False)
     for chunk in chunks:
         base = [continuation_rows(plan, refs, L, ys[i], pairs[i])[0][1] for i in chunk]
         cont_resid = {}

@@ -29,8 +29,10 @@ import numpy as np
 import yaml
 
 from promptshift.errors import SweepError
+from promptshift.progress import progress as progress_bar
 from promptshift.sweep.behaviour import Check, evaluate, parse_check
-from promptshift.sweep.chat import REGION_CODE, TemplateClock, dialogue, render
+from promptshift.sweep.chat import TemplateClock, dialogue, render
+from promptshift.vocabulary import REGION_CODE
 
 CONDITIONS = ("system", "system_plain", "no_system")
 # rules whose marker can be taken out of a scripted reply (`system_plain`)
@@ -133,7 +135,7 @@ def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(),
     a dialogue that, with its reply, would not fit. Where the template puts the system text
     is recorded per row (``system_after_turns``: user turns rendered before it; Mistral v0.3
     puts it into the last user turn, so attention to it is not measured across the dialogue)."""
-    from promptshift.causal.analyses import _bar, _common_prefix
+    from promptshift.causal.analyses import _common_prefix
     from promptshift.extract.engine import Item
     from promptshift.sweep.plan import check_context
 
@@ -168,7 +170,7 @@ def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(),
     prefixes = engine.compute_prefixes(specs)
     offs = [prefixes[prefix_of[i]].length for i in range(n)]
     order = engine.batches([len(r[3].ids) - o for r, o in zip(rows, offs)], contexts=offs)
-    bar = _bar(n, "multi-turn", progress)
+    bar = progress_bar(n, "multi-turn", unit="turn", enabled=progress, leave=False)
     results = [None] * n
     for batch in order:
         items = [Item(prompt=i, ids=rows[i][3].ids, regions=rows[i][3].regions, keep_start=len(rows[i][3].ids))

@@ -4,15 +4,15 @@ Each block is computed whole, handed to a writer thread through a bounded queue 
 model never waits on the disk), written, and only then marked done. A killed worker
 loses at most the blocks in flight; rerunning the same command skips finished blocks
 and recomputes the rest, producing the same bytes.
+
+Size: the stage (configuration, provenance, the block loop, its writer thread and the
+resume logic) in one place; the forward passes are in :mod:`promptshift.extract.engine`.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import queue
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +23,8 @@ import numpy as np
 
 from promptshift.errors import StoreError
 from promptshift.models import eos_ids
+from promptshift.progress import progress
+from promptshift.scale.signals import StopSignals, slurm_requeue
 from promptshift.store.core import Store, check_layout, empty_block, resid_pre_derived, stored_name
 from promptshift.sweep.config import SweepConfig, load_sweep
 from promptshift.sweep.plan import Plan, build_plan, load_plan_inputs, parse_shard
@@ -358,9 +360,9 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
     n_prompts = int(sum(plan.blocks.iloc[b].prompt_end - plan.blocks.iloc[b].prompt_start for b in todo))
     writer = _Writer(store, cfg.queue_blocks)
     writer.start()
-    bar = _progress(n_prompts, cfg.progress, f"extract {cfg.shard_index}/{cfg.n_shards}")
+    bar = progress(n_prompts, f"extract {cfg.shard_index}/{cfg.n_shards}", unit="prompt", enabled=cfg.progress)
     t0 = time.perf_counter()
-    stop = _StopSignals()
+    stop = StopSignals()
     try:
         for b in todo:
             if stop.signal is not None:
@@ -386,7 +388,7 @@ def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, 
         print(f"promptshift: stopped by signal {stop.signal} after finishing the current block; "
               "rerun the same command to resume", file=sys.stderr, flush=True)
         if cfg.requeue:
-            _slurm_requeue()
+            slurm_requeue()
     return store
 
 
@@ -404,43 +406,6 @@ def stored_clock(path, fmt: str = "zarr", overwrite: bool = False):
         return open_store(path).plan.template_clock()
     except (StoreError, OSError, ValueError, KeyError):  # Store.create reports what is wrong with it
         return None
-
-
-class _StopSignals:
-    """SIGTERM / SIGUSR1 (SLURM's warning before a time limit or pre-emption) end the run
-    after the block in progress is computed and written, instead of losing it."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _slurm_requeue() -> None:
-    """Put this SLURM task back in the queue; it resumes from its completion records."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    msg = "requeued" if r.returncode == 0 else f"could not requeue ({r.stderr.strip()})"
-    print(f"promptshift: SLURM job {job} {msg}", file=sys.stderr, flush=True)
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="prompt", dynamic_ncols=True)
 
 
 def run_prompt_alone(engine, plan: Plan, p: int):

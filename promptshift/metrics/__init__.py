@@ -19,6 +19,9 @@ everything in this process (a thread pool and dask's threaded scheduler): no clu
 start-up, and the only mode for in-memory stores.
 Every task is a pure function of the store and returns rows that the driver concatenates
 in task order and sorts, so the tables are identical for any number of workers.
+
+Size: the stage's driver (tasks, scheduler, atomic writes, the reader of a finished run)
+and nothing else; the work itself is in the modules named above.
 """
 
 from __future__ import annotations
@@ -35,29 +38,19 @@ import numpy as np
 import pandas as pd
 
 from promptshift.errors import MetricsError
+from promptshift.jsonsafe import dumps as _json_dumps
 from promptshift.metrics import analyses as an
 from promptshift.metrics.attention import PairAttnTask, PromptBlock, attention_change_task, attention_task
-from promptshift.metrics.behaviour import BEHAVIOUR_OUTPUTS, BEHAVIOUR_TABLES, behaviour_summary, behaviour_tables
+from promptshift.metrics.behaviour import BEHAVIOUR_OUTPUTS, behaviour_summary, behaviour_tables
 from promptshift.metrics.causal import causal_tables
 from promptshift.metrics.components import component_task, plan_tasks, sweep_means
 from promptshift.metrics.io import StoreRef
 from promptshift.metrics.output import PairOutTask, output_task
+from promptshift.progress import progress
 from promptshift.stage import callable_stage
 from promptshift.store.core import Store, open_store
 from promptshift.sweep.plan import pair_placement
-
-TABLES = ("component_change", "attention_regions", "attention_heads", "attention_layers", "attention_change",
-          "output_change", "lens_change", "layer_ranking", "length_impact", "length_tests", "tag_impact",
-          "position_change", "internal_vs_output", *BEHAVIOUR_TABLES)
-# written only when the store holds the causal analyses (`promptshift causal`)
-CAUSAL_TABLES = ("causal_patching", "causal_patching_curve", "causal_knockout", "causal_knockout_curve",
-                 "causal_steering", "causal_steering_curve", "causal_steering_norms", "causal_phrases",
-                 "causal_phrase_rank", "causal_tokens", "multiturn", "multiturn_attention", "multiturn_turns",
-                 "causal_continuation", "causal_continuation_curve")
-# written only when the sweep has instruction prefixes (docs/RESULTS.md, "Instruction placement")
-PLACEMENT_TABLES = ("placement_layers", "placement_compare", "placement_causal")
-SUMMARY = "summary.json"
-PROVENANCE = "provenance.json"
+from promptshift.vocabulary import CAUSAL_TABLES, PLACEMENT_TABLES, PROVENANCE, REGIONS, SUMMARY, TABLES
 
 
 @dataclass
@@ -127,7 +120,7 @@ class _Runner:
 
     def map(self, calls: list[tuple], desc: str) -> list:
         """Results of ``fn(*args)`` for each call, in call order."""
-        bar = _bar(len(calls), desc, self.cfg.progress)
+        bar = progress(len(calls), f"metrics: {desc}", unit="task", enabled=self.cfg.progress)
         try:
             if self.client is not None:
                 from distributed import as_completed
@@ -152,13 +145,6 @@ class _Runner:
                 return out
         finally:
             bar.close()
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"metrics: {desc}", disable=not enabled, unit="task", dynamic_ncols=True,
-                file=sys.stderr)
 
 
 def _concat(frames: list[pd.DataFrame | None]) -> pd.DataFrame:
@@ -250,7 +236,6 @@ def _systems(plan) -> pd.DataFrame:
 def _index_regions(plan) -> dict[int, str]:
     """Aligned index from the end -> the region most pairs' tokens at that index have."""
     from promptshift.metrics.components import pair_tokens
-    from promptshift.sweep.chat import REGIONS
 
     pairs = pair_placement(plan.pairs)
     pairs = pairs[pairs["placement"] == "system"]
@@ -264,7 +249,6 @@ def _index_regions(plan) -> dict[int, str]:
 
 def _component_order(df: pd.DataFrame, comps) -> pd.DataFrame:
     """Stable final order: pairs then controls; component in store order; layer; position."""
-    from promptshift.sweep.chat import REGIONS
 
     if df.empty:
         return df
@@ -540,17 +524,12 @@ def _atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False, default=lambda o: o.item() if hasattr(o, "item") else str(o),
-                      allow_nan=False)
-
-
 def _finish(out: Path, tables: dict[str, pd.DataFrame], summ: dict, prov: dict) -> None:
     for name, df in tables.items():
         _atomic(out / f"{name}.parquet", lambda p, df=df: df.to_parquet(p, index=False))
         _atomic(out / f"{name}.csv", lambda p, df=df: _write_csv(df, p))
-    _atomic(out / PROVENANCE, lambda p: p.write_text(_json(_clean(prov))))
-    _atomic(out / SUMMARY, lambda p: p.write_text(_json(_clean(summ))))  # last: marks the run complete
+    _atomic(out / PROVENANCE, lambda p: p.write_text(_json_dumps(prov)))
+    _atomic(out / SUMMARY, lambda p: p.write_text(_json_dumps(summ)))  # last: marks the run complete
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -560,21 +539,6 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
     import pyarrow.csv as pacsv
 
     pacsv.write_csv(pa.Table.from_pandas(df, preserve_index=False), str(path))
-
-
-def _clean(obj):
-    """JSON-safe copy: NaN -> null, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
 
 
 def load_results(out_dir) -> dict[str, pd.DataFrame]:
@@ -607,7 +571,7 @@ def cli_main(store, out=None, scheduler=None, workers=None, n_boot: int = 1000, 
     return Path(out)
 
 
-def metrics(store, out: str | Path | None = None, **options):  # -> promptshift.report.tables.Results
+def metrics(store, out: str | Path | None = None, **options):  # -> promptshift.results.Results
     """Tables, analyses and ``summary.json`` from a complete store (dask; no torch).
 
     ``out``: the results directory (default ``<store>_results`` beside a store on disk; a
@@ -615,9 +579,9 @@ def metrics(store, out: str | Path | None = None, **options):  # -> promptshift.
     worker processes; 0 runs in this process), ``scheduler`` (address of a running dask
     cluster), ``n_boot``, ``seed``, ``progress``, ``sweep`` (judge replies with this sweep's checks
     and matchers: same prompts and settings as the store's). Returns the results
-    (:class:`promptshift.report.tables.Results`: ``.tables``, ``.summary``, ``.report``).
+    (:class:`promptshift.results.Results`: ``.tables``, ``.summary``, ``.report``).
     Calling the subpackage, ``promptshift.metrics(...)``, runs this."""
-    from promptshift.report.tables import Results  # the reader of a results directory
+    from promptshift.results import Results  # the reader of a results directory
 
     if isinstance(store, Store) and store.path is None:  # in memory: computed in this process
         options.setdefault("workers", 0)

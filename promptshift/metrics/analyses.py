@@ -20,22 +20,38 @@ How other analyses use this (e.g. behaviour tables)::
     grouped_ci(df, ["layer"], "rel_change", ctx)        # over system prompts: crossed
     table = internal_vs(cc, imp, ctx, outputs=("kl", "adherence_change"))
     best = held_out_strongest(table, cc, imp, ctx)      # chosen on one half, measured on the other
+
+Size: one module because every analysis here shares one :class:`Context` (the resamples,
+the halves, the impact per pair) and the helpers that turn it into intervals; split by
+analysis, each file would import the same dozen private helpers back.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from promptshift.errors import MetricsError
+from promptshift.jsonsafe import number
 from promptshift.metrics.bootstrap import (
-    LEVEL, SMALL, across_corr, boot_p, corr_ci, corr_r, crossed_mean_long, crossed_weights, estimate_weights,
-    group_diff, pair_weights, percentile_ci, split_users, user_weights,
+    LEVEL,
+    SMALL,
+    across_corr,
+    boot_p,
+    corr_ci,
+    corr_r,
+    crossed_mean_long,
+    crossed_weights,
+    estimate_weights,
+    group_diff,
+    pair_weights,
+    percentile_ci,
+    split_users,
+    user_weights,
 )
-from promptshift.sweep.chat import REGIONS
+from promptshift.vocabulary import REGIONS
 
 RANK_METRICS = {"rel_change": False, "cosine_centered": True}  # metric -> smaller means more changed
 INTERNAL = ("rel_change", "cosine_centered")
@@ -380,9 +396,9 @@ def held_out_strongest(table: pd.DataFrame, cc: pd.DataFrame, imp: pd.DataFrame,
     wp = pair_weights(ctx.system_w, wu, ctx.system_index(meta["system"][est]), ctx.user_index(meta["user_id"][est]))
     d = corr_ci(x, y[est], wp)[method]
     return {"component": row["component"], "layer": int(row["layer"]), "measure": row["measure"],
-            "output": row["output"], "method": method, "r": _num(d["r"][0]), "ci": [_num(d["ci_low"][0]),
-            _num(d["ci_high"][0])], "p": _num(d["p"][0]), "n_pairs": int(d["n"][0]),
-            "r_select": _num(row["r_select"]), "n_select": int(row["n_select"]), "selection": _selection_note(ctx)}
+            "output": row["output"], "method": method, "r": number(d["r"][0]), "ci": [number(d["ci_low"][0]),
+            number(d["ci_high"][0])], "p": number(d["p"][0]), "n_pairs": int(d["n"][0]),
+            "r_select": number(row["r_select"]), "n_select": int(row["n_select"]), "selection": _selection_note(ctx)}
 
 
 def held_out_peak(cc: pd.DataFrame, ctx: Context, component: str, metric: str = "rel_change",
@@ -404,20 +420,8 @@ def held_out_peak(cc: pd.DataFrame, ctx: Context, component: str, metric: str = 
     if t.empty:
         return None
     r = t.iloc[0]
-    return {"layer": layer, "mean": _num(r["mean"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])],
-            "n_pairs": int(r["n_pairs"]), "mean_select": _num(per_layer.loc[layer]), "selection": _selection_note(ctx)}
-
-
-def _num(x):
-    """JSON-safe number: NaN/inf -> None, numpy scalars -> Python."""
-    if x is None:
-        return None
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    x = float(x)
-    return x if math.isfinite(x) else None
+    return {"layer": layer, "mean": number(r["mean"]), "ci": [number(r["ci_low"]), number(r["ci_high"])],
+            "n_pairs": int(r["n_pairs"]), "mean_select": number(per_layer.loc[layer]), "selection": _selection_note(ctx)}
 
 
 def sample_summary(ctx: Context) -> dict:
@@ -448,12 +452,12 @@ def length_summary(lt: pd.DataFrame) -> dict:
     if "pearson" not in rows.index:
         return {"pearson_r": None, "ci": [None, None], "p": None, "spearman_r": None}
     pe = rows.loc["pearson"]
-    out = {"pearson_r": _num(pe["r"]), "ci": [_num(pe["ci_low"]), _num(pe["ci_high"])], "p": _num(pe["p"]),
-           "n_systems": _num(pe["n"]), "n_users": _num(pe.get("n_users"))}
+    out = {"pearson_r": number(pe["r"]), "ci": [number(pe["ci_low"]), number(pe["ci_high"])], "p": number(pe["p"]),
+           "n_systems": number(pe["n"]), "n_users": number(pe.get("n_users"))}
     if "spearman" in rows.index:
         sp = rows.loc["spearman"]
-        out.update(spearman_r=_num(sp["r"]), spearman_ci=[_num(sp["ci_low"]), _num(sp["ci_high"])],
-                   spearman_p=_num(sp["p"]))
+        out.update(spearman_r=number(sp["r"]), spearman_ci=[number(sp["ci_low"]), number(sp["ci_high"])],
+                   spearman_p=number(sp["p"]))
     else:
         out["spearman_r"] = None
     return out
@@ -467,9 +471,9 @@ def tags_summary(ti: pd.DataFrame, target: str = "impact") -> dict:
     t = t[t["source"] == source]
     items = []
     for _, r in t.iterrows():
-        items.append({"tag": r["tag"], "diff": _num(r["diff"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])],
-                      "ci_simultaneous": [_num(r["ci_low_simultaneous"]), _num(r["ci_high_simultaneous"])],
-                      "p": _num(r["p"]), "p_adjusted": _num(r["p_adjusted"]),
+        items.append({"tag": r["tag"], "diff": number(r["diff"]), "ci": [number(r["ci_low"]), number(r["ci_high"])],
+                      "ci_simultaneous": [number(r["ci_low_simultaneous"]), number(r["ci_high_simultaneous"])],
+                      "p": number(r["p"]), "p_adjusted": number(r["p_adjusted"]),
                       "n_systems_with": int(r["n_systems_with"]), "n_systems_without": int(r["n_systems_without"])})
     k = len(items)
     return {"target": target, "source": source, "n_tags": k, "level": 1.0 - (1.0 - LEVEL) / max(k, 1),
@@ -487,7 +491,7 @@ def summary(tables: dict[str, pd.DataFrame], ctx: Context, n_controls: int, mode
             continue
         most[comp] = d
         c = ctrl[(ctrl["component"] == comp) & (ctrl["layer"] == d["layer"])]["rel_change"]
-        floor[comp] = _num(c.mean()) if len(c) else None
+        floor[comp] = number(c.mean()) if len(c) else None
     comp = ctx.impact_component
     above, note = None, ""
     if comp in most:
@@ -511,11 +515,11 @@ def summary(tables: dict[str, pd.DataFrame], ctx: Context, n_controls: int, mode
     imp = pair_impact(cc, tables["output_change"], ctx, tables.get("attention_change"))
     ar = tables["attention_regions"]
     sel = ar[(ar["role"] == "variant") & (ar["scope"] == "last")]
-    shares = {reg: _num(sel.loc[sel["region"] == reg, "mass"].mean()) for reg in
+    shares = {reg: number(sel.loc[sel["region"] == reg, "mass"].mean()) for reg in
               ("sink", "system", "user", "gen_prompt", "template")}
     al = tables["attention_layers"]
     if "recent_mass" in al.columns:
-        shares["recent"] = _num(al.loc[al["role"] == "variant", "recent_mass"].mean())
+        shares["recent"] = number(al.loc[al["role"] == "variant", "recent_mass"].mean())
     io = tables["internal_vs_output"]
     strongest = held_out_strongest(io, cc, imp, ctx) if len(io) else None
     oc = tables["output_change"]
@@ -541,9 +545,9 @@ def summary(tables: dict[str, pd.DataFrame], ctx: Context, n_controls: int, mode
         "attention_shares": shares,
         "strongest_internal_output": strongest,
         "output": {
-            "mean_kl": _num(oc["kl"].mean()) if len(oc) else None,
-            "top1_change_rate": _num(oc["top1_changed"].mean()) if len(oc) else None,
-            "mean_gen_edit_distance": _num(oc["gen_edit_distance"].mean()) if len(oc) else None,
+            "mean_kl": number(oc["kl"].mean()) if len(oc) else None,
+            "top1_change_rate": number(oc["top1_changed"].mean()) if len(oc) else None,
+            "mean_gen_edit_distance": number(oc["gen_edit_distance"].mean()) if len(oc) else None,
         },
         "lens_shift_layer": shift,
         "impact_component": comp,

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from promptshift.metrics.io import StoreRef, read_range, read_rows
-from promptshift.sweep.chat import REGION_CODE, REGIONS
+from promptshift.vocabulary import REGION_CODE, REGIONS
 
 R = len(REGIONS)  # stores written before the `prefix` region have one fewer (the first R - 1 names)
 SINK_THRESHOLD = 0.3  # a head "sinks" when more than this share of its attention goes to token 0

@@ -34,10 +34,14 @@ import numpy as np
 import pandas as pd
 
 from promptshift.sweep.behaviour import (
-    Check, correct, count_words, detect_language, evaluate, has_refusal,
+    Check,
+    correct,
+    count_words,
+    detect_language,
+    evaluate,
+    has_refusal,
 )
 
-BEHAVIOUR_TABLES = ("behaviour", "behaviour_checks", "behaviour_pairs", "behaviour_systems", "internal_vs_behaviour")
 # behaviour changes that internal change is related to (columns of behaviour_pairs)
 BEHAVIOUR_OUTPUTS = ("adherence_change", "correct_change", "words_change")
 ALL = "__all__"  # behaviour_systems rows pooled over system prompts
@@ -269,5 +273,5 @@ def behaviour_summary(tables: dict[str, pd.DataFrame], strongest) -> dict:
     return out
 
 
-__all__ = ["ALL", "BEHAVIOUR_OUTPUTS", "BEHAVIOUR_TABLES", "Judge", "SYSTEM_MEASURES", "behaviour_summary",
+__all__ = ["ALL", "BEHAVIOUR_OUTPUTS", "Judge", "SYSTEM_MEASURES", "behaviour_summary",
            "behaviour_tables", "finished_mask", "pair_behaviour", "pair_checks", "prompt_behaviour", "system_behaviour"]

@@ -44,6 +44,9 @@ How to call it (shapes: S system prompts, U user prompts, B resamples)::
     diff, boot = group_diff(sums, counts, member, ws, wu)    # system prompts with vs without a property
     mean, boot = mean_ci(sums_su, counts_su, wu)             # one system prompt: user prompts resampled
     totals = crossed_sums(sums, ws, wu)                      # (M, B) resampled totals, for ratios of sums
+
+Size: the crossed bootstrap and everything derived from its one set of resamples (means,
+correlations, group differences, held-out halves): one method, one module.
 """
 
 from __future__ import annotations

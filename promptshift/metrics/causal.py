@@ -16,6 +16,9 @@ chosen on one half of the user prompts (the split of :func:`bootstrap.split_user
 its recovered share and interval are measured on the other half. Phrase ablation holds
 each system prompt fixed, so its intervals resample user prompts only; multi-turn
 intervals resample conversations. All resamples are drawn from the run's seed.
+
+Size: one table builder per causal analysis (``BUILDERS``), each short, sharing the curve,
+onset and interval helpers.
 """
 
 from __future__ import annotations
@@ -26,8 +29,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from promptshift.jsonsafe import number
 from promptshift.metrics.bootstrap import (
-    crossed_sums, crossed_weights, estimate_weights, percentile_ci, split_users, user_weights,
+    crossed_sums,
+    crossed_weights,
+    estimate_weights,
+    percentile_ci,
+    split_users,
+    user_weights,
 )
 
 RECOVER_AT = 0.5  # patching onset: first site whose curve recovers half of the output change
@@ -182,8 +191,8 @@ def patching_tables(arrays, meta, pairs, n_boot: int, seed: int):
         onset = _first(rec[None], lambda x: x >= RECOVER_AT)[0]
         summ["modes"][mode] = {
             "onset": _onset_ci(onset, _first(rec_b, lambda x: x >= RECOVER_AT)),
-            "recovered_mid": _num(rec[L1 // 2]),
-            "recovered_final": _num(rec[-1]),
+            "recovered_mid": number(rec[L1 // 2]),
+            "recovered_final": number(rec[-1]),
         }
     return {"causal_patching": long, "causal_patching_curve": curve}, summ
 
@@ -203,8 +212,8 @@ def knockout_tables(arrays, meta, pairs, n_boot: int, seed: int):
     summ = {
         "n_pairs": int(len(base)), **cells.summary(), "n_layers": L1 - 1, "threshold": KNOCKOUT_LEFT,
         "stops_mattering": _onset_ci(stop, _stays_below(left_b, KNOCKOUT_LEFT)),
-        "full_knockout_kl_ratio": _num(frac[0]),  # sum KL(v || knockout from 0) / sum KL(v || b)
-        "full_knockout_vs_baseline": _num(np.sum(arrays["kl_ko0_b"]) / max(1e-12, float(np.sum(arrays["kl_vb"])))),
+        "full_knockout_kl_ratio": number(frac[0]),  # sum KL(v || knockout from 0) / sum KL(v || b)
+        "full_knockout_vs_baseline": number(np.sum(arrays["kl_ko0_b"]) / max(1e-12, float(np.sum(arrays["kl_vb"])))),
     }
     return {"causal_knockout": long, "causal_knockout_curve": curve}, summ
 
@@ -225,12 +234,12 @@ def steering_tables(arrays, meta, pairs, n_boot: int, seed: int):
     if best is not None:
         est, boot = cells.ratio(cells.kl, cells.klvb, "estimate")
         lo, hi = percentile_ci(1.0 - boot[best])
-        summ["best"] = {"site": best, "recovered": _num(1.0 - est[best]), "ci": [_num(lo), _num(hi)],
-                        "recovered_select": _num(inner[best]), "selection": "split" if cells.split else "same",
+        summ["best"] = {"site": best, "recovered": number(1.0 - est[best]), "ci": [number(lo), number(hi)],
+                        "recovered_select": number(inner[best]), "selection": "split" if cells.split else "same",
                         "n_users_estimate": int((~cells.select).sum()) if cells.split else len(cells.users)}
         rec = 1.0 - frac
-        summ["final_site"] = {"recovered": _num(rec[-1]), "ci": [_num(curve.iloc[-1]["recovered_kl_ci_low"]),
-                                                                 _num(curve.iloc[-1]["recovered_kl_ci_high"])]}
+        summ["final_site"] = {"recovered": number(rec[-1]), "ci": [number(curve.iloc[-1]["recovered_kl_ci_low"]),
+                                                                 number(curve.iloc[-1]["recovered_kl_ci_high"])]}
     return {"causal_steering": long, "causal_steering_curve": curve, "causal_steering_norms": norms}, summ
 
 
@@ -268,13 +277,13 @@ def continuation_tables(arrays, meta, pairs, n_boot: int, seed: int):
                           "recovered_cont": rec, "recovered_cont_ci_low": lo, "recovered_cont_ci_high": hi,
                           "n_pairs": int(ok.sum())})
     summ = {"n_pairs": int(ok.sum()), **cells.summary(), "n_layers": L1 - 1, "threshold": RECOVER_AT,
-            "max_tokens": meta.get("max_tokens"), "lp_v_mean": _num(base["lp_v"][ok].mean()),
-            "lp_b_mean": _num(base["lp_b"][ok].mean()), "modes": {}}
+            "max_tokens": meta.get("max_tokens"), "lp_v_mean": number(base["lp_v"][ok].mean()),
+            "lp_b_mean": number(base["lp_b"][ok].mean()), "modes": {}}
     for m, mode in enumerate(modes):
         sl = slice(m * L1, (m + 1) * L1)
         onset = _first(rec[sl][None], lambda x: x >= RECOVER_AT)[0]
         summ["modes"][mode] = {"onset": _onset_ci(onset, _first(rec_b[sl].T, lambda x: x >= RECOVER_AT)),
-                               "recovered_mid": _num(rec[sl][L1 // 2]), "recovered_final": _num(rec[sl][-1])}
+                               "recovered_mid": number(rec[sl][L1 // 2]), "recovered_final": number(rec[sl][-1])}
     return {"causal_continuation": long, "causal_continuation_curve": curve}, summ
 
 
@@ -323,13 +332,13 @@ def phrase_tables(arrays, meta, pairs, n_boot: int, seed: int):
     ok = multi[["kl_removed", "token_attribution_sum"]].dropna()
     if len(ok) >= 3:
         res = stats.spearmanr(ok["kl_removed"], ok["token_attribution_sum"])
-        agree = {"spearman_r": _num(res.statistic), "p": _num(res.pvalue), "n_phrases": int(len(ok))}
+        agree = {"spearman_r": number(res.statistic), "p": number(res.pvalue), "n_phrases": int(len(ok))}
     top = []
     for s, g in multi.groupby("system", sort=False):
         r = g.sort_values("kl_removed", ascending=False).iloc[0]
-        top.append({"system": s, "phrase": r["text"], "kl_removed": _num(r["kl_removed"]),
-                    "ci": [_num(r["kl_removed_ci_low"]), _num(r["kl_removed_ci_high"])],
-                    "importance_output": _num(r["importance_output"]), "n_phrases": int(r["n_phrases"])})
+        top.append({"system": s, "phrase": r["text"], "kl_removed": number(r["kl_removed"]),
+                    "ci": [number(r["kl_removed_ci_low"]), number(r["kl_removed_ci_high"])],
+                    "importance_output": number(r["importance_output"]), "n_phrases": int(r["n_phrases"])})
     summ = {"n_phrases": int(len(rank)), "n_systems_split": int(multi["system"].nunique()),
             "top_phrase_per_system": top, "attribution_vs_occlusion": agree,
             "attribution": meta.get("attribution")}
@@ -389,27 +398,19 @@ def multiturn_tables(arrays, meta, n_boot: int, seed: int):
         if d.empty:
             continue
         first, last = d.iloc[0], d.iloc[-1]
-        ent = {"obey_first": _num(first["obey_rate"]), "obey_last": _num(last["obey_rate"]),
-               "obey_mean": _num(rows.loc[rows["condition"] == cond, "obeys"].mean())}
+        ent = {"obey_first": number(first["obey_rate"]), "obey_last": number(last["obey_rate"]),
+               "obey_mean": number(rows.loc[rows["condition"] == cond, "obeys"].mean())}
         if d["sys_mass"].notna().any():
             r = rows[(rows["condition"] == cond) & np.isfinite(rows["sys_mass"])]
             res = stats.spearmanr(r["turn"], r["sys_mass"]) if r["sys_mass"].nunique() > 1 else None
-            ent.update(sys_mass_first=_num(first["sys_mass"]), sys_mass_first_ci=[_num(first["sys_mass_ci_low"]),
-                       _num(first["sys_mass_ci_high"])], sys_mass_last=_num(last["sys_mass"]),
-                       sys_mass_last_ci=[_num(last["sys_mass_ci_low"]), _num(last["sys_mass_ci_high"])],
-                       uniform_first=_num(first["uniform_share"]), uniform_last=_num(last["uniform_share"]),
-                       turn_spearman=_num(res.statistic) if res is not None else None,
-                       turn_p=_num(res.pvalue) if res is not None else None)
+            ent.update(sys_mass_first=number(first["sys_mass"]), sys_mass_first_ci=[number(first["sys_mass_ci_low"]),
+                       number(first["sys_mass_ci_high"])], sys_mass_last=number(last["sys_mass"]),
+                       sys_mass_last_ci=[number(last["sys_mass_ci_low"]), number(last["sys_mass_ci_high"])],
+                       uniform_first=number(first["uniform_share"]), uniform_last=number(last["uniform_share"]),
+                       turn_spearman=number(res.statistic) if res is not None else None,
+                       turn_p=number(res.pvalue) if res is not None else None)
         summ["conditions"][cond] = ent
     return {"multiturn": rows, "multiturn_attention": attn, "multiturn_turns": turns}, summ
-
-
-def _num(x):
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if np.isfinite(x) else None
 
 
 BUILDERS = {"patching": patching_tables, "knockout": knockout_tables, "steering": steering_tables,
@@ -451,7 +452,7 @@ def causal_tables(store, pairs: pd.DataFrame, n_boot: int, seed: int) -> tuple[d
             t, s = BUILDERS[name](arrays, meta, pairs, n_boot, seed)
         else:
             continue
-        s["seconds"] = _num(meta.get("seconds"))
+        s["seconds"] = number(meta.get("seconds"))
         tables.update(t)
         summ[name] = s
     return tables, summ

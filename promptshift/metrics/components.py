@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from promptshift.metrics.io import StoreRef, read_rows
-from promptshift.sweep.chat import REGIONS
+from promptshift.vocabulary import REGIONS
 
 METRICS = ("cosine", "cosine_centered", "l2", "rel_change", "norm_variant", "norm_baseline")
 _TASK_BYTES = 256 << 20  # float64 rows one task holds at once

@@ -10,12 +10,13 @@ from pathlib import Path
 from promptshift.report.build import ReportConfig, build_report, figure, render_html
 from promptshift.report.figures import FIGURES, FigureSpec
 from promptshift.report.findings import findings
-from promptshift.report.tables import NotAvailable, ReportError, Results
+from promptshift.report.tables import ReportError
+from promptshift.results import NotAvailable, Results, ResultsError
 from promptshift.stage import callable_stage
 
 FIGURE_IDS = tuple(f.id for f in FIGURES)
 
-__all__ = ["FIGURES", "FIGURE_IDS", "FigureSpec", "NotAvailable", "ReportConfig", "ReportError", "Results",
+__all__ = ["FIGURES", "FIGURE_IDS", "FigureSpec", "NotAvailable", "ReportConfig", "ReportError", "Results", "ResultsError",
            "build_report", "figure", "findings", "render_html", "report"]
 
 

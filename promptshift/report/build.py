@@ -24,7 +24,8 @@ from promptshift.report.behaviour import BEHAVIOUR_FIGURES, behaviour_section
 from promptshift.report.figures import FIGURES, FigureSpec
 from promptshift.report.findings import findings
 from promptshift.report.style import RC
-from promptshift.report.tables import NotAvailable, ReportError, Results
+from promptshift.report.tables import ReportError
+from promptshift.results import NotAvailable, Results
 
 # PNG/SVG metadata without dates: the same tables give the same files.
 _PNG_META = {"Software": "promptshift"}
@@ -54,7 +55,9 @@ class ReportConfig:
 
 
 @dataclass
-class Rendered:
+class DrawnFigure:
+    """One figure of the report as drawn: its PNG, or why it is missing, and its notes."""
+
     spec: FigureSpec
     png: bytes | None = None
     width_px: int = 0  # CSS width at 96 px per inch, the figure's intended size
@@ -101,7 +104,7 @@ def figure(results, name: str):
         return fig
 
 
-def _render(spec: FigureSpec, res: Results, fig_dir: Path, cfg: ReportConfig) -> Rendered:
+def _render(spec: FigureSpec, res: Results, fig_dir: Path, cfg: ReportConfig) -> DrawnFigure:
     for stale in (fig_dir / f"{spec.id}.png", fig_dir / f"{spec.id}.svg"):
         stale.unlink(missing_ok=True)  # a figure that is no longer available must not linger from a past run
     try:
@@ -116,15 +119,15 @@ def _render(spec: FigureSpec, res: Results, fig_dir: Path, cfg: ReportConfig) ->
             notes = tuple(getattr(fig, "promptshift_notes", ()))
             scope = getattr(fig, "promptshift_scope", None)
     except NotAvailable as e:
-        return Rendered(spec, missing=str(e))
+        return DrawnFigure(spec, missing=str(e))
     except Exception as e:  # noqa: BLE001 - one broken figure must not cost the whole report
         if cfg.strict:
             raise
-        return Rendered(spec, missing=f"the figure failed to draw ({type(e).__name__}: {e}); "
+        return DrawnFigure(spec, missing=f"the figure failed to draw ({type(e).__name__}: {e}); "
                                       "this is a bug in promptshift.report, please report it")
     png = buf.getvalue()
     (fig_dir / f"{spec.id}.png").write_bytes(png)
-    return Rendered(spec, png=png, width_px=width, notes=notes, scope=scope)
+    return DrawnFigure(spec, png=png, width_px=width, notes=notes, scope=scope)
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,7 +235,7 @@ def _provenance_rows(prov: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def render_html(res: Results, rendered: list[Rendered], cfg: ReportConfig) -> str:
+def render_html(res: Results, rendered: list[DrawnFigure], cfg: ReportConfig) -> str:
     summary, prov = res.summary, res.provenance
     sweep = prov.get("sweep") if isinstance(prov.get("sweep"), dict) else {}
     model = prov.get("model_id") or summary.get("model") or "unknown model"

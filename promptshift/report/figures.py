@@ -40,6 +40,7 @@ from promptshift.report.style import (
 from promptshift.report.tables import (
     NotAvailable, Results, at_position, not_control, only_control, pick, system_info, without_prefixes,
 )
+from promptshift.vocabulary import COMPONENTS
 
 
 

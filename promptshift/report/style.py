@@ -7,16 +7,12 @@ and a reader learns the code once.
 
 from __future__ import annotations
 
-COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
-
 COMPONENT_COLORS = {
     "resid_pre": "#7a7a7a",
     "attn_out": "#D55E00",
     "mlp_out": "#009E73",
     "resid_post": "#0072B2",
 }
-
-REGIONS = ("sink", "template", "system", "user", "assistant", "gen_prompt", "prefix")
 
 REGION_COLORS = {
     "sink": "#404040",

@@ -24,14 +24,13 @@ import pandas as pd
 
 from promptshift.errors import StoreError
 from promptshift.store.backends import Backend, MemoryBackend, NullBackend, open_backend, remove_path
-from promptshift.sweep.chat import REGIONS
+from promptshift.vocabulary import REGIONS
 
 # 2: resid_pre stored at layer 0 only when resid_post is stored (``resid_pre_0``)
 # 3: attn_last and attn_pattern in the storage dtype; causal dimensions named <analysis>_<dim>;
 #    HDF5 dimensions as netCDF-4 dimension scales (xarray opens every store as one dataset)
 # 4: the plan column by column (plan version 2: tables as arrays, texts as UTF-8 bytes)
 SCHEMA_VERSION = 4
-COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 N_REGIONS = len(REGIONS)
 
 

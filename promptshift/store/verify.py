@@ -59,7 +59,7 @@ def check_plan(plan, limit: int = 5) -> list[str]:
     text is missing from ``system``), each variant's system spans hold its system prompt's
     text, and each pair's aligned suffixes are identical token ids. Problems are reported
     with the first ``limit`` prompts or pairs concerned."""
-    from promptshift.sweep.chat import REGION_CODE, REGIONS
+    from promptshift.vocabulary import REGION_CODE, REGIONS
 
     out: list[str] = []
     P = plan.prompts
@@ -97,8 +97,8 @@ def check_plan(plan, limit: int = 5) -> list[str]:
 
 
 def _check_labels(plan, reg, start, n, limit) -> list[str]:
-    from promptshift.sweep.chat import REGION_CODE, SCAFFOLD_REGIONS
     from promptshift.sweep.plan import prefix_label
+    from promptshift.vocabulary import REGION_CODE, SCAFFOLD_REGIONS
 
     if plan.token_offsets is None or plan.spans is None:
         return []  # a store written before token and content spans were kept
@@ -207,4 +207,27 @@ def export_store(src: str | Path, dst: str | Path) -> None:
         raise
 
 
-__all__ = ["Store", "check_plan", "export_store", "verify_store"]
+def describe_store(st) -> str:
+    """``promptshift info``: a few lines on an open store: format and schema, model and
+    dtypes, the plan's counts, what is kept, blocks done, the batched-vs-alone self-check
+    and the size on disk (MiB)."""
+    p, prov = st.plan, st.provenance
+    d = st.done()
+    lines = [
+        f"store: {st.path} (format {st.backend.format}, schema {st.attrs['schema_version']})",
+        f"model: {prov.get('model_id')} [{prov.get('model_type')}] weights sha256 {str(prov.get('weights_sha256'))[:16]}"
+        f" dtype {prov.get('dtype')} on {prov.get('device')}, stored as {prov.get('storage_dtype')}",
+        p.summary(),
+        f"keep: {st.attrs['keep']}; components: {', '.join(st.components)}",
+        f"blocks done: {int(d.sum())}/{d.size}" + ("" if d.all() else f" (missing e.g. {list(map(int, (~d).nonzero()[0][:5]))})"),
+    ]
+    sc = st.array("block_selfcheck")[...]
+    if (~(sc != sc)).any():
+        lines.append(f"batched-vs-alone self-check (max relative diff): {float(max(x for x in sc if x == x)):.2e}")
+    if st.path is not None and st.path.exists():
+        size = sum(f.stat().st_size for f in st.path.rglob("*") if f.is_file()) if st.path.is_dir() else st.path.stat().st_size
+        lines.append(f"size on disk: {size / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+__all__ = ["describe_store", "Store", "check_plan", "export_store", "verify_store"]

@@ -16,6 +16,9 @@ repeats it is refused rather than labelled approximately.
 Templates that read the clock (Llama 3.2, Mistral Small 3.x: ``strftime_now``) render with a
 :class:`TemplateClock` fixed once per plan, so every task, resume and later analysis
 renders the same text.
+
+Size: rendering and labelling are one algorithm (placeholders, the two renderings, the
+spans, the labels) and its refusals; split, each half would need the other's internals.
 """
 
 from __future__ import annotations
@@ -30,16 +33,7 @@ from datetime import datetime
 import numpy as np
 
 from promptshift.errors import TemplateError
-
-# `prefix`: an instruction put at the start of the user turn (the sweep's
-# instruction_prefixes), with the separator that joins it to the user prompt. Appended last,
-# so stores written before it existed keep their region codes.
-REGIONS = ("sink", "template", "system", "user", "assistant", "gen_prompt", "prefix")
-REGION_CODE = {r: i for i, r in enumerate(REGIONS)}
-PAD_REGION = -1
-# Regions of scaffolding (text the template or promptshift writes); every other region is
-# message content, and a token is labelled by the content it carries.
-SCAFFOLD_REGIONS = ("sink", "template", "gen_prompt")
+from promptshift.vocabulary import REGION_CODE, REGIONS, SCAFFOLD_REGIONS  # noqa: F401 (REGIONS: older imports)
 
 _ROLE_REGION = {"system": "system", "user": "user", "assistant": "assistant"}
 

@@ -19,10 +19,16 @@ import yaml
 
 from promptshift.errors import SweepError
 from promptshift.sweep.behaviour import (
-    DEFAULT_LANGUAGES, MATCHERS, REFUSAL_MARKERS, Check, check_expected, parse_check, parse_checks,
+    DEFAULT_LANGUAGES,
+    MATCHERS,
+    REFUSAL_MARKERS,
+    Check,
+    check_expected,
+    parse_check,
+    parse_checks,
 )
+from promptshift.vocabulary import COMPONENTS
 
-COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 KEEP_CHOICES = ("last", "suffix", "all")
 BASELINE_BUILTINS = ("no_system_turn", "empty_system")
 NO_SYSTEM_ROLE_POLICIES = ("error", "prepend_to_user")
@@ -429,6 +435,27 @@ def builtin_suites() -> dict[str, Path]:
     """Prompt suites shipped with the package (system x user prompts, or multi-turn)."""
     folder = resources.files("promptshift.sweep") / "suites"
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def describe_suites() -> list[str]:
+    """``promptshift suites``: one line per built-in suite (system and user prompt counts,
+    tags and categories; or conversations, turns and rule of a multi-turn suite), each
+    followed by its description."""
+    lines = []
+    for name, path in sorted(builtin_suites().items()):
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if "system_prompts" in d:
+            cats = sorted({u.get("category", "?") for u in d["user_prompts"]})
+            tags = sorted({t for s in d["system_prompts"] for t in s.get("tags", [])})
+            lines.append(f"{name}: {len(d['system_prompts'])} system prompts ({', '.join(tags)}), "
+                         f"{len(d['user_prompts'])} user prompts ({', '.join(cats)})")
+        elif "conversations" in d:
+            turns = sum(len(c["turns"]) for c in d["conversations"])
+            lines.append(f"{name}: multi-turn, {len(d['conversations'])} conversations, {turns} turns, "
+                         f"rule: {d['rule']['description']}")
+        if d.get("description"):
+            lines.append(f"    {d['description']}")
+    return lines
 
 
 def builtin_sweeps() -> dict[str, Path]:

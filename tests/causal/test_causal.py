@@ -18,8 +18,8 @@ from promptshift.causal.runner import Edit, Row, Runner, kl
 from promptshift.extract.run import ExtractConfig, extract
 from promptshift.metrics import compute
 from promptshift.sweep.behaviour import Check
-from promptshift.sweep.chat import REGION_CODE
 from promptshift.sweep.config import load_sweep
+from promptshift.vocabulary import REGION_CODE
 from tests.conftest import tiny_llama, write_sweep
 from tests.tolerance import assert_below, assert_within, entropy_of, forward_bound, kl_floor, logprob_bound
 

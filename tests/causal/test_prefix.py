@@ -10,8 +10,8 @@ import torch
 
 from promptshift.causal import CausalConfig, run_causal
 from promptshift.extract.run import ExtractConfig, extract
-from promptshift.sweep.chat import REGION_CODE
 from promptshift.sweep.config import load_sweep
+from promptshift.vocabulary import REGION_CODE
 from tests.causal.test_causal import _eager, _hf_run, _kl64
 from tests.conftest import tiny_llama, write_sweep
 from tests.tolerance import assert_below, assert_within, forward_bound, kl_floor, logit_scale_of, logprob_bound

@@ -21,9 +21,9 @@ from promptshift.errors import ExtractError, SweepError
 from promptshift.extract.arch import ARCHS, layer_windows
 from promptshift.extract.run import ExtractConfig, extract
 from promptshift.models import eos_ids
-from promptshift.sweep.chat import REGION_CODE
 from promptshift.sweep.config import load_sweep
 from promptshift.sweep.plan import ModelDims, build_plan
+from promptshift.vocabulary import REGION_CODE
 from tests.conftest import REPO, write_sweep
 from tests.tolerance import U32, array_bound, assert_below, assert_within, forward_bound, logit_scale_of
 

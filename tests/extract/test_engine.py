@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from promptshift.extract.run import ExtractConfig, extract
-from promptshift.sweep.chat import REGION_CODE, REGIONS
 from promptshift.sweep.config import load_sweep
+from promptshift.vocabulary import REGION_CODE, REGIONS
 from tests.conftest import write_sweep
 from tests.tolerance import (U32, array_bound, assert_below, assert_within, forward_bound, logit_scale_of,
                              logprob_bound, logsoftmax_rounding)
@@ -122,7 +122,7 @@ def test_mixed_prefix_batch_equals_each_prompt_alone(tok, tiny_model):
     """Rows continuing prefixes of different lengths, and rows with no prefix, in one batch,
     against each prompt run alone: every output of the Result."""
     from promptshift.extract.engine import Engine, Item
-    from promptshift.sweep.chat import REGION_CODE
+    from promptshift.vocabulary import REGION_CODE
 
     rng = np.random.default_rng(0)
     V = tiny_model.config.vocab_size
@@ -159,7 +159,7 @@ def test_packed_batch_equals_padded_batch(tok, tiny_model, padding_side):
     batches padded: every output of the Result, with mixed prefixes, rows without one,
     opted-in full patterns and greedy continuations on the packed pass's cache."""
     from promptshift.extract.engine import Engine, Item
-    from promptshift.sweep.chat import REGION_CODE
+    from promptshift.vocabulary import REGION_CODE
 
     rng = np.random.default_rng(1)
     V = tiny_model.config.vocab_size

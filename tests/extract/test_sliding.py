@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from promptshift.extract.run import ExtractConfig, extract
-from promptshift.sweep.chat import REGION_CODE
 from promptshift.sweep.config import load_sweep
+from promptshift.vocabulary import REGION_CODE
 from tests.conftest import write_sweep
 from tests.tolerance import array_bound, assert_within, forward_bound, logit_scale_of
 

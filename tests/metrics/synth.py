@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from promptshift.store.core import Store, empty_block, resid_pre_derived, stored_name
-from promptshift.sweep.chat import REGIONS
 from promptshift.sweep.config import SweepConfig, SystemPrompt, UserPrompt
 from promptshift.sweep.plan import ModelDims, build_plan
+from promptshift.vocabulary import REGIONS
 
 DIMS = ModelDims(n_layers=3, hidden=8, n_heads=2, vocab=50, max_positions=None)
 R = len(REGIONS)

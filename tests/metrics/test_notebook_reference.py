@@ -118,7 +118,7 @@ def test_notebook_file_matches_a_plain_per_pair_loop(tmp_path, tok):
             got = np.array([al.loc[(p, layer), "recent_mass"] for layer in range(L)])
             assert_within(got, a[:, -5:].sum(1), U16 + 2 * 5 * forward_bound(cfg, n_keys, 1.0), f"recent, {p}")
     # the empty user prompt: zero `user` tokens, aligned on what follows, in every per-pair table
-    from promptshift.sweep.chat import REGION_CODE
+    from promptshift.vocabulary import REGION_CODE
 
     for _, pa in plan.pairs[plan.pairs.user_id == "empty"].iterrows():
         assert (plan.prompt_regions(int(pa.variant)) == REGION_CODE["user"]).sum() == 0

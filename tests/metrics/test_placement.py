@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from promptshift.sweep.chat import REGION_CODE
+from promptshift.vocabulary import REGION_CODE
 from tests.conftest import tiny_llama, write_sweep
 
 

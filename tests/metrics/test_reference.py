@@ -12,7 +12,7 @@ import pytest
 import promptshift.metrics as metrics
 from promptshift.metrics.bootstrap import crossed_weights, estimate_weights, user_weights
 from promptshift.store.core import open_store
-from promptshift.sweep.chat import REGIONS
+from promptshift.vocabulary import REGIONS
 from tests.metrics import synth
 
 # Both sides compute in float64 from the same stored float32 values, so they differ only by

@@ -185,11 +185,9 @@ def test_report_text_changes_with_summary(tmp_path):
 
 
 def test_fake_results_write_every_documented_table(fake_results):
-    from promptshift.report.tables import TABLES
+    from promptshift.vocabulary import CAUSAL_TABLES, CORE_TABLES
 
-    from promptshift.report.tables import CAUSAL_TABLES
-
-    assert set(TABLE_NAMES) == set(TABLES)
+    assert set(TABLE_NAMES) == set(CORE_TABLES)
     assert set(CAUSAL_TABLE_NAMES) == set(CAUSAL_TABLES)
     for name in CAUSAL_TABLE_NAMES:
         assert (fake_results / f"{name}.parquet").is_file(), name

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from promptshift.errors import PromptShiftError
-from promptshift.report import FIGURE_IDS, ReportError, Results, build_report
+from promptshift.report import FIGURE_IDS, ReportError, Results, ResultsError, build_report
 
 from .conftest import (BEHAVIOUR_TABLE_NAMES, CAUSAL_TABLE_NAMES, PLACEMENT_TABLE_NAMES, TABLE_NAMES,
                        make_fake_results)
@@ -38,10 +38,9 @@ def test_every_figure_is_embedded_and_written(built_report, fake_results):
     assert FIGURE_IDS[:2] == ("fig-behaviour", "fig-behaviour-internal")  # drawn in the behaviour section
     assert {"fig-system-layer", "fig-length-output-attention"} <= set(FIGURE_IDS)  # the notebook's views
     assert "fig-placement" in FIGURE_IDS
-    from promptshift.metrics import PLACEMENT_TABLES
-    from promptshift.report.tables import PLACEMENT_TABLES as REPORT_PLACEMENT
+    from promptshift.vocabulary import PLACEMENT_TABLES
 
-    assert set(PLACEMENT_TABLE_NAMES) == set(PLACEMENT_TABLES) == set(REPORT_PLACEMENT)
+    assert set(PLACEMENT_TABLE_NAMES) == set(PLACEMENT_TABLES)
     assert html.count("<img") == len(FIGURE_IDS)
     found = IMG.findall(html)
     assert [fid for _, fid in found] == list(FIGURE_IDS)
@@ -163,14 +162,14 @@ def test_empty_results_dir_gives_a_report_of_notes(tmp_path):
 
 
 def test_unusable_inputs_raise_typed_errors(tmp_path):
-    with pytest.raises(ReportError, match="does not exist"):
+    with pytest.raises(ResultsError, match="does not exist"):
         build_report(tmp_path / "nope")
     (tmp_path / "f.txt").write_text("x")
-    with pytest.raises(ReportError, match="is a file"):
+    with pytest.raises(ResultsError, match="is a file"):
         build_report(tmp_path / "f.txt")
     with pytest.raises(ReportError, match="must end in .html"):
         build_report(tmp_path, tmp_path / "report.pdf")
-    assert issubclass(ReportError, PromptShiftError)
+    assert issubclass(ReportError, PromptShiftError) and issubclass(ResultsError, PromptShiftError)
 
 
 def test_provenance_flat_or_nested_reads_the_same(tmp_path):

@@ -14,9 +14,9 @@ import pytest
 
 from promptshift.store.core import Store
 from promptshift.store.verify import check_plan, verify_store
-from promptshift.sweep.chat import REGION_CODE
 from promptshift.sweep.config import load_sweep
 from promptshift.sweep.plan import ModelDims, build_plan
+from promptshift.vocabulary import REGION_CODE
 from tests.conftest import write_sweep
 from tests.sweep.test_chat import INST_STYLE
 

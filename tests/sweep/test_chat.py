@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from promptshift.errors import TemplateError
-from promptshift.sweep.chat import REGION_CODE, REGIONS, conversation, dialogue, injected_default_system, render
+from promptshift.sweep.chat import conversation, dialogue, injected_default_system, render
+from promptshift.vocabulary import REGION_CODE, REGIONS
 
 LLAMA3_STYLE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"

@@ -196,7 +196,7 @@ def test_prefix_regions_exact_by_token(tok, tmp_path):
     """Every token of a prefix pair is labelled from the rendering: the prefix region is
     exactly the instruction and its separator, the user region exactly the user prompt,
     and everything else is the baseline's tokens, in the same order."""
-    from promptshift.sweep.chat import REGION_CODE
+    from promptshift.vocabulary import REGION_CODE
 
     for baseline in ("no_system_turn", "empty_system", "brief"):
         plan = _plan(tok, tmp_path, PREFIXED, baseline=baseline)
@@ -228,7 +228,7 @@ def test_prefix_regions_exact_by_token(tok, tmp_path):
 
 
 def test_empty_user_prompt_renders_with_no_user_tokens_and_aligns_on_what_follows(tok, tmp_path):
-    from promptshift.sweep.chat import REGION_CODE
+    from promptshift.vocabulary import REGION_CODE
 
     plan = _plan(tok, tmp_path, PREFIXED)
     e = plan.pairs[plan.pairs.user_id == "empty"]

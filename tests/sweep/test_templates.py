@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from promptshift.errors import TemplateError
-from promptshift.sweep.chat import (REGION_CODE, TemplateClock, conversation, dialogue, injected_default_system,
-                                    render, template_has_system_role)
+from promptshift.sweep.chat import (TemplateClock, conversation, dialogue, injected_default_system, render,
+                                    template_has_system_role)
 from promptshift.sweep.config import load_sweep
 from promptshift.sweep.plan import ModelDims, build_plan
+from promptshift.vocabulary import REGION_CODE
 from tests.conftest import REPO, write_sweep
 from tests.sweep.test_chat import _check_reference_labels
 
