@@ -155,6 +155,23 @@ def test_run_a_prompt_file_end_to_end(tmp_path, tok):
     assert st.complete
 
 
+def test_run_with_one_causal_user_skips_steering_with_a_note(tmp_path, tok):
+    """Steering vectors are tested on held-out user prompts: with a causal scope of one user
+    prompt `ps.run` runs the other analyses, says that steering was skipped, and reports."""
+    model_dir = tmp_path / "model"
+    tiny_llama(tok, n_layers=2, seed=3).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    sweep = ps.Sweep.from_prompts({"pirate": "You are a pirate."}, ["What is 2 + 3?", "Name a colour."],
+                                  max_new_tokens=2)
+    lines = []
+    res = ps.run(sweep, out=tmp_path / "out", model=str(model_dir), causal_users=1, workers=0, progress=False,
+                 echo=lines.append)
+    assert any("steering skipped" in line for line in lines), lines
+    assert "causal_patching" in res.tables and "causal_knockout" in res.tables
+    assert "causal_steering" not in res.tables and res.report.is_file()
+    assert "steering" not in ps.open(tmp_path / "out" / "store.zarr").causal_analyses()
+
+
 def test_run_from_the_command_line_is_the_same_pipeline(tmp_path, tok, monkeypatch):
     """The CLI's `run` is a thin shell: it calls `promptshift.api.run` with its options."""
     from promptshift import api, cli
@@ -162,6 +179,10 @@ def test_run_from_the_command_line_is_the_same_pipeline(tmp_path, tok, monkeypat
     seen = {}
     monkeypatch.setattr(api, "run", lambda *a, **k: seen.update(args=a, kwargs=k))
     with pytest.raises(SystemExit) as e:
-        cli.main(["run", "--sweep", "quick", "--out", str(tmp_path), "--causal-users", "3", "--no-causal"])
+        cli.main(["run", "--sweep", "quick", "--out", str(tmp_path), "--causal-users", "3", "--no-causal",
+                  "--device", "cpu", "--dtype", "float32", "--keep", "suffix", "--no-progress"])
     assert e.value.code == 0
     assert seen["args"][0] == "quick" and seen["kwargs"]["causal"] is False and seen["kwargs"]["causal_users"] == 3
+    k = seen["kwargs"]
+    assert (k["device"], k["dtype"], k["keep"], k["progress"]) == ("cpu", "float32", "suffix", False)
+    assert "chat_template" not in k and "trust_remote_code" not in k  # not given: the sweep's own
