@@ -17,7 +17,7 @@ from promptshift.extract.attention import AttnStats, Packing, Positions, install
 from promptshift.extract.batching import plan_batches
 from promptshift.extract.decode import Pending, greedy, own_keys
 from promptshift.extract.kvcache import prefilled_cache
-from promptshift.sweep.chat import REGIONS
+from promptshift.vocabulary import REGIONS
 
 R = len(REGIONS)
 _ATTN_BYTES_BUDGET = 1 << 29  # (B, NH, Sq, Sk) float32 probabilities of one layer

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import html
 
-import numpy as np
 import pandas as pd
 
+from promptshift.jsonsafe import is_number
 from promptshift.report.findings import fmt, pct, pp
-from promptshift.report.tables import NotAvailable, Results
+from promptshift.results import NotAvailable, Results
 
 ALL = "__all__"  # behaviour_systems rows pooled over the system prompts
 # figures drawn in this section (each after its table), not in the report's list of figures
@@ -30,19 +30,15 @@ OUTPUT_LABELS = {"adherence_change": "adherence change", "correct_change": "corr
                  "words_change": "reply length change"}
 
 
-def _num(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and bool(np.isfinite(x))
-
-
 def _cells(sy: pd.DataFrame) -> dict[tuple[str, str], pd.Series]:
     return {(str(r["system"]), str(r["measure"])): r for _, r in sy.iterrows()}
 
 
 def _interval(r: pd.Series | None, f) -> str:
-    if r is None or not _num(r["mean"]):
+    if r is None or not is_number(r["mean"]):
         return "–"
     text = f(r["mean"])
-    if _num(r["ci_low"]) and _num(r["ci_high"]):
+    if is_number(r["ci_low"]) and is_number(r["ci_high"]):
         text += f" [{f(r['ci_low'])}, {f(r['ci_high'])}]"
     return text
 
@@ -67,10 +63,10 @@ def system_rows(sy: pd.DataFrame) -> list[dict]:
         row = {"system": name, "checks": "" if name == ALL else str(checks.get(name, "") or "")}
         for _, m, f, fc, unit in COLUMNS:
             b, v, c = (cells.get((name, f"{m}_{k}")) for k in ("baseline", "variant", "change"))
-            row[f"{m}_baseline"] = f(b["mean"]) if b is not None and _num(b["mean"]) else "–"
-            row[f"{m}_variant"] = f(v["mean"]) if v is not None and _num(v["mean"]) else "–"
-            row[f"{m}_change"] = _interval(c, fc) + (unit if c is not None and _num(c["mean"]) else "")
-            row[f"{m}_n"] = int(c["n_pairs"]) if c is not None and _num(c["n_pairs"]) else 0
+            row[f"{m}_baseline"] = f(b["mean"]) if b is not None and is_number(b["mean"]) else "–"
+            row[f"{m}_variant"] = f(v["mean"]) if v is not None and is_number(v["mean"]) else "–"
+            row[f"{m}_change"] = _interval(c, fc) + (unit if c is not None and is_number(c["mean"]) else "")
+            row[f"{m}_n"] = int(c["n_pairs"]) if c is not None and is_number(c["n_pairs"]) else 0
         rows.append(row)
     return rows
 
@@ -106,7 +102,7 @@ def behaviour_section(res: Results, figures: dict[str, str] | None = None) -> st
     pooled_unit = ("crossed bootstrap over system prompts and user prompts" if sample.get("resampling") == "crossed"
                    else "bootstrap over user prompts")
     n = (f"{sample['n_systems']} system prompts × {sample['n_users']} user prompts"
-         if _num(sample.get("n_systems")) and _num(sample.get("n_users")) else "the sweep")
+         if is_number(sample.get("n_systems")) and is_number(sample.get("n_users")) else "the sweep")
     parts.append(
         '<p class="sub">Each system prompt\'s greedy replies judged by its declared checks and each user prompt\'s '
         "expected answer, without the system prompt (baseline, same user prompts, same checks) → with it; the "
@@ -138,16 +134,16 @@ def behaviour_section(res: Results, figures: dict[str, str] | None = None) -> st
         parts.append('<table class="prov" id="behaviour-internal"><thead><tr><th>predicts</th><th>component</th>'
                      "<th>layer</th><th>r [95% CI]</th><th>pairs</th><th>selection</th></tr></thead><tbody>")
         for label, st in strongest:
-            if not isinstance(st, dict) or not _num(st.get("r")):
+            if not isinstance(st, dict) or not is_number(st.get("r")):
                 parts.append(f"<tr><td>{e(label)}</td><td colspan=\"5\">undefined (no pair with a defined change "
                              "and spread)</td></tr>")
                 continue
             c = st.get("ci")
             r = fmt(st["r"]) + (f" [{fmt(c[0])}, {fmt(c[1])}]" if isinstance(c, (list, tuple)) and len(c) == 2
-                                and all(_num(x) for x in c) else "")
+                                and all(is_number(x) for x in c) else "")
             parts.append(f"<tr><td>{e(label)}</td><td><code>{e(str(st.get('component')))}</code></td>"
-                         f"<td>{int(st['layer']) if _num(st.get('layer')) else '–'}</td><td>{e(r)}</td>"
-                         f"<td>{int(st['n_pairs']) if _num(st.get('n_pairs')) else '–'}</td>"
+                         f"<td>{int(st['layer']) if is_number(st.get('layer')) else '–'}</td><td>{e(r)}</td>"
+                         f"<td>{int(st['n_pairs']) if is_number(st.get('n_pairs')) else '–'}</td>"
                          f"<td>{e(str(st.get('selection', '–')))}</td></tr>")
         parts.append("</tbody></table>")
     if BEHAVIOUR_FIGURES[1] in fig:

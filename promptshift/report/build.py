@@ -299,7 +299,7 @@ def render_html(res: Results, rendered: list[DrawnFigure], cfg: ReportConfig) ->
     return "\n".join(parts)
 
 
-def _figure_html(i: int, r: Rendered) -> str:
+def _figure_html(i: int, r: DrawnFigure) -> str:
     """One `<figure>`: number and title, the PNG inline (or why it is not available), the
     caption headed by the figure's n and resampling unit, and its notes."""
     e = html.escape

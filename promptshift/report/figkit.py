@@ -12,8 +12,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from promptshift.report.style import COMPONENTS
+from promptshift.jsonsafe import is_number
 from promptshift.report.tables import Results, not_control
+from promptshift.vocabulary import COMPONENTS
 
 Z95 = 1.959963984540054
 
@@ -180,12 +181,8 @@ def _causal(res: Results, *path: str):
     return d
 
 
-def _finite_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(float(x)))
-
-
 def _ci_pair(c) -> tuple[float, float] | None:
-    if isinstance(c, (list, tuple)) and len(c) == 2 and all(_finite_num(v) for v in c):
+    if isinstance(c, (list, tuple)) and len(c) == 2 and all(is_number(v) for v in c):
         return float(c[0]), float(c[1])
     return None
 
@@ -221,7 +218,7 @@ def _site_axis(ax, sites, what: str = "site") -> None:
 
 def _mark_site(ax, site, ci, color: str, label: str) -> Line2D | None:
     """A vertical line at `site` and a span over its CI; None (nothing drawn) when undefined."""
-    if not _finite_num(site):
+    if not is_number(site):
         return None
     c = _ci_pair(ci)
     if c is not None and c[1] > c[0]:

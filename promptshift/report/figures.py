@@ -30,8 +30,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from promptshift.jsonsafe import is_number
 from promptshift.report.figkit import (
-    MAX_WIDTH_IN, _band_line, _causal, _causal_n, _causal_unit, _ci_text, _components, _crossed, _f, _fig, _finite_num, _heat_height, _layer_ticks, _mark_site, _mean_se, _n, _note, _num_cols, _p, _pearson, _scope, _site_axis, _summary_layer, _systems_order,
+    MAX_WIDTH_IN, _band_line, _causal, _causal_n, _causal_unit, _ci_text, _components, _crossed, _f, _fig, _heat_height, _layer_ticks, _mark_site, _mean_se, _n, _note, _num_cols, _p, _pearson, _scope, _site_axis, _summary_layer, _systems_order,
 )
 from promptshift.report.figures_behaviour import fig_behaviour, fig_behaviour_internal
 from promptshift.report.style import (
@@ -40,7 +41,6 @@ from promptshift.report.style import (
 from promptshift.report.tables import (
     NotAvailable, Results, at_position, not_control, only_control, pick, system_info, without_prefixes,
 )
-from promptshift.vocabulary import COMPONENTS
 
 
 
@@ -902,7 +902,7 @@ def fig_causal_patching(res: Results) -> Figure:
     fig = _fig(11.8 if has_lp else 7.2, 4.3)
     axes = fig.subplots(1, 2 if has_lp else 1, squeeze=False, sharex=True)[0]
     thr = _causal(res, "patching", "threshold")
-    thr = float(thr) if _finite_num(thr) else 0.5
+    thr = float(thr) if is_number(thr) else 0.5
     handles, undefined = [], []
     for mode in modes:
         d = pc[pc["mode"].astype(str) == mode].sort_values("site")
@@ -916,7 +916,7 @@ def fig_causal_patching(res: Results) -> Figure:
         for ax in axes:
             h = _mark_site(ax, site, onset.get("ci") if isinstance(onset, dict) else None, col,
                            f"{mode}: onset at site {int(site)} ({_ci_text(onset.get('ci'))})"
-                           if _finite_num(site) else "")
+                           if is_number(site) else "")
         if h is not None:
             handles.append(h)
         elif isinstance(_causal(res, "patching", "modes", mode), dict):
@@ -952,7 +952,7 @@ def fig_causal_continuation(res: Results) -> Figure:
     fig = _fig(8.6, 4.5)
     ax = fig.subplots(1, 1)
     thr = _causal(res, "continuation", "threshold")
-    thr = float(thr) if _finite_num(thr) else 0.5
+    thr = float(thr) if is_number(thr) else 0.5
     handles = []
     for mode in modes:
         d = cc[cc["mode"].astype(str) == mode].sort_values("site")
@@ -967,7 +967,7 @@ def fig_causal_continuation(res: Results) -> Figure:
         site = onset.get("site") if isinstance(onset, dict) else None
         h = _mark_site(ax, site, onset.get("ci") if isinstance(onset, dict) else None, col,
                        f"{mode}: reply onset at site {int(site)} ({_ci_text(onset.get('ci'))})"
-                       if _finite_num(site) else "")
+                       if is_number(site) else "")
         if h is not None:
             handles.append(h)
         elif isinstance(_causal(res, "continuation", "modes", mode), dict):
@@ -980,7 +980,7 @@ def fig_causal_continuation(res: Results) -> Figure:
     ax.set_ylabel("recovered: Σ(lp_patched − lp_b) / Σ(lp_v − lp_b)")
     n_tok = _causal(res, "continuation", "max_tokens")
     ax.set_title("the variant's reply recovered" + (f" (first {int(n_tok)} tokens, teacher-forced)"
-                                                    if _finite_num(n_tok) else ""))
+                                                    if is_number(n_tok) else ""))
     handles.append(Patch(color=NEUTRAL, alpha=0.2, label=f"95% CI, {_causal_unit(res, 'continuation')}"))
     fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=8)
     _scope(fig, f"{_causal_n(res, 'continuation')}; bands and onset CI: 95%, {_causal_unit(res, 'continuation')}")
@@ -996,13 +996,13 @@ def fig_causal_knockout(res: Results) -> Figure:
     x = kc["start"].to_numpy(int)
     _band_line(ax1, x, kc, "effect_left", col, "effect left (95% CI)")
     thr = _causal(res, "knockout", "threshold")
-    thr = float(thr) if _finite_num(thr) else 0.1
+    thr = float(thr) if is_number(thr) else 0.1
     ax1.axhline(thr, color=MUTED, linestyle="-.", linewidth=1.0, label=f"threshold ({_f(thr)})")
     ax1.axhline(0, color=NEUTRAL, linewidth=0.8)
     stop = _causal(res, "knockout", "stops_mattering") or {}
     site = stop.get("site") if isinstance(stop, dict) else None
     h = _mark_site(ax1, site, stop.get("ci") if isinstance(stop, dict) else None, HIGHLIGHT,
-                   f"stops mattering from layer {int(site)} ({_ci_text(stop.get('ci'))})" if _finite_num(site) else "")
+                   f"stops mattering from layer {int(site)} ({_ci_text(stop.get('ci'))})" if is_number(site) else "")
     hs, _ = ax1.get_legend_handles_labels()
     ax1.legend(handles=hs + ([h] if h is not None else []), loc="upper right", fontsize=8.5)
     ax1.set_ylabel("effect left: ΣKL(v ‖ ko from start) / ΣKL(v ‖ ko from 0)")
@@ -1028,7 +1028,7 @@ def fig_causal_knockout(res: Results) -> Figure:
         _site_axis(ax, kc["start"], what="start")
     if not isinstance(stop, dict) or not stop:
         _note(fig, "summary.json has no `causal.knockout.stops_mattering`: the layer is not marked.")
-    elif not _finite_num(site):
+    elif not is_number(site):
         _note(fig, "The effect left never stays below the threshold: `stops_mattering` is undefined.")
     _scope(fig, f"{_causal_n(res, 'knockout')}; bands and layer CI: 95%, {_causal_unit(res, 'knockout')}")
     return fig
@@ -1164,7 +1164,7 @@ def fig_causal_phrases(res: Results) -> Figure:
             axk.barh(yy, t["attribution"], color=np.where(t["attribution"] >= 0, colors[s], MUTED), height=0.7,
                      xerr=err, error_kw=dict(ecolor=NEUTRAL, capsize=2, linewidth=0.8))
             labels = [f"{short(repr(str(tok).strip() or str(tok))[1:-1], 14)}" +
-                      (f"  ·p{int(p)}" if "phrase" in t.columns and _finite_num(p) and p >= 0 else "")
+                      (f"  ·p{int(p)}" if "phrase" in t.columns and is_number(p) and p >= 0 else "")
                       for tok, p in zip(t["token"], t["phrase"] if "phrase" in t.columns else [None] * len(t))]
             axk.set_yticks(yy, labels, fontsize=8)
             axk.axvline(0, color=NEUTRAL, linewidth=0.8)
@@ -1201,7 +1201,7 @@ def fig_causal_steering(res: Results) -> Figure:
     ax.axhline(0, color=NEUTRAL, linewidth=0.8)
     ax.axhline(1, color=MUTED, linewidth=0.8, linestyle=":")
     best = _causal(res, "steering", "best")
-    if isinstance(best, dict) and _finite_num(best.get("site")) and _finite_num(best.get("recovered")):
+    if isinstance(best, dict) and is_number(best.get("site")) and is_number(best.get("recovered")):
         ax.plot([best["site"]], [best["recovered"]], marker="*", color=HIGHLIGHT, markersize=14,
                 markeredgecolor="white", zorder=5, linestyle="",
                 label=f"best site before the final residual: {int(best['site'])}")
@@ -1288,8 +1288,8 @@ def fig_multiturn(res: Results) -> Figure:
     if isinstance(rule, str) and rule:
         _note(fig, f"Rule: {rule}")
     n_conv, n_turns = _causal(res, "multiturn", "n_conversations"), _causal(res, "multiturn", "n_turns")
-    _scope(fig, (f"n = {n_conv} conversations × {n_turns} turns per condition" if _finite_num(n_conv)
-                 and _finite_num(n_turns) else "n unknown") + "; bands: 95% CI, bootstrap over conversations")
+    _scope(fig, (f"n = {n_conv} conversations × {n_turns} turns per condition" if is_number(n_conv)
+                 and is_number(n_turns) else "n unknown") + "; bands: 95% CI, bootstrap over conversations")
     return fig
 
 

@@ -17,9 +17,10 @@ a small sample (``sample.small``) is named as such.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
-COMPONENT_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+from promptshift.jsonsafe import is_number
+from promptshift.vocabulary import COMPONENTS
+
 
 
 def fmt(x) -> str:
@@ -65,24 +66,20 @@ def ci(c) -> str:
     return f"95% CI {fmt(lo)} to {fmt(hi)}"
 
 
-def _num(x) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
 def _ci_ok(c) -> bool:
-    return isinstance(c, (list, tuple)) and len(c) == 2 and all(_num(v) for v in c)
+    return isinstance(c, (list, tuple)) and len(c) == 2 and all(is_number(v) for v in c)
 
 
 def _ordered(keys):
-    known = [k for k in COMPONENT_ORDER if k in keys]
-    return known + sorted(k for k in keys if k not in COMPONENT_ORDER)
+    known = [k for k in COMPONENTS if k in keys]
+    return known + sorted(k for k in keys if k not in COMPONENTS)
 
 
 def _overview(s: dict) -> list[str]:
     parts = []
-    if _num(s.get("n_pairs")):
+    if is_number(s.get("n_pairs")):
         parts.append(f"compares {int(s['n_pairs'])} (user prompt, system prompt) pairs with their baselines")
-    if _num(s.get("n_controls")):
+    if is_number(s.get("n_controls")):
         parts.append(f"uses {int(s['n_controls'])} control pairs (two unrelated user prompts under the baseline) "
                      "as the floor")
     if not parts:
@@ -100,7 +97,7 @@ def _p(p, s: dict) -> str:
     """`p = 0.03`, or `p < 0.001` when no resample fell on the other side of zero (p = 0 is
     the resolution of the bootstrap, 1 / n_boot, not a probability of zero)."""
     n_boot = _sample_block(s).get("n_boot")
-    if float(p) == 0 and _num(n_boot) and float(n_boot) > 0:
+    if float(p) == 0 and is_number(n_boot) and float(n_boot) > 0:
         return f"p < {pval(1.0 / float(n_boot))}"
     return f"p = {pval(p)}"
 
@@ -108,7 +105,7 @@ def _p(p, s: dict) -> str:
 def _units(s: dict) -> str:
     """`14 system prompts × 18 user prompts, both resampled`, from summary.json's sample."""
     d = _sample_block(s)
-    if not (_num(d.get("n_systems")) and _num(d.get("n_users"))):
+    if not (is_number(d.get("n_systems")) and is_number(d.get("n_users"))):
         return ""
     text = f"{int(d['n_systems'])} system prompts × {int(d['n_users'])} user prompts"
     if d.get("resampling") == "crossed":
@@ -122,16 +119,16 @@ def _sample(s: dict) -> list[str]:
     if not d:
         return []
     out = []
-    if d.get("resampling") == "crossed" and _num(d.get("n_systems")) and _num(d.get("n_users")):
-        boots = f" ({int(d['n_boot'])} resamples)" if _num(d.get("n_boot")) else ""
+    if d.get("resampling") == "crossed" and is_number(d.get("n_systems")) and is_number(d.get("n_users")):
+        boots = f" ({int(d['n_boot'])} resamples)" if is_number(d.get("n_boot")) else ""
         out.append(f"Intervals are 95% crossed bootstrap intervals{boots}: the {int(d['n_systems'])} system prompts "
                    f"and the {int(d['n_users'])} user prompts are resampled together, so an interval speaks for other "
                    "system prompts as well as other user prompts; each p-value comes from the same resamples and so "
                    "agrees with its interval.")
     small = [(what, int(d[key])) for what, key, flag in (("system prompts", "n_systems", "small_systems"),
                                                            ("user prompts", "n_users", "small_users"))
-             if d.get(flag) is True and _num(d.get(key))]
-    if small and _num(d.get("min_units")):
+             if d.get(flag) is True and is_number(d.get(key))]
+    if small and is_number(d.get("min_units")):
         items = " and ".join(f"{n} {what}" for what, n in small)
         out.append(f"Small sample: only {items} (fewer than {int(d['min_units'])}); intervals over so few prompts are "
                    "rough, and where this report finds no evidence of an effect that is weak evidence that there is "
@@ -144,8 +141,8 @@ def _selection(s: dict) -> str:
     d = s.get("selection")
     if not isinstance(d, dict):
         return ""
-    if d.get("method") == "split" and _num(d.get("n_select")) and _num(d.get("n_estimate")):
-        seed = f", seed {int(d['seed'])}" if _num(d.get("seed")) else ""
+    if d.get("method") == "split" and is_number(d.get("n_select")) and is_number(d.get("n_estimate")):
+        seed = f", seed {int(d['seed'])}" if is_number(d.get("seed")) else ""
         return (f"chosen on {int(d['n_select'])} of the user prompts and measured on the other {int(d['n_estimate'])} "
                 f"(a fixed split{seed})")
     if d.get("method") == "same":
@@ -166,12 +163,12 @@ def _layers(s: dict) -> list[str]:
     held = " on the held-out user prompts" if how.startswith("chosen on") else ""
     for comp in _ordered(mal):
         d = mal[comp]
-        if not isinstance(d, dict) or not _num(d.get("layer")) or not _num(d.get("mean")):
+        if not isinstance(d, dict) or not is_number(d.get("layer")) or not is_number(d.get("mean")):
             continue
         text = f"`{comp}` changes most at layer {layer(d['layer'])}: mean relative change {fmt(d['mean'])}{held}"
         if _ci_ok(d.get("ci")):
             text += f" ({ci(d['ci'])})"
-        if _num(floor.get(comp)):
+        if is_number(floor.get(comp)):
             text += f", against a control floor of {fmt(floor[comp])}"
         out.append(text + ".")
     return out
@@ -187,7 +184,7 @@ def _above(s: dict) -> list[str]:
     floor = s.get("control_floor") if isinstance(s.get("control_floor"), dict) else {}
     d = mal.get(comp) if isinstance(mal.get(comp), dict) else {}
     numbers = ""
-    if _num(d.get("mean")) and _num(floor.get(comp)):
+    if is_number(d.get("mean")) and is_number(floor.get(comp)):
         numbers = f" ({fmt(d['mean'])} against {fmt(floor[comp])})"
     if v is True:
         text = (f"At its most affected layer, `{comp}` changes more with a system prompt than between two unrelated "
@@ -200,9 +197,9 @@ def _above(s: dict) -> list[str]:
                      "for system prompts in general")
         return [text + "."]
     if v is False:
-        if _num(d.get("mean")) and _num(floor.get(comp)) and float(d["mean"]) > float(floor[comp]) \
+        if is_number(d.get("mean")) and is_number(floor.get(comp)) and float(d["mean"]) > float(floor[comp]) \
                 and _ci_ok(d.get("ci")):
-            n = f" ({int(d['n_pairs'])} pairs)" if _num(d.get("n_pairs")) else ""
+            n = f" ({int(d['n_pairs'])} pairs)" if is_number(d.get("n_pairs")) else ""
             return [f"There is no evidence that the system-prompt effect on `{comp}` rises above the control floor: "
                     f"its mean exceeds the floor{numbers}, but its 95% CI reaches down to {fmt(d['ci'][0])}{n}."]
         return [f"The system-prompt effect on `{comp}` does not rise above the control floor{numbers}: it is no larger "
@@ -221,7 +218,7 @@ def _too_few_systems(s: dict) -> tuple[int, int] | None:
     system prompts), so an effect across system prompts is then not claimed, whatever its
     interval says."""
     d = _sample_block(s)
-    if d.get("small_systems") is True and _num(d.get("n_systems")) and _num(d.get("min_units")):
+    if d.get("small_systems") is True and is_number(d.get("n_systems")) and is_number(d.get("min_units")):
         return int(d["n_systems"]), int(d["min_units"])
     return None
 
@@ -235,11 +232,11 @@ def _length(s: dict) -> list[str]:
     enough system prompts to resample; otherwise the sentence says there is no evidence (or
     too few system prompts), with the numbers and n."""
     d = s.get("length")
-    if not isinstance(d, dict) or not _num(d.get("pearson_r")):
+    if not isinstance(d, dict) or not is_number(d.get("pearson_r")):
         return []
     r = float(d["pearson_r"])
     stats = [ci(d["ci"])] if _ci_ok(d.get("ci")) else []
-    if _num(d.get("p")):
+    if is_number(d.get("p")):
         stats.append(_p(d["p"], s))
     units = _units(s)
     if units:
@@ -258,7 +255,7 @@ def _length(s: dict) -> list[str]:
     else:
         text = (f"Length and internal change correlate with Pearson r = {fmt(r)} across system prompts, but the "
                 f"correlation has no interval{detail}, so no length effect is claimed")
-    if _num(d.get("spearman_r")):
+    if is_number(d.get("spearman_r")):
         text += f"; Spearman r = {fmt(d['spearman_r'])}"
         if _ci_ok(d.get("spearman_ci")):
             text += f" ({ci(d['spearman_ci'])})"
@@ -269,13 +266,13 @@ def _tag(s: dict) -> list[str]:
     """Tags whose simultaneous interval (Bonferroni over the tags) excludes zero, with two or
     more system prompts on each side; otherwise that there is no evidence for any tag."""
     d = s.get("tags")
-    if not isinstance(d, dict) or not isinstance(d.get("items"), list) or not _num(d.get("n_tags")):
+    if not isinstance(d, dict) or not isinstance(d.get("items"), list) or not is_number(d.get("n_tags")):
         return []
     k = int(d["n_tags"])
     if k == 0:
         return []
-    items = [t for t in d["items"] if isinstance(t, dict) and isinstance(t.get("tag"), str) and _num(t.get("diff"))]
-    testable = [t for t in items if _num(t.get("n_systems_with")) and _num(t.get("n_systems_without"))
+    items = [t for t in d["items"] if isinstance(t, dict) and isinstance(t.get("tag"), str) and is_number(t.get("diff"))]
+    testable = [t for t in items if is_number(t.get("n_systems_with")) and is_number(t.get("n_systems_without"))
                 and int(t["n_systems_with"]) >= 2 and int(t["n_systems_without"]) >= 2]
     few = _too_few_systems(s)
     if few is not None:
@@ -291,7 +288,7 @@ def _tag(s: dict) -> list[str]:
         lo, hi = t["ci_simultaneous"]
         text = (f"System prompts tagged `{t['tag']}` change the model {word} than those without: difference "
                 f"{fmt(diff)} (simultaneous 95% CI over {over} {fmt(lo)} to {fmt(hi)}")
-        if _num(t.get("p_adjusted")):
+        if is_number(t.get("p_adjusted")):
             text += f", Bonferroni-adjusted {_p(t['p_adjusted'], s)}"
         out.append(text + f"; {int(t['n_systems_with'])} against {int(t['n_systems_without'])} system prompts).")
     rest = len(testable) - len(found)
@@ -315,7 +312,7 @@ def _attention(s: dict) -> list[str]:
     d = s.get("attention_shares")
     if not isinstance(d, dict):
         return []
-    items = sorted(((k, float(v)) for k, v in d.items() if _num(v)), key=lambda kv: -kv[1])
+    items = sorted(((k, float(v)) for k, v in d.items() if is_number(v)), key=lambda kv: -kv[1])
     if not items:
         return []
     return ["Attention mass by key region: " + ", ".join(f"{k} {pct(v)}" for k, v in items) + "."]
@@ -326,23 +323,23 @@ def _internal_output(s: dict) -> list[str]:
     the user prompts, its correlation measured on the other; a relation is stated only when
     the held-out interval excludes zero."""
     d = s.get("strongest_internal_output")
-    if not isinstance(d, dict) or not _num(d.get("r")) or not d.get("component") or not _num(d.get("layer")):
+    if not isinstance(d, dict) or not is_number(d.get("r")) or not d.get("component") or not is_number(d.get("layer")):
         return []
     out = d.get("output") or "output change"
     measure = f"`{d['measure']}` of " if isinstance(d.get("measure"), str) else ""
     where = f"{measure}`{d['component']}` layer {layer(d['layer'])}"
     how = _selection(s)
     if d.get("selection") == "split" and how.startswith("chosen on"):
-        sel = f" (r = {fmt(d['r_select'])} there)" if _num(d.get("r_select")) else ""
+        sel = f" (r = {fmt(d['r_select'])} there)" if is_number(d.get("r_select")) else ""
         text = (f"The layer and component whose change tracks `{out}` most closely, {how}, is {where}{sel}; on the "
                 f"held-out prompts r = {fmt(d['r'])}")
     else:
         text = (f"Internal change tracks `{out}` most closely at {where}: r = {fmt(d['r'])}, the largest of all "
                 "layers and components, chosen and measured on the same pairs, so it is optimistic")
     stats = [ci(d["ci"])] if _ci_ok(d.get("ci")) else []
-    if _num(d.get("p")):
+    if is_number(d.get("p")):
         stats.append(_p(d["p"], s))
-    if _num(d.get("n_pairs")):
+    if is_number(d.get("n_pairs")):
         stats.append(f"{int(d['n_pairs'])} pairs")
     if stats:
         text += f" ({'; '.join(stats)})"
@@ -361,11 +358,11 @@ def _output(s: dict) -> list[str]:
     if not isinstance(d, dict):
         return []
     parts = []
-    if _num(d.get("mean_kl")):
+    if is_number(d.get("mean_kl")):
         parts.append(f"shifts the next-token distribution by a mean KL(variant ‖ baseline) of {fmt(d['mean_kl'])}")
-    if _num(d.get("top1_change_rate")):
+    if is_number(d.get("top1_change_rate")):
         parts.append(f"changes the top-1 next token in {pct(d['top1_change_rate'])} of pairs")
-    if _num(d.get("mean_gen_edit_distance")):
+    if is_number(d.get("mean_gen_edit_distance")):
         parts.append(f"changes the greedy continuation by a mean normalised edit distance of "
                      f"{fmt(d['mean_gen_edit_distance'])}")
     if not parts:
@@ -381,7 +378,7 @@ def _lens(s: dict) -> list[str]:
     v = s["lens_shift_layer"]
     if v is None:
         return ["The logit lens shows no layer at which the output shift appears."]
-    if _num(v):
+    if is_number(v):
         return [f"Read through the logit lens, the output shift appears at layer {layer(v)}."]
     return []
 
@@ -412,7 +409,7 @@ def _site_ci(d: dict, word: str = "site") -> str:
                f"{layer(c[1]) if float(c[1]).is_integer() else fmt(c[1])}"
     else:
         text = "its CI is undefined: too few bootstrap resamples reach the threshold"
-    if _num(d.get("undefined_share")) and float(d["undefined_share"]) > 0:
+    if is_number(d.get("undefined_share")) and float(d["undefined_share"]) > 0:
         text += f"; undefined in {pct(d['undefined_share'])} of resamples"
     return f"({text})"
 
@@ -430,7 +427,7 @@ def _causal_sample(s: dict) -> list[str]:
     if not isinstance(c, dict):
         return []
     crossed = [d for k, d in c.items() if k in ("patching", "knockout", "steering") and isinstance(d, dict)
-               and d.get("resampling") == "crossed" and _num(d.get("n_systems")) and _num(d.get("n_users"))]
+               and d.get("resampling") == "crossed" and is_number(d.get("n_systems")) and is_number(d.get("n_users"))]
     if not crossed:
         return []
     d = crossed[0]
@@ -444,8 +441,8 @@ def _causal_patching(s: dict) -> list[str]:
     modes = d.get("modes")
     if not isinstance(modes, dict):
         return []
-    thr = float(d["threshold"]) if _num(d.get("threshold")) else None
-    n = int(d["n_layers"]) if _num(d.get("n_layers")) else None
+    thr = float(d["threshold"]) if is_number(d.get("threshold")) else None
+    n = int(d["n_layers"]) if is_number(d.get("n_layers")) else None
     out = []
     for mode in [m for m in ("suffix", "last") if m in modes] + sorted(m for m in modes if m not in ("suffix", "last")):
         m = modes[mode]
@@ -455,7 +452,7 @@ def _causal_patching(s: dict) -> list[str]:
         how = PATCH_MODES.get(mode, f"mode `{mode}`")
         target = f"{pct(thr)} of the output change" if thr is not None else "the threshold share of the output change"
         sites = "site l = input of layer l" + (f", site {n} = the final residual" if n is not None else "")
-        if _num(onset.get("site")):
+        if is_number(onset.get("site")):
             text = (f"Activation patching (`{mode}`: {how}; {sites}): copying the variant's residual stream into the "
                     f"baseline run first recovers at least {target} (1 − KL ratio) at site {layer(onset['site'])} "
                     f"{_site_ci(onset)}")
@@ -465,9 +462,9 @@ def _causal_patching(s: dict) -> list[str]:
         else:
             continue
         extra = []
-        if _num(m.get("recovered_mid")):
+        if is_number(m.get("recovered_mid")):
             extra.append(f"halfway through the depth it recovers {pct(m['recovered_mid'])}")
-        if _num(m.get("recovered_final")):
+        if is_number(m.get("recovered_final")):
             extra.append(f"at the final residual {pct(m['recovered_final'])}")
         out.append(text + ("; " + ", ".join(extra) if extra else "") + ".")
     return out
@@ -477,8 +474,8 @@ def _causal_knockout(s: dict) -> list[str]:
     d = _causal(s, "knockout")
     out = []
     stop = d.get("stops_mattering")
-    thr = pct(d["threshold"]) if _num(d.get("threshold")) else "the threshold"
-    if isinstance(stop, dict) and _num(stop.get("site")):
+    thr = pct(d["threshold"]) if is_number(d.get("threshold")) else "the threshold"
+    if isinstance(stop, dict) and is_number(stop.get("site")):
         out.append(f"Blocking attention to the system-prompt tokens only in layers ≥ l leaves less than {thr} of the "
                    f"full knockout's effect for every l from layer {layer(stop['site'])} on "
                    f"{_site_ci(stop, 'layer')}: after that layer the system prompt no longer matters through "
@@ -487,10 +484,10 @@ def _causal_knockout(s: dict) -> list[str]:
         out.append(f"Blocking attention to the system-prompt tokens keeps more than {thr} of the full knockout's "
                    "effect up to the last layer, so no layer after which it stops mattering is defined.")
     parts = []
-    if _num(d.get("full_knockout_kl_ratio")):
+    if is_number(d.get("full_knockout_kl_ratio")):
         parts.append(f"KL(variant ‖ knocked-out) is {fmt(d['full_knockout_kl_ratio'])} × KL(variant ‖ baseline) "
                      "(1 = the knockout undoes the system prompt's whole effect on the next token)")
-    if _num(d.get("full_knockout_vs_baseline")):
+    if is_number(d.get("full_knockout_vs_baseline")):
         parts.append(f"KL(knocked-out ‖ baseline) is {fmt(d['full_knockout_vs_baseline'])} × "
                      "KL(variant ‖ baseline) (0 = the knocked-out run is the baseline)")
     if parts:
@@ -502,7 +499,7 @@ def _causal_steering(s: dict) -> list[str]:
     d = _causal(s, "steering")
     best, final = d.get("best"), d.get("final_site")
     out = []
-    if isinstance(best, dict) and _num(best.get("site")) and _num(best.get("recovered")):
+    if isinstance(best, dict) and is_number(best.get("site")) and is_number(best.get("recovered")):
         split = best.get("selection") == "split"
         how = "; chosen on one half of the user prompts" if split else ""
         where = " on the other half" if split else ""
@@ -510,7 +507,7 @@ def _causal_steering(s: dict) -> list[str]:
                 f"added to the baseline's last token works best at site {layer(best['site'])} (site l = input of "
                 f"layer l; the final residual excluded{how}), where it recovers "
                 f"{_value_ci(best['recovered'], best.get('ci'))} of the output change (1 − KL ratio){where}")
-        if isinstance(final, dict) and _num(final.get("recovered")):
+        if isinstance(final, dict) and is_number(final.get("recovered")):
             text += (f"; at the final residual, where it edits the output directly, "
                      f"{_value_ci(final['recovered'], final.get('ci'))}")
         out.append(text + ".")
@@ -521,7 +518,7 @@ def _causal_phrases(s: dict) -> list[str]:
     d = _causal(s, "phrases")
     out = []
     top = [t for t in d.get("top_phrase_per_system") or [] if isinstance(t, dict) and isinstance(t.get("system"), str)
-           and isinstance(t.get("phrase"), str) and _num(t.get("kl_removed"))]
+           and isinstance(t.get("phrase"), str) and is_number(t.get("kl_removed"))]
     if top:
         top = sorted(top, key=lambda t: -float(t["kl_removed"]))
         items = []
@@ -531,26 +528,26 @@ def _causal_phrases(s: dict) -> list[str]:
             item = f"`{t['system']}`: “{phrase}” (KL(variant ‖ without it) = {fmt(t['kl_removed'])}"
             if _ci_ok(t.get("ci")):
                 item += f", {ci(t['ci'])}"
-            if _num(t.get("importance_output")):
+            if is_number(t.get("importance_output")):
                 item += f"; {pct(t['importance_output'])} of the output change lost without it"
             items.append(item + ")")
         head = "Phrase ablation: the phrase whose removal moves the output most, per system prompt split into phrases"
-        if _num(d.get("n_systems_split")):
+        if is_number(d.get("n_systems_split")):
             k = int(d["n_systems_split"])
             head += f" ({k} such prompt{'' if k == 1 else 's'}"
             head += (", the largest effects first)" if len(top) <= 6 else
                      ", the six largest effects; the others are in the figure)")
         out.append(head + ": " + "; ".join(items) + ".")
-    elif _num(d.get("n_systems_split")) and int(d["n_systems_split"]) == 0:
+    elif is_number(d.get("n_systems_split")) and int(d["n_systems_split"]) == 0:
         out.append("Phrase ablation: no system prompt was split into more than one phrase, so phrases were not ranked.")
     agree = d.get("attribution_vs_occlusion")
-    if isinstance(agree, dict) and _num(agree.get("spearman_r")):
+    if isinstance(agree, dict) and is_number(agree.get("spearman_r")):
         text = f"Token attribution summed per phrase ranks phrases like their removal does with Spearman r = " \
                f"{fmt(agree['spearman_r'])}"
         extra = []
-        if _num(agree.get("p")):
+        if is_number(agree.get("p")):
             extra.append(f"p = {pval(agree['p'])}")
-        if _num(agree.get("n_phrases")):
+        if is_number(agree.get("n_phrases")):
             extra.append(f"{int(agree['n_phrases'])} phrases")
         out.append(text + (f" ({', '.join(extra)})" if extra else "") + ".")
     elif "attribution_vs_occlusion" in d and agree is None and top:
@@ -564,9 +561,9 @@ def _causal_multiturn(s: dict) -> list[str]:
     conds = d.get("conditions")
     if not isinstance(conds, dict):
         return []
-    last_turn = f"the last turn (turn {int(d['n_turns'])})" if _num(d.get("n_turns")) else "the last turn"
+    last_turn = f"the last turn (turn {int(d['n_turns'])})" if is_number(d.get("n_turns")) else "the last turn"
     out = []
-    if _num(d.get("n_conversations")):
+    if is_number(d.get("n_conversations")):
         rule = f" under the rule “{d['rule']}”" if isinstance(d.get("rule"), str) and d["rule"] else ""
         out.append(f"Multi-turn decay is measured on {int(d['n_conversations'])} scripted conversations{rule}, "
                    "with confidence intervals from a bootstrap over conversations.")
@@ -576,30 +573,30 @@ def _causal_multiturn(s: dict) -> list[str]:
             continue
         label = f"`{cond}` ({CONDITIONS[cond]})" if cond in CONDITIONS else f"`{cond}`"
         parts = []
-        has_sys = _num(c.get("sys_mass_first")) and _num(c.get("sys_mass_last")) and not (
-            _num(c.get("uniform_first")) and float(c["uniform_first"]) == 0 and float(c["sys_mass_first"]) == 0)
+        has_sys = is_number(c.get("sys_mass_first")) and is_number(c.get("sys_mass_last")) and not (
+            is_number(c.get("uniform_first")) and float(c["uniform_first"]) == 0 and float(c["sys_mass_first"]) == 0)
         if has_sys:
             a, b = float(c["sys_mass_first"]), float(c["sys_mass_last"])
             verb = "falls" if b < a else "rises" if b > a else "stays"
             text = (f"the last token's attention to the system prompt (sink excluded, renormalised, mean over layers "
                     f"and heads) {verb} from {_value_ci(a, c.get('sys_mass_first_ci'))} at the first turn to "
                     f"{_value_ci(b, c.get('sys_mass_last_ci'))} at {last_turn}")
-            if _num(c.get("uniform_first")) and _num(c.get("uniform_last")):
+            if is_number(c.get("uniform_first")) and is_number(c.get("uniform_last")):
                 text += (f", against {pct(c['uniform_first'])} and {pct(c['uniform_last'])} under uniform attention "
                          "over the visible keys")
-            if _num(c.get("turn_spearman")):
+            if is_number(c.get("turn_spearman")):
                 text += f" (Spearman r with the turn = {fmt(c['turn_spearman'])}"
-                text += f", p = {pval(c['turn_p'])})" if _num(c.get("turn_p")) else ")"
+                text += f", p = {pval(c['turn_p'])})" if is_number(c.get("turn_p")) else ")"
             elif "turn_spearman" in c:
                 text += " (its Spearman correlation with the turn is undefined)"
             parts.append(text)
-        elif (_num(c.get("uniform_first")) and float(c["uniform_first"]) == 0) or \
+        elif (is_number(c.get("uniform_first")) and float(c["uniform_first"]) == 0) or \
                 (cond == "no_system" and "sys_mass_first" not in c):
             parts.append("there are no system-prompt tokens to attend to")
-        if _num(c.get("obey_first")) and _num(c.get("obey_last")):
+        if is_number(c.get("obey_first")) and is_number(c.get("obey_last")):
             text = (f"the rule is obeyed in {pct(c['obey_first'])} of conversations at the first turn and "
                     f"{pct(c['obey_last'])} at the last")
-            if _num(c.get("obey_mean")):
+            if is_number(c.get("obey_mean")):
                 text += f" ({pct(c['obey_mean'])} over all turns)"
             parts.append(text)
         if parts:
@@ -636,19 +633,19 @@ def _behaviour(s: dict) -> list[str]:
     pooled = d["pooled"]
     units = _units(s)
     out = []
-    k = int(d["n_systems_with_checks"]) if _num(d.get("n_systems_with_checks")) else None
+    k = int(d["n_systems_with_checks"]) if is_number(d.get("n_systems_with_checks")) else None
     av, ab, ac = (_cell(pooled.get(m)) for m in ("adherence_variant", "adherence_baseline", "adherence_change"))
     n_users = _sample_block(s).get("n_users")
-    if k and _num(av.get("mean")) and _num(ab.get("mean")) and _num(ac.get("mean")):
+    if k and is_number(av.get("mean")) and is_number(ab.get("mean")) and is_number(ac.get("mean")):
         n = f"n = {k} system prompts with checks" + (f" × {int(n_users)} user prompts, both resampled"
-                                                     if _num(n_users) else "")
+                                                     if is_number(n_users) else "")
         out.append(_behaviour_change(av, ab, ac, n, (
             "Replies follow the instructions the system prompts declare checks for",
             "Replies follow the declared instructions less with the system prompt than without",
             "There is no evidence that the system prompts' declared checks are followed more often with them than "
             "without"), "their checks passed"))
         small = _sample_block(s).get("min_units")
-        if k < (int(small) if _num(small) else 8):
+        if k < (int(small) if is_number(small) else 8):
             out.append(f"Only {k} system prompts declare checks: a small sample for a claim about system prompts in "
                        "general; read the per-system-prompt results instead.")
     rows = [r for r in d.get("systems", []) if isinstance(r, dict) and r.get("checks")]
@@ -666,8 +663,8 @@ def _behaviour(s: dict) -> list[str]:
         if rest:
             out.append(f"No evidence of a change in adherence for {', '.join(f'`{x}`' for x in rest)}.")
     cv, cb, cc = (_cell(pooled.get(m)) for m in ("correct_variant", "correct_baseline", "correct_change"))
-    if _num(cv.get("mean")) and _num(cb.get("mean")) and _num(cc.get("mean")):
-        n = (f"{int(d['n_pairs_with_expected'])} pairs with an expected answer" if _num(d.get("n_pairs_with_expected"))
+    if is_number(cv.get("mean")) and is_number(cb.get("mean")) and is_number(cc.get("mean")):
+        n = (f"{int(d['n_pairs_with_expected'])} pairs with an expected answer" if is_number(d.get("n_pairs_with_expected"))
              else "") + (f"; n = {units}" if units else "")
         out.append(_behaviour_change(cv, cb, cc, n.strip("; "), (
             "System prompts raise the share of correct answers", "System prompts lower the share of correct answers",
@@ -682,25 +679,25 @@ def _behaviour(s: dict) -> list[str]:
                            f"`{r['system']}` ({pct(r['correct_baseline']['mean'])} → {pct(r['correct_variant']['mean'])})"
                            for r in worse) + ".")
     wc = _cell(pooled.get("words_change"))
-    if _num(wc.get("mean")) and _ci_ok(wc.get("ci")):
+    if is_number(wc.get("mean")) and _ci_ok(wc.get("ci")):
         verb = ("shorter" if float(wc["mean"]) < 0 else "longer") if _excludes_zero(wc["ci"]) else None
         out.append((f"Replies get {verb} with a system prompt: {fmt(wc['mean'])} words on average ({ci(wc['ci'])})."
                     if verb else f"There is no evidence that system prompts change reply length: {fmt(wc['mean'])} "
                                  f"words on average, and the interval includes zero ({ci(wc['ci'])})."))
-    if _num(d.get("unfinished_replies")) and int(d["unfinished_replies"]) > 0 and _num(d.get("n_replies")):
+    if is_number(d.get("unfinished_replies")) and int(d["unfinished_replies"]) > 0 and is_number(d.get("n_replies")):
         out.append(f"{int(d['unfinished_replies'])} of {int(d['n_replies'])} replies used their whole token budget "
                    "without finishing; a check or an answer that more tokens could still change is left undecided "
                    "for them (not counted as a failure): raise `behaviour.max_new_tokens` to judge more.")
     how = _selection(s)
     names = {"adherence_change": "adherence", "correct_change": "correctness", "words_change": "reply length"}
     for o, st in (d.get("strongest_internal") or {}).items():
-        if not isinstance(st, dict) or not _num(st.get("r")) or not _num(st.get("layer")):
+        if not isinstance(st, dict) or not is_number(st.get("r")) or not is_number(st.get("layer")):
             continue
         where = f"`{st.get('component')}` layer {layer(st['layer'])}"
         chosen = f", {how}," if how.startswith("chosen on") and st.get("selection") == "split" else \
             " (chosen and measured on the same pairs, so optimistic)"
         stats = [ci(st["ci"])] if _ci_ok(st.get("ci")) else []
-        if _num(st.get("n_pairs")):
+        if is_number(st.get("n_pairs")):
             stats.append(f"{int(st['n_pairs'])} pairs")
         text = (f"The internal change that best predicts the change in {names.get(o, o)}{chosen} is {where}: "
                 f"r = {fmt(st['r'])}" + (f" ({'; '.join(stats)})" if stats else ""))
@@ -718,7 +715,7 @@ def _causal_continuation(s: dict) -> list[str]:
     if not isinstance(modes, dict):
         return []
     first = _causal(s, "patching").get("modes") or {}
-    toks = f"its first {int(d['max_tokens'])} tokens" if _num(d.get("max_tokens")) else "its tokens"
+    toks = f"its first {int(d['max_tokens'])} tokens" if is_number(d.get("max_tokens")) else "its tokens"
     out = []
     for mode in [m for m in ("suffix", "last") if m in modes]:
         onset = _cell(modes[mode].get("onset"))
@@ -726,14 +723,14 @@ def _causal_continuation(s: dict) -> list[str]:
             continue
         head = (f"Scored on the variant's whole reply ({toks}, teacher-forced mean log-probability), `{mode}` "
                 "patching")
-        if _num(onset.get("site")):
+        if is_number(onset.get("site")):
             text = f"{head} first recovers half at site {layer(onset['site'])} {_site_ci(onset)}"
         else:
             text = f"{head} never recovers half of the reply's log-probability, so its onset is undefined"
         f = _cell(_cell(first.get(mode)).get("onset"))
-        if _num(f.get("site")):
+        if is_number(f.get("site")):
             text += f"; the first answer token's onset is site {layer(f['site'])}"
-            if _num(onset.get("site")) and int(onset["site"]) > int(f["site"]) and _ci_ok(onset.get("ci")) \
+            if is_number(onset.get("site")) and int(onset["site"]) > int(f["site"]) and _ci_ok(onset.get("ci")) \
                     and float(onset["ci"][0]) > float(f["site"]):
                 text += ", so the reply needs the instruction beyond what carries its first token"
         out.append(text + ".")
