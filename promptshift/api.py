@@ -116,7 +116,8 @@ def run(sweep: SweepConfig | str | Path | None = "quick", out: str | Path = "run
     t2 = time.perf_counter()
     results_dir = out / "results"
     say(f"[{n - 1}/{n}] metrics -> {results_dir}")
-    res = metrics(str(store_path), results_dir, workers=workers, sweep=s, progress=progress)  # judged with the sweep's checks as given
+    # judged with the sweep's checks as given
+    res = metrics(str(store_path), results_dir, workers=workers, sweep=s, progress=progress)
     t3 = time.perf_counter()
     say(f"      done in {t3 - t2:.0f} s")
     say(f"[{n}/{n}] report")

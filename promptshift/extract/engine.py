@@ -56,6 +56,21 @@ class Prefix:
 
 
 @dataclass
+class Forward:
+    """One padded batch's forward pass (:meth:`Engine._forward`), before any output side."""
+
+    comps: dict[str, list[np.ndarray]]  # component -> per row (n_keep_b, L, H), kept positions only
+    stats: AttnStats  # attention statistics reduced inside the layers
+    last_resid: torch.Tensor | None  # (B, L, H) residual at each row's last position (want_output only)
+    final_h: torch.Tensor | None  # (B, H) final hidden state at the last position (want_output only)
+    cache: object | None  # the batch's key/value cache (prefix + padded rows), when kept
+    lens: list[int]  # real tokens of each row in this pass (after its prefix)
+    attn_mask: torch.Tensor  # (B, P+S) 1 on real keys (prefix and row)
+    pad: list[int]  # padding slots before each row's tokens (left padding; 0 with right padding)
+    prefix_len: int  # P: longest prefix of the batch (key slots before the rows' own tokens)
+
+
+@dataclass
 class Result:
     """Everything extracted for one prompt, in float32 (storage casting happens later)."""
 
@@ -191,7 +206,7 @@ class Engine:
         self._pre_layers = self.L
         self.components = tuple(dict.fromkeys((*comps, "resid_pre", "resid_post", "attn_out", "mlp_out")))
         try:  # one pass, every layer's resid_pre captured, no output side
-            got = self._forward([ids], [np.zeros(n, np.int8)], [None], [np.arange(n)], want_output=False)[0]
+            got = self._forward([ids], [np.zeros(n, np.int8)], [None], [np.arange(n)], want_output=False).comps
         finally:
             self._pre_layers, self.components = saved, comps
         pre, post = got["resid_pre"][0], got["resid_post"][0]  # (n, L, H) each
@@ -261,8 +276,8 @@ class Engine:
                  keep_cache: bool = False):
         """Run one padded batch; row b continues ``prefixes[b]`` (None: starts at position 0).
 
-        Returns comps {name: list of (n_keep_i, L, H)}, AttnStats, last-position resid
-        (B, L, H) and final hidden at the last position (B, H)."""
+        Returns a :class:`Forward`: kept components, attention statistics, and with
+        ``want_output`` the last position's residuals and final hidden state."""
         B = len(ids_list)
         lens = [len(x) for x in ids_list]
         S = max(lens)
@@ -351,7 +366,7 @@ class Engine:
             final_h = h[torch.arange(h.shape[0], device=h.device), last_q_h.to(h.device)].float().to(dev)  # (B, H)
         new_cache = cache if cache is not None else out.get("cache", None)
         self._buf = {}
-        return comps, stats, last_resid, final_h, new_cache, lens, attn_mask, pad, P
+        return Forward(comps, stats, last_resid, final_h, new_cache, lens, attn_mask, pad, P)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return unembed(self.lm_head, self.softcap, h)
@@ -379,8 +394,8 @@ class Engine:
             ids_l = [specs[i][0] for i in batch]
             regs_l = [specs[i][1] for i in batch]
             keeps = [np.arange(min(specs[i][2], lengths[i]), lengths[i]) for i in batch]
-            comps, st, _, _, cache, lens, _, pad, _ = self._forward(ids_l, regs_l, [None] * len(batch), keeps,
-                                                                      want_output=False)
+            fw = self._forward(ids_l, regs_l, [None] * len(batch), keeps, want_output=False)
+            comps, st, cache, lens, pad = fw.comps, fw.stats, fw.cache, fw.lens, fw.pad
             qc = st.q_onehot.sum(1).cpu().numpy()  # (B, R)
             sc = st.q_notfirst.sum(1).cpu().numpy()
             rm, en, sk = st.region_mass.cpu().numpy(), st.entropy.cpu().numpy(), st.sink.cpu().numpy()
@@ -389,7 +404,8 @@ class Engine:
                 kv = [(layer.keys[b : b + 1, :, o : o + n], layer.values[b : b + 1, :, o : o + n])
                       for layer in cache.layers]  # (1, NKV, P, D) views
                 out[i] = Prefix(
-                    length=n, ids=ids_l[b], regions=regs_l[b], kv=kv, keep_from=int(keeps[b][0]) if len(keeps[b]) else n,
+                    length=n, ids=ids_l[b], regions=regs_l[b], kv=kv,
+                    keep_from=int(keeps[b][0]) if len(keeps[b]) else n,
                     comps={c: v[b] for c, v in comps.items()},
                     region_mass=rm[b], entropy=en[b], sink=sk[b], q_counts=qc[b], sink_count=float(sc[b]),
                     patterns=(np.stack([st.patterns[la][b, :, o : o + n, o : o + n].numpy() for la in self.full_layers])
@@ -412,10 +428,11 @@ class Engine:
         seqs = [it.ids[o:] for it, o in zip(items, offs)]
         regs = [it.regions[o:] for it, o in zip(items, offs)]
         keep_local = [np.arange(max(it.keep_start, o), len(it.ids)) - o for it, o in zip(items, offs)]
-        comps, st, last_resid, final_h, cache, lens, mask, pad, P = self._forward(
-            seqs, regs, prefixes, keep_local, True, keep_cache=max_new_tokens > 0,
-        )
-        outs = self._output_stats(final_h, last_resid)
+        fw = self._forward(seqs, regs, prefixes, keep_local, True, keep_cache=max_new_tokens > 0)
+        comps, st, final_h, cache = fw.comps, fw.stats, fw.final_h, fw.cache
+        lens, pad, P = fw.lens, fw.pad, fw.prefix_len
+        outs = self._output_stats(final_h, fw.last_resid)
+        del fw
         gens = [None] * len(items)
         state = None
         if max_new_tokens > 0:

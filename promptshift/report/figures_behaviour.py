@@ -11,11 +11,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from promptshift.jsonsafe import is_number
 from promptshift.report.figkit import (
-    _ci_pair, _components, _crossed, _f, _fig, _finite_num, _layer_ticks, _n, _note, _num_cols, _scope,
+    _ci_pair, _components, _crossed, _f, _fig, _layer_ticks, _n, _note, _num_cols, _scope,
 )
 from promptshift.report.style import MUTED, NEUTRAL, component_color, short
-from promptshift.report.tables import NotAvailable, Results
+from promptshift.results import NotAvailable, Results
 
 ALL_SYSTEMS = "__all__"  # behaviour_systems rows pooled over the system prompts
 BEHAVIOUR_OUTPUTS = (("adherence_change", "adherence change (checks passed)"),
@@ -125,7 +126,7 @@ def fig_behaviour_internal(res: Results) -> Figure:
         ax.axhline(0, color=NEUTRAL, linewidth=0.8)
         st = strongest.get(o) if isinstance(strongest, dict) else None
         title = lab
-        if isinstance(st, dict) and _finite_num(st.get("layer")) and _finite_num(st.get("r")):
+        if isinstance(st, dict) and is_number(st.get("layer")) and is_number(st.get("r")):
             col = component_color(str(st.get("component")))
             ax.plot([st["layer"]], [st["r"]], marker="*", markersize=13, color=col, markeredgecolor="black",
                     linestyle="none")

@@ -215,17 +215,20 @@ def describe_store(st) -> str:
     d = st.done()
     lines = [
         f"store: {st.path} (format {st.backend.format}, schema {st.attrs['schema_version']})",
-        f"model: {prov.get('model_id')} [{prov.get('model_type')}] weights sha256 {str(prov.get('weights_sha256'))[:16]}"
-        f" dtype {prov.get('dtype')} on {prov.get('device')}, stored as {prov.get('storage_dtype')}",
+        f"model: {prov.get('model_id')} [{prov.get('model_type')}] weights sha256 "
+        f"{str(prov.get('weights_sha256'))[:16]} dtype {prov.get('dtype')} on {prov.get('device')}, "
+        f"stored as {prov.get('storage_dtype')}",
         p.summary(),
         f"keep: {st.attrs['keep']}; components: {', '.join(st.components)}",
-        f"blocks done: {int(d.sum())}/{d.size}" + ("" if d.all() else f" (missing e.g. {list(map(int, (~d).nonzero()[0][:5]))})"),
+        f"blocks done: {int(d.sum())}/{d.size}"
+        + ("" if d.all() else f" (missing e.g. {list(map(int, (~d).nonzero()[0][:5]))})"),
     ]
     sc = st.array("block_selfcheck")[...]
     if (~(sc != sc)).any():
         lines.append(f"batched-vs-alone self-check (max relative diff): {float(max(x for x in sc if x == x)):.2e}")
     if st.path is not None and st.path.exists():
-        size = sum(f.stat().st_size for f in st.path.rglob("*") if f.is_file()) if st.path.is_dir() else st.path.stat().st_size
+        files = st.path.rglob("*") if st.path.is_dir() else [st.path]
+        size = sum(f.stat().st_size for f in files if f.is_file())
         lines.append(f"size on disk: {size / 2**20:.1f} MiB")
     return "\n".join(lines)
 
