@@ -33,7 +33,7 @@ from datetime import datetime
 import numpy as np
 
 from promptshift.errors import TemplateError
-from promptshift.vocabulary import REGION_CODE, REGIONS, SCAFFOLD_REGIONS  # noqa: F401 (REGIONS: older imports)
+from promptshift.vocabulary import REGION_CODE, SCAFFOLD_REGIONS
 
 _ROLE_REGION = {"system": "system", "user": "user", "assistant": "assistant"}
 

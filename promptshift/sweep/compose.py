@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from promptshift.errors import TemplateError
-from promptshift.sweep.chat import (REGION_CODE, Rendered, TemplateClock, _apply, _locate, _match, _ph, _pinned_clock,
+from promptshift.sweep.chat import (Rendered, TemplateClock, _apply, _locate, _match, _ph, _pinned_clock,
                                     _placeholder_messages, _segments, render)
+from promptshift.vocabulary import REGION_CODE
 
 USER = REGION_CODE["user"]
 SYSTEM = REGION_CODE["system"]

@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 
 from promptshift.errors import ShardSpecError, SweepError, TemplateError
-from promptshift.sweep.chat import (REGION_CODE, REGIONS, Rendered, TemplateClock, conversation,
-                                    injected_default_system, render, template_reads_clock)
+from promptshift.sweep.chat import (Rendered, TemplateClock, conversation, injected_default_system, render,
+                                    template_reads_clock)
 from promptshift.sweep.config import SweepConfig, content_dict
+from promptshift.vocabulary import REGION_CODE, REGIONS
 
 # 2: the tables are stored column by column (numbers as arrays, names as codes into a list,
 # prompt texts as one UTF-8 buffer); 1: one JSON document with every row of every table
