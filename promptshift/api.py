@@ -85,8 +85,8 @@ def run(sweep: SweepConfig | str | Path | None = "quick", out: str | Path = "run
     line per stage (default: stderr). Errors: SweepError / TemplateError for the sweep,
     ExtractError, CausalError, MetricsError from the stages."""
     from promptshift.causal import CausalConfig, missing_analyses, run_causal, scope_users
-    from promptshift.extract.run import ExtractConfig
-    from promptshift.extract.run import extract as _extract
+    from promptshift.extract.worker import ExtractConfig
+    from promptshift.extract.worker import fill_shard
     from promptshift.metrics import metrics
     from promptshift.report import report
 
@@ -99,8 +99,8 @@ def run(sweep: SweepConfig | str | Path | None = "quick", out: str | Path = "run
     n = 4 if causal else 3
     t0 = time.perf_counter()
     say(f"[1/{n}] extract {s.name}: {len(s.variants)} system x {len(s.user_prompts)} user prompts -> {store_path}")
-    st = _extract(s, ExtractConfig(store=str(store_path), overwrite=overwrite, device=device, dtype=dtype,
-                                   progress=progress))
+    st = fill_shard(s, ExtractConfig(store=str(store_path), overwrite=overwrite, device=device, dtype=dtype,
+                                     progress=progress))
     t1 = time.perf_counter()
     say(f"      done in {t1 - t0:.0f} s")
     if causal:

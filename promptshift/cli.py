@@ -118,8 +118,8 @@ def extract(
         if code:
             raise typer.Exit(code)
         return
-    from promptshift.extract.run import ExtractConfig
-    from promptshift.extract.run import extract as run_extract
+    from promptshift.extract.worker import ExtractConfig
+    from promptshift.extract.worker import fill_shard
     from promptshift.sweep.config import load_sweep
 
     s = load_sweep(sweep, **_sweep_overrides(model, keep, storage_dtype, chat_template, trust_remote_code,
@@ -128,7 +128,7 @@ def extract(
                         dtype=dtype, prefix_sharing=prefix_sharing, packing=packing, progress=progress,
                         allow_pickle=allow_pickle, init_only=init_only, requeue=requeue)
     t0 = time.perf_counter()
-    st = run_extract(s, cfg)
+    st = fill_shard(s, cfg)
     d = st.done()
     typer.echo(f"store {store}: {int(d.sum())}/{d.size} blocks done ({time.perf_counter() - t0:.1f} s)")
 

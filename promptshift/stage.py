@@ -6,7 +6,7 @@ subpackage's module object calls the function of the same name that the subpacka
 defines (``promptshift.extract.extract``). A plain function of that name in
 ``promptshift/__init__.py`` would not survive: Python's import system binds
 ``promptshift.extract`` to the subpackage as soon as anything imports
-``promptshift.extract.run``. Giving a module a subclass of ``types.ModuleType`` as its
+``promptshift.extract.worker``. Giving a module a subclass of ``types.ModuleType`` as its
 class is the documented way to customise a module (Python reference, "Customizing module
 attribute access"); everything else about the module is unchanged.
 """

@@ -180,7 +180,7 @@ def _cut_at_eos(ids, eos):
 
 def worker_promptshift(args, fmt: str) -> dict:
     from bench_peers import versions
-    from promptshift.extract.run import ExtractConfig, extract
+    from promptshift.extract.worker import ExtractConfig, fill_shard
     from promptshift.models import load_model
     from promptshift.sweep.plan import load_plan_inputs
 
@@ -196,7 +196,7 @@ def worker_promptshift(args, fmt: str) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         path = str(Path(d) / "bench.zarr") if fmt == "zarr" else None
         t0 = time.perf_counter()
-        st = extract(s, ExtractConfig(store=path, format=fmt, progress=False, selfcheck=False), model=model, tok=tok)
+        st = fill_shard(s, ExtractConfig(store=path, format=fmt, progress=False, selfcheck=False), model=model, tok=tok)
         el = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if path else 0
         plan = st.plan

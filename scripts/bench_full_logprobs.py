@@ -33,7 +33,7 @@ def main(argv=None):
     import numpy as np
     import zarr  # noqa: F401 -- a one-time cost per process, not per extraction
 
-    from promptshift.extract.run import ExtractConfig, extract
+    from promptshift.extract.worker import ExtractConfig, fill_shard
     from promptshift.metrics.output import full_distances
     from promptshift.models import load_model
     from promptshift.sweep.config import load_sweep
@@ -51,8 +51,8 @@ def main(argv=None):
         for _ in range(args.reps):
             for on in (True, False):
                 t0 = time.perf_counter()
-                extract(sweeps[on], ExtractConfig(store=str(paths[on]), overwrite=True, progress=False,
-                                                  selfcheck=False), model=model, tok=tok)
+                fill_shard(sweeps[on], ExtractConfig(store=str(paths[on]), overwrite=True, progress=False,
+                                                     selfcheck=False), model=model, tok=tok)
                 seconds[on].append(time.perf_counter() - t0)
         st = __import__("promptshift.store", fromlist=["open"]).open(paths[True])
         full = np.asarray(st.array("logits_logprobs")[...])

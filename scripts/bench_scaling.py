@@ -58,7 +58,7 @@ def synthetic_sweep(n_pairs: int, model=None, seed: int = 0):
 
 
 def worker_scale(args) -> dict:
-    from promptshift.extract.run import ExtractConfig, extract
+    from promptshift.extract.worker import ExtractConfig, fill_shard
     from promptshift.models import load_model
     from promptshift.sweep.plan import load_plan_inputs
 
@@ -68,7 +68,8 @@ def worker_scale(args) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         path = str(Path(d) / "scale.zarr")
         t0 = time.perf_counter()
-        st = extract(s, ExtractConfig(store=path, format="zarr", progress=False, selfcheck=False), model=model, tok=tok)
+        st = fill_shard(s, ExtractConfig(store=path, format="zarr", progress=False, selfcheck=False), model=model,
+                        tok=tok)
         el = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
         plan = st.plan

@@ -37,7 +37,7 @@ def main(argv=None):
 
     import zarr  # noqa: F401 -- a one-time cost per process, not per extraction
 
-    from promptshift.extract.run import ExtractConfig, extract
+    from promptshift.extract.worker import ExtractConfig, fill_shard
     from promptshift.models import load_model
     from promptshift.sweep.config import load_sweep
     from promptshift.sweep.plan import load_plan_inputs
@@ -59,13 +59,13 @@ def main(argv=None):
         if args.page_cache:
             cfg["zarr (page cache)"] = cfg["zarr"]
             modes.append("zarr (page cache)")
-        extract(s, cfg["nowhere"](), model=model, tok=tok)  # warm-up
+        fill_shard(s, cfg["nowhere"](), model=model, tok=tok)  # warm-up
         times = {k: [] for k in modes}
         for r in range(args.reps):
             for k in modes if r % 2 == 0 else modes[::-1]:
                 os.environ["PROMPTSHIFT_DIRECT_IO"] = "0" if k == "zarr (page cache)" else "1"
                 t = time.perf_counter()
-                extract(s, cfg[k](), model=model, tok=tok)
+                fill_shard(s, cfg[k](), model=model, tok=tok)
                 times[k].append(time.perf_counter() - t)
                 shutil.rmtree(path, ignore_errors=True)
         os.environ.pop("PROMPTSHIFT_DIRECT_IO", None)

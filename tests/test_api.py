@@ -33,16 +33,16 @@ def test_cli_start_does_not_import_pandas_or_torch():
 
 
 def test_stages_are_callable_and_stay_subpackages():
-    """`ps.extract` runs the stage even after `promptshift.extract.run` was imported (which
+    """`ps.extract` runs the stage even after `promptshift.extract.worker` was imported (which
     binds the name to the subpackage), and its submodules stay reachable."""
-    import promptshift.extract.run  # noqa: F401
+    import promptshift.extract.worker  # noqa: F401
     import promptshift.metrics.io  # noqa: F401
 
     for name in ("extract", "causal", "metrics", "report"):
         stage = getattr(ps, name)
         assert callable(stage) and stage.__name__ == f"promptshift.{name}"
         assert inspect.signature(stage) == inspect.signature(getattr(stage, name))
-    assert ps.extract.run.ExtractConfig and ps.metrics.io.StoreRef
+    assert ps.extract.worker.ExtractConfig and ps.metrics.io.StoreRef
 
 
 def test_sweep_from_python_objects():

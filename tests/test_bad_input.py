@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from promptshift.errors import ExtractError, StoreError
-from promptshift.extract.run import ExtractConfig, extract
+from promptshift.extract.worker import ExtractConfig, fill_shard
 from promptshift.store import open_store
 from promptshift.sweep.config import load_sweep
 from tests.conftest import tiny_llama, write_sweep
@@ -23,8 +23,8 @@ def sweep(tmp_path):
 
 
 def _run(sweep, tok, model, store, **kw):
-    return extract(load_sweep(sweep, **kw.pop("sweep_kw", {})), ExtractConfig(store=store, progress=False, **kw),
-                   model=model, tok=tok)
+    return fill_shard(load_sweep(sweep, **kw.pop("sweep_kw", {})), ExtractConfig(store=store, progress=False, **kw),
+                      model=model, tok=tok)
 
 
 def test_layer_out_of_range_leaves_no_store(sweep, tok, tiny_model, tmp_path):

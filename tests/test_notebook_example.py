@@ -18,7 +18,7 @@ EXAMPLE = REPO / "examples" / "notebook_prompts.json"
 def test_example_file_end_to_end(tok, tmp_path):
     import promptshift.metrics as metrics
     from promptshift.causal import CausalConfig, run_causal
-    from promptshift.extract.run import ExtractConfig, extract
+    from promptshift.extract.worker import ExtractConfig, fill_shard
     from promptshift.report import build_report
     from promptshift.sweep.config import load_sweep
 
@@ -29,7 +29,7 @@ def test_example_file_end_to_end(tok, tmp_path):
     assert sweep.baseline == "no_system_turn"  # the notebook's `none` entry: no system message
     model = tiny_llama(tok, n_layers=2, seed=4)
     with pytest.warns(UserWarning, match="carries the template's default system prompt"):
-        store = extract(sweep, ExtractConfig(store=str(tmp_path / "s.zarr"), progress=False), model=model, tok=tok)
+        store = fill_shard(sweep, ExtractConfig(store=str(tmp_path / "s.zarr"), progress=False), model=model, tok=tok)
     plan = store.plan
     n_sys, n_pre, n_users = len(sweep.variants), len(sweep.instruction_prefixes), len(sweep.user_prompts)
     assert len(plan.pairs) == (n_sys + n_pre) * n_users  # prefixes appear as pairs

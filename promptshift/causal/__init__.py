@@ -75,7 +75,7 @@ def run_causal(sweep: str | SweepConfig | None, cfg: CausalConfig, *, model=None
     rebuilding the plan); ``cfg.model`` or ``model`` (an in-memory model, with ``tok``)
     replace where the weights come from, and must hash to the store's weights."""
     from promptshift.causal.runner import Runner
-    from promptshift.extract.run import provenance
+    from promptshift.extract.worker import provenance
     from promptshift.models import chat_template_hash, load_tokenizer
 
     store = cfg.store if isinstance(cfg.store, Store) else open_store(cfg.store, mode="r+")

@@ -17,14 +17,14 @@ def extract(sweep, store: str | Path | None = None, *, model=None,
     ``store``: a zarr directory (``format="hdf5"`` for an .h5 file) or None for a store in
     memory (small sweeps in a notebook). ``model``/``tokenizer``: an already loaded HF model
     and its tokenizer, to skip loading (else the sweep's ``model`` is loaded). ``options``:
-    the fields of :class:`promptshift.extract.run.ExtractConfig` (``shard="I/N"``,
+    the fields of :class:`promptshift.extract.worker.ExtractConfig` (``shard="I/N"``,
     ``overwrite``, ``device``, ``dtype``, ``packing``, ``progress``, ...). Returns the
     :class:`promptshift.store.Store`; a rerun resumes from the last finished block."""
-    from promptshift.extract.run import ExtractConfig
-    from promptshift.extract.run import extract as _extract
+    from promptshift.extract.worker import ExtractConfig
+    from promptshift.extract.worker import fill_shard
 
-    return _extract(sweep, ExtractConfig(store=None if store is None else str(store), **options),
-                    model=model, tok=tokenizer)
+    return fill_shard(sweep, ExtractConfig(store=None if store is None else str(store), **options),
+                      model=model, tok=tokenizer)
 
 
 callable_stage(__name__)  # promptshift.extract(...) runs extract(...)

@@ -15,7 +15,7 @@ from promptshift.causal import CausalConfig, CausalError, run_causal
 from promptshift.causal.multiturn import load_multiturn, messages, obeys, plain
 from promptshift.causal.phrases import split_phrases, without
 from promptshift.causal.runner import Edit, Row, Runner, kl
-from promptshift.extract.run import ExtractConfig, extract
+from promptshift.extract.worker import ExtractConfig, fill_shard
 from promptshift.metrics import compute
 from promptshift.sweep.behaviour import Check
 from promptshift.sweep.config import load_sweep
@@ -79,7 +79,7 @@ def sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store(sweep, tok, model):
-    return extract(sweep, ExtractConfig(store=None, progress=False), model=model, tok=tok)
+    return fill_shard(sweep, ExtractConfig(store=None, progress=False), model=model, tok=tok)
 
 
 def _eager(model):
@@ -161,7 +161,7 @@ def test_planted_knockout_onset(sweep, tok):
     with torch.no_grad():
         for layer in m.model.layers[k:]:
             layer.self_attn.v_proj.weight.zero_()
-    st = extract(sweep, ExtractConfig(store=None, progress=False), model=m, tok=tok)
+    st = fill_shard(sweep, ExtractConfig(store=None, progress=False), model=m, tok=tok)
     run_causal(sweep, CausalConfig(store=st, analyses=("knockout",), progress=False), model=m, tok=tok)
     arrays, _ = st.read_causal("knockout")
     klko = arrays["kl"]  # (pairs, L+1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from promptshift.causal import CausalConfig, run_causal
-from promptshift.extract.run import ExtractConfig, extract
+from promptshift.extract.worker import ExtractConfig, fill_shard
 from promptshift.sweep.config import load_sweep
 from promptshift.vocabulary import REGION_CODE
 from tests.causal.test_causal import _eager, _hf_run, _kl64
@@ -27,7 +27,7 @@ PREFIXES = [{"name": "brief", "text": "Be brief. Answer in as few words as you c
 def _run(tok, d, model, analyses=("patching", "knockout", "phrases", "steering")):
     sweep = load_sweep(write_sweep(d / "p.yaml", users=USERS, instruction_prefixes=PREFIXES, max_new_tokens=2,
                                    storage_dtype="float32", top_k=8, lens_top_k=4))
-    store = extract(sweep, ExtractConfig(store=None, progress=False), model=model, tok=tok)
+    store = fill_shard(sweep, ExtractConfig(store=None, progress=False), model=model, tok=tok)
     run_causal(sweep, CausalConfig(store=store, analyses=analyses, progress=False), model=model, tok=tok)
     return store
 

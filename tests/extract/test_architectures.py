@@ -19,7 +19,7 @@ import torch
 
 from promptshift.errors import ExtractError, SweepError
 from promptshift.extract.arch import ARCHS, layer_windows
-from promptshift.extract.run import ExtractConfig, extract
+from promptshift.extract.worker import ExtractConfig, fill_shard
 from promptshift.models import eos_ids
 from promptshift.sweep.config import load_sweep
 from promptshift.sweep.plan import ModelDims, build_plan
@@ -137,9 +137,10 @@ def test_architecture(family, tok, sweep_file):
     with pytest.raises(SweepError):  # one position fewer: the plan refuses (it would not fit)
         build_plan(s, ftok, ModelDims(n_layers=2, hidden=64, n_heads=4, vocab=len(ftok), max_positions=context - 1))
 
-    a = extract(s, ExtractConfig(store=None, progress=False), model=model, tok=ftok)
-    b = extract(load_sweep(sweep_file, token_budget=16, **policy),
-                ExtractConfig(store=None, progress=False, packing=False, prefix_sharing=False), model=model, tok=ftok)
+    a = fill_shard(s, ExtractConfig(store=None, progress=False), model=model, tok=ftok)
+    b = fill_shard(load_sweep(sweep_file, token_budget=16, **policy),
+                   ExtractConfig(store=None, progress=False, packing=False, prefix_sharing=False), model=model,
+                   tok=ftok)
     plan, cfg = a.plan, model.config
     system = REGION_CODE["system"]
     n_sys = [int((plan.prompt_regions(int(v)) == system).sum())
@@ -209,12 +210,12 @@ def test_a_wrong_archspec_is_refused_before_storing(tok, sweep_file, tmp_path, m
     monkeypatch.setitem(ARCHS, "olmo2", ARCHS["llama"])
     with pytest.raises(ExtractError, match=r"resid_post of layer 0 is not resid_pre \+ attn_out \+ mlp_out.*"
                                            r"'self_attn', 'mlp' in promptshift/extract/arch.py"):
-        extract(load_sweep(sweep_file), ExtractConfig(store=str(tmp_path / "s.zarr"), progress=False), model=model,
-                tok=tok)
+        fill_shard(load_sweep(sweep_file), ExtractConfig(store=str(tmp_path / "s.zarr"), progress=False), model=model,
+                   tok=tok)
     assert not (tmp_path / "s.zarr").exists()
     # keeping only the residual stream does not need those hooks
-    st = extract(load_sweep(sweep_file, components=["resid_pre", "resid_post"]),
-                 ExtractConfig(store=None, progress=False), model=model, tok=tok)
+    st = fill_shard(load_sweep(sweep_file, components=["resid_pre", "resid_post"]),
+                    ExtractConfig(store=None, progress=False), model=model, tok=tok)
     assert st.components == ("resid_pre", "resid_post")
 
 

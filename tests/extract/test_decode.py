@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import promptshift.extract.decode as decode
-from promptshift.extract.run import ExtractConfig, extract
+from promptshift.extract.worker import ExtractConfig, fill_shard
 from promptshift.sweep.config import load_sweep
 from tests.conftest import tiny_llama, write_sweep
 from tests.extract.test_sliding import LONG, _model
@@ -48,7 +48,7 @@ def test_continuations_with_early_stops_match_generate(family, options, tok, tmp
     path = write_sweep(tmp_path / "s.yaml", systems=systems, max_new_tokens=NEW, block_prompts=5, keep="last",
                        storage_dtype="float32", top_k=4, lens_top_k=2)
     cfg = dict(store=None, progress=False, selfcheck=False, min_shared=2, **options)
-    free = extract(load_sweep(path), ExtractConfig(**cfg), model=model, tok=tok)
+    free = fill_shard(load_sweep(path), ExtractConfig(**cfg), model=model, tok=tok)
     eos = [tok.eos_token_id, *_stop_tokens(free.array("gen_ids")[...])]
     model.generation_config.eos_token_id = eos
 
@@ -66,7 +66,7 @@ def test_continuations_with_early_stops_match_generate(family, options, tok, tmp
 
     monkeypatch.setattr(decode, "_merge", merge)
     monkeypatch.setattr(decode, "_compact", compact)
-    st = extract(load_sweep(path), ExtractConfig(**cfg), model=model, tok=tok)
+    st = fill_shard(load_sweep(path), ExtractConfig(**cfg), model=model, tok=tok)
     assert any((g >= 0).any() and (g < 0).any() for g in merged), "no decode batch mixed prefixed and plain rows"
     assert any(len(set(g[g >= 0].tolist())) >= 2 for g in merged), "no decode batch held two shared prefixes"
     assert compacted and all(k < n for n, k in compacted), "finished rows were never dropped from a decode batch"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from promptshift.extract.run import ExtractConfig, extract
+from promptshift.extract.worker import ExtractConfig, fill_shard
 from promptshift.sweep.config import load_sweep
 from promptshift.vocabulary import REGION_CODE, REGIONS
 from tests.conftest import write_sweep
@@ -32,7 +32,7 @@ def _extract(sweep_path, tok, model, store, **kw):
     kw.setdefault("min_shared", 2)
     s = load_sweep(sweep_path, **{k: v for k, v in kw.items() if k in ("token_budget",)})
     cfg = ExtractConfig(store=store, progress=False, **{k: v for k, v in kw.items() if k != "token_budget"})
-    return extract(s, cfg, model=model, tok=tok)
+    return fill_shard(s, cfg, model=model, tok=tok)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_prefix_sharing_is_used(sweep_path, tok, tiny_model):
     different prefixes (each row attending to its own cached prefix), with the same values
     as the stored extraction and as a run without sharing."""
     from promptshift.extract.engine import Engine
-    from promptshift.extract.run import BlockRunner
+    from promptshift.extract.worker import BlockRunner
 
     st = _extract(sweep_path, tok, tiny_model, None)
     eng = Engine(tiny_model, components=st.components, top_k=16, lens_top_k=4, token_budget=4096)
@@ -237,7 +237,7 @@ def test_residual_chain_is_checked_before_writing(sweep_path, tok, tiny_model, t
     h = tiny_model.model.layers[2].register_forward_pre_hook(lambda m, a: (a[0] * 1.01, *a[1:]), prepend=True)
     try:
         with pytest.raises(ExtractError, match="changes the residual stream between layers"):
-            extract(sweep, ExtractConfig(store=tmp_path / "s.zarr", progress=False), model=tiny_model, tok=tok)
+            _extract(sweep, ExtractConfig(store=tmp_path / "s.zarr", progress=False), model=tiny_model, tok=tok)
     finally:
         h.remove()
     assert not (tmp_path / "s.zarr").exists()
@@ -321,7 +321,7 @@ def test_longer_continuation_for_behaviour(tmp_path, tok, tiny_model):
 
     p = write_sweep(tmp_path / "beh.yaml", max_new_tokens=3, behaviour={"max_new_tokens": 9}, full_logprobs=False,
                     storage_dtype="float32", block_prompts=6)
-    st = extract(load_sweep(p), ExtractConfig(store=None, progress=False), model=tiny_model, tok=tok)
+    st = _extract(load_sweep(p), ExtractConfig(store=None, progress=False), model=tiny_model, tok=tok)
     assert st.array("gen_ids").shape[1] == 9 and "logits_logprobs" not in st.names()
     assert st.provenance["eos_token_ids"] == [tok.eos_token_id]
     for q in (0, int(st.plan.pairs.iloc[-1].variant)):
@@ -379,7 +379,7 @@ def test_full_patterns_for_opted_in_layers(sweep_path, tok, tiny_model, storage_
     attention arrays (full patterns, last rows) are stored in the storage dtype, like the
     activations: with float32 they match the model's own attentions to float32 rounding."""
     s = load_sweep(sweep_path, full_attention_layers=[0, 2], storage_dtype=storage_dtype)
-    st = extract(s, ExtractConfig(store=None, progress=False, min_shared=2), model=tiny_model, tok=tok)
+    st = _extract(s, ExtractConfig(store=None, progress=False, min_shared=2), model=tiny_model, tok=tok)
     plan = st.plan
     for name in ("attn_pattern", "attn_last", *st.components):
         assert st.array(name).dtype == np.dtype(storage_dtype), name
@@ -417,7 +417,7 @@ def test_float16_overflow_names_the_prompt(tmp_path, tok):
         model.model.embed_tokens.weight.mul_(1e6)  # residual stream ~1e6 > 65504
     path = write_sweep(tmp_path / "s.yaml", storage_dtype="float16", max_new_tokens=0)
     with pytest.raises(ExtractError, match=r"resid_pre of prompt 0 \(.*\) has values up to .* beyond float16's range"):
-        extract(load_sweep(path), ExtractConfig(store=None, progress=False, selfcheck=False), model=model, tok=tok)
+        _extract(load_sweep(path), ExtractConfig(store=None, progress=False, selfcheck=False), model=model, tok=tok)
 
 
 @pytest.mark.parametrize("softcap", [None, 7.0])

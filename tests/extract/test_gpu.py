@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from promptshift.errors import ExtractError
-from promptshift.extract.run import ExtractConfig, extract
+from promptshift.extract.worker import ExtractConfig, fill_shard
 from promptshift.sweep.config import load_sweep
 from tests.conftest import REPO, write_sweep
 from tests.tolerance import U32, layer_terms
@@ -157,8 +157,8 @@ def run(model, sweep: Path, **cfg):
     from promptshift.models import load_tokenizer
 
     spec = load_sweep(sweep).model
-    return extract(load_sweep(sweep), ExtractConfig(store=cfg.pop("store", None), progress=False, **cfg),
-                   model=model, tok=load_tokenizer(spec))
+    return fill_shard(load_sweep(sweep), ExtractConfig(store=cfg.pop("store", None), progress=False, **cfg),
+                      model=model, tok=load_tokenizer(spec))
 
 
 # --- the checks ------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def test_one_process_per_device(models, sweep_dir, tmp_path):
     spec = models["llama-3.2-1b"]
     sw = sweep_for(spec, sweep_dir, max_new_tokens=2)
     ref = tmp_path / "one.zarr"
-    extract(load_sweep(sw), ExtractConfig(store=str(ref), device=devices[0], dtype=WORK_DTYPE, progress=False))
+    fill_shard(load_sweep(sw), ExtractConfig(store=str(ref), device=devices[0], dtype=WORK_DTYPE, progress=False))
     multi = tmp_path / "multi.zarr"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": f"{REPO}{os.pathsep}"
            + os.environ.get("PYTHONPATH", "")}

@@ -20,7 +20,7 @@ import yaml
 
 import promptshift.sweep.chat as chat
 from promptshift.errors import StoreError, SweepError
-from promptshift.extract.run import ExtractConfig, extract
+from promptshift.extract.worker import ExtractConfig, fill_shard
 from promptshift.store import open_store
 from promptshift.store.verify import verify_store
 from promptshift.sweep.config import load_sweep
@@ -57,14 +57,14 @@ def test_prompt_and_generation_beyond_the_context_is_refused_by_plan(tok, tmp_pa
     store = tmp_path / "s.zarr"
     with pytest.raises(SweepError, match="has 45 tokens and generation adds 16: 61 positions, more than the model's "
                                          "context of 48; lower `max_new_tokens` to at most 3"):
-        extract(s, ExtractConfig(store=str(store), progress=False), model=model, tok=tok)
+        fill_shard(s, ExtractConfig(store=str(store), progress=False), model=model, tok=tok)
     assert not store.exists()  # refused before anything was written
 
 
 def test_prompt_and_generation_at_the_context_limit_matches_generate(tok, tmp_path):
     model = _gpt2(tok, 48)
     s = _sweep_with(tok, tmp_path, 45, "longest", max_new_tokens=3)
-    st = extract(s, ExtractConfig(store=str(tmp_path / "s.zarr"), progress=False), model=model, tok=tok)
+    st = fill_shard(s, ExtractConfig(store=str(tmp_path / "s.zarr"), progress=False), model=model, tok=tok)
     assert st.done().all() and verify_store(tmp_path / "s.zarr") == []
     p = int(st.plan.prompts.n_tokens.idxmax())
     ids = torch.as_tensor(st.plan.prompt_tokens(p), dtype=torch.long)[None]
@@ -130,8 +130,8 @@ def test_store_planned_before_midnight_resumes_after_it(llama32, llama32_model, 
     t, model = llama32, llama32_model
     s = load_sweep(write_sweep(tmp_path / "s.yaml", max_new_tokens=2, block_prompts=4, keep="last"))
     clock = _Clock(monkeypatch, datetime(2025, 12, 31, 23, 59))
-    extract(s, ExtractConfig(store=str(tmp_path / "a.zarr"), init_only=True, progress=False), model=model, tok=t)
-    ref = extract(s, ExtractConfig(store=str(tmp_path / "ref.zarr"), progress=False), model=model, tok=t)
+    fill_shard(s, ExtractConfig(store=str(tmp_path / "a.zarr"), init_only=True, progress=False), model=model, tok=t)
+    ref = fill_shard(s, ExtractConfig(store=str(tmp_path / "ref.zarr"), progress=False), model=model, tok=t)
     assert "Today Date: 31 Dec 2025" in ref.plan.prompts.text[0]
     assert ref.plan.meta["template_time"] == "2025-12-31T23:59:00"
 
@@ -140,7 +140,7 @@ def test_store_planned_before_midnight_resumes_after_it(llama32, llama32_model, 
     assert "Today Date: 01 Jan 2026" in fresh.prompts.text[0]  # what an unpinned rendering would give
     assert ref.plan.difference(fresh) == ("the chat template's clock: planned at 2025-12-31T23:59:00, now "
                                           "2026-01-01T00:30:00")
-    a = extract(s, ExtractConfig(store=str(tmp_path / "a.zarr"), progress=False), model=model, tok=t)
+    a = fill_shard(s, ExtractConfig(store=str(tmp_path / "a.zarr"), progress=False), model=model, tok=t)
     assert a.done().all() and verify_store(tmp_path / "a.zarr") == []
     assert a.attrs["plan_hash"] == ref.attrs["plan_hash"]
     for name in ("resid_post", "gen_ids", "logits_topk_logprobs", "attn_last"):
@@ -161,12 +161,12 @@ def test_worker_that_loses_the_creation_race_follows_the_store(llama32, llama32_
     """Two tasks start around midnight without a plan step; the one that finds the store
     created by the other after it planned (at its own clock reading) follows the store's
     plan instead of failing with "holds a different plan"."""
-    import promptshift.extract.run as run
+    import promptshift.extract.worker as run
 
     t, model = llama32, llama32_model
     s = load_sweep(write_sweep(tmp_path / "s.yaml", max_new_tokens=2, keep="last"))
     clock = _Clock(monkeypatch, datetime(2025, 12, 31, 23, 59))
-    extract(s, ExtractConfig(store=str(tmp_path / "a.zarr"), init_only=True, progress=False), model=model, tok=t)
+    fill_shard(s, ExtractConfig(store=str(tmp_path / "a.zarr"), init_only=True, progress=False), model=model, tok=t)
     clock.at = datetime(2026, 1, 1, 0, 0, 1)
     real, calls = run.stored_clock, []
 
@@ -175,7 +175,7 @@ def test_worker_that_loses_the_creation_race_follows_the_store(llama32, llama32_
         return None if len(calls) == 1 else real(*args, **kw)
 
     monkeypatch.setattr(run, "stored_clock", looked_too_early)
-    st = extract(s, ExtractConfig(store=str(tmp_path / "a.zarr"), progress=False), model=model, tok=t)
+    st = fill_shard(s, ExtractConfig(store=str(tmp_path / "a.zarr"), progress=False), model=model, tok=t)
     assert len(calls) == 2 and st.done().all()
     assert "Today Date: 31 Dec 2025" in st.plan.prompts.text[0]
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from promptshift.extract.run import ExtractConfig, extract
+from promptshift.extract.worker import ExtractConfig, fill_shard
 from promptshift.sweep.config import load_sweep
 from promptshift.vocabulary import REGION_CODE
 from tests.conftest import write_sweep
@@ -91,7 +91,7 @@ def _generate(model, ids, n, eos):
 def test_prompts_longer_than_the_window_match_the_model(family, window, options, tok, sweep_file):
     model = _model(family, len(tok), window)
     s = load_sweep(sweep_file)
-    st = extract(s, ExtractConfig(store=None, progress=False, **options), model=model, tok=tok)
+    st = fill_shard(s, ExtractConfig(store=None, progress=False, **options), model=model, tok=tok)
     plan = st.plan
     long_n = int(plan.prompts[plan.prompts.system == "long"].n_tokens.min())
     long_sys = int((plan.prompt_regions(int(plan.prompts.index[plan.prompts.system == "long"][0]))

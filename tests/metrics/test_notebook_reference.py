@@ -49,7 +49,7 @@ def test_notebook_file_matches_a_plain_per_pair_loop(tmp_path, tok):
     import torch
 
     import promptshift.metrics as metrics
-    from promptshift.extract.run import ExtractConfig, extract
+    from promptshift.extract.worker import ExtractConfig, fill_shard
     from promptshift.models import load_model
     from promptshift.sweep.config import load_sweep
 
@@ -58,7 +58,7 @@ def test_notebook_file_matches_a_plain_per_pair_loop(tmp_path, tok):
     sweep = load_sweep(path, storage_dtype="float32", max_new_tokens=2)
     assert sweep.baseline == "no_system_turn"
     with pytest.warns(UserWarning, match="carries the template's default system prompt"):
-        store = extract(sweep, ExtractConfig(store=str(tmp_path / "s.zarr"), progress=False))
+        store = fill_shard(sweep, ExtractConfig(store=str(tmp_path / "s.zarr"), progress=False))
     tables = metrics.compute(tmp_path / "s.zarr", tmp_path / "out", workers=0, n_boot=50, progress=False)
     plan = store.plan
     model = load_model()  # a fresh copy: no promptshift hooks, eager attention (probabilities out)

@@ -15,7 +15,7 @@ from tests.conftest import tiny_llama, write_sweep
 @pytest.fixture(scope="module")
 def run(tok, tmp_path_factory):
     import promptshift.metrics as metrics
-    from promptshift.extract.run import ExtractConfig, extract
+    from promptshift.extract.worker import ExtractConfig, fill_shard
     from promptshift.sweep.config import load_sweep
 
     d = tmp_path_factory.mktemp("placement")
@@ -28,7 +28,7 @@ def run(tok, tmp_path_factory):
                                              {"name": "arr", "text": "You are a pirate.", "same_as": "pirate"},
                                              {"name": "lone", "text": "Answer in one word."}])
     sweep = load_sweep(path)
-    store = extract(sweep, ExtractConfig(store=None, progress=False), model=tiny_llama(tok, seed=3), tok=tok)
+    store = fill_shard(sweep, ExtractConfig(store=None, progress=False), model=tiny_llama(tok, seed=3), tok=tok)
     tables = metrics.compute(store, d / "out", workers=0, n_boot=100, progress=False)
     return store, tables, sweep, d / "out"
 

@@ -16,7 +16,7 @@ def test_last_token_resid_post_cosine_matches_hf_hidden_states(tmp_path, tok):
     import torch
 
     import promptshift.metrics as metrics
-    from promptshift.extract.run import ExtractConfig, extract
+    from promptshift.extract.worker import ExtractConfig, fill_shard
     from promptshift.models import load_model
 
     sweep = write_sweep(
@@ -27,7 +27,7 @@ def test_last_token_resid_post_cosine_matches_hf_hidden_states(tmp_path, tok):
                {"id": "add", "text": "What is 2 + 3?", "category": "reasoning"}],
         max_new_tokens=4, storage_dtype="float16",
     )
-    store = extract(str(sweep), ExtractConfig(store=str(tmp_path / "s.zarr"), progress=False))
+    store = fill_shard(str(sweep), ExtractConfig(store=str(tmp_path / "s.zarr"), progress=False))
     tables = metrics.compute(tmp_path / "s.zarr", tmp_path / "out", workers=0, n_boot=100, progress=False)
 
     plan = store.plan

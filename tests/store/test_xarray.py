@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from promptshift.causal import CausalConfig, run_causal
-from promptshift.extract.run import ExtractConfig, extract
+from promptshift.extract.worker import ExtractConfig, fill_shard
 from promptshift.store import open_store
 from promptshift.store.verify import export_store
 from promptshift.sweep.config import load_sweep
@@ -55,7 +55,7 @@ def test_make_run_store_with_every_causal_analysis(tok, model, tmp_path):
     others (its `pair` and `user` dimensions change length)."""
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml", max_new_tokens=3, top_k=8, lens_top_k=3))
     path = tmp_path / "run.zarr"
-    extract(sweep, ExtractConfig(store=str(path), progress=False), model=model, tok=tok)
+    fill_shard(sweep, ExtractConfig(store=str(path), progress=False), model=model, tok=tok)
     run_causal(sweep, CausalConfig(store=str(path), users=2, max_new_tokens=4, progress=False), model=model, tok=tok)
     st = open_store(path)
     assert st.causal_analyses() == ["continuation", "knockout", "multiturn", "patching", "phrases", "steering"]
@@ -72,5 +72,5 @@ def test_every_keep(tok, model, tmp_path, keep, extra):
     settings = {"max_new_tokens": 2, "top_k": 4, "lens_top_k": 2, **extra}
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml", keep=keep, **settings))
     path = tmp_path / f"{keep}.zarr"
-    extract(sweep, ExtractConfig(store=str(path), progress=False), model=model, tok=tok)
+    fill_shard(sweep, ExtractConfig(store=str(path), progress=False), model=model, tok=tok)
     _open_both(path, tmp_path)

@@ -306,8 +306,15 @@ def max_rel_diff(a, b) -> float:
     return out
 
 
-def extract(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, tok=None) -> Store:
-    """Plan (first call only), create the store, and fill this worker's blocks."""
+def fill_shard(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=None, tok=None) -> Store:
+    """Fill this worker's shard of the store (``cfg.shard``, default all of it): plan (the
+    first worker only; later ones follow the stored plan), create the store, and compute,
+    write and mark done each block still missing. ``model``/``tok``: an already loaded HF
+    model and tokenizer (default: load the sweep's). Returns the :class:`Store`, with
+    ``run_stats`` (tokens, blocks, seconds, decode work, the signal that stopped it).
+    Errors: SweepError / TemplateError (the sweep), StoreError (a store holding another
+    plan without ``overwrite``), ExtractError (a model the hooks cannot read, non-finite
+    activations). ``promptshift.extract(...)`` and ``promptshift extract`` call this."""
     from promptshift.extract.engine import Engine
     from promptshift.models import load_model
 
@@ -416,4 +423,4 @@ def run_prompt_alone(engine, plan: Plan, p: int):
     return engine.run([Item(p, plan.prompt_tokens(p).astype(np.int64), plan.prompt_regions(p), int(r.keep_start))])[0]
 
 
-__all__ = ["BlockRunner", "ExtractConfig", "extract", "provenance", "run_prompt_alone"]
+__all__ = ["BlockRunner", "ExtractConfig", "fill_shard", "provenance", "run_prompt_alone"]
