@@ -131,7 +131,7 @@ def assert_below(value, bound, what: str = "") -> None:
     assert_within(np.asarray(value, np.float64), np.zeros_like(np.asarray(value, np.float64)), bound, what)
 
 
-# store arrays (and the engine Result fields that become them) by the kind of value they hold
+# store arrays (and the engine PromptResult fields that become them) by the kind of value they hold
 _ACTIVATIONS = {"resid_pre", "attn_out", "mlp_out", "resid_post", "resid_pre_0"}
 _PROBABILITIES = {"attn_region_mass", "attn_sink", "attn_last", "attn_pattern", "region_mass", "sink", "last_row",
                   "pattern"}
@@ -142,7 +142,7 @@ _OUT_ENTROPY = {"logits_entropy", "lens_entropy", "entropy_out"}
 
 
 def array_bound(name: str, ref, cfg, n_keys: int, *, vocab: int, logit_scale: float, float16: bool = False):
-    """The float rounding bound for array ``name`` (a store array or an engine Result field)
+    """The float rounding bound for array ``name`` (a store array or an engine PromptResult field)
     between two extractions of the same prompts that differ in batching, packing or prefix
     sharing; ``ref`` one side's values, ``n_keys`` the longest prompt, ``logit_scale`` an
     upper bound on |logits| (``|lse| + |log-prob|`` of the compared tokens), ``float16``:

@@ -177,8 +177,8 @@ def multiturn(engine, tok, suite: dict, *, max_new_tokens: int = 16, eos_ids=(),
                  for i in batch]
         # replies are decoded for all batches together at the end (one decode step costs about
         # the same for many rows as for few)
-        outs = engine.run(items, prefix=[prefixes[prefix_of[i]] for i in batch], max_new_tokens=max_new_tokens,
-                          eos_ids=tuple(eos_ids), defer_decode=True)
+        outs = engine.extract_batch(items, prefix=[prefixes[prefix_of[i]] for i in batch],
+                                    max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), defer_decode=True)
         for i, res in zip(batch, outs):
             results[i] = res
         bar.update(len(batch))

@@ -290,7 +290,7 @@ class Runner:
                         progress.update(len(idx))
             del kv
 
-    def run(self, rows: list[Row], capture: bool = False, progress=None) -> list[Out]:
+    def compute(self, rows: list[Row], capture: bool = False, progress=None) -> list[Out]:
         """Every row's :class:`Out`, in the order of ``rows``."""
         outs: list[Out | None] = [None] * len(rows)
         for i, o in self.stream(rows, capture, progress):

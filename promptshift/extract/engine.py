@@ -71,7 +71,7 @@ class Forward:
 
 
 @dataclass
-class Result:
+class PromptResult:
     """Everything extracted for one prompt, in float32 (storage casting happens later)."""
 
     comps: dict[str, np.ndarray]  # (n_kept, L, H)
@@ -118,7 +118,7 @@ class Engine:
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
         self._on_dev: dict = {}  # (index name, device) -> the batch's index tensor copied there
         self._lens_ws: dict = {}  # the logit lens's buffers, reused by every batch
-        self._pending: list[tuple[Pending, list[Result]]] = []
+        self._pending: list[tuple[Pending, list[PromptResult]]] = []
         # decode work so far: row-steps through the model, keys they attended, seconds
         self.decode_rows, self.decode_keys, self.decode_seconds = 0, 0, 0.0
         # sliding-window layers get their masks from absolute positions (attention.Positions),
@@ -414,8 +414,9 @@ class Engine:
         return out
 
     @torch.inference_mode()
-    def run(self, items: list[Item], prefix: Prefix | list[Prefix | None] | None = None, max_new_tokens: int = 0,
-            eos_ids: tuple[int, ...] = (), defer_decode: bool = False) -> list[Result]:
+    def extract_batch(self, items: list[Item], prefix: Prefix | list[Prefix | None] | None = None,
+                      max_new_tokens: int = 0, eos_ids: tuple[int, ...] = (),
+                      defer_decode: bool = False) -> list[PromptResult]:
         """Run a batch of prompts, each continuing its shared prefix when given (one for
         all rows, or one per row), reduce them, and continue each greedily for
         ``max_new_tokens`` on the same key/value cache.
@@ -479,7 +480,7 @@ class Engine:
                 full[:, :, o:, :o] = rows[..., :o]
                 full[:, :, o:, o:] = rows[..., P + pad[b] : P + pad[b] + Lb]
                 pattern = np.ascontiguousarray(full.transpose(2, 3, 0, 1)).reshape(n * n, *full.shape[:2])
-            results.append(Result(
+            results.append(PromptResult(
                 comps=cps, region_mass=region_mass.astype(np.float32), entropy=entropy.astype(np.float32),
                 sink=sink.astype(np.float32), last_row=np.ascontiguousarray(keys.transpose(2, 0, 1)),
                 topk_ids=outs["topk_ids"][b], topk_logprobs=outs["topk_logprobs"][b],
@@ -662,5 +663,5 @@ def run_with_oom_retry(fn, batch: list) -> list:
         return run_with_oom_retry(fn, batch[:half]) + run_with_oom_retry(fn, batch[half:])
 
 
-__all__ = ["Engine", "Item", "Prefix", "Result", "check_finite", "check_fp16", "nonfinite_error", "output_stats",
+__all__ = ["Engine", "Item", "Prefix", "PromptResult", "check_finite", "check_fp16", "nonfinite_error", "output_stats",
            "run_with_oom_retry", "unembed"]

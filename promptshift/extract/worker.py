@@ -141,7 +141,7 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-class BlockRunner:
+class BlockExtractor:
     """Computes the arrays of one block of the plan with an Engine."""
 
     def __init__(self, engine, plan: Plan, tok, *, prefix_sharing: bool = True, selfcheck: bool = True,
@@ -214,15 +214,15 @@ class BlockRunner:
         pre = dict(zip(ps, prefixes))
 
         def fn(sub):  # an out-of-memory retry runs halves of the batch, each row with its prefix
-            return self.engine.run([items[p] for p in sub], [pre[p] for p in sub], self.sweep.gen_tokens,
-                                   self.eos, defer_decode=True)
+            return self.engine.extract_batch([items[p] for p in sub], [pre[p] for p in sub], self.sweep.gen_tokens,
+                                             self.eos, defer_decode=True)
 
         return dict(zip(ps, run_with_oom_retry(fn, ps)))
 
     def _selfcheck(self, block, prompts, items, results) -> float:
         """Re-run one prompt alone (no batching, no shared prefix) and compare."""
         p = prompts[(block * 7919) % len(prompts)]
-        alone = self.engine.run([items[p]])[0]
+        alone = self.engine.extract_batch([items[p]])[0]
         return max_rel_diff(alone, results[p])
 
     def _assemble(self, block, prompts, results) -> dict[str, np.ndarray]:
@@ -362,7 +362,7 @@ def fill_shard(sweep: str | SweepConfig | None, cfg: ExtractConfig, *, model=Non
     blocks = plan.shard_blocks(cfg.shard_index, cfg.n_shards)
     done = store.done()
     todo = [b for b in blocks if not done[b]]
-    runner = BlockRunner(engine, plan, tok, prefix_sharing=cfg.prefix_sharing, selfcheck=cfg.selfcheck,
+    runner = BlockExtractor(engine, plan, tok, prefix_sharing=cfg.prefix_sharing, selfcheck=cfg.selfcheck,
                          min_shared=cfg.min_shared)
     n_prompts = int(sum(plan.blocks.iloc[b].prompt_end - plan.blocks.iloc[b].prompt_start for b in todo))
     writer = _Writer(store, cfg.queue_blocks)
@@ -420,7 +420,8 @@ def run_prompt_alone(engine, plan: Plan, p: int):
     from promptshift.extract.engine import Item
 
     r = plan.prompts.iloc[p]
-    return engine.run([Item(p, plan.prompt_tokens(p).astype(np.int64), plan.prompt_regions(p), int(r.keep_start))])[0]
+    item = Item(p, plan.prompt_tokens(p).astype(np.int64), plan.prompt_regions(p), int(r.keep_start))
+    return engine.extract_batch([item])[0]
 
 
-__all__ = ["BlockRunner", "ExtractConfig", "fill_shard", "provenance", "run_prompt_alone"]
+__all__ = ["BlockExtractor", "ExtractConfig", "fill_shard", "provenance", "run_prompt_alone"]

@@ -112,7 +112,7 @@ def test_suffix_patching_matches_a_hooked_full_forward(store, model):
                           forward_bound(model.config, len(v_ids), v_hidden[site].abs().max(), site), f"site {site}")
             ref, _ = hf_logprobs(model, b_ids, pre_hooks=[(site, lambda h, s=site: torch.cat(
                 [h[:, :bs], v_hidden[s][None, vs:]], dim=1))])
-            out = runner.run([Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n), res[:, site])])])[0]
+            out = runner.compute([Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n), res[:, site])])])[0]
             assert_below(kl(ref, out.logprobs), _kl_floor(ref), f"KL at site {site}")
             assert_within(out.logprobs, ref, _lp_bound(model, b_ids, ref), f"log-probs at site {site}")
     finally:
@@ -128,7 +128,7 @@ def test_patching_a_prompt_with_itself_recovers_everything(store, model):
         rows = [Row(v_ids[:vs], v_ids[vs:], [Edit(s, np.arange(len(v_ids) - vs), res[:, s])])
                 for s in range(runner.L + 1)]
         rows += [Row(v_ids[:-1], v_ids[-1:], [Edit(s, [0], res[-1:, s])]) for s in range(runner.L + 1)]
-        for o in runner.run(rows):  # the same distribution, through other batch shapes: the float32 floor
+        for o in runner.compute(rows):  # the same distribution, through other batch shapes: the float32 floor
             assert_below(kl(lp_v, o.logprobs), _kl_floor(lp_v), "KL of a self-patch")
     finally:
         runner.close()
@@ -143,8 +143,8 @@ def test_knockout_from_layer_zero_matches_masking_the_system_keys(store, model):
     runner = Runner(model)
     try:
         end = int(np.flatnonzero(reg == SYSTEM)[-1]) + 1
-        out = runner.run([Row(v_ids[:end], v_ids[end:], knockout_keys=reg == SYSTEM, knockout_start=0),
-                          Row(v_ids[:end], v_ids[end:], knockout_keys=reg == SYSTEM, knockout_start=runner.L)])
+        out = runner.compute([Row(v_ids[:end], v_ids[end:], knockout_keys=reg == SYSTEM, knockout_start=0),
+                              Row(v_ids[:end], v_ids[end:], knockout_keys=reg == SYSTEM, knockout_start=runner.L)])
         assert_within(out[0].logprobs, ref, _lp_bound(model, v_ids, ref), "knockout from layer 0")
         _, lp_v = runner.residuals(v_ids, [len(v_ids) - 1])
         assert_below(kl(lp_v, out[1].logprobs), _kl_floor(lp_v), "knockout from layer L")  # nothing blocked
@@ -206,7 +206,7 @@ def test_steering_with_its_own_difference_reproduces_the_variant(store, model):
         hb, _ = runner.residuals(b_ids, [len(b_ids) - 1])
         diff = hv[0] - hb[0]  # (L+1, H)
         rows = [Row(b_ids[:-1], b_ids[-1:], [Edit(s, [0], diff[s][None], add=True)]) for s in range(runner.L + 1)]
-        outs = runner.run(rows, capture=True)
+        outs = runner.compute(rows, capture=True)
         for s, o in enumerate(outs):
             assert_within(o.resid[s], hv[0, s], forward_bound(model.config, len(v_ids), hv[0].abs().max()), s)
         assert_below(kl(lp_v, outs[-1].logprobs), _kl_floor(lp_v), "steering at site L")
@@ -676,18 +676,18 @@ def test_skipping_layers_below_a_full_replacement_changes_nothing(store, model):
                      for start in (0, s0)]
             pairs += [Row(v_ids[:end], v_ids[end:], [Edit(s0, np.arange(len(v_ids) - end), own[:, s0])],
                           knockout_keys=reg == SYSTEM, knockout_start=site, start=start) for start in (0, s0)]
-            o = runner.run(pairs)
+            o = runner.compute(pairs)
             assert_within(o[0].logprobs, o[1].logprobs, bound, f"patching from site {site}")
             assert_within(o[2].logprobs, o[3].logprobs, bound, f"knockout from site {site}")
         with pytest.raises(ValueError, match="must replace every tail position"):
-            runner.run([Row(b_ids[:bs], b_ids[bs:], start=2)])
+            runner.compute([Row(b_ids[:bs], b_ids[bs:], start=2)])
         # replace edits of one site together covering the tail suffice; leaving one position out does not
         split = [Edit(2, np.arange(1), res[:1, 2]), Edit(2, 1 + np.arange(n - 1), res[1:, 2])]
         whole = Row(b_ids[:bs], b_ids[bs:], [Edit(2, np.arange(n), res[:, 2])])
-        o = runner.run([Row(b_ids[:bs], b_ids[bs:], split, start=2), whole])
+        o = runner.compute([Row(b_ids[:bs], b_ids[bs:], split, start=2), whole])
         assert_within(o[0].logprobs, o[1].logprobs, bound, "split edits from site 2")
         with pytest.raises(ValueError, match="must replace every tail position"):
-            runner.run([Row(b_ids[:bs], b_ids[bs:], split[1:], start=2)])
+            runner.compute([Row(b_ids[:bs], b_ids[bs:], split[1:], start=2)])
     finally:
         runner.close()
 

@@ -89,7 +89,7 @@ def test_prefix_sharing_is_used(sweep_path, tok, tiny_model):
     different prefixes (each row attending to its own cached prefix), with the same values
     as the stored extraction and as a run without sharing."""
     from promptshift.extract.engine import Engine
-    from promptshift.extract.worker import BlockRunner
+    from promptshift.extract.worker import BlockExtractor
 
     st = _extract(sweep_path, tok, tiny_model, None)
     eng = Engine(tiny_model, components=st.components, top_k=16, lens_top_k=4, token_budget=4096)
@@ -103,7 +103,7 @@ def test_prefix_sharing_is_used(sweep_path, tok, tiny_model):
     n_groups = int((rows.groupby("system").size() >= 2).sum())
     assert n_groups >= 2, "the test needs a block with two shared prefixes"
 
-    data, _, _ = BlockRunner(eng, st.plan, tok, min_shared=2).compute(0)
+    data, _, _ = BlockExtractor(eng, st.plan, tok, min_shared=2).compute(0)
     assert len(computed) == n_groups, "each shared prefix of the block is computed exactly once"
     mixed = [pre for pre in batches if isinstance(pre, list) and len({id(x) for x in pre if x is not None}) >= 2]
     assert mixed, "no batch mixed the suffixes of different prefixes"
@@ -112,7 +112,7 @@ def test_prefix_sharing_is_used(sweep_path, tok, tiny_model):
 
     # groups smaller than min_shared run whole, with the same values
     computed.clear()
-    data, _, _ = BlockRunner(eng, st.plan, tok, min_shared=99).compute(0)
+    data, _, _ = BlockExtractor(eng, st.plan, tok, min_shared=99).compute(0)
     eng.remove_hooks()
     assert not computed
     assert_within(data["resid_post"], ref, bound, "resid_post")
@@ -120,7 +120,7 @@ def test_prefix_sharing_is_used(sweep_path, tok, tiny_model):
 
 def test_mixed_prefix_batch_equals_each_prompt_alone(tok, tiny_model):
     """Rows continuing prefixes of different lengths, and rows with no prefix, in one batch,
-    against each prompt run alone: every output of the Result."""
+    against each prompt run alone: every output of the PromptResult."""
     from promptshift.extract.engine import Engine, Item
     from promptshift.vocabulary import REGION_CODE
 
@@ -140,10 +140,10 @@ def test_mixed_prefix_batch_equals_each_prompt_alone(tok, tiny_model):
         a2 = Item(2, np.r_[a.ids[:9], rng.integers(5, V, 3)], np.r_[a.regions[:9], np.full(3, 1, np.int8)], 7)
         c = item(3, 6, 6)
         items, pres = [a, b, a2, c], [pa, pb, pa, None]
-        got = eng.run(items, pres, max_new_tokens=4, eos_ids=())
+        got = eng.extract_batch(items, pres, max_new_tokens=4, eos_ids=())
         n_keys = max(len(it.ids) for it in items)
         for it, g in zip(items, got):
-            ref = eng.run([it], None, max_new_tokens=4, eos_ids=())[0]
+            ref = eng.extract_batch([it], None, max_new_tokens=4, eos_ids=())[0]
             _assert_results_close([g], [ref], tiny_model, n_keys, ("region_mass", "entropy", "sink", "last_row",
                                                                     "topk_logprobs", "lens_logprobs", "lens_entropy",
                                                                     "pattern"))
@@ -156,7 +156,7 @@ def test_mixed_prefix_batch_equals_each_prompt_alone(tok, tiny_model):
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_packed_batch_equals_padded_batch(tok, tiny_model, padding_side):
     """Packed batches (the real tokens as one sequence outside attention) against the same
-    batches padded: every output of the Result, with mixed prefixes, rows without one,
+    batches padded: every output of the PromptResult, with mixed prefixes, rows without one,
     opted-in full patterns and greedy continuations on the packed pass's cache."""
     from promptshift.extract.engine import Engine, Item
     from promptshift.vocabulary import REGION_CODE
@@ -183,7 +183,7 @@ def test_packed_batch_equals_padded_batch(tok, tiny_model, padding_side):
                 assert eng.packed is packed
                 pa, pb = eng.compute_prefixes([(a.ids[:11], a.regions[:11], 9), (b.ids[:5], b.regions[:5], 3)])
                 seen.clear()
-                got[packed] = eng.run([a, b, c, a2], [pa, pb, None, pa], max_new_tokens=4, eos_ids=())
+                got[packed] = eng.extract_batch([a, b, c, a2], [pa, pb, None, pa], max_new_tokens=4, eos_ids=())
                 # the batch's first forward: padded (4 rows x longest) or packed (1 x real tokens)
                 assert seen[0] == ((1, 4 + 9 + 9 + 6) if packed else (4, 9))
             finally:
@@ -221,7 +221,7 @@ def test_residual_chain_is_checked_before_writing(sweep_path, tok, tiny_model, t
     eng = Engine(tiny_model, components=("resid_pre", "resid_post"), top_k=4, lens_top_k=2, token_budget=256)
     try:
         ids = np.array([1, 50, 70, 90, 110, 130], np.int64)
-        r = eng.run([Item(0, ids, np.zeros(len(ids), np.int8), 0)])[0]
+        r = eng.extract_batch([Item(0, ids, np.zeros(len(ids), np.int8), 0)])[0]
         pre, post = r.comps["resid_pre"], r.comps["resid_post"]  # (6, L, H), every layer captured
         assert pre.shape == post.shape and np.array_equal(pre[:, 1:], post[:, :-1])
         eng.check_residual_chain()

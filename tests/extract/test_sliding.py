@@ -151,8 +151,8 @@ def test_causal_runner_on_heads_longer_than_the_window(family, window, tok, swee
         masked = model(x, attention_mask=hidden, position_ids=torch.arange(len(ids))[None]).logits[0, -1].float()
     runner = Runner(model)
     try:
-        out = runner.run([Row(ids[:end], ids[end:]),
-                          Row(ids[:end], ids[end:], knockout_keys=reg == REGION_CODE["system"], knockout_start=0)])
+        out = runner.compute([Row(ids[:end], ids[end:]),
+                              Row(ids[:end], ids[end:], knockout_keys=reg == REGION_CODE["system"], knockout_start=0)])
     finally:
         runner.close()
     for o, ref in zip(out, (plain, masked)):
