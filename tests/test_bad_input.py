@@ -219,7 +219,7 @@ def test_any_failure_is_one_line_and_the_store_resumes(tok, tmp_path, monkeypatc
 
         return fn
 
-    monkeypatch.setattr(Engine, "run", failing(Engine.run, 2))
+    monkeypatch.setattr(Engine, "extract_batch", failing(Engine.extract_batch, 2))
     code, err = cli("extract", sw, "--store", store)
     assert code == 1, err
     assert err.startswith("error: extract failed: RuntimeError: injected failure in the forward pass; what finished is "

@@ -94,9 +94,9 @@ def test_prefix_sharing_is_used(sweep_path, tok, tiny_model):
     st = _extract(sweep_path, tok, tiny_model, None)
     eng = Engine(tiny_model, components=st.components, top_k=16, lens_top_k=4, token_budget=4096)
     computed, batches = [], []
-    orig_prefixes, orig_run = eng.compute_prefixes, eng.run
+    orig_prefixes, orig_run = eng.compute_prefixes, eng.extract_batch
     eng.compute_prefixes = lambda specs: computed.extend(len(s[0]) for s in specs) or orig_prefixes(specs)
-    eng.run = lambda items, prefix=None, *a, **k: batches.append(prefix) or orig_run(items, prefix, *a, **k)
+    eng.extract_batch = lambda items, prefix=None, *a, **k: batches.append(prefix) or orig_run(items, prefix, *a, **k)
     b = st.plan.blocks.iloc[0]
     ref = np.asarray(st.array("resid_post")[int(b.kept_start) : int(b.kept_end)], np.float64)
     rows = st.plan.prompts.iloc[int(b.prompt_start) : int(b.prompt_end)]
@@ -358,7 +358,7 @@ def test_logit_lens_last_layer_is_final_distribution(batched, tiny_model):
 def test_cuda_oom_halves_the_batch_and_retries(sweep_path, tok, tiny_model, batched, monkeypatch):
     from promptshift.extract.engine import Engine
 
-    orig = Engine.run
+    orig = Engine.extract_batch
     sizes = []
 
     def flaky(self, items, *a, **k):
@@ -367,7 +367,7 @@ def test_cuda_oom_halves_the_batch_and_retries(sweep_path, tok, tiny_model, batc
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return orig(self, items, *a, **k)
 
-    monkeypatch.setattr(Engine, "run", flaky)
+    monkeypatch.setattr(Engine, "extract_batch", flaky)
     st = _extract(sweep_path, tok, tiny_model, None, selfcheck=False)
     assert max(sizes) > 1 and 1 in sizes
     _assert_stores_close(st, batched, tiny_model, ("resid_post", "attn_region_mass", "logits_topk_logprobs"))

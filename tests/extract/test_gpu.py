@@ -246,7 +246,7 @@ def test_out_of_memory_halves_the_batch(models, sweep_dir, monkeypatch):
     sw = sweep_for(models["llama-3.2-1b"], sweep_dir, max_new_tokens=0)
     clean = run(model, sw, selfcheck=False)
     state = {"in_run": False, "raised": 0, "rows": []}
-    orig = eng_mod.Engine.run
+    orig = eng_mod.Engine.extract_batch
 
     def tracked(self, items, *a, **k):
         state["in_run"] = True
@@ -262,7 +262,7 @@ def test_out_of_memory_halves_the_batch(models, sweep_dir, monkeypatch):
             state["raised"] += 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
 
-    monkeypatch.setattr(eng_mod.Engine, "run", tracked)
+    monkeypatch.setattr(eng_mod.Engine, "extract_batch", tracked)
     h = resolve_arch(model).layers[0].register_forward_pre_hook(inject, with_kwargs=True)
     try:
         got = run(model, sw, selfcheck=False)

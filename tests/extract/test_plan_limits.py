@@ -161,20 +161,20 @@ def test_worker_that_loses_the_creation_race_follows_the_store(llama32, llama32_
     """Two tasks start around midnight without a plan step; the one that finds the store
     created by the other after it planned (at its own clock reading) follows the store's
     plan instead of failing with "holds a different plan"."""
-    import promptshift.extract.worker as run
+    import promptshift.extract.worker as worker
 
     t, model = llama32, llama32_model
     s = load_sweep(write_sweep(tmp_path / "s.yaml", max_new_tokens=2, keep="last"))
     clock = _Clock(monkeypatch, datetime(2025, 12, 31, 23, 59))
     fill_shard(s, ExtractConfig(store=str(tmp_path / "a.zarr"), init_only=True, progress=False), model=model, tok=t)
     clock.at = datetime(2026, 1, 1, 0, 0, 1)
-    real, calls = run.stored_clock, []
+    real, calls = worker.stored_clock, []
 
     def looked_too_early(*args, **kw):  # this task looked before the other one's store existed
         calls.append(1)
         return None if len(calls) == 1 else real(*args, **kw)
 
-    monkeypatch.setattr(run, "stored_clock", looked_too_early)
+    monkeypatch.setattr(worker, "stored_clock", looked_too_early)
     st = fill_shard(s, ExtractConfig(store=str(tmp_path / "a.zarr"), progress=False), model=model, tok=t)
     assert len(calls) == 2 and st.done().all()
     assert "Today Date: 31 Dec 2025" in st.plan.prompts.text[0]
