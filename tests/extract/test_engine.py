@@ -237,7 +237,7 @@ def test_residual_chain_is_checked_before_writing(sweep_path, tok, tiny_model, t
     h = tiny_model.model.layers[2].register_forward_pre_hook(lambda m, a: (a[0] * 1.01, *a[1:]), prepend=True)
     try:
         with pytest.raises(ExtractError, match="changes the residual stream between layers"):
-            _extract(sweep, ExtractConfig(store=tmp_path / "s.zarr", progress=False), model=tiny_model, tok=tok)
+            fill_shard(sweep, ExtractConfig(store=tmp_path / "s.zarr", progress=False), model=tiny_model, tok=tok)
     finally:
         h.remove()
     assert not (tmp_path / "s.zarr").exists()
@@ -321,7 +321,7 @@ def test_longer_continuation_for_behaviour(tmp_path, tok, tiny_model):
 
     p = write_sweep(tmp_path / "beh.yaml", max_new_tokens=3, behaviour={"max_new_tokens": 9}, full_logprobs=False,
                     storage_dtype="float32", block_prompts=6)
-    st = _extract(load_sweep(p), ExtractConfig(store=None, progress=False), model=tiny_model, tok=tok)
+    st = fill_shard(load_sweep(p), ExtractConfig(store=None, progress=False), model=tiny_model, tok=tok)
     assert st.array("gen_ids").shape[1] == 9 and "logits_logprobs" not in st.names()
     assert st.provenance["eos_token_ids"] == [tok.eos_token_id]
     for q in (0, int(st.plan.pairs.iloc[-1].variant)):
@@ -379,7 +379,7 @@ def test_full_patterns_for_opted_in_layers(sweep_path, tok, tiny_model, storage_
     attention arrays (full patterns, last rows) are stored in the storage dtype, like the
     activations: with float32 they match the model's own attentions to float32 rounding."""
     s = load_sweep(sweep_path, full_attention_layers=[0, 2], storage_dtype=storage_dtype)
-    st = _extract(s, ExtractConfig(store=None, progress=False, min_shared=2), model=tiny_model, tok=tok)
+    st = fill_shard(s, ExtractConfig(store=None, progress=False, min_shared=2), model=tiny_model, tok=tok)
     plan = st.plan
     for name in ("attn_pattern", "attn_last", *st.components):
         assert st.array(name).dtype == np.dtype(storage_dtype), name
@@ -417,7 +417,7 @@ def test_float16_overflow_names_the_prompt(tmp_path, tok):
         model.model.embed_tokens.weight.mul_(1e6)  # residual stream ~1e6 > 65504
     path = write_sweep(tmp_path / "s.yaml", storage_dtype="float16", max_new_tokens=0)
     with pytest.raises(ExtractError, match=r"resid_pre of prompt 0 \(.*\) has values up to .* beyond float16's range"):
-        _extract(load_sweep(path), ExtractConfig(store=None, progress=False, selfcheck=False), model=model, tok=tok)
+        fill_shard(load_sweep(path), ExtractConfig(store=None, progress=False, selfcheck=False), model=model, tok=tok)
 
 
 @pytest.mark.parametrize("softcap", [None, 7.0])
