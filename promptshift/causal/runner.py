@@ -18,6 +18,9 @@ Interventions reach the model through the two openings extraction offers and not
 else: named hook points (:meth:`promptshift.extract.arch.Arch.hook`) for the residual
 stream and mask hooks (:func:`promptshift.extract.attention.register_mask_hook`) for
 attention.
+
+Size: one batched intervention runner (heads cached, tails run from their site, edits,
+knockout, capture); every causal analysis goes through it, so it is kept whole.
 """
 
 from __future__ import annotations

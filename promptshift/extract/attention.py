@@ -17,6 +17,9 @@ Sliding-window layers (:class:`Positions`): the window is a distance in position
 mask is built here from each query's and key's absolute position, not from slot indices,
 which a batch layout does not keep in step with positions (a row's own keys sit after the
 longest prefix of its batch, generated tokens after the longest prompt).
+
+Size: one attention function and the statistics it reduces in-layer (regions, entropy,
+sink, last row, patterns), with the packing and sliding-window masks it must honour.
 """
 
 from __future__ import annotations

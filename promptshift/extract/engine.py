@@ -1,6 +1,11 @@
 """The extraction engine: batched, padding-aware forward passes with hooks, prefix sharing,
 attention statistics reduced in-layer, logits and logit lens at the last position, and
-greedy continuations. One block at a time; a writer thread stores finished blocks."""
+greedy continuations. One block at a time; a writer thread stores finished blocks.
+
+Size: the forward pass of a batch (hooks, prefix caches, packing, the output side) is one
+state machine over one batch; decoding is in :mod:`promptshift.extract.decode`, attention
+statistics in :mod:`promptshift.extract.attention`, caches in :mod:`promptshift.extract.kvcache`.
+"""
 
 from __future__ import annotations
 

@@ -16,6 +16,11 @@ Every figure states its sample (`_scope`): n (system prompts × user prompts, pa
 conversations) and the unit its intervals resample (crossed bootstrap over system and
 user prompts, user prompts only, conversations), computed from the results it draws; the
 report prints it at the head of the caption.
+
+Size: a catalogue, not a mechanism: one independent function per figure (about sixty lines
+each) and the registry that orders them; a figure is read and changed on its own. Shared
+helpers live in :mod:`promptshift.report.figkit`, the behaviour figures in
+:mod:`promptshift.report.figures_behaviour`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ and user prompts together); otherwise it says there is no evidence, with the num
 n. A selected quantity (most changed layer, best-tracking layer and component) is said to
 be chosen on one half of the user prompts and measured on the other (``selection``), and
 a small sample (``sample.small``) is named as such.
+
+Size: one short function per finding, each deciding from summary.json alone whether its
+claim is supported (interval, sample size, selection) and how to word it; they share the
+number formatting and the claim rules at the top.
 """
 
 from __future__ import annotations

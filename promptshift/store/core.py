@@ -8,6 +8,9 @@ Layout contract (docs/STORE.md is the public version of this):
 * each block of the plan owns whole chunks of every array it writes, so concurrent
   workers on different blocks never touch the same chunk file;
 * ``block_done[b]`` is written after block ``b``'s data: it is the completion record.
+
+Size: the store's schema, creation, block writes and reader API are one contract (every
+reader method matches a writer); the backends, verification and direct I/O are apart.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 A SWEEP argument anywhere in the CLI may be a sweep YAML, a JSON prompt file in the
 notebook's shape, or the name of a built-in suite. All three resolve to one
 :class:`SweepConfig`; errors name the offending field.
+
+Size: the sweep's schema and its validation, field by field, for both file formats (YAML
+and the notebook JSON); every error message that names a field is here, so a user's
+mistake is explained in one place. Reply checks are in :mod:`promptshift.sweep.behaviour`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ block layout of the store, all computed from the tokenizer before any model runs
 Because token counts are known here, every store array is created at its final size
 and every block owns a fixed, chunk-aligned region; extraction workers never create or
 edit metadata, so any number of them can fill one store at once.
+
+Size: the plan is one data structure with its construction (tables, alignment, block
+layout), its columnar storage and its hash, which must change together (the store's
+schema depends on all three); composed rendering is apart in :mod:`promptshift.sweep.compose`.
 """
 
 from __future__ import annotations
