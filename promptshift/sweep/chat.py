@@ -44,6 +44,18 @@ def _ph(i: int) -> str:
     return f"\ue000{i}\ue001"
 
 
+def _cut(skel: str, order: list[int]) -> list[str]:
+    """The scaffolding of a placeholder rendering: the text before, between and after the
+    placeholders of messages ``order`` (in the order they appear), len(order) + 1 pieces."""
+    pieces, pos = [], 0
+    for k in order:
+        at = skel.index(_ph(k))
+        pieces.append(skel[pos:at])
+        pos = at + len(_ph(k))
+    pieces.append(skel[pos:])
+    return pieces
+
+
 def is_content(region: str) -> bool:
     """Whether a region holds message content (as opposed to template scaffolding)."""
     return region not in SCAFFOLD_REGIONS
@@ -366,12 +378,7 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = True, *,
         except TemplateError as e:
             last_error = e
             continue
-        pieces, pos = [], 0
-        for k in order:
-            at = skel.index(_ph(k))
-            pieces.append(skel[pos:at])
-            pos = at + len(_ph(k))
-        pieces.append(skel[pos:])
+        pieces = _cut(skel, order)
         found = _match(pieces, [segs[k][2] for k in order], [not is_content(segs[k][1]) for k in order], real)
         if isinstance(found, list):
             break

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from promptshift.errors import TemplateError
-from promptshift.sweep.chat import (Rendered, TemplateClock, _apply, _locate, _match, _ph, _pinned_clock,
+from promptshift.sweep.chat import (Rendered, TemplateClock, _apply, _cut, _locate, _match, _pinned_clock,
                                     _placeholder_messages, _segments, render)
 from promptshift.vocabulary import REGION_CODE
 
@@ -151,12 +151,7 @@ class Shape:
         segs = _segments(msgs)
         skel = _apply(tok, _placeholder_messages(msgs, segs, True), True, clock)
         order = _locate(skel, segs, msgs, [0, 1])
-        pieces, pos = [], 0
-        for k in order:
-            at = skel.index(_ph(k))
-            pieces.append(skel[pos:at])
-            pos = at + len(_ph(k))
-        pieces.append(skel[pos:])
+        pieces = _cut(skel, order)
         added = {t.content: t for t in tok.added_tokens_decoder.values() if t.content}
         shape = cls(pieces, None, None, sorted(added))
         if order != [0, 1] or getattr(tok, "split_special_tokens", False):
