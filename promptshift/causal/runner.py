@@ -51,6 +51,9 @@ _HEADS_BYTES_BUDGET = 1 << 29
 # positions whose final hidden states are unembedded together (at most 256 MiB of float32
 # log-probabilities for a 128k vocabulary)
 _UNEMBED_ROWS = 512
+# a batch of fewer (padded) tokens waits to run together with the small batches of the next
+# first layers (:meth:`Runner.stream`)
+_BAND_TOKENS = 256
 
 
 @dataclass
@@ -318,7 +321,12 @@ class Runner:
         from an earlier call), then the
         rows of each first layer (``Row.start``) run in batches that mix heads where the
         model allows (:func:`promptshift.extract.batching.plan_batches`, tails and heads as
-        contexts). The last positions' (and the targets') final hidden states of several
+        contexts). A batch of fewer than ``_BAND_TOKENS`` tokens (the one-token rows of
+        last-position patching: a few dozen per site) waits for those of the next first
+        layers and runs with them from the smallest first layer: a row that starts later
+        computes a few layers whose output its own edit overwrites (its start guarantees
+        that every tail position is replaced there), instead of every small batch paying the
+        per-layer cost of a whole pass. The last positions' (and the targets') final hidden states of several
         batches are unembedded together (:class:`_Unembedding`): the (rows, H) x (H, V)
         product of a few dozen rows runs at a fraction of the matmul peak."""
         keys = [r.head.astype(np.int64).tobytes() for r in rows]
@@ -343,18 +351,38 @@ class Runner:
         pending = _Unembedding(self)
         for chunk in chunks:
             kv = dict(zip(chunk, self._cached_heads([rows[head_of[k]].head for k in chunk], chunk)))
-            groups: dict[tuple, list[int]] = {}
+            groups: dict[tuple[int, bytes], list[int]] = {}
             for k in chunk:
                 for i in by_head[k]:
                     start = rows[i].start if self.can_skip else 0
-                    groups.setdefault((start,) if self.mixed_heads else (start, k), []).append(i)
-            for group in groups.values():
+                    groups.setdefault((start, b"" if self.mixed_heads else k), []).append(i)
+            small: list[int] = []  # rows of small batches, run together with those of the next first layers
+            last_key = None
+
+            def run(idx):
+                pending.add(idx, self._batch([rows[i] for i in idx], [kv[keys[i]] for i in idx], capture,
+                                             min(rows[i].start for i in idx) if self.can_skip else 0))
+
+            for (start, k), group in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
+                if small and k != last_key:
+                    for batch in self._plan([rows[i] for i in small]):
+                        run([small[j] for j in batch])
+                    small = []
+                last_key = k
                 for batch in self._plan([rows[i] for i in group]):
                     idx = [group[j] for j in batch]
-                    pending.add(idx, self._batch([rows[i] for i in idx], [kv[keys[i]] for i in idx], capture,
-                                                 rows[idx[0]].start if self.can_skip else 0))
-                    if pending.full():
-                        yield from pending.flush(progress)
+                    if len(idx) * max(len(rows[i].tail) for i in idx) < _BAND_TOKENS:
+                        small += idx
+                    else:
+                        run(idx)
+                if sum(len(rows[i].tail) for i in small) >= _BAND_TOKENS:
+                    for batch in self._plan([rows[i] for i in small]):
+                        run([small[j] for j in batch])
+                    small = []
+                if pending.full():
+                    yield from pending.flush(progress)
+            for batch in self._plan([rows[i] for i in small]) if small else []:
+                run([small[j] for j in batch])
             del kv
         yield from pending.flush(progress)
 

@@ -676,7 +676,7 @@ def test_skipping_layers_below_a_full_replacement_changes_nothing(store, model):
                      for start in (0, s0)]
             pairs += [Row(v_ids[:end], v_ids[end:], [Edit(s0, np.arange(len(v_ids) - end), own[:, s0])],
                           knockout_keys=reg == SYSTEM, knockout_start=site, start=start) for start in (0, s0)]
-            o = runner.compute(pairs)
+            o = [runner.compute([row])[0] for row in pairs]  # one call each: small batches of a call run together
             assert_within(o[0].logprobs, o[1].logprobs, bound, f"patching from site {site}")
             assert_within(o[2].logprobs, o[3].logprobs, bound, f"knockout from site {site}")
         with pytest.raises(ValueError, match="must replace every tail position"):
@@ -688,6 +688,35 @@ def test_skipping_layers_below_a_full_replacement_changes_nothing(store, model):
         assert_within(o[0].logprobs, o[1].logprobs, bound, "split edits from site 2")
         with pytest.raises(ValueError, match="must replace every tail position"):
             runner.compute([Row(b_ids[:bs], b_ids[bs:], split[1:], start=2)])
+    finally:
+        runner.close()
+
+
+def test_small_batches_of_several_first_layers_run_together(store, model, monkeypatch):
+    """One-token rows of every site (last-position patching) run as few batches from the
+    smallest first layer, and give what each row gives run alone from its own site."""
+    from promptshift.causal import runner as rn
+
+    r, v_ids, b_ids, reg = _pair(store)
+    runner = Runner(model)
+    try:
+        res, _ = runner.residuals(v_ids, np.arange(len(v_ids) - 1, len(v_ids)))
+        rows = [Row(b_ids[:-1], b_ids[-1:], [Edit(site, np.array([0]), res[:, site])], start=min(site, runner.L - 1))
+                for site in range(runner.L + 1)] * 3
+        alone = [runner.compute([row])[0] for row in rows[: runner.L + 1]]
+        starts = []
+        batch = Runner._batch
+        monkeypatch.setattr(Runner, "_batch", lambda self, rs, kvs, capture, start=0: (
+            starts.append(start), batch(self, rs, kvs, capture, start))[1])
+        monkeypatch.setattr(rn, "_BAND_TOKENS", 8)  # 3 tokens per first layer: bands of 3 first layers
+        together = runner.compute(rows)
+        assert starts == [0, 3]  # first layers 0-2 together, then 3 and the site-L rows (first layer L-1)
+        _eager(model)
+        bound = _lp_bound(model, b_ids, hf_logprobs(model, b_ids)[0])
+        for i, o in enumerate(together):
+            assert_within(o.logprobs, alone[i % (runner.L + 1)].logprobs, bound, f"row {i}")
+        # the outputs are those of their own rows: the sites' distributions differ
+        assert float(kl(alone[0].logprobs, alone[runner.L].logprobs)) > 1e-3
     finally:
         runner.close()
 
