@@ -122,28 +122,30 @@ class _Unembedding:
         if not self.waiting:
             return
         waiting, self.waiting, self.n = self.waiting, [], 0
-        parts, owner = [], []  # (positions, H) hidden states; (row slot, kind) per part
-        for j, (_, o) in enumerate(waiting):
-            parts.append(o.final[None])
-            owner.append((j, False))
+        parts = []  # (the Out, whether its targets' positions, (n, H) hidden states)
+        for _, o in waiting:
+            parts.append((o, False, o.final[None]))
             if o.target_final is not None:
-                parts.append(o.target_final)
-                owner.append((j, True))
+                parts.append((o, True, o.target_final))
         with torch.inference_mode():
-            h = torch.cat(parts)  # (N, H)
-            sizes = [len(p) for p in parts]
-            lp_rows: list[torch.Tensor] = []
-            for c in range(0, len(h), _UNEMBED_ROWS):
-                lp_rows.append(self.runner.logprobs(h[c : c + _UNEMBED_ROWS]))  # (n, V)
-            lp = torch.cat(lp_rows) if len(lp_rows) > 1 else lp_rows[0]
-            for (j, is_target), part in zip(owner, torch.split(lp, sizes)):
-                o = waiting[j][1]
-                if is_target:
-                    o.target_logprobs = part.gather(1, o.targets[:, None])[:, 0].float().cpu()  # (m,)
-                    o.target_final = o.targets = None
-                else:
-                    o.logprobs = part[0].clone().cpu() if part.device.type == "cpu" else part[0].cpu()  # not a view of the chunk
-                    o.final = None
+            while parts:  # chunks of whole parts, at most _UNEMBED_ROWS positions (or one larger part)
+                k, n = 0, 0
+                while k < len(parts) and (k == 0 or n + len(parts[k][2]) <= _UNEMBED_ROWS):
+                    n += len(parts[k][2])
+                    k += 1
+                chunk, parts = parts[:k], parts[k:]
+                lp = self.runner.logprobs(torch.cat([h for _, _, h in chunk]))  # (n, V)
+                at = 0
+                for o, is_target, h in chunk:
+                    part = lp[at : at + len(h)]
+                    at += len(h)
+                    if is_target:
+                        o.target_logprobs = part.gather(1, o.targets[:, None])[:, 0].float().cpu()  # (m,)
+                        o.target_final = o.targets = None
+                    else:
+                        o.logprobs = part[0].clone() if part.device.type == "cpu" else part[0].cpu()  # not a view of lp
+                        o.final = None
+                del lp
         if progress is not None:
             progress.update(len(waiting))
         yield from waiting
