@@ -80,7 +80,7 @@ class Scope:
 class Refs:
     """The unpatched runs every analysis compares against: for each prompt in scope, its
     last-position log-probabilities and its residual stream at every site, at the aligned
-    suffix positions (variants) or the last position (baselines).
+    suffix positions (from the end of the instruction for variants).
 
     Each prompt runs as a tail on a shared head: a variant from the end of its system
     prompt (or its aligned suffix, if that starts earlier), so all variants of one system
@@ -103,11 +103,12 @@ class Refs:
             span = reg == _span_code(r)
             sys_end = int(np.flatnonzero(span)[-1]) + 1 if span.any() else int(r.v_suffix_start)
             self.first[int(r.variant)] = head[int(r.variant)] = min(int(r.v_suffix_start), sys_end)
+        variants = set(head)
         for r in self.pairs.itertuples():
             b = int(r.baseline)
-            if b not in head:  # only its last position is needed: the template before the suffix is its head
-                self.first[b] = len(plan.prompt_tokens(b)) - 1
-                head[b] = min(int(r.b_suffix_start), self.first[b])
+            if b not in variants:  # from its aligned suffix (over all its pairs): the template before it is its head
+                first = min(int(r.b_suffix_start), len(plan.prompt_tokens(b)) - 1)
+                self.first[b] = head[b] = min(first, head.get(b, first))
         prompts = sorted(head)
         rows = []
         for p in prompts:
@@ -144,6 +145,17 @@ class Refs:
         }
 
 
+def unpatched(refs: Refs, b: int, bs: int) -> torch.Tensor | None:
+    """The baseline ``b``'s own residual stream (n_al, L+1, H) from its aligned suffix start
+    ``bs`` on, if its reference run holds it (None otherwise). A patched row whose patched
+    values equal these at its site (bitwise: site 0 of every aligned position patches the
+    same token embeddings in a model without position embeddings) is the baseline's own run
+    from that site on, so its output is the baseline's reference and it is not run."""
+    if b not in refs.first or refs.first[b] > bs:
+        return None
+    return refs.resid[b][bs - refs.first[b] :]
+
+
 class _Targets:
     """Per row of an analysis: the distribution its output is compared with (the pair's
     variant) and the token whose log-probability is kept (the variant's top-1)."""
@@ -170,27 +182,33 @@ def patching(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
     last position (recovers everything): the two ends of every curve are fixed points.
     Every tail position is replaced at the site, so each row runs only the layers from
     its site on; the suffix rows of all pairs share the template's head, the last-position
-    rows of one user prompt share its baseline's."""
+    rows of one user prompt share its baseline's. A row whose patched values are the
+    baseline's own (:func:`unpatched`) takes the baseline's reference output instead of
+    running."""
     refs = refs or Refs(runner, plan, scope)
     L = runner.L
     n = len(refs.pairs)
     out_kl = np.zeros((n, len(PATCH_MODES), L + 1), np.float32)
     out_lp = np.zeros_like(out_kl)
     rows, where = [], []
+    targets = _Targets(refs, refs.pairs["variant"].astype(int).tolist())
     for i, r in enumerate(refs.pairs.itertuples()):
         v, b = int(r.variant), int(r.baseline)
         b_ids = plan.prompt_tokens(b)
-        n_al = int(r.suffix_len)
         src = refs.resid[v][int(r.v_suffix_start) - refs.first[v] :]  # (n_al, L+1, H)
         bs = int(r.b_suffix_start)
+        own = unpatched(refs, b, bs)  # (n_al, L+1, H) the baseline's own residuals there, if held
         for site in range(L + 1):
             # every tail position is replaced at `site`: the layers below it need not run
             start = min(site, L - 1)
-            rows.append(Row(b_ids[:bs], b_ids[bs:], [Edit(site, np.arange(n_al), src[:, site])], start=start))
-            where.append((i, 0, site, v))
-            rows.append(Row(b_ids[:-1], b_ids[-1:], [Edit(site, np.array([0]), src[-1:, site])], start=start))
-            where.append((i, 1, site, v))
-    targets = _Targets(refs, [w[3] for w in where])
+            for m, (head, tail, pos) in enumerate([(b_ids[:bs], b_ids[bs:], slice(None)),  # suffix
+                                                   (b_ids[:-1], b_ids[-1:], slice(-1, None))]):  # last
+                if own is not None and torch.equal(src[pos, site], own[pos, site]):
+                    # the baseline's own values (site 0 of `suffix`: the same token embeddings): its own run
+                    out_kl[i, m, site], out_lp[i, m, site] = targets.measure(v, refs.logprobs[b])
+                    continue
+                rows.append(Row(head, tail, [Edit(site, np.arange(len(tail)), src[pos, site])], start=start))
+                where.append((i, m, site, v))
     bar = progress(len(rows), "patching", unit="row", enabled=scope.progress, leave=False)
     for j, o in runner.stream(rows, progress=bar):
         i, m, site, v = where[j]

@@ -22,7 +22,9 @@ is the average log-probability the run gives the variant's reply. Per pair:
 Below its site a patched row's reply positions are the baseline's own run (they read the
 unpatched prompt there): the baseline continued with ``y`` runs first with its reply's
 residuals captured, and every patched row then starts at its site with all its tail
-positions replaced (:attr:`Row.start`), which halves the layers run.
+positions replaced (:attr:`Row.start`), which halves the layers run. A row whose patched
+values are the baseline's own (site 0 of ``suffix`` and ``last`` in a model without position
+embeddings) is the baseline continued with ``y`` and scores ``lp_b`` without running.
 
 ``promptshift metrics`` derives ``recovered_cont(site) = sum (lp - lp_b) / sum (lp_v - lp_b)``
 over pairs and the onset (first site recovering half), next to the first-token onset of
@@ -33,8 +35,9 @@ scores ``lp_b`` exactly.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from promptshift.causal.analyses import PATCH_MODES, Refs, Scope
+from promptshift.causal.analyses import PATCH_MODES, Refs, Scope, unpatched
 from promptshift.causal.runner import Edit, Row, Runner
 from promptshift.progress import progress
 
@@ -136,8 +139,17 @@ def continuation(runner: Runner, plan, scope: Scope, refs: Refs, gen_ids: np.nda
         rows, where = [], []
         for i in chunk:
             rs, keys = continuation_rows(plan, refs, L, ys[i], pairs[i], cont_resid[i])
-            rows += [rs[0], *rs[2:]]
-            where += [(i, k) for k in [keys[0], *keys[2:]]]
+            r = pairs[i]
+            own = unpatched(refs, int(r.baseline), int(r.b_suffix_start))
+            src = refs.resid[int(r.variant)][int(r.v_suffix_start) - refs.first[int(r.variant)] :]
+            for row, k in zip([rs[0], *rs[2:]], [keys[0], *keys[2:]]):
+                pos = slice(None) if k[0] == 0 else slice(-1, None)  # the patched positions of the mode
+                if k != ("v",) and own is not None and torch.equal(src[pos, k[1]], own[pos, k[1]]):
+                    lp[i, k[0], k[1]] = lp_b[i]  # the baseline's own values: the baseline continued with y
+                    bar.update(1)
+                    continue
+                rows.append(row)
+                where.append((i, k))
         for j, o in runner.stream(rows, progress=bar):
             record(*where[j], o)
         del cont_resid, rows

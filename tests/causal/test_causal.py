@@ -721,6 +721,34 @@ def test_small_batches_of_several_first_layers_run_together(store, model, monkey
         runner.close()
 
 
+def test_rows_patching_the_baselines_own_values_are_not_run(store, model, monkeypatch):
+    """Site 0 patches the same token embeddings (no position embeddings here): those rows are
+    the baseline's own run and take its reference output; rows whose values differ in one
+    number run."""
+    from promptshift.causal import analyses as an
+
+    users = list(dict.fromkeys(store.plan.pairs.user_id))[:2]
+    runner = Runner(model)
+    ran = []
+    stream = Runner.stream
+    monkeypatch.setattr(Runner, "stream", lambda self, rows, *a, **k: (ran.append(len(rows)), stream(self, rows, *a, **k))[1])
+    try:
+        refs = an.Refs(runner, store.plan, an.Scope(users, progress=False))
+        n = len(refs.pairs)
+        arrays, _ = an.patching(runner, store.plan, an.Scope(users, progress=False), refs)
+        assert ran[-1] == n * 2 * runner.L  # of n * 2 * (L + 1): site 0 of both modes not run
+        kl0, kl_vb = arrays["kl"][0][:, :, 0], arrays["kl_vb"][0]
+        np.testing.assert_array_equal(kl0, np.stack([kl_vb, kl_vb], 1))  # KL(p_v || p_b) exactly
+        for b in set(refs.pairs.baseline.astype(int)):  # one float changed: nothing is taken for granted
+            refs.resid[b] = refs.resid[b].clone()
+            refs.resid[b][:, 0, 0] += 1e-3
+        again, _ = an.patching(runner, store.plan, an.Scope(users, progress=False), refs)
+        assert ran[-1] == n * 2 * (runner.L + 1)
+        np.testing.assert_allclose(again["kl"][0], arrays["kl"][0], atol=1e-4)  # (the rows ran, unperturbed)
+    finally:
+        runner.close()
+
+
 def test_phrase_ablation_and_attribution_against_plain_hf(store, full, tok, model, sweep):
     """One phrase of the two-phrase prompt: KL(p_v || p_without) from a plain HF forward on
     the text with the phrase cut out by hand; token attributions from plain autograd."""
