@@ -61,7 +61,7 @@ def continuation_rows(plan, refs: Refs, L: int, y: np.ndarray, r, cont_resid=Non
     v, b = int(r.variant), int(r.baseline)
     v_ids, b_ids = plan.prompt_tokens(v), plan.prompt_tokens(b)
     cont = np.asarray(y[:-1], dtype=v_ids.dtype)  # the reply fed back in; its last token is only predicted
-    n_al, bs = int(r.suffix_len), int(r.b_suffix_start)
+    bs = int(r.b_suffix_start)
     src = refs.resid[v][int(r.v_suffix_start) - refs.first[v] :]  # (n_al, L+1, H) the variant's residuals
     h = max(1, min(refs.first[v], len(v_ids) - 1))  # the variant's head in its reference run (cached there)
     rows = [Row(v_ids[:h], np.concatenate([v_ids[h:], cont]), targets=y),

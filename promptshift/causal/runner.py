@@ -358,35 +358,37 @@ class Runner:
                 for i in by_head[k]:
                     start = rows[i].start if self.can_skip else 0
                     groups.setdefault((start, b"" if self.mixed_heads else k), []).append(i)
-            small: list[int] = []  # rows of small batches, run together with those of the next first layers
-            last_key = None
-
-            def run(idx):
+            for idx in self._batches(groups, rows):
                 pending.add(idx, self._batch([rows[i] for i in idx], [kv[keys[i]] for i in idx], capture,
                                              min(rows[i].start for i in idx) if self.can_skip else 0))
-
-            for (start, k), group in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
-                if small and k != last_key:
-                    for batch in self._plan([rows[i] for i in small]):
-                        run([small[j] for j in batch])
-                    small = []
-                last_key = k
-                for batch in self._plan([rows[i] for i in group]):
-                    idx = [group[j] for j in batch]
-                    if len(idx) * max(len(rows[i].tail) for i in idx) < _BAND_TOKENS:
-                        small += idx
-                    else:
-                        run(idx)
-                if sum(len(rows[i].tail) for i in small) >= _BAND_TOKENS:
-                    for batch in self._plan([rows[i] for i in small]):
-                        run([small[j] for j in batch])
-                    small = []
                 if pending.full():
                     yield from pending.flush(progress)
-            for batch in self._plan([rows[i] for i in small]) if small else []:
-                run([small[j] for j in batch])
             del kv
         yield from pending.flush(progress)
+
+    def _batches(self, groups: dict[tuple[int, bytes], list[int]], rows: list[Row]) -> Iterator[list[int]]:
+        """The batches (row indices) of ``groups`` (rows by first layer and head key), in
+        order: each group's batches under the budgets (:meth:`_plan`), except that batches
+        of fewer than ``_BAND_TOKENS`` tokens wait and run together with those of the next
+        first layers (same head key) once they are that many."""
+        small: list[int] = []
+        last_key = None
+        for (start, k), group in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
+            if small and k != last_key:
+                yield from ([small[j] for j in b] for b in self._plan([rows[i] for i in small]))
+                small = []
+            last_key = k
+            for batch in self._plan([rows[i] for i in group]):
+                idx = [group[j] for j in batch]
+                if len(idx) * max(len(rows[i].tail) for i in idx) < _BAND_TOKENS:
+                    small += idx
+                else:
+                    yield idx
+            if sum(len(rows[i].tail) for i in small) >= _BAND_TOKENS:
+                yield from ([small[j] for j in b] for b in self._plan([rows[i] for i in small]))
+                small = []
+        if small:
+            yield from ([small[j] for j in b] for b in self._plan([rows[i] for i in small]))
 
     def compute(self, rows: list[Row], capture: bool = False, progress=None) -> list[Out]:
         """Every row's :class:`Out`, in the order of ``rows``."""
