@@ -47,7 +47,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,24 +58,12 @@ MODES = ("promptshift", *PEER_MODES)
 
 
 def _plan(args):
-    from promptshift.models import materialize, resolve_source
-    from promptshift.sweep.config import load_sweep
-    from promptshift.sweep.plan import build_plan, load_plan_inputs
+    """The sweep cut to ``--max-user`` / ``--max-system`` with no continuation (as
+    scripts/bench_extract.py cuts it), its tokenizer, plan and local model directory."""
+    from bench_extract import _sweep
+    from bench_peers import _prepare
 
-    import warnings
-
-    with warnings.catch_warnings():  # declared checks warn about a continuation length nothing here uses
-        warnings.simplefilter("ignore", UserWarning)
-        s = load_sweep(args.sweep, max_new_tokens=0, model=args.model)
-    if args.max_user:
-        s.user_prompts = s.user_prompts[: args.max_user]
-    if args.max_system:
-        s.system_prompts = s.system_prompts[: args.max_system]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        s.__post_init__()
-    tok, dims = load_plan_inputs(s)
-    return s, tok, build_plan(s, tok, dims), materialize(resolve_source(s.model))
+    return _prepare(args, _sweep)
 
 
 def _pairs(plan):
@@ -87,8 +74,6 @@ def _pairs(plan):
 
 def _kl(lp_v, lp):
     """KL(p_v || p) in float64 from float32 log-probabilities (V,)."""
-    import torch
-
     a, b = lp_v.double(), lp.double()
     return float((a.exp() * (a - b)).sum())
 
@@ -119,27 +104,15 @@ def worker_promptshift(args) -> dict:
 def worker_tlens(args) -> dict:
     import pandas as pd
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from bench_peers import load_tlens
 
     s, tok, plan, loc = _plan(args)
     t0 = time.perf_counter()
     try:
         from transformer_lens import patching as tlp
 
-        try:
-            from transformer_lens.model_bridge import TransformerBridge
-
-            hf = AutoModelForCausalLM.from_pretrained(loc, dtype=torch.float32).eval()
-            model = TransformerBridge.boot_transformers(loc, hf_model=hf, tokenizer=tok, dtype=torch.float32)
-            api = "TransformerBridge.boot_transformers(local dir, hf_model=...)"
-        except ImportError:  # TransformerLens < 4
-            from transformer_lens import HookedTransformer
-
-            hf = AutoModelForCausalLM.from_pretrained(loc, dtype=torch.float32).eval()
-            model = HookedTransformer.from_pretrained_no_processing(
-                "HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=hf, tokenizer=tok, dtype=torch.float32)
-            api = "HookedTransformer.from_pretrained_no_processing(hf_model=...)"
-        model.eval()
+        hf, model, api = load_tlens(loc, tok)
     except Exception as e:  # noqa: BLE001 -- reported in the table instead of failing the run
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return {"unavailable": msg[:300]}

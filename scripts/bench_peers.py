@@ -209,35 +209,40 @@ def worker_nnsight(args, sweep_fn) -> dict:
     return _result(plan, el, load_s, out, {"versions": versions("nnsight"), "attention": "eager"})
 
 
-def worker_tlens(args, sweep_fn) -> dict:
-    """TransformerLens (4.x: TransformerBridge; HookedTransformer was removed in 4.0), booted
-    on the local HF model (no hub), raw HF weights (no LayerNorm folding or centring, so
-    activations equal the others'), ``run_with_cache`` with a names filter."""
+def load_tlens(loc, tok, **hf_kwargs):
+    """TransformerLens on the local HF model ``loc`` (no hub), raw HF weights (no LayerNorm
+    folding or centring, so activations equal the others'): TransformerBridge (4.x, where
+    HookedTransformer was removed) or, before it, HookedTransformer without processing.
+    ``hf_kwargs`` go to the HF model's ``from_pretrained`` (e.g. ``attn_implementation``).
+    Returns (hf model, TransformerLens model, the API used, for the table); raises what
+    TransformerLens raises (the callers report it as unavailable)."""
     from transformers import AutoModelForCausalLM
 
+    hf = AutoModelForCausalLM.from_pretrained(loc, dtype=torch.float32, **hf_kwargs).eval()
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # TransformerLens < 4
+        from transformer_lens import HookedTransformer
+
+        model = HookedTransformer.from_pretrained_no_processing(
+            "HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=hf, tokenizer=tok, dtype=torch.float32)
+        api = "HookedTransformer.from_pretrained_no_processing(hf_model=...)"
+    else:
+        model = TransformerBridge.boot_transformers(loc, hf_model=hf, tokenizer=tok, dtype=torch.float32)
+        api = "TransformerBridge.boot_transformers(local dir, hf_model=...)"
+    return hf, model.eval(), api
+
+
+def worker_tlens(args, sweep_fn) -> dict:
+    """TransformerLens (:func:`load_tlens`, eager attention for the probabilities),
+    ``run_with_cache`` with a names filter."""
     s, tok, plan, loc = _prepare(args, sweep_fn)
     t0 = time.perf_counter()
     try:
-        import transformer_lens as tl
-
-        try:
-            from transformer_lens.model_bridge import TransformerBridge
-
-            hf = AutoModelForCausalLM.from_pretrained(loc, dtype=torch.float32, attn_implementation="eager").eval()
-            model = TransformerBridge.boot_transformers(loc, hf_model=hf, tokenizer=tok, dtype=torch.float32)
-            api = "TransformerBridge.boot_transformers(local dir, hf_model=...)"
-        except ImportError:  # TransformerLens < 3
-            from transformer_lens import HookedTransformer
-
-            hf = AutoModelForCausalLM.from_pretrained(loc, dtype=torch.float32).eval()
-            model = HookedTransformer.from_pretrained_no_processing(
-                "HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=hf, tokenizer=tok, dtype=torch.float32)
-            api = "HookedTransformer.from_pretrained_no_processing(hf_model=...)"
-        model.eval()
+        hf, model, api = load_tlens(loc, tok, attn_implementation="eager")
     except Exception as e:  # noqa: BLE001 -- reported in the table instead of failing the run
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return {"unavailable": msg[:300], "versions": versions("transformer-lens")}
-    del tl
     L, NH = hf.config.num_hidden_layers, hf.config.num_attention_heads
     names = {f"blocks.{i}.{h}" for i in range(L)
              for h in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post", "attn.hook_pattern")}
