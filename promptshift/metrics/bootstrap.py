@@ -67,7 +67,13 @@ Seed = int | Sequence[int]
 
 def user_weights(n_units: int, n_boot: int, seed: Seed) -> np.ndarray:
     """(n_boot, n_units) multiplicities of each unit in each resample: a plain bootstrap over
-    units (user prompts, conversations), drawn from ``numpy.random.default_rng(seed)``."""
+    units (user prompts, conversations), drawn from ``numpy.random.default_rng(seed)``.
+
+    One unit has no variation to resample: its weights are NaN, so every statistic of the
+    resamples, its interval and its p-value are undefined (NaN) rather than an interval of
+    zero width (a crossed statistic too: it is to speak for other units of both kinds)."""
+    if n_units == 1:
+        return np.full((n_boot, 1), np.nan)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_units, size=(n_boot, n_units))  # (B, U)
     w = np.zeros((n_boot, n_units))

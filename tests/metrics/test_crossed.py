@@ -11,7 +11,8 @@ import pytest
 
 from promptshift.metrics import analyses as an
 from promptshift.metrics.bootstrap import (
-    across_corr, boot_p, crossed_mean, crossed_mean_long, crossed_weights, group_diff, percentile_ci, split_users,
+    across_corr, boot_p, crossed_mean, crossed_mean_long, crossed_weights, group_diff, mean_ci, percentile_ci,
+    split_users, user_weights,
 )
 from promptshift.report.findings import findings
 
@@ -305,3 +306,23 @@ def test_null_length_claims_stay_rare_under_the_crossed_bootstrap():
     # binomial(150, 0.05) has sd 0.018: 0.12 is ~4 sd above the nominal rate
     assert crossed / n_sim <= 0.12
     assert users_only / n_sim >= 0.4
+
+
+def test_one_unit_gives_no_interval_not_a_zero_width_one():
+    """A bootstrap over a single user prompt (or conversation) has nothing to resample: every
+    resampled statistic, its interval and its p-value are NaN; with two units they are not."""
+    w1 = user_weights(1, 200, 0)
+    assert w1.shape == (200, 1) and np.isnan(w1).all()
+    sums, counts = np.array([[3.0]]), np.array([[2.0]])  # one system prompt's sums (M=1, U=1)
+    mean, boot = mean_ci(sums, counts, w1)
+    assert np.allclose(mean, 1.5)  # the point estimate stands
+    lo, hi = percentile_ci(boot)
+    assert np.isnan(lo).all() and np.isnan(hi).all() and np.isnan(boot_p(boot)).all()
+    # crossed: many system prompts but one user prompt cannot speak for other user prompts
+    ws, wu = crossed_weights(5, 1, 200, 0)
+    _, cboot = crossed_mean(np.arange(5.0).reshape(1, 5, 1), np.ones((1, 5, 1)), ws, wu)
+    assert np.isnan(cboot).all()
+    w2 = user_weights(2, 200, 0)
+    mean2, boot2 = mean_ci(np.array([[3.0, 1.0]]), np.array([[2.0, 1.0]]), w2)
+    lo2, hi2 = percentile_ci(boot2)
+    assert np.isfinite(boot2).all() and (hi2 > lo2).all()
