@@ -171,6 +171,7 @@ class _Targets:
 
 # --- 1. activation patching ------------------------------------------------------------------
 PATCH_MODES = ("suffix", "last")
+PATCHED = (slice(None), slice(-1, None))  # per mode: the aligned suffix positions it patches
 
 
 def patching(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
@@ -201,8 +202,8 @@ def patching(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
         for site in range(L + 1):
             # every tail position is replaced at `site`: the layers below it need not run
             start = min(site, L - 1)
-            for m, (head, tail, pos) in enumerate([(b_ids[:bs], b_ids[bs:], slice(None)),  # suffix
-                                                   (b_ids[:-1], b_ids[-1:], slice(-1, None))]):  # last
+            for m, (head, tail) in enumerate([(b_ids[:bs], b_ids[bs:]), (b_ids[:-1], b_ids[-1:])]):  # suffix, last
+                pos = PATCHED[m]
                 if own is not None and torch.equal(src[pos, site], own[pos, site]):
                     # the baseline's own values (site 0 of `suffix`: the same token embeddings): its own run
                     out_kl[i, m, site], out_lp[i, m, site] = targets.measure(v, refs.logprobs[b])
@@ -500,5 +501,5 @@ def steering(runner: Runner, plan, scope: Scope, refs: Refs | None = None):
                               "last position, added at the last position"}
 
 
-__all__ = ["CausalError", "PATCH_MODES", "Refs", "Scope", "knockout", "patching", "phrases", "steering",
-           "token_attribution"]
+__all__ = ["CausalError", "PATCHED", "PATCH_MODES", "Refs", "Scope", "knockout", "patching", "phrases", "steering",
+           "token_attribution", "unpatched"]

@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from promptshift.causal.analyses import PATCH_MODES, Refs, Scope, unpatched
+from promptshift.causal.analyses import PATCH_MODES, PATCHED, Refs, Scope, unpatched
 from promptshift.causal.runner import Edit, Row, Runner
 from promptshift.progress import progress
 
@@ -69,8 +69,8 @@ def continuation_rows(plan, refs: Refs, L: int, y: np.ndarray, r, cont_resid=Non
                 capture=len(b_ids) - bs + np.arange(len(cont)))]
     keys: list[tuple] = [("v",), ("b",)]
     for site in range(L + 1):
-        for m, (head, tail, patched) in enumerate([(b_ids[:bs], b_ids[bs:], src[:, site]),  # suffix
-                                                   (b_ids[:-1], b_ids[-1:], src[-1:, site])]):  # last
+        for m, (head, tail, patched) in enumerate([(b_ids[:bs], b_ids[bs:], src[PATCHED[0], site]),  # suffix
+                                                   (b_ids[:-1], b_ids[-1:], src[PATCHED[1], site])]):  # last
             n = len(tail)
             edits = [Edit(site, np.arange(n), patched)]
             start = 0
@@ -143,8 +143,7 @@ def continuation(runner: Runner, plan, scope: Scope, refs: Refs, gen_ids: np.nda
             own = unpatched(refs, int(r.baseline), int(r.b_suffix_start))
             src = refs.resid[int(r.variant)][int(r.v_suffix_start) - refs.first[int(r.variant)] :]
             for row, k in zip([rs[0], *rs[2:]], [keys[0], *keys[2:]]):
-                pos = slice(None) if k[0] == 0 else slice(-1, None)  # the patched positions of the mode
-                if k != ("v",) and own is not None and torch.equal(src[pos, k[1]], own[pos, k[1]]):
+                if k != ("v",) and own is not None and torch.equal(src[PATCHED[k[0]], k[1]], own[PATCHED[k[0]], k[1]]):
                     lp[i, k[0], k[1]] = lp_b[i]  # the baseline's own values: the baseline continued with y
                     bar.update(1)
                     continue

@@ -324,7 +324,7 @@ class Plan:
                else "")
             + f" x {len(self.sweep.user_prompts)} user prompts = {len(self.pairs)} pairs (+{len(self.controls)} "
             "control pairs)",
-            *([f"same instruction in both places: "
+            *(["same instruction in both places: "
                + ", ".join(f"{a} (system) / {b} (prefix)" for a, b in self.sweep.placements())]
               if self.sweep.placements() else []),
             f"baseline: {self.meta['baseline']}"

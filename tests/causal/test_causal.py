@@ -430,7 +430,7 @@ def test_continuation_against_a_plain_hf_loop(store, cont_refs):
     suffix patching at site 0 swaps identical embeddings (the baseline again)."""
     plan = store.plan
     ct, meta = store.read_causal("continuation")
-    gid, glen = store.array("gen_ids")[...], store.array("gen_len")[...]
+    glen = store.array("gen_len")[...]
     assert np.array_equal(ct["pair"], plan.pairs["pair"].to_numpy())
     for i, r in plan.pairs.iterrows():
         assert ct["n_tokens"][i] == min(int(glen[int(r.variant)]), meta["max_tokens"]) > 0
@@ -747,6 +747,57 @@ def test_rows_patching_the_baselines_own_values_are_not_run(store, model, monkey
         np.testing.assert_allclose(again["kl"][0], arrays["kl"][0], atol=1e-4)  # (the rows ran, unperturbed)
     finally:
         runner.close()
+
+
+def test_site_zero_rows_run_where_position_embeddings_differ(tok, tmp_path, monkeypatch):
+    """The same shortcut, a model with absolute position embeddings (GPT-2): the variant's
+    layer-0 input at the aligned suffix is not the baseline's (other positions), so site 0
+    rows run, and their output equals a plain Hugging Face forward of the baseline with
+    that input patched in (not the baseline's own output)."""
+    from promptshift.causal import analyses as an
+    from tests.extract.test_architectures import _build
+
+    model = _build("gpt2", len(tok), 256)
+    sw = load_sweep(write_sweep(tmp_path / "g.yaml", max_new_tokens=0, storage_dtype="float32"))
+    st = fill_shard(sw, ExtractConfig(store=None, progress=False), model=model, tok=tok)
+    users = list(dict.fromkeys(st.plan.pairs.user_id))[:1]
+    runner = Runner(model)
+    ran = []
+    stream = Runner.stream
+    monkeypatch.setattr(Runner, "stream", lambda self, rows, *a, **k: (ran.append(len(rows)), stream(self, rows, *a, **k))[1])
+    try:
+        scope = an.Scope(users, progress=False)
+        refs = an.Refs(runner, st.plan, scope)
+        arrays, _ = an.patching(runner, st.plan, scope, refs)
+        assert ran[-1] == len(refs.pairs) * 2 * (runner.L + 1)  # every row ran
+    finally:
+        runner.close()
+    kl_all, kl_vb = arrays["kl"][0], arrays["kl_vb"][0]
+    for i, r in enumerate(refs.pairs.itertuples()):
+        v_ids, b_ids = st.plan.prompt_tokens(int(r.variant)), st.plan.prompt_tokens(int(r.baseline))
+        vs, bs = int(r.v_suffix_start), int(r.b_suffix_start)
+        with torch.no_grad():
+            v_out = model(torch.as_tensor(v_ids)[None], output_hidden_states=True)
+            emb = v_out.hidden_states[0][0, vs:]  # (n_al, H): token + position embeddings of the variant
+
+            def patch(mod, args, kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                h = torch.cat([h[:, :bs], emb[None]], dim=1)
+                return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+            hook = model.transformer.h[0].register_forward_pre_hook(patch, with_kwargs=True)
+            try:
+                ref_logits = model(torch.as_tensor(b_ids)[None]).logits[0, -1].float()
+            finally:
+                hook.remove()
+        p_v = torch.log_softmax(v_out.logits[0, -1].float(), -1)
+        ref = torch.log_softmax(ref_logits, -1)
+        want = float(kl(p_v, ref))
+        assert abs(want - float(kl_vb[i])) > 1e-3  # the patched run is not the baseline's
+        # |KL(a || b) - KL(a' || b')| <= max |a - a'| + max |b - b'|: one log-probability bound per run
+        bound = sum(logprob_bound(model.config, n, float(z.abs().max()), float(lp.abs().max()), len(lp))
+                    for n, z, lp in ((len(v_ids), v_out.logits[0, -1], p_v), (len(b_ids), ref_logits, ref)))
+        assert_below(abs(float(kl_all[i, 0, 0]) - want), bound, f"pair {i}: site 0 of suffix patching")
 
 
 def test_phrase_ablation_and_attribution_against_plain_hf(store, full, tok, model, sweep):
