@@ -721,6 +721,19 @@ def test_small_batches_of_several_first_layers_run_together(store, model, monkey
         runner.close()
 
 
+def _rows_run(monkeypatch) -> list[int]:
+    """The number of rows of each ``Runner.stream`` call from now on (appended as they come)."""
+    ran: list[int] = []
+    stream = Runner.stream
+
+    def counting(self, rows, *args, **kwargs):
+        ran.append(len(rows))
+        return stream(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "stream", counting)
+    return ran
+
+
 def test_rows_patching_the_baselines_own_values_are_not_run(store, model, monkeypatch):
     """Site 0 patches the same token embeddings (no position embeddings here): those rows are
     the baseline's own run and take its reference output; rows whose values differ in one
@@ -729,9 +742,7 @@ def test_rows_patching_the_baselines_own_values_are_not_run(store, model, monkey
 
     users = list(dict.fromkeys(store.plan.pairs.user_id))[:2]
     runner = Runner(model)
-    ran = []
-    stream = Runner.stream
-    monkeypatch.setattr(Runner, "stream", lambda self, rows, *a, **k: (ran.append(len(rows)), stream(self, rows, *a, **k))[1])
+    ran = _rows_run(monkeypatch)
     try:
         refs = an.Refs(runner, store.plan, an.Scope(users, progress=False))
         n = len(refs.pairs)
@@ -762,9 +773,7 @@ def test_site_zero_rows_run_where_position_embeddings_differ(tok, tmp_path, monk
     st = fill_shard(sw, ExtractConfig(store=None, progress=False), model=model, tok=tok)
     users = list(dict.fromkeys(st.plan.pairs.user_id))[:1]
     runner = Runner(model)
-    ran = []
-    stream = Runner.stream
-    monkeypatch.setattr(Runner, "stream", lambda self, rows, *a, **k: (ran.append(len(rows)), stream(self, rows, *a, **k))[1])
+    ran = _rows_run(monkeypatch)
     try:
         scope = an.Scope(users, progress=False)
         refs = an.Refs(runner, st.plan, scope)
