@@ -371,24 +371,25 @@ class Runner:
         order: each group's batches under the budgets (:meth:`_plan`), except that batches
         of fewer than ``_BAND_TOKENS`` tokens wait and run together with those of the next
         first layers (same head key) once they are that many."""
+        def planned(idx: list[int]) -> Iterator[list[int]]:
+            return ([idx[j] for j in b] for b in self._plan([rows[i] for i in idx]))
+
         small: list[int] = []
         last_key = None
         for (start, k), group in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
             if small and k != last_key:
-                yield from ([small[j] for j in b] for b in self._plan([rows[i] for i in small]))
+                yield from planned(small)
                 small = []
             last_key = k
-            for batch in self._plan([rows[i] for i in group]):
-                idx = [group[j] for j in batch]
+            for idx in planned(group):
                 if len(idx) * max(len(rows[i].tail) for i in idx) < _BAND_TOKENS:
                     small += idx
                 else:
                     yield idx
             if sum(len(rows[i].tail) for i in small) >= _BAND_TOKENS:
-                yield from ([small[j] for j in b] for b in self._plan([rows[i] for i in small]))
+                yield from planned(small)
                 small = []
-        if small:
-            yield from ([small[j] for j in b] for b in self._plan([rows[i] for i in small]))
+        yield from planned(small) if small else ()
 
     def compute(self, rows: list[Row], capture: bool = False, progress=None) -> list[Out]:
         """Every row's :class:`Out`, in the order of ``rows``."""
