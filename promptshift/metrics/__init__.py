@@ -40,7 +40,15 @@ import pandas as pd
 from promptshift.errors import MetricsError
 from promptshift.jsonsafe import dumps as _json_dumps
 from promptshift.metrics import analyses as an
-from promptshift.metrics.attention import PairAttnTask, PromptBlock, attention_change_task, attention_task
+from promptshift.metrics import parts as pt
+from promptshift.metrics.attention import (
+    ATTENTION_TABLES,
+    PairAttnTask,
+    PromptBlock,
+    attention_change_task,
+    attention_part,
+    attention_shares,
+)
 from promptshift.metrics.behaviour import BEHAVIOUR_OUTPUTS, behaviour_summary, behaviour_tables
 from promptshift.metrics.causal import causal_tables
 from promptshift.metrics.components import component_task, plan_tasks, sweep_means
@@ -200,17 +208,6 @@ def _with_pairs(df: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _with_prompts(df: pd.DataFrame, plan) -> pd.DataFrame:
-    if df.empty:
-        return df
-    pr = plan.prompts
-    p = df["prompt"].to_numpy()
-    out = df.copy()
-    for i, c in enumerate(("kind", "system", "user_id")):
-        out.insert(1 + i, "role" if c == "kind" else c, pr[c].to_numpy()[p])
-    return out
-
-
 def _systems(plan) -> pd.DataFrame:
     """One row per system prompt compared: length in tokens and words, declared tags, the
     keyword features of its text (``kw_*``, :mod:`promptshift.metrics.features`), and the
@@ -272,8 +269,11 @@ def _pair_blocks(plan) -> list[pd.DataFrame]:
     return [pairs[blk == b] for b in np.unique(blk)]
 
 
-def _tasks(plan, ref: StoreRef, mu: dict[str, np.ndarray], recent_k: int) -> dict[str, list[tuple]]:
+def _tasks(plan, ref: StoreRef, mu: dict[str, np.ndarray], recent_k: int, parts: str) -> dict[str, list[tuple]]:
+    """Every task of the run by kind, each a (function, *args) call; the attention tasks
+    write their tables as parts under ``parts``."""
     pr = plan.prompts
+    kind, system, user = (pr[c].to_numpy() for c in ("kind", "system", "user_id"))
     comps = list(plan.sweep.components)
     off = pr["token_offset"].to_numpy(np.int64)
     ntok = pr["n_tokens"].to_numpy(np.int64)
@@ -285,8 +285,9 @@ def _tasks(plan, ref: StoreRef, mu: dict[str, np.ndarray], recent_k: int) -> dic
         p0, p1 = int(b.prompt_start), int(b.prompt_end)
         if p1 > p0:
             ps = np.arange(p0, p1)
-            attn_calls.append((attention_task, ref, PromptBlock(p0, p1, kst[ps], ntok[ps], [regions(p) for p in ps],
-                                                                  recent_k)))
+            blk = PromptBlock(p0, p1, kst[ps], ntok[ps], [regions(p) for p in ps], recent_k,
+                              role=kind[p0:p1], system=system[p0:p1], user_id=user[p0:p1])
+            attn_calls.append((attention_part, ref, blk, parts, len(attn_calls)))
     pair_calls, out_calls = [], []
     has_gen = plan.sweep.max_new_tokens > 0
     for g in _pair_blocks(plan):
@@ -304,10 +305,14 @@ def _tasks(plan, ref: StoreRef, mu: dict[str, np.ndarray], recent_k: int) -> dic
 
 def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: int | None = None,
             n_boot: int = 1000, seed: int = 0, progress: bool = True, recent_k: int = 5,
-            sweep=None) -> dict[str, pd.DataFrame]:
+            sweep=None) -> pt.ResultTables:
     """Compute every table of docs/RESULTS.md from a complete store; write them to ``out_dir``
     (default: ``<store>_results`` beside a store on disk; nothing is written for an
-    in-memory store unless ``out_dir`` is given) and return them.
+    in-memory store unless ``out_dir`` is given) and return them, by name.
+
+    The per-prompt attention tables are written by the tasks themselves and streamed into
+    their files (:mod:`promptshift.metrics.parts`); the returned mapping reads them from
+    there when first asked for, so the driver's memory does not grow with them.
 
     ``sweep`` (a SweepConfig or anything ``load_sweep`` takes): judge replies with its
     declared checks, matchers and behaviour settings instead of the ones stored with the
@@ -325,13 +330,26 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         _begin(out)
+        parts = pt.new_parts_dir(out)
+    else:  # an in-memory store without an output directory: the parts go to a temporary one
+        import tempfile
+
+        parts = Path(tempfile.mkdtemp(prefix="promptshift-parts-"))
+    try:
+        return _compute(store, plan, judging, cfg, out, parts)
+    finally:
+        pt.remove(parts)
+
+
+def _compute(store: Store, plan, judging, cfg: MetricsConfig, out: Path | None, parts: Path) -> pt.ResultTables:
+    n_boot, seed, recent_k, progress = cfg.n_boot, cfg.seed, cfg.recent_k, cfg.progress
     ref = StoreRef.of(store)
     comps = list(plan.sweep.components)
     runner = _Runner(cfg, ref)
     try:
         valid = np.asarray(store.array("token_prompt")[...]) >= 0  # (T,) kept rows that belong to a prompt
         mu = sweep_means(ref, comps, valid, runner.compute)
-        calls = _tasks(plan, ref, mu, recent_k)
+        calls = _tasks(plan, ref, mu, recent_k, str(parts))
         # one submission for every task: workers never idle between kinds of tasks
         flat = [c for kind in calls.values() for c in kind]
         res = runner.map(flat, "tasks")
@@ -348,9 +366,6 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
     cc = _component_order(_concat([r[0] for r in comp_res]), comps)
     tables["component_change"] = _with_pairs(cc, meta)
     pos_sums = _concat([r[1] for r in comp_res])
-    tables["attention_regions"] = _with_prompts(_concat([r[0] for r in attn_res]), plan)
-    tables["attention_heads"] = _with_prompts(_concat([r[1] for r in attn_res]), plan)
-    tables["attention_layers"] = _with_prompts(_concat([r[2] for r in attn_res]), plan)
     tables["attention_change"] = _with_pairs(
         _concat(ach_res).sort_values(["pair", "layer"], kind="stable").reset_index(drop=True)
         if any(len(r) for r in ach_res) else pd.DataFrame(), meta)
@@ -382,7 +397,12 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
     if len(pairs) > len(sys_pairs):
         tables.update(_placement_tables(tables, pairs, plan.sweep, ctx))
     model = store.provenance.get("model_id") or plan.sweep.model or "embedded"
-    summ = an.summary({**tables, **sys_tables}, ctx, len(plan.controls), model)
+    # the attention summary over the system-prompt pairs' variants (every variant without prefixes)
+    variants = plan.prompts.index[plan.prompts["kind"].to_numpy() == "variant"].to_numpy()
+    if len(sys_pairs) < len(pairs):
+        variants = np.intersect1d(variants, sys_pairs["variant"].to_numpy())
+    summ = an.summary({**tables, **sys_tables}, ctx, len(plan.controls), model,
+                      attention_shares(attn_res, variants))
     causal, summ["causal"] = causal_tables(store, sys_pairs, n_boot, seed)
     if len(sys_pairs) < len(pairs) and "placement_compare" in tables:
         from promptshift.metrics import placement as pl
@@ -408,6 +428,7 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
     summ["behaviour"] = behaviour_summary(tables, lambda o: an.held_out_strongest(
         tables["internal_vs_behaviour"][tables["internal_vs_behaviour"]["output"] == o], cct, pb_sys, ctx))
 
+    prov = None
     if out is not None:
         # the store's provenance as is (model, sweep, versions, ...), plus the plan and this run
         prov = {
@@ -420,28 +441,28 @@ def compute(store_path, out_dir=None, *, scheduler: str | None = None, workers: 
                         "impact_component": ctx.impact_component, "recent_k": recent_k,
                         "versions": _versions()},
         }
-        _finish(out, tables, summ, prov)
-        if progress:
-            print(f"metrics: wrote {len(tables)} tables, {SUMMARY} and {PROVENANCE} to {out}", file=sys.stderr)
-    return tables
+    order = ["component_change", *ATTENTION_TABLES, *tables]
+    if out is None:  # nothing to keep: the part tables are combined beside their parts and read back
+        files = _combine_parts(parts, parts, csv=False)
+        return pt.ResultTables(tables, files, order).load()
+    files = _finish(out, tables, summ, prov, parts)
+    if progress:
+        print(f"metrics: wrote {len(tables) + len(files)} tables, {SUMMARY} and {PROVENANCE} to {out}",
+              file=sys.stderr)
+    return pt.ResultTables(tables, files, order)
 
 
 def _system_only(tables: dict[str, pd.DataFrame], sys_pairs: pd.DataFrame, plan) -> dict[str, pd.DataFrame]:
-    """The per-pair and per-prompt tables restricted to system-prompt pairs (and controls,
-    baselines): the same tables when the sweep has no instruction prefixes."""
+    """The per-pair tables restricted to system-prompt pairs (and controls): the same tables
+    when the sweep has no instruction prefixes."""
+    names = ("component_change", "attention_change", "output_change", "lens_change")
     if len(sys_pairs) == len(plan.pairs):
-        return {k: tables[k] for k in ("component_change", "attention_change", "output_change", "lens_change",
-                                       "attention_regions", "attention_layers")}
+        return {k: tables[k] for k in names}
     keep = set(sys_pairs["pair"].tolist())
-    prompts = set(sys_pairs["variant"].tolist()) | set(sys_pairs["baseline"].tolist()) | \
-        set(plan.prompts.index[plan.prompts["kind"] == "baseline"].tolist())
     out = {}
-    for k in ("component_change", "attention_change", "output_change", "lens_change"):
+    for k in names:
         t = tables[k]
         out[k] = t[t["pair"].isin(keep) | (t["pair"] < 0)] if len(t) else t
-    for k in ("attention_regions", "attention_layers"):
-        t = tables[k]
-        out[k] = t[t["prompt"].isin(prompts)] if len(t) else t
     return out
 
 
@@ -511,8 +532,11 @@ def _begin(out: Path) -> None:
     for name in CAUSAL_TABLES + PLACEMENT_TABLES:  # a store without them must not show a past run's
         for ext in ("parquet", "csv"):
             (out / f"{name}.{ext}").unlink(missing_ok=True)
-    for f in out.glob(".*.tmp-*"):
-        f.unlink(missing_ok=True)
+    for f in out.glob(".*.tmp-*"):  # files, and the part directories of an interrupted run
+        if f.is_dir():
+            pt.remove(f)
+        else:
+            f.unlink(missing_ok=True)
 
 
 def _atomic(path: Path, write) -> None:
@@ -524,12 +548,42 @@ def _atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _finish(out: Path, tables: dict[str, pd.DataFrame], summ: dict, prov: dict) -> None:
+def _finish(out: Path, tables: dict[str, pd.DataFrame], summ: dict, prov: dict, parts: Path) -> dict[str, Path]:
+    """Write every table (those in memory, and those the tasks wrote as parts), then the
+    provenance and, last, the summary. -> the Parquet file of each part table."""
     for name, df in tables.items():
-        _atomic(out / f"{name}.parquet", lambda p, df=df: df.to_parquet(p, index=False))
-        _atomic(out / f"{name}.csv", lambda p, df=df: _write_csv(df, p))
+        _write_table(out, name, df)
+    files = _combine_parts(parts, out, csv=True)
     _atomic(out / PROVENANCE, lambda p: p.write_text(_json_dumps(prov)))
     _atomic(out / SUMMARY, lambda p: p.write_text(_json_dumps(summ)))  # last: marks the run complete
+    return files
+
+
+def _write_table(out: Path, name: str, df: pd.DataFrame, csv: bool = True) -> None:
+    _atomic(out / f"{name}.parquet", lambda p: df.to_parquet(p, index=False))
+    if csv:
+        _atomic(out / f"{name}.csv", lambda p: _write_csv(df, p))
+
+
+def _combine_parts(parts: Path, out: Path, csv: bool) -> dict[str, Path]:
+    """Each table the tasks wrote as parts, streamed into ``out`` (an empty table when no
+    task had rows). -> its Parquet file by name."""
+    files = {}
+    for name in ATTENTION_TABLES:
+        if pt.part_files(parts, name):
+            def both(p, name=name):  # the CSV is written beside the Parquet file, then both renamed
+                tmp_csv = out / f".{name}.csv.tmp-{os.getpid()}"
+                try:
+                    pt.combine(parts, name, p, tmp_csv if csv else None)
+                    if csv:
+                        os.replace(tmp_csv, out / f"{name}.csv")
+                finally:
+                    tmp_csv.unlink(missing_ok=True)
+            _atomic(out / f"{name}.parquet", both)
+        else:
+            _write_table(out, name, pd.DataFrame(), csv)
+        files[name] = out / f"{name}.parquet"
+    return files
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:

@@ -480,7 +480,11 @@ def tags_summary(ti: pd.DataFrame, target: str = "impact") -> dict:
             "items": items}
 
 
-def summary(tables: dict[str, pd.DataFrame], ctx: Context, n_controls: int, model: str) -> dict:
+def summary(tables: dict[str, pd.DataFrame], ctx: Context, n_controls: int, model: str,
+            attention_shares: dict[str, float | None]) -> dict:
+    """``summary.json`` (docs/RESULTS.md) from the per-pair and analysis tables;
+    ``attention_shares`` is :func:`promptshift.metrics.attention.attention_shares` over the
+    variants of the system-prompt pairs."""
     cc = tables["component_change"]
     lr = tables["layer_ranking"]
     most, floor = {}, {}
@@ -513,13 +517,6 @@ def summary(tables: dict[str, pd.DataFrame], ctx: Context, n_controls: int, mode
                                     f"does not exceed the control floor {c:.4g}; the system prompts change the "
                                     "last-token residual stream less than swapping the user prompt does"))
     imp = pair_impact(cc, tables["output_change"], ctx, tables.get("attention_change"))
-    ar = tables["attention_regions"]
-    sel = ar[(ar["role"] == "variant") & (ar["scope"] == "last")]
-    shares = {reg: number(sel.loc[sel["region"] == reg, "mass"].mean()) for reg in
-              ("sink", "system", "user", "gen_prompt", "template")}
-    al = tables["attention_layers"]
-    if "recent_mass" in al.columns:
-        shares["recent"] = number(al.loc[al["role"] == "variant", "recent_mass"].mean())
     io = tables["internal_vs_output"]
     strongest = held_out_strongest(io, cc, imp, ctx) if len(io) else None
     oc = tables["output_change"]
@@ -542,7 +539,7 @@ def summary(tables: dict[str, pd.DataFrame], ctx: Context, n_controls: int, mode
         "effects_note": note,
         "length": length_summary(tables["length_tests"]),
         "tags": tags_summary(tables["tag_impact"]),
-        "attention_shares": shares,
+        "attention_shares": attention_shares,
         "strongest_internal_output": strongest,
         "output": {
             "mean_kl": number(oc["kl"].mean()) if len(oc) else None,

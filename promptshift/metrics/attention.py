@@ -34,6 +34,9 @@ class PromptBlock:
     n_tokens: np.ndarray  # (n,)
     regions: list[np.ndarray]  # n arrays (n_tokens_i,) of region codes
     recent_k: int = 5  # "recent tokens": the last k keys of the last query's row
+    role: np.ndarray | None = None  # (n,) "variant" / "baseline": the columns each table row names its prompt by
+    system: np.ndarray | None = None  # (n,)
+    user_id: np.ndarray | None = None  # (n,)
 
 
 def _onehot(reg: np.ndarray, n_regions: int = R) -> np.ndarray:
@@ -135,6 +138,64 @@ def attention_task(ref: StoreRef, blk: PromptBlock):
     return regions, heads, layers
 
 
+ATTENTION_TABLES = ("attention_regions", "attention_heads", "attention_layers")
+
+
+@dataclass
+class PromptShares:
+    """What the summary needs of the attention tables, per prompt of one block: the sums
+    and counts (over layers, NaN left out) of the head-averaged mass of the last query on
+    each region, and of the mass on the last ``recent_k`` keys."""
+
+    prompts: np.ndarray  # (n,) prompt ids
+    mass_sum: np.ndarray  # (n, R) sum over layers of attention_regions.mass, scope last
+    mass_n: np.ndarray  # (n, R) layers with a finite mass
+    recent_sum: np.ndarray  # (n,) sum over layers of attention_layers.recent_mass
+    recent_n: np.ndarray  # (n,)
+
+
+def attention_part(ref: StoreRef, blk: PromptBlock, parts: str, index: int) -> PromptShares:
+    """:func:`attention_task` for one block, its three tables (with the prompts' ``role``,
+    ``system`` and ``user_id`` after ``prompt``) written as part ``index`` of each table
+    under ``parts`` (:mod:`promptshift.metrics.parts`); returns only what the summary needs."""
+    from promptshift.metrics.parts import write_part
+
+    regions, heads, layers = attention_task(ref, blk)
+    for name, df in zip(ATTENTION_TABLES, (regions, heads, layers)):
+        j = df["prompt"].to_numpy() - blk.p0
+        for i, (col, v) in enumerate((("role", blk.role), ("system", blk.system), ("user_id", blk.user_id))):
+            df.insert(1 + i, col, np.asarray(v, dtype=object)[j])
+        write_part(parts, name, index, df)
+    n, nr = blk.p1 - blk.p0, len(regions["region"].unique()) if len(regions) else 0
+    last = regions[regions["scope"] == "last"]
+    m = last["mass"].to_numpy().reshape(n, -1, nr) if n and nr else np.zeros((n, 0, 0))  # (n, L, R)
+    rec = layers["recent_mass"].to_numpy().reshape(n, -1)  # (n, L)
+    return PromptShares(prompts=np.arange(blk.p0, blk.p1), mass_sum=np.nansum(m, 1), mass_n=np.isfinite(m).sum(1),
+                        recent_sum=np.nansum(rec, 1), recent_n=np.isfinite(rec).sum(1))
+
+
+def attention_shares(shares: list[PromptShares], prompts: np.ndarray) -> dict[str, float | None]:
+    """The summary's ``attention_shares``: per region (sink, system, user, gen_prompt,
+    template), the mean over the given prompts and their layers of the last query's
+    head-averaged attention mass, and ``recent``, the mean mass on the last keys."""
+    from promptshift.jsonsafe import number
+
+    keep = [np.isin(s.prompts, prompts) for s in shares]
+    out = {}
+    if shares and shares[0].mass_sum.shape[1]:
+        tot = sum(s.mass_sum[k].sum(0) for s, k in zip(shares, keep))
+        cnt = sum(s.mass_n[k].sum(0) for s, k in zip(shares, keep))
+    else:
+        tot = cnt = np.zeros(len(REGIONS))
+    for reg in ("sink", "system", "user", "gen_prompt", "template"):
+        r = REGION_CODE[reg]
+        out[reg] = number(tot[r] / cnt[r]) if r < len(cnt) and cnt[r] else None
+    rs = sum(float(s.recent_sum[k].sum()) for s, k in zip(shares, keep))
+    rn = sum(int(s.recent_n[k].sum()) for s, k in zip(shares, keep))
+    out["recent"] = number(rs / rn) if rn else None
+    return out
+
+
 @dataclass
 class PairAttnTask:
     pairs: np.ndarray  # (n,) pair ids
@@ -186,5 +247,5 @@ def attention_change_task(ref: StoreRef, t: PairAttnTask) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
-__all__ = ["PairAttnTask", "PromptBlock", "SINK_THRESHOLD", "attention_change_task", "attention_task",
-           "prompt_stats"]
+__all__ = ["ATTENTION_TABLES", "PairAttnTask", "PromptBlock", "PromptShares", "SINK_THRESHOLD", "attention_change_task",
+           "attention_part", "attention_shares", "attention_task", "prompt_stats"]

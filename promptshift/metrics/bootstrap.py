@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -61,6 +62,7 @@ CI = (2.5, 97.5)
 LEVEL = 0.95
 SMALL = 8  # fewer system prompts (or user prompts) than this is named a small sample
 _CHUNK = 1 << 24  # float64 elements of one (m, S, B) temporary in crossed_mean
+_PAIR_CHUNK = 1 << 21  # float64 elements of one (b, n) resamples x pairs temporary in corr_ci (16 MB)
 
 Seed = int | Sequence[int]
 
@@ -91,10 +93,52 @@ def crossed_weights(n_systems: int, n_users: int, n_boot: int, seed: int) -> tup
     return ws, wu
 
 
-def pair_weights(ws: np.ndarray, wu: np.ndarray, s_idx: np.ndarray, u_idx: np.ndarray) -> np.ndarray:
-    """(B, n) multiplicity of each of n pairs, whose system and user prompts are
-    ``s_idx``, ``u_idx`` (n,) (indices into the columns of ``ws``, ``wu``)."""
-    return ws[:, s_idx] * wu[:, u_idx]
+@dataclass(frozen=True)
+class PairWeights:
+    """The (B, n) multiplicities of n pairs in each crossed resample, ``ws[:, s_idx] *
+    wu[:, u_idx]``, built a few resamples at a time (:meth:`rows`) rather than whole: at
+    100,000 pairs and 1,000 resamples the whole matrix is 800 MB, and every statistic of
+    the pairs (:func:`corr_ci`) reads it one block of resamples after another."""
+
+    ws: np.ndarray  # (B, S) system-prompt multiplicities
+    wu: np.ndarray  # (B, U) user-prompt multiplicities
+    s_idx: np.ndarray  # (n,) column of ws of each pair
+    u_idx: np.ndarray  # (n,) column of wu of each pair
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.ws), len(self.s_idx)
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """(hi - lo, n) multiplicities in resamples lo..hi-1."""
+        return self.ws[lo:hi, self.s_idx] * self.wu[lo:hi, self.u_idx]
+
+    @classmethod
+    def given(cls, w: np.ndarray) -> PairWeights:
+        """Weights already built as a (B, n) matrix (e.g. ``w[:, users]``), read the same way."""
+        w = np.asarray(w, np.float64)
+        n = w.shape[1]
+        return cls(w, np.ones((len(w), 1)), np.arange(n), np.zeros(n, np.int64))
+
+    def take(self, keep: np.ndarray) -> PairWeights:
+        """The pairs where the boolean mask ``keep`` (n,) is True."""
+        return PairWeights(self.ws, self.wu, self.s_idx[keep], self.u_idx[keep])
+
+    def dense(self) -> np.ndarray:
+        return self.rows(0, len(self.ws))
+
+
+def pair_weights(ws: np.ndarray, wu: np.ndarray, s_idx: np.ndarray, u_idx: np.ndarray) -> PairWeights:
+    """The multiplicity of each of n pairs, whose system and user prompts are ``s_idx``,
+    ``u_idx`` (n,) (indices into the columns of ``ws`` (B, S), ``wu`` (B, U)), as a lazy
+    (B, n) :class:`PairWeights`."""
+    return PairWeights(ws, wu, np.asarray(s_idx, np.int64), np.asarray(u_idx, np.int64))
+
+
+def _resample_blocks(B: int, n: int) -> list[tuple[int, int]]:
+    """[lo, hi) blocks of resamples whose (hi - lo, n) temporaries hold ~_PAIR_CHUNK floats each."""
+    step = max(1, min(B, _PAIR_CHUNK // max(n, 1)))
+    return [(lo, min(B, lo + step)) for lo in range(0, B, step)]
 
 
 def split_users(n_users: int, seed: int, strata: Sequence | None = None) -> np.ndarray:
@@ -332,49 +376,57 @@ def corr_r(X: np.ndarray, y: np.ndarray, method: str = "pearson") -> np.ndarray:
     return np.where(np.ptp(X, axis=1) == 0, np.nan, r)
 
 
-def corr_ci(X: np.ndarray, y: np.ndarray, wp: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+def corr_ci(X: np.ndarray, y: np.ndarray, wp: PairWeights | np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """Pearson and Spearman r of each row of X (M, n) with y (n,) across n pairs, with a
     bootstrap CI and p-value (``boot_p``) from the resampled pairs' weights ``wp`` (B, n)
-    (``pair_weights(ws, wu, ...)`` for the crossed bootstrap; ``w[:, users]`` for user
-    prompts only). -> {"pearson": {...}, "spearman": {...}}, each with arrays (M,) ``r``,
-    ``p``, ``ci_low``, ``ci_high``, ``n``.
+    (``pair_weights(ws, wu, ...)`` for the crossed bootstrap; an array such as
+    ``w[:, users]`` for user prompts only). -> {"pearson": {...}, "spearman": {...}}, each
+    with arrays (M,) ``r``, ``p``, ``ci_low``, ``ci_high``, ``n``.
 
     Observations where y or any row of X is not finite are dropped for all rows (rows are
-    layers of one component: they are defined for the same pairs)."""
+    layers of one component: they are defined for the same pairs). The resamples are
+    taken a block at a time (``_PAIR_CHUNK`` weights per block), so memory does not grow
+    with resamples x pairs; each resample's r is computed as if all were taken at once."""
     X = np.atleast_2d(np.asarray(X, dtype=np.float64))
     y = np.asarray(y, dtype=np.float64)
     ok = np.isfinite(y) & np.isfinite(X).all(0)
-    X, y, wp = X[:, ok], y[ok], wp[:, ok]
+    X, y = X[:, ok], y[ok]
+    wp = (wp if isinstance(wp, PairWeights) else PairWeights.given(wp)).take(ok)
     M, n = X.shape
+    B = wp.shape[0]
     nan = np.full(M, np.nan)
     empty = dict(r=nan, p=nan, ci_low=nan, ci_high=nan, n=np.full(M, n))
     if n < 3 or np.ptp(y) == 0:
         return {"pearson": dict(empty), "spearman": dict(empty)}
     const = np.ptp(X, axis=1) == 0  # (M,) r undefined
+    XY, XX, YY = X * y, X * X, y * y
+    pear, spear = np.empty((M, B)), np.empty((M, B))
+    for lo, hi in _resample_blocks(B, n):
+        w = wp.rows(lo, hi)  # (b, n)
+        # Pearson: every weighted moment is a matrix product with the resample weights
+        sw = w.sum(1)  # (b,)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mx = (X @ w.T) / sw  # (M, b)
+            my = (w @ y) / sw  # (b,)
+            cxy = (XY @ w.T) / sw - mx * my
+            cxx = (XX @ w.T) / sw - mx * mx
+            cyy = (w @ YY) / sw - my * my
+            pear[:, lo:hi] = cxy / np.sqrt(np.maximum(cxx, 0) * np.maximum(cyy, 0))
+        # Spearman: ranks depend on the resample, so one row at a time. Weighted mid-ranks of a
+        # resample of total weight W always have weighted mean (W + 1) / 2, which saves the means.
+        mid = ((sw + 1.0) / 2.0)[:, None]  # (b, 1)
+        ry = weighted_ranks(y, w) - mid  # (b, n) centred
+        wry = w * ry
+        vy = np.einsum("bn,bn->b", wry, ry)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for m in range(M):
+                rx = weighted_ranks(X[m], w) - mid
+                spear[m, lo:hi] = np.einsum("bn,bn->b", wry, rx) / np.sqrt(vy * np.einsum("bn,bn,bn->b", w, rx, rx))
     out = {}
-    # Pearson: every weighted moment is a matrix product with the resample weights
-    sw = wp.sum(1)  # (B,)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mx = (X @ wp.T) / sw  # (M, B)
-        my = (wp @ y) / sw  # (B,)
-        cxy = ((X * y) @ wp.T) / sw - mx * my
-        cxx = ((X * X) @ wp.T) / sw - mx * mx
-        cyy = (wp @ (y * y)) / sw - my * my
-        boot = np.clip(cxy / np.sqrt(np.maximum(cxx, 0) * np.maximum(cyy, 0)), -1.0, 1.0)
+    boot = np.clip(pear, -1.0, 1.0)
     lo, hi = percentile_ci(boot)
     out["pearson"] = dict(r=_r(X, y), p=boot_p(boot), ci_low=lo, ci_high=hi, n=np.full(M, n))
-    # Spearman: ranks depend on the resample, so one row at a time. Weighted mid-ranks of a
-    # resample of total weight W always have weighted mean (W + 1) / 2, which saves the means.
-    mid = ((sw + 1.0) / 2.0)[:, None]  # (B, 1)
-    ry = weighted_ranks(y, wp) - mid  # (B, n) centred
-    wry = wp * ry
-    vy = np.einsum("bn,bn->b", wry, ry)
-    boot = np.empty((M, len(wp)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for m in range(M):
-            rx = weighted_ranks(X[m], wp) - mid
-            boot[m] = np.einsum("bn,bn->b", wry, rx) / np.sqrt(vy * np.einsum("bn,bn,bn->b", wp, rx, rx))
-    boot = np.clip(boot, -1.0, 1.0)
+    boot = np.clip(spear, -1.0, 1.0)
     lo, hi = percentile_ci(boot)
     out["spearman"] = dict(r=_r(stats.rankdata(X, axis=1), stats.rankdata(y)), p=boot_p(boot), ci_low=lo,
                            ci_high=hi, n=np.full(M, n))
@@ -428,7 +480,7 @@ def excludes(ci, null: float = 0.0) -> bool:
     return bool(np.isfinite(lo) and np.isfinite(hi) and (lo > null or hi < null))
 
 
-__all__ = ["CI", "LEVEL", "SMALL", "across_corr", "boot_p", "corr_ci", "corr_r", "crossed_mean", "crossed_mean_long", "crossed_sums",
-           "crossed_weights",
-           "estimate_weights", "excludes", "group_diff", "mean_ci", "pair_weights", "percentile_ci", "split_users",
-           "user_weights", "weighted_pearson", "weighted_ranks", "weighted_ranks_rows"]
+__all__ = ["CI", "LEVEL", "PairWeights", "SMALL", "across_corr", "boot_p", "corr_ci", "corr_r", "crossed_mean",
+           "crossed_mean_long", "crossed_sums", "crossed_weights", "estimate_weights", "excludes", "group_diff",
+           "mean_ci", "pair_weights", "percentile_ci", "split_users", "user_weights", "weighted_pearson",
+           "weighted_ranks", "weighted_ranks_rows"]
