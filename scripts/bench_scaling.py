@@ -266,11 +266,14 @@ def worker_metrics(path: str, out: str, workers: int | None) -> dict:
 
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    tables = compute(path, out, workers=workers, progress=False)
+    compute(path, out, workers=workers, progress=False)
     el = time.perf_counter() - t0
-    return {"metrics_s": el, "driver_peak_mb": _peak_mb(),
+    peak = _peak_mb()  # before anything reads the tables back
+    import pyarrow.parquet as pq
+
+    return {"metrics_s": el, "driver_peak_mb": peak,
             "workers_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-            "rows": {k: len(v) for k, v in tables.items()} if tables is not None else None,
+            "rows": {f.stem: pq.ParquetFile(f).metadata.num_rows for f in sorted(Path(out).glob("*.parquet"))},
             "out_bytes": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()),
             "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
 

@@ -351,26 +351,38 @@ def _compute(store: Store, plan, judging, cfg: MetricsConfig, out: Path | None, 
         mu = sweep_means(ref, comps, valid, runner.compute)
         calls = _tasks(plan, ref, mu, recent_k, str(parts))
         # one submission for every task: workers never idle between kinds of tasks
-        flat = [c for kind in calls.values() for c in kind]
-        res = runner.map(flat, "tasks")
-        split, i = {}, 0
-        for kind, cs in calls.items():
-            split[kind], i = res[i : i + len(cs)], i + len(cs)
-        comp_res, attn_res = split["components"], split["attention"]
-        ach_res, out_res = split["attention_change"], split["output"]
+        kinds = {kind: len(cs) for kind, cs in calls.items()}
+        res = runner.map([c for cs in calls.values() for c in cs], "tasks")
+        del calls
     finally:
         runner.close()
 
+    # each kind's results are taken off ``res`` as its table is built, so that the tasks'
+    # frames and the table made of them are not held together
+    def take(kind: str) -> list:
+        n = kinds[kind]
+        out, res[:n] = res[:n], []
+        return out
+
     meta = _pair_meta(plan)
     tables: dict[str, pd.DataFrame] = {}
-    cc = _component_order(_concat([r[0] for r in comp_res]), comps)
-    tables["component_change"] = _with_pairs(cc, meta)
+    comp_res = take("components")
     pos_sums = _concat([r[1] for r in comp_res])
+    cc = _concat([r[0] for r in comp_res])
+    del comp_res
+    tables["component_change"] = _with_pairs(_component_order(cc, comps), meta)
+    del cc
+    attn_res = take("attention")  # per-prompt sums for the summary: the tables themselves are parts
+    ach_res = take("attention_change")
+    ach = _concat(ach_res)
+    del ach_res
     tables["attention_change"] = _with_pairs(
-        _concat(ach_res).sort_values(["pair", "layer"], kind="stable").reset_index(drop=True)
-        if any(len(r) for r in ach_res) else pd.DataFrame(), meta)
+        ach.sort_values(["pair", "layer"], kind="stable").reset_index(drop=True) if len(ach) else ach, meta)
+    del ach
+    out_res = take("output")
     oc = _concat([r[0] for r in out_res])
     lc = _concat([r[1] for r in out_res])
+    del out_res
     tables["output_change"] = _with_pairs(oc.sort_values("pair", kind="stable").reset_index(drop=True)
                                           if len(oc) else oc, meta)
     tables["lens_change"] = _with_pairs(lc.sort_values(["pair", "layer"], kind="stable").reset_index(drop=True)

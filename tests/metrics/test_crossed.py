@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from promptshift.metrics import analyses as an
+from promptshift.metrics import bootstrap
 from promptshift.metrics.bootstrap import (
-    across_corr, boot_p, crossed_mean, crossed_mean_long, crossed_weights, group_diff, mean_ci, percentile_ci,
-    split_users, user_weights,
+    across_corr, boot_p, corr_ci, crossed_mean, crossed_mean_long, crossed_weights, group_diff, mean_ci, pair_weights,
+    percentile_ci, split_users, user_weights,
 )
 from promptshift.report.findings import findings
 
@@ -86,6 +87,46 @@ def test_across_corr_equals_materialised_resamples():
         assert res[method]["ci_high"] == pytest.approx(hi, abs=1e-9)
     assert res["pearson"]["r"] == pytest.approx(stats.pearsonr(x, np.nanmean(Y, 1)).statistic, abs=1e-12)
     assert res["pearson"]["n"] == S and res["pearson"]["n_users"] == U
+
+
+def test_corr_ci_in_blocks_of_resamples_equals_materialised_resamples(monkeypatch):
+    """Correlations across pairs under the crossed bootstrap, with the resample weights
+    built a few resamples at a time (blocks of 7 here, as at 100,000 pairs), equal r of
+    each materialised resample: the drawn pairs repeated by their multiplicity, then numpy's
+    Pearson and scipy's Spearman (mid-ranks of the repeated sample)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(8)
+    S, U, B = 6, 9, 50
+    s_idx, u_idx = (a.reshape(-1) for a in np.meshgrid(np.arange(S), np.arange(U), indexing="ij"))  # (n,) pairs
+    n = len(s_idx)
+    y = rng.normal(size=n) + 0.5 * rng.normal(size=S)[s_idx]
+    X = np.stack([y + rng.normal(0, s, size=n) for s in (0.5, 2.0)])  # (2, n)
+    X[1, :4] = np.round(X[1, :4])  # some ties
+    X[1, 4:8] = X[1, 0]
+    y[3] = np.nan  # a pair left out of every row
+    ws, wu = crossed_weights(S, U, B, seed=4)
+    monkeypatch.setattr(bootstrap, "_PAIR_CHUNK", 7 * n)  # blocks of 7 resamples
+    res = corr_ci(X, y, pair_weights(ws, wu, s_idx, u_idx))
+    ok = np.isfinite(y)
+    ref = {"pearson": np.empty((2, B)), "spearman": np.empty((2, B))}
+    for b in range(B):
+        rep = np.repeat(np.flatnonzero(ok), (ws[b, s_idx] * wu[b, u_idx])[ok].astype(int))  # the drawn pairs
+        for m in range(2):
+            ref["pearson"][m, b] = np.corrcoef(X[m, rep], y[rep])[0, 1]
+            ref["spearman"][m, b] = stats.spearmanr(X[m, rep], y[rep]).statistic
+    for method in ("pearson", "spearman"):
+        lo, hi = percentile_ci(ref[method])
+        np.testing.assert_allclose(res[method]["ci_low"], lo, atol=1e-9)
+        np.testing.assert_allclose(res[method]["ci_high"], hi, atol=1e-9)
+        np.testing.assert_allclose(res[method]["p"], boot_p(ref[method]), atol=1e-12)
+        assert (res[method]["n"] == ok.sum()).all()
+    np.testing.assert_allclose(res["pearson"]["r"], [np.corrcoef(x[ok], y[ok])[0, 1] for x in X], atol=1e-12)
+    # the same weights given as one (B, n) matrix, in one block: the same intervals
+    monkeypatch.setattr(bootstrap, "_PAIR_CHUNK", 1 << 21)
+    dense = corr_ci(X, y, pair_weights(ws, wu, s_idx, u_idx).dense())
+    for method in ("pearson", "spearman"):
+        np.testing.assert_allclose(dense[method]["ci_low"], res[method]["ci_low"], atol=1e-12)
 
 
 # --- p-values that agree with their intervals ------------------------------------------

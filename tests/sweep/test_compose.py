@@ -18,7 +18,7 @@ from promptshift.sweep.chat import render
 from promptshift.sweep.compose import Composer
 from promptshift.sweep.config import SweepConfig, SystemPrompt, UserPrompt
 from promptshift.sweep.plan import ModelDims, build_plan
-from tests.sweep.test_templates import CLOCK, FAMILIES, NO_SYSTEM_ROLE, family_tok, sp_tok  # noqa: F401 (fixture)
+from tests.sweep.test_templates import CLOCK, FAMILIES, NO_SYSTEM_ROLE, family_tok
 
 DIMS = ModelDims(n_layers=2, hidden=8, n_heads=2, vocab=100, max_positions=4096)
 TABLES = ("prompts", "pairs", "controls", "blocks")
